@@ -1,0 +1,143 @@
+"""Engine configuration: frozen dataclasses, one per concern, validated on construction.
+
+Boundary: what the user asks for. Values measured at start-up (number of KV
+pages that fit, eos id, the model's length limit) live in `RuntimeInfo`,
+never written back here. Pure Python: the control plane imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POLICY_NAMES = ("fcfs", "affinity", "completion", "fair")
+
+
+def _positive(owner: str, name: str, value: int | float | None, fix: str = "") -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{owner}.{name}={value}; it must be positive{fix}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most requests in one step (S1.4, S3.1)."""
+    max_num_batched_tokens: int = 2048
+    """Most tokens (decodes plus prefill chunks) in one step."""
+    max_prefill_tokens: int | None = None
+    """Most prefill tokens in one step; None means max_num_batched_tokens."""
+    policy: str = "fcfs"
+    """Waiting-queue policy: fcfs, affinity, completion or fair (S2.5)."""
+    starvation_timeout_s: float = 5.0
+    """A request that waited this long is served before younger work (S2.4)."""
+    waiting_served_ratio: float = 0.0
+    """While decodes run, admit new prefills only if at least ratio x running requests wait (S3.3)."""
+    max_waiting_steps: int = 16
+    """... unless decodes have run this many steps without an admission."""
+    max_queue_len: int | None = None
+    """Refuse new requests while this many wait (the server answers 503); None is unbounded."""
+
+    def __post_init__(self) -> None:
+        own = "SchedulerConfig"
+        _positive(own, "max_num_seqs", self.max_num_seqs)
+        _positive(own, "max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive(own, "max_prefill_tokens", self.max_prefill_tokens)
+        _positive(own, "max_waiting_steps", self.max_waiting_steps)
+        _positive(own, "max_queue_len", self.max_queue_len)
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"SchedulerConfig.policy={self.policy!r}; choose one of {POLICY_NAMES}")
+        if self.starvation_timeout_s < 0:
+            raise ValueError(f"SchedulerConfig.starvation_timeout_s={self.starvation_timeout_s}; use >= 0")
+        if self.waiting_served_ratio < 0:
+            raise ValueError(f"SchedulerConfig.waiting_served_ratio={self.waiting_served_ratio}; use >= 0")
+
+    @property
+    def prefill_budget(self) -> int:
+        return self.max_prefill_tokens or self.max_num_batched_tokens
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    page_size: int = 16
+    """Tokens per KV page (S4.1)."""
+    num_pages: int | None = None
+    """KV pages; None sizes the pool from kv_cache_memory_gb."""
+    kv_cache_memory_gb: float = 1.0
+    """Memory for the KV pool when num_pages is None."""
+    enable_prefix_caching: bool = True
+    """Reuse KV pages across requests with a shared prefix, per adapter (S5)."""
+    enable_kv_events: bool = False
+    """Publish stored/removed page events with namespaced block hashes (S5.5)."""
+
+    def __post_init__(self) -> None:
+        own = "CacheConfig"
+        _positive(own, "page_size", self.page_size)
+        _positive(own, "num_pages", self.num_pages)
+        _positive(own, "kv_cache_memory_gb", self.kv_cache_memory_gb)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    max_loras: int = 4
+    """Device adapter slots, and so the most distinct adapters in one step (S2.1)."""
+    max_cpu_loras: int | None = None
+    """Adapters kept in host memory (LRU); None means max(max_loras, 32)."""
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted; slot tensors are sized for it."""
+    max_lora_bytes: int | None = None
+    """Optional budget in bytes for device-resident adapters (S2.6)."""
+
+    def __post_init__(self) -> None:
+        own = "LoRAConfig"
+        _positive(own, "max_loras", self.max_loras)
+        _positive(own, "max_lora_rank", self.max_lora_rank)
+        _positive(own, "max_lora_bytes", self.max_lora_bytes)
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"LoRAConfig.max_cpu_loras={self.max_cpu_loras} < max_loras={self.max_loras}; "
+                f"host memory holds every device-resident adapter, so use at least {self.max_loras}"
+            )
+
+    @property
+    def cpu_slots(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else max(self.max_loras, 32)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str
+    """Path of a HF model directory (config.json, safetensors, tokenizer)."""
+    dtype: str = "auto"
+    """float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on CUDA)."""
+    device: str = "auto"
+    """cpu, cuda, or auto."""
+    max_model_len: int | None = None
+    """Longest prompt plus output; None takes the model's own limit."""
+    seed: int = 0
+    """Seed for sampling without a per-request seed."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"ModelConfig.dtype={self.dtype!r}; use auto, float32, bfloat16 or float16")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"ModelConfig.device={self.device!r}; use auto, cpu or cuda")
+        _positive("ModelConfig", "max_model_len", self.max_model_len)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Values measured when the engine starts, kept apart from what the user configured."""
+
+    num_pages: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    device: str
+    dtype: str

@@ -1,0 +1,137 @@
+"""Per-request page tables over the page pool and the prefix cache (S4, S5.3).
+
+Boundary: the scheduler asks this module three things: how much of a request's
+prompt is cached, whether pages for N more tokens can be had, and to give a
+request's pages back. Every prefix-cache insert and match goes through here
+and always uses the request's own namespace (its adapter uid).
+
+Page-table arithmetic for one request (page_size = 4 in the drawing):
+
+    token_ids:  | p p p p | p p p p | p p o o | o .
+    computed:   |<------- num_computed ----->|
+    full pages: |<-- inserted -->|<- full ->|       offered to the tree in update
+    page_ids:   [   7    ,   2    ,   9    ,  4  ]  4 holds the partial page
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from loramux.core.page_pool import PagePool
+from loramux.core.prefix_cache import NullPrefixCache, PrefixCache, RadixPrefixCache
+from loramux.core.request import Request
+
+
+class PrefixHit(NamedTuple):
+    pages: list[int]
+    num_tokens: int
+
+
+class KVCacheManager:
+    def __init__(self, pool: PagePool, prefix_cache: PrefixCache) -> None:
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.cache = prefix_cache
+        self._cursors: dict[str, object] = {}
+        # Counters for metrics (S5.1): tokens asked for and tokens found at admission.
+        self.num_prefix_queries = 0
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
+
+    @classmethod
+    def create(cls, num_pages: int, page_size: int, enable_prefix_caching: bool,
+               enable_kv_events: bool = False) -> KVCacheManager:
+        pool = PagePool(num_pages, page_size)
+        cache: PrefixCache = (
+            RadixPrefixCache(pool, enable_events=enable_kv_events)
+            if enable_prefix_caching else NullPrefixCache(pool)
+        )
+        return cls(pool, cache)
+
+    # --- admission ---
+    def match(self, req: Request) -> PrefixHit:
+        """Cached full pages of `req`'s known tokens, leaving at least one token to compute."""
+        assert not req.page_ids, f"{req!r} already holds pages"
+        max_pages = (req.num_tokens - 1) // self.page_size
+        hit = self.cache.match(req.adapter_uid, req.token_ids, max_pages)
+        self._cursors[req.request_id] = hit.cursor
+        return PrefixHit(hit.pages, len(hit.pages) * self.page_size)
+
+    def undo_match(self, req: Request, hit: PrefixHit) -> None:
+        """Give back a match whose request was not admitted after all."""
+        self.cache.release(req.adapter_uid, hit.pages)
+        self._cursors.pop(req.request_id, None)
+
+    def can_allocate(self, num_pages: int) -> bool:
+        return num_pages <= self.pool.num_free + self.cache.num_evictable
+
+    def pages_needed(self, req: Request, num_new_tokens: int) -> int:
+        return self.pool.pages_for(req.num_computed_tokens + num_new_tokens) - len(req.page_ids)
+
+    def allocate(self, req: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        """Give `req` pages for `num_new_tokens` more tokens; False (nothing changed) if impossible.
+
+        With `hit`, the request is being admitted: its cached pages start its table
+        and its computed count jumps past them.
+        """
+        base = len(hit.pages) if hit else len(req.page_ids)
+        computed = hit.num_tokens if hit else req.num_computed_tokens
+        need = self.pool.pages_for(computed + num_new_tokens) - base
+        if need > 0:
+            short = need - self.pool.num_free
+            if short > 0:
+                if short > self.cache.num_evictable:
+                    return False
+                self.cache.evict(short)
+            new = self.pool.allocate(need)
+            assert new is not None, f"pool promised {need} pages"
+        else:
+            new = []
+        if hit is not None:
+            req.page_ids = hit.pages + new
+            req.num_computed_tokens = hit.num_tokens
+            req.num_inserted_pages = len(hit.pages)
+        else:
+            req.page_ids.extend(new)
+        return True
+
+    # --- after a step ---
+    def cache_computed(self, req: Request) -> None:
+        """Offer `req`'s newly full, computed pages to the prefix cache, in its namespace."""
+        full = req.num_computed_tokens // self.page_size
+        if full <= req.num_inserted_pages:
+            return
+        rid = req.request_id
+        res = self.cache.insert(
+            req.adapter_uid, self._cursors.get(rid), req.token_ids, req.page_ids,
+            req.num_inserted_pages, full,
+        )
+        self._cursors[rid] = res.cursor
+        for index, page in res.adopted:
+            self.pool.decref([req.page_ids[index]])
+            req.page_ids[index] = page
+        req.num_inserted_pages = full
+
+    def free(self, req: Request) -> None:
+        """Release all of `req`'s pages (finish, abort or preemption)."""
+        self.cache.release(req.adapter_uid, req.page_ids)
+        req.page_ids = []
+        req.num_inserted_pages = 0
+        self._cursors.pop(req.request_id, None)
+
+    # --- checks ---
+    def check_integrity(self, live: list[Request]) -> None:
+        """Every page count equals its holders: live requests' tables plus the tree."""
+        expected: dict[int, int] = {}
+        for req in live:
+            assert len(set(req.page_ids)) == len(req.page_ids), f"{req!r} holds a page twice"
+            for p in req.page_ids:
+                expected[p] = expected.get(p, 0) + 1
+        tree = set(self.cache.held_pages())
+        for p in tree:
+            expected[p] = expected.get(p, 0) + 1
+        self.pool.check_integrity(expected)
+        for req in live:  # pages a request may still write to belong to it alone
+            for p in req.page_ids[req.num_inserted_pages :]:
+                assert p not in tree and expected[p] == 1, f"{req!r} writes to shared page {p}"
+        self.cache.check_integrity()

@@ -1,0 +1,56 @@
+"""The plain-data hand-off between the scheduler and any executor, in both directions.
+
+Boundary: ids, counts and lists only, so that the real executor, the fake one
+in tests and a cost model can all consume a `SchedulerOutput` and answer with
+a `RunnerOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from loramux.core.adapters import AdapterPlan
+
+
+class ScheduledSeq(NamedTuple):
+    """One request's share of a step."""
+
+    request_id: str
+    token_ids: list[int]  # tokens to compute now
+    start_pos: int  # position of token_ids[0]; tokens before it are in the KV pages
+    page_ids: list[int]  # the request's page table (read-only for the executor)
+    adapter_uid: int | None
+    lora_slot: int | None  # device slot of the adapter; None for the base model
+    sample: bool  # True when this step computes the last known token: sample the next one
+    sampling: Any  # the executor's sampling parameters, opaque to the control plane
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    step: int
+    seqs: list[ScheduledSeq]
+    num_batched_tokens: int
+    adapter_plan: AdapterPlan
+    finished_ids: list[str] = field(default_factory=list)  # finished since the last step
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def adapter_uids(self) -> set[int]:
+        return {s.adapter_uid for s in self.seqs if s.adapter_uid is not None}
+
+
+class SampleLogprobs(NamedTuple):
+    token_logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+class RunnerOutput(NamedTuple):
+    """What the executor returns: one sampled token per sampling seq (None elsewhere)."""
+
+    sampled_token_ids: list[int | None]
+    logprobs: list[SampleLogprobs | None] | None = None

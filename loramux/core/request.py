@@ -1,0 +1,137 @@
+"""A request as the control plane sees it: token ids, limits and counters.
+
+Boundary: pure data. No tokenizer, no text, no torch. The scheduler mutates the
+counters; everything else reads them. `repr` shows lengths, never tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestStatus(enum.IntEnum):
+    """Lifecycle of a request. Every status after PREEMPTED is a finished one."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3  # eos or a stop token id
+    FINISHED_LENGTH = 4  # max_tokens or the model's length limit
+    FINISHED_ABORTED = 5  # aborted by the caller (or a disconnected client)
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request (S1.1).
+
+    `adapter_uid` is the id of one *load* of an adapter (None means the base
+    model): reloading an adapter under the same name gives a new uid, so its
+    prefix-cache namespace is new too. `tenant` is the fairness account; it
+    defaults to the adapter's name, or "base".
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    adapter_uid: int | None = None
+    lora_name: str | None = None
+    tenant: str = ""
+    arrival_time: float = 0.0
+    eos_token_ids: frozenset[int] = frozenset()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    # Opaque to the control plane: the executor's sampling parameters.
+    sampling: Any = None
+
+    # --- counters, owned by the scheduler ---
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = field(default=0, init=False)
+    num_cached_tokens: int = field(default=-1, init=False)  # prefix hit at first admission
+    num_preemptions: int = field(default=0, init=False)
+    status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
+    page_ids: list[int] = field(default_factory=list, init=False)
+    # How many of `page_ids` have been offered to the prefix cache.
+    num_inserted_pages: int = field(default=0, init=False)
+    arrival_seq: int = field(default=-1, init=False)
+    first_scheduled_time: float | None = field(default=None, init=False)
+    finished_time: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError(f"request {self.request_id!r}: the prompt is empty; send at least one token")
+        if self.max_tokens < 1:
+            raise ValueError(
+                f"request {self.request_id!r}: max_tokens={self.max_tokens}; it must be at least 1"
+            )
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"request {self.request_id!r}: min_tokens={self.min_tokens} must lie in "
+                f"[0, max_tokens={self.max_tokens}]"
+            )
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        self.token_ids = list(self.prompt_token_ids)
+        if not self.tenant:
+            self.tenant = self.lora_name or "base"
+
+    # --- derived quantities ---
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def max_total_tokens(self) -> int:
+        """The most tokens this request can ever hold: prompt plus max_tokens."""
+        return len(self.prompt_token_ids) + self.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def check_invariants(self) -> None:
+        assert 0 <= self.num_computed_tokens <= self.num_tokens, (
+            f"{self!r}: computed {self.num_computed_tokens} outside [0, {self.num_tokens}]"
+        )
+        assert self.num_output_tokens <= self.max_tokens, (
+            f"{self!r}: {self.num_output_tokens} outputs > max_tokens {self.max_tokens}"
+        )
+
+    def __repr__(self) -> str:  # lengths only: prompts never reach logs
+        return (
+            f"Request(id={self.request_id!r}, adapter={self.lora_name!r}, "
+            f"prompt_len={self.num_prompt_tokens}, out={self.num_output_tokens}/{self.max_tokens}, "
+            f"computed={self.num_computed_tokens}, status={self.status.name})"
+        )

@@ -1,0 +1,24 @@
+"""Repository hygiene: ruff is clean and CI runs the README's own test command."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    proc = subprocess.run([ruff, "check", "loramux", "tests", "benchmarks"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- test-command -->" in readme and "<!-- serve-command -->" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "test-command" in ci and "README.md" in ci
+    head = readme.split("## ", 1)[0]  # both commands open the README, before any section
+    assert head.index("<!-- serve-command -->") < head.index("<!-- test-command -->")
