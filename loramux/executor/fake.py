@@ -41,8 +41,10 @@ class FakeExecutor:
     """Deterministic tokens from the context hash; `eos_every` makes about 1 in N tokens eos."""
 
     def __init__(self, num_pages: int, page_size: int, vocab_size: int = 97, eos_token_id: int = 0,
-                 eos_every: int = 0) -> None:
+                 eos_every: int = 0, max_model_len: int = 4096) -> None:
+        self.num_pages = num_pages
         self.page_size = page_size
+        self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
         self.eos_every = eos_every
@@ -58,6 +60,9 @@ class FakeExecutor:
     # --- adapters ---
     def inspect_adapter(self, name: str, path: str | None) -> FakeAdapterSpec:
         return self.adapter_specs.get(name, FakeAdapterSpec(version=str(path), rank=8, nbytes=1024))
+
+    def register_adapter(self, uid: int, spec: FakeAdapterSpec) -> None:
+        return None
 
     def _apply_plan(self, out: SchedulerOutput) -> None:
         plan = out.adapter_plan

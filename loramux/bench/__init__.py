@@ -1,0 +1,1 @@
+"""`loramux bench`: workloads, baselines, runs and reports. Import submodules directly."""

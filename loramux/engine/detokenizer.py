@@ -1,0 +1,58 @@
+"""Incremental detokenization and stop strings.
+
+Boundary: token ids in, text out, one request at a time. Decoding uses a
+sliding window (the prefix/read offsets of TGI and vLLM) so each new token
+costs the same whatever the output length, and a token that ends inside a
+multi-byte character waits for the next one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_WINDOW = 6  # tokens of context decoded before the new ones
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool,
+                 stop: tuple[str, ...], include_stop: bool) -> None:
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt_ids[-_WINDOW:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+        self.stop = stop
+        self.include_stop = include_stop
+        self._max_stop = max((len(s) for s in stop), default=0)
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """Append `token`; return (new text, the stop string hit or None)."""
+        if self.tokenizer is None:
+            return "", None
+        self.ids.append(token)
+        dec = self.tokenizer.decode
+        prefix = dec(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip)
+        full = dec(self.ids[self.prefix_offset :], skip_special_tokens=self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return "", None
+        new = full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        before = len(self.text)
+        self.text += new
+        if self.stop:
+            hit = self._find_stop(before)
+            if hit is not None:
+                stop_str, cut = hit
+                self.text = self.text[:cut]
+                return self.text[before:], stop_str
+        return new, None
+
+    def _find_stop(self, before: int) -> tuple[str, int] | None:
+        """The earliest stop string that ends in the new text, and where the text is cut."""
+        start = max(0, before - self._max_stop + 1)
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return None
+        i, s = min(hits)
+        return s, i + len(s) if self.include_stop else i

@@ -1,0 +1,107 @@
+"""LLM: offline batch generation over the engine, with vLLM's call shape.
+
+Boundary: a thin front end. It registers the adapters named by `LoRARequest`s
+on first use, queues every prompt, steps the engine until all are done, and
+returns the outputs in prompt order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from loramux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.outputs import RequestOutput
+from loramux.lora_request import LoRARequest
+from loramux.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    def __init__(self, model: str, *, max_loras: int = 4, max_cpu_loras: int | None = None,
+                 max_lora_rank: int = 64, max_lora_bytes: int | None = None,
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, max_prefill_tokens: int | None = None,
+                 policy: str = "fcfs", page_size: int = 16, num_pages: int | None = None,
+                 kv_cache_memory_gb: float = 1.0, dtype: str = "auto", device: str = "auto",
+                 max_model_len: int | None = None, seed: int = 0, starvation_timeout_s: float = 5.0,
+                 engine: LLMEngine | None = None) -> None:
+        if engine is None:
+            config = EngineConfig(
+                model=ModelConfig(model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
+                scheduler=SchedulerConfig(
+                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                    max_prefill_tokens=max_prefill_tokens, policy=policy,
+                    starvation_timeout_s=starvation_timeout_s,
+                ),
+                cache=CacheConfig(page_size=page_size, num_pages=num_pages,
+                                  kv_cache_memory_gb=kv_cache_memory_gb,
+                                  enable_prefix_caching=enable_prefix_caching),
+                lora=LoRAConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras,
+                                max_lora_rank=max_lora_rank, max_lora_bytes=max_lora_bytes),
+            )
+            engine = LLMEngine(config)
+        self.engine = engine
+        self._counter = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]})."""
+        plist = _as_prompt_list(prompts)
+        n = len(plist)
+        params = _broadcast(sampling_params or SamplingParams(), n, "sampling_params")
+        loras = _broadcast(lora_request, n, "lora_request")
+        for lora in {lr for lr in loras if lr is not None}:
+            self.engine.ensure_lora(lora)
+        ids = []
+        for prompt, p, lora in zip(plist, params, loras, strict=True):
+            self._counter += 1
+            rid = f"llm-{self._counter}"
+            self.engine.add_request(rid, prompt, p, lora.lora_name if lora else None)
+            ids.append(rid)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=n, desc="generating", unit="req", disable=not use_tqdm or n < 2)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[rid] for rid in ids]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]:
+    if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts and
+                                            all(isinstance(t, int) for t in prompts)):
+        prompts = [prompts]  # type: ignore[list-item]
+    out: list[str | list[int]] = []
+    for p in prompts:  # type: ignore[union-attr]
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                out.append(list(p["prompt_token_ids"]))
+            elif "prompt" in p:
+                out.append(p["prompt"])
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(p, str | list):
+            out.append(p)  # type: ignore[arg-type]
+        else:
+            raise TypeError(f"a prompt must be text, a list of token ids or a dict, not {type(p).__name__}")
+    return out
+
+
+def _broadcast(value: Any, n: int, what: str) -> list[Any]:
+    if isinstance(value, list | tuple):
+        if len(value) != n:
+            raise ValueError(f"{what} has {len(value)} entries for {n} prompts; give one, or one per prompt")
+        return list(value)
+    return [value] * n

@@ -1,0 +1,239 @@
+"""LLMEngine: the step loop, schedule -> execute -> update, and everything around it.
+
+Boundary: the engine owns the tokenizer, the scheduler and an executor (the
+PyTorch `ModelRunner`, or the fake one in tests). It turns prompts into
+control-plane requests and sampled tokens into text, applies stop strings,
+and registers adapters. It is single-threaded: the server runs it on one
+thread and sends it work through `AsyncEngine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from loramux.config import EngineConfig, RuntimeInfo
+from loramux.core.adapters import AdapterInfo, AdapterManager
+from loramux.core.kv_manager import KVCacheManager
+from loramux.core.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
+from loramux.core.request import Request, RequestStatus
+from loramux.core.scheduler import Scheduler, StepUpdate
+from loramux.engine.detokenizer import IncrementalDetokenizer
+from loramux.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from loramux.lora_request import LoRARequest
+from loramux.sampling_params import SamplingParams
+
+logger = logging.getLogger("loramux.engine")
+
+
+class Executor(Protocol):
+    num_pages: int
+    max_model_len: int
+    vocab_size: int
+
+    def inspect_adapter(self, name: str, path: str) -> Any: ...
+
+    def register_adapter(self, uid: int, spec: Any) -> None: ...
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput: ...
+
+
+@dataclass
+class _State:
+    """What the engine keeps per request beside the control plane's counters."""
+
+    req: Request
+    params: SamplingParams
+    prompt: str | None
+    detok: IncrementalDetokenizer
+    metrics: RequestMetrics
+    logprobs: list[SampleLogprobs] | None
+    stop_reason: int | str | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None, tokenizer: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        if executor is None:
+            from loramux.executor.loader import load_tokenizer
+            from loramux.executor.model_runner import ModelRunner
+
+            executor = ModelRunner(config.model, config.cache, config.lora)
+            tokenizer = tokenizer or load_tokenizer(config.model.model)
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.runtime = RuntimeInfo(
+            num_pages=executor.num_pages, max_model_len=executor.max_model_len,
+            eos_token_ids=tuple(sorted(_eos_ids(config.model.model, tokenizer))),
+            vocab_size=executor.vocab_size, device=str(getattr(executor, "device", "cpu")),
+            dtype=str(getattr(executor, "dtype", "n/a")).replace("torch.", ""),
+        )
+        c = config.cache
+        kv = KVCacheManager.create(self.runtime.num_pages, c.page_size, c.enable_prefix_caching,
+                                   c.enable_kv_events)
+        lc = config.lora
+        adapters = AdapterManager(lc.max_loras, lc.cpu_slots, lc.max_lora_rank, lc.max_lora_bytes)
+        self.scheduler = Scheduler(config.scheduler, kv, adapters, self.runtime.max_model_len, clock,
+                                   base_identity=f"base:{Path(config.model.model).name}")
+        self._states: dict[str, _State] = {}
+        self._adapter_paths: dict[str, str] = {}
+        self.last_step_time = 0.0
+
+    # --- adapters ---
+    def add_lora(self, name: str, path: str, pinned: bool = False) -> AdapterInfo:
+        """Check the adapter against the model and register it; raises ValueError with the reason."""
+        spec = self.executor.inspect_adapter(name, path)
+        info = self.scheduler.register_adapter(name, spec.version, spec.rank, spec.nbytes, path, pinned)
+        self.executor.register_adapter(info.uid, spec)
+        self._adapter_paths[name] = str(path)
+        return info
+
+    def ensure_lora(self, lora: LoRARequest) -> None:
+        """Register `lora` on first use; refuse a second, different adapter under the same name."""
+        known = self._adapter_paths.get(lora.lora_name)
+        if known is None or lora.lora_name not in self.scheduler.adapters:
+            self.add_lora(lora.lora_name, lora.lora_path)
+        elif Path(known).resolve() != Path(lora.lora_path).resolve():
+            raise ValueError(
+                f"adapter {lora.lora_name!r} is loaded from {known!r}, not {lora.lora_path!r}; "
+                f"unload it first or use another name"
+            )
+
+    def remove_lora(self, name: str) -> AdapterInfo:
+        info = self.scheduler.unregister_adapter(name)
+        self._adapter_paths.pop(name, None)
+        return info
+
+    def list_loras(self) -> list[AdapterInfo]:
+        return [self.scheduler.adapters.get(n) for n in self.scheduler.adapters.names()]
+
+    # --- requests ---
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
+                    lora_name: str | None = None, arrival_time: float | None = None,
+                    tenant: str = "") -> str:
+        """Queue a prompt (text or token ids); raises ValueError for bad input, at once."""
+        rid = request_id or uuid.uuid4().hex
+        text, ids = self._tokenize(prompt)
+        if any(not 0 <= t < self.runtime.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.runtime.vocab_size})")
+        now = self.clock() if arrival_time is None else arrival_time
+        req = Request(
+            rid, ids, params.max_tokens, lora_name=lora_name, tenant=tenant, arrival_time=now,
+            eos_token_ids=frozenset(self.runtime.eos_token_ids),
+            stop_token_ids=frozenset(params.stop_token_ids), ignore_eos=params.ignore_eos,
+            min_tokens=params.min_tokens, sampling=params,
+        )
+        self.scheduler.add_request(req)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                                       params.include_stop_str_in_output)
+        self._states[rid] = _State(req, params, text, detok, RequestMetrics(now),
+                                   [] if params.logprobs is not None else None)
+        return rid
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer; send token ids")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if not all(isinstance(t, int) for t in prompt):
+            raise ValueError("a token-id prompt must be a list of integers")
+        return None, list(prompt)
+
+    def abort_request(self, request_id: str) -> bool:
+        self._states.pop(request_id, None)
+        return self.scheduler.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step ---
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        result = self._execute(out)
+        update = self.scheduler.update_from_output(out, result)
+        return self._outputs(out, result, update)
+
+    def _execute(self, out: SchedulerOutput) -> RunnerOutput:
+        t0 = time.perf_counter()
+        try:
+            return self.executor.execute(out)
+        except Exception:
+            logger.exception(
+                "step %d failed: %d seqs, %d tokens, adapters %s, plan %s", out.step, len(out.seqs),
+                out.num_batched_tokens, sorted(out.adapter_uids), out.adapter_plan,
+            )
+            raise
+        finally:
+            self.last_step_time = time.perf_counter() - t0
+
+    def _outputs(self, out: SchedulerOutput, result: RunnerOutput,
+                 update: StepUpdate) -> list[RequestOutput]:
+        now = self.clock()
+        lps: dict[str, SampleLogprobs] = {}
+        if result.logprobs is not None:
+            pairs = zip(out.seqs, result.logprobs, strict=True)
+            lps = {s.request_id: lp for s, lp in pairs if lp is not None}
+        touched: dict[str, tuple[str, list[int]]] = {}
+        for req, token in update.new_tokens:
+            st = self._states.get(req.request_id)
+            if st is None:
+                continue
+            if st.metrics.first_token_time is None:
+                st.metrics.first_token_time = now
+                st.metrics.first_scheduled_time = req.first_scheduled_time
+            if st.logprobs is not None and req.request_id in lps:
+                st.logprobs.append(lps[req.request_id])
+            new_text, stop_str = st.detok.add(token)
+            prev_text, prev_ids = touched.get(req.request_id, ("", []))
+            touched[req.request_id] = (prev_text + new_text, [*prev_ids, token])
+            if stop_str is not None:
+                st.stop_reason = stop_str
+                if req.is_finished:  # it also hit max_tokens this step: the stop string wins
+                    req.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            elif req.status is RequestStatus.FINISHED_STOPPED and token in req.stop_token_ids:
+                st.stop_reason = token
+        outputs = []
+        for rid, (delta_text, delta_ids) in touched.items():
+            outputs.append(self._make_output(rid, delta_text, delta_ids, now))
+        return outputs
+
+    def _make_output(self, rid: str, delta_text: str, delta_ids: list[int], now: float) -> RequestOutput:
+        st = self._states[rid]
+        req = st.req
+        finished = req.is_finished
+        if finished:
+            st.metrics.finished_time = now
+            del self._states[rid]
+        completion = CompletionOutput(
+            index=0, text=st.detok.text, token_ids=req.output_token_ids,
+            finish_reason=req.status.finish_reason if finished else None,
+            stop_reason=st.stop_reason, logprobs=st.logprobs, delta_text=delta_text,
+            delta_token_ids=delta_ids,
+        )
+        return RequestOutput(rid, st.prompt, req.prompt_token_ids, [completion], finished, req.lora_name,
+                             max(req.num_cached_tokens, 0), st.metrics)
+
+
+def _eos_ids(model_path: str, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = Path(model_path) / "generation_config.json"
+    if gen.is_file():
+        import json
+
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    return ids

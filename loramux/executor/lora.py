@@ -1,0 +1,359 @@
+"""Batched multi-adapter LoRA: PEFT adapters on disk, host copies, device slots, and the compute.
+
+Boundary: this module reads and checks PEFT adapter directories, keeps host
+copies, copies them into device slots when told to, and adds each token's own
+adapter delta during the forward. It decides nothing: the control plane's
+`AdapterPlan` says what to read, copy and drop.
+
+Layout of one wrapped linear (in -> out) with S slots and max rank R:
+
+    A  [S, R, in]    rows [:r] of slot s hold the adapter's A (rank r)
+    Bt [S, R, out]   rows [:r] hold B^T already multiplied by the scaling
+    ranks[s] = r     (0: the adapter in slot s does not touch this module)
+
+A step's tokens arrive grouped by slot (the runner sorts them), and only the
+r real rows of a slot are used: no compute on padding ranks, and rows of
+base-model tokens get nothing. Two paths:
+
+    prefill chunks (long segments), one matmul pair per segment:
+        y[s:e] += (x[s:e] @ A[slot, :r].T) @ Bt[slot, :r]
+    decode rows (short segments), grouped by rank, two batched matmuls per rank:
+        y[rows] += bmm(bmm(x[rows], A[slots, :r].T), Bt[slots, :r])
+    (plain views, no gather, when rows and slots are both consecutive)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\."
+    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$"
+)
+_REFUSED_CONFIG = {
+    "use_dora": "DoRA adapters (use_dora=true) are not supported; train a plain LoRA adapter",
+    "modules_to_save": "adapters with modules_to_save (fully trained layers) are not supported; "
+                       "train without modules_to_save",
+}
+
+Module = tuple[int, str]  # (layer index, projection name)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What a PEFT adapter directory holds, checked against the model."""
+
+    path: str
+    version: str  # content digest of config + weights
+    rank: int  # the largest rank of any module
+    nbytes: int  # bytes once loaded at the model's dtype
+    modules: dict[Module, tuple[int, float]] = field(repr=False)  # -> (rank, scaling)
+
+
+@dataclass
+class HostAdapter:
+    """An adapter's weights in host memory: A and scaled B^T per module."""
+
+    spec: AdapterSpec
+    weights: dict[Module, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern rule: a key matches a module name's suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def inspect_adapter(path: str | Path, num_layers: int, shapes: dict[str, tuple[int, int]],
+                    max_rank: int, elem_size: int) -> AdapterSpec:
+    """Check a PEFT LoRA directory against the model; every refusal names the fix."""
+    p = Path(path)
+    cfg_file, weights_file = p / "adapter_config.json", p / "adapter_model.safetensors"
+    if not p.is_dir():
+        raise ValueError(f"adapter path {str(p)!r} is not a directory")
+    if not cfg_file.is_file():
+        raise ValueError(f"{str(p)!r} has no adapter_config.json; point at a PEFT LoRA directory "
+                         f"(adapter_config.json + adapter_model.safetensors)")
+    if not weights_file.is_file():
+        if (p / "adapter_model.bin").is_file():
+            raise ValueError(
+                f"{str(p)!r} holds adapter_model.bin; loramux reads safetensors only. Convert with "
+                f"PeftModel.from_pretrained(base, dir).save_pretrained(dir, safe_serialization=True)"
+            )
+        raise ValueError(f"{str(p)!r} has no adapter_model.safetensors")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
+    _check_config(cfg, p)
+    tensors = _read_shapes(weights_file)
+    modules = _collect_modules(tensors, cfg, p, num_layers, shapes, max_rank)
+    rank = max(r for r, _ in modules.values())
+    nbytes = sum(r * sum(shapes[m]) for (_, m), (r, _) in modules.items()) * elem_size
+    digest = hashlib.blake2b(cfg_file.read_bytes(), digest_size=12)
+    with open(weights_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return AdapterSpec(str(p), digest.hexdigest(), rank, nbytes, modules)
+
+
+def _check_config(cfg: dict[str, Any], p: Path) -> None:
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{str(p)!r} is a {cfg.get('peft_type')} adapter; only LoRA adapters are supported")
+    for key, why in _REFUSED_CONFIG.items():
+        if cfg.get(key):
+            raise ValueError(f"{str(p)!r}: {why}")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        raise ValueError(f"{str(p)!r}: adapters that train biases are not supported; use bias='none'")
+    if cfg.get("fan_in_fan_out"):
+        raise ValueError(f"{str(p)!r}: fan_in_fan_out adapters (GPT-2 Conv1D) do not fit Llama-family models")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, list):  # a regex string is checked through the weight names instead
+        embedding = sorted(set(targets) & {"embed_tokens", "lm_head"})
+        if embedding:
+            raise ValueError(f"{str(p)!r} adapts {embedding}: embedding and lm_head adapters are not "
+                             f"supported; LoRA may target only {', '.join(TARGET_MODULES)}")
+        unknown = sorted(set(targets) - set(TARGET_MODULES))
+        if unknown:
+            raise ValueError(
+                f"{str(p)!r} targets {unknown}, which the model does not have; "
+                f"LoRA can target {', '.join(TARGET_MODULES)}"
+            )
+
+
+def _read_shapes(weights_file: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"cannot read {weights_file}: {e}; the file is corrupt or not safetensors") from e
+
+
+def _collect_modules(tensors: dict[str, tuple[int, ...]], cfg: dict[str, Any], p: Path, num_layers: int,
+                     shapes: dict[str, tuple[int, int]], max_rank: int) -> dict[Module, tuple[int, float]]:
+    found: dict[Module, dict[str, tuple[int, ...]]] = {}
+    for key, shape in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            what = "embedding adapters are" if "embedding" in key else f"tensor {key!r} is"
+            raise ValueError(f"{str(p)!r}: {what} not supported; LoRA may target only "
+                             f"{', '.join(TARGET_MODULES)}")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= num_layers:
+            raise ValueError(f"{str(p)!r} adapts layer {layer} but the model has {num_layers} layers")
+        found.setdefault((layer, module), {})[ab] = shape
+    if not found:
+        raise ValueError(f"{str(p)!r} holds no LoRA weights")
+    alpha, rslora = cfg.get("lora_alpha", cfg.get("r", 8)), bool(cfg.get("use_rslora"))
+    modules: dict[Module, tuple[int, float]] = {}
+    for (layer, module), ab in sorted(found.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{str(p)!r}: layer {layer} {module} has lora_A or lora_B missing")
+        fan_in, fan_out = shapes[module]
+        r = ab["A"][0]
+        if ab["A"] != (r, fan_in) or ab["B"] != (fan_out, r):
+            raise ValueError(
+                f"{str(p)!r}: layer {layer} {module} has A {list(ab['A'])} and B {list(ab['B'])}, but "
+                f"the model needs A [r, {fan_in}] and B [{fan_out}, r]; was it trained for another model?"
+            )
+        if r > max_rank:
+            raise ValueError(f"{str(p)!r} has rank {r} (layer {layer} {module}), above "
+                             f"max_lora_rank={max_rank}; restart with --max-lora-rank {r} or more")
+        name = _module_name(layer, module)
+        a = _pattern_value(cfg.get("alpha_pattern") or {}, name, alpha)
+        modules[(layer, module)] = (r, a / math.sqrt(r) if rslora else a / r)
+    return modules
+
+
+def _module_name(layer: int, module: str) -> str:
+    section = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{layer}.{section}.{module}"
+
+
+def read_adapter(spec: AdapterSpec, dtype: torch.dtype) -> HostAdapter:
+    """Disk -> host memory: A and scaled B^T per module, at the model's dtype."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(Path(spec.path) / "adapter_model.safetensors"), device="cpu")
+    weights = {}
+    for (layer, module), (_, scale) in spec.modules.items():
+        stem = f"base_model.model.{_module_name(layer, module)}"
+        a = raw[f"{stem}.lora_A.weight"].float()  # [r, in]
+        bt = (raw[f"{stem}.lora_B.weight"].float() * scale).t()  # [r, out]
+        weights[(layer, module)] = (a.to(dtype).contiguous(), bt.to(dtype).contiguous())
+    return HostAdapter(spec, weights)
+
+
+SHORT_SEGMENT = 4  # segments up to this many rows (decodes) take the gathered path
+
+
+class _RankGroup(NamedTuple):
+    """Short-segment rows whose adapter has rank `rank` in some module."""
+
+    rank: int
+    rows: torch.Tensor  # [N] rows of the batch
+    slots: torch.Tensor  # [N] the slot of each row
+    span: tuple[int, int, int] | None  # (first row, first slot, N) when both are consecutive: no gather
+
+
+class LoRAState:
+    """The current step's adapter layout, shared by every wrapped linear.
+
+    Long segments (prefill chunks) get one matmul pair each. Rows of short
+    segments (decodes) are grouped by their adapter's rank in the module and
+    done together with two batched matmuls per rank: a gather of each row's
+    A and B^T rows (or plain views when rows and slots are consecutive).
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.long: list[tuple[int, int, int]] = []
+        self._short_rows: list[int] = []
+        self._short_slots: list[int] = []
+        self._slot_set: tuple[int, ...] = ()
+        self._groups: dict[tuple[int, ...], list[_RankGroup]] = {}
+        self._device: torch.device | None = None
+
+    @contextmanager
+    def batch(self, segments: list[tuple[int, int, int]], device: torch.device) -> Iterator[None]:
+        assert not self.active, "LoRA batch contexts cannot nest"
+        self.active = True
+        self.long = [seg for seg in segments if seg[2] - seg[1] > SHORT_SEGMENT]
+        rows, slots = [], []
+        for slot, s, e in segments:
+            if e - s <= SHORT_SEGMENT:
+                rows.extend(range(s, e))
+                slots.extend([slot] * (e - s))
+        self._short_rows, self._short_slots = rows, slots
+        self._slot_set = tuple(sorted(set(slots)))
+        self._groups = {}
+        self._device = device
+        try:
+            yield
+        finally:
+            self.active = False
+            self.long, self._short_rows, self._short_slots, self._groups = [], [], [], {}
+
+    def short_groups(self, ranks: list[int]) -> list[_RankGroup]:
+        """The rank groups for a module whose slots have `ranks` (cached per distinct signature)."""
+        if not self._short_rows:
+            return []
+        key = tuple(ranks[s] for s in self._slot_set)
+        groups = self._groups.get(key)
+        if groups is None:
+            groups = self._groups[key] = self._make_groups(ranks)
+        return groups
+
+    def _make_groups(self, ranks: list[int]) -> list[_RankGroup]:
+        by_rank: dict[int, tuple[list[int], list[int]]] = {}
+        for row, slot in zip(self._short_rows, self._short_slots, strict=True):
+            r = ranks[slot]
+            if r:
+                rows, slots = by_rank.setdefault(r, ([], []))
+                rows.append(row)
+                slots.append(slot)
+        groups = []
+        for r, (rows, slots) in by_rank.items():
+            n = len(rows)
+            consecutive = (rows == list(range(rows[0], rows[0] + n))
+                           and slots == list(range(slots[0], slots[0] + n)))
+            groups.append(_RankGroup(r, torch.tensor(rows, device=self._device),
+                                     torch.tensor(slots, device=self._device),
+                                     (rows[0], slots[0], n) if consecutive else None))
+        return groups
+
+
+class LoRALinear(nn.Module):
+    """A linear layer plus per-slot low-rank deltas; slot buffers are made on first use."""
+
+    def __init__(self, base: nn.Linear, state: LoRAState, num_slots: int, max_rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.state = state
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.ranks = [0] * num_slots
+        self.A: torch.Tensor | None = None
+        self.Bt: torch.Tensor | None = None
+
+    def load(self, slot: int, a: torch.Tensor, bt: torch.Tensor) -> None:
+        if self.A is None:
+            w = self.base.weight
+            shape = (self.num_slots, self.max_rank)
+            self.A = torch.zeros(*shape, self.in_features, dtype=w.dtype, device=w.device)
+            self.Bt = torch.zeros(*shape, self.out_features, dtype=w.dtype, device=w.device)
+        r = a.shape[0]
+        self.A[slot, :r].copy_(a, non_blocking=True)
+        self.Bt[slot, :r].copy_(bt, non_blocking=True)  # type: ignore[index]
+        self.ranks[slot] = r
+
+    def clear(self, slot: int) -> None:
+        self.ranks[slot] = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        st = self.state
+        if not st.active or self.A is None:
+            return y
+        A, Bt, ranks = self.A, self.Bt, self.ranks
+        assert Bt is not None
+        for slot, s, e in st.long:  # prefill chunks: one matmul pair per segment
+            r = ranks[slot]
+            if r:
+                y[s:e].addmm_(x[s:e] @ A[slot, :r].t(), Bt[slot, :r])
+        for g in st.short_groups(ranks):  # decodes: two batched matmuls per rank
+            r = g.rank
+            if g.span is not None:
+                row, slot, n = g.span
+                a, bt = A[slot : slot + n, :r], Bt[slot : slot + n, :r]  # views: [n, r, in], [n, r, out]
+                t = torch.bmm(x[row : row + n].unsqueeze(1), a.transpose(1, 2))  # [n, 1, r]
+                y[row : row + n] += torch.bmm(t, bt).squeeze(1)  # [n, out]
+            else:
+                a = A[:, :r].index_select(0, g.slots)  # [N, r, in]
+                t = torch.bmm(x.index_select(0, g.rows).unsqueeze(1), a.transpose(1, 2))  # [N, 1, r]
+                y.index_add_(0, g.rows, torch.bmm(t, Bt[:, :r].index_select(0, g.slots)).squeeze(1))
+        return y
+
+
+class LoRASlots:
+    """The wrapped linears of a model, and copying host adapters into their slots."""
+
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int) -> None:
+        self.state = LoRAState()
+        self.layers: dict[Module, LoRALinear] = {}
+        for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
+            for parent in (layer.self_attn, layer.mlp):
+                for name in TARGET_MODULES:
+                    base = getattr(parent, name, None)
+                    if isinstance(base, nn.Linear):
+                        wrapped = LoRALinear(base, self.state, num_slots, max_rank)
+                        setattr(parent, name, wrapped)
+                        self.layers[(i, name)] = wrapped
+
+    def load(self, adapter: HostAdapter, slot: int) -> None:
+        for key, layer in self.layers.items():
+            w = adapter.weights.get(key)
+            if w is None:
+                layer.clear(slot)
+            else:
+                layer.load(slot, w[0], w[1])
+
+    def clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.clear(slot)

@@ -1,0 +1,213 @@
+"""The PyTorch executor: one `SchedulerOutput` in, sampled tokens out.
+
+Boundary: owns the model, the paged KV tensors, the adapter slots and host
+copies, and per-request sampling state. It carries out the adapter plan,
+builds the step's tensors, runs one forward for a batch that mixes adapters
+and prefill chunks with decodes, and samples. Which requests run, and where
+their pages are, is decided by the control plane.
+
+Rows of a step are sorted by adapter slot (base-model rows first), so each
+adapter's tokens form one contiguous segment:
+
+    rows:   | base rows | slot 0 rows | slot 3 rows | ...
+    LoRA:      no delta   A0/B0 pair    A3/B3 pair
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from loramux.config import CacheConfig, LoRAConfig, ModelConfig
+from loramux.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
+from loramux.executor.attention import AttentionMetadata, PrefillChunk, decode_mask
+from loramux.executor.loader import load_model, resolve_device, resolve_dtype
+from loramux.executor.lora import AdapterSpec, HostAdapter, LoRASlots, inspect_adapter, read_adapter
+from loramux.executor.sampler import sample
+from loramux.sampling_params import SamplingParams
+
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass
+class LoadStats:
+    """Adapter-load work done by the executor (for metrics)."""
+
+    host_loads: int = 0
+    device_loads: int = 0
+    host_seconds: float = 0.0
+    device_seconds: float = 0.0
+    recent: list[float] = field(default_factory=list)  # seconds of each load since last read
+
+    def take_recent(self) -> list[float]:
+        out, self.recent = self.recent, []
+        return out
+
+
+class ModelRunner:
+    def __init__(self, model: ModelConfig, cache: CacheConfig, lora: LoRAConfig) -> None:
+        self.device = resolve_device(model.device)
+        self.dtype = resolve_dtype(model.dtype, self.device)
+        from loramux.executor.loader import load_hf_config
+
+        hf_config, _ = load_hf_config(model.model)
+        limit = getattr(hf_config, "max_position_embeddings", None) or 4096
+        self.max_model_len = model.max_model_len or limit
+        self.model, self.hf_config = load_model(model.model, self.dtype, self.device, self.max_model_len)
+        self.args = self.model.args
+        self.page_size = cache.page_size
+        self.num_pages = cache.num_pages or self._pages_for_memory(cache.kv_cache_memory_gb)
+        shape = (self.num_pages, self.page_size, self.args.num_kv_heads, self.args.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.args.num_layers)
+        ]
+        self.max_lora_rank = lora.max_lora_rank
+        self.slots = LoRASlots(self.model, lora.max_loras, lora.max_lora_rank)
+        self.specs: dict[int, AdapterSpec] = {}
+        self.host: dict[int, HostAdapter] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self.default_generator = torch.Generator(device=self.device).manual_seed(model.seed)
+        self.load_stats = LoadStats()
+        self.logits_hook: Callable[[str, torch.Tensor], None] | None = None  # tests: see raw logits
+        self.vocab_size = self.args.vocab_size
+
+    def _pages_for_memory(self, gb: float) -> int:
+        a = self.args
+        per_page = 2 * a.num_layers * self.page_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return max(1, int(gb * (1 << 30)) // per_page)
+
+    # --- adapters ---
+    def inspect_adapter(self, name: str, path: str) -> AdapterSpec:
+        return inspect_adapter(path, self.args.num_layers, self.args.module_shapes(), self.max_lora_rank,
+                               self.dtype.itemsize)
+
+    def register_adapter(self, uid: int, spec: AdapterSpec) -> None:
+        self.specs[uid] = spec
+
+    def _apply_plan(self, out: SchedulerOutput) -> None:
+        plan = out.adapter_plan
+        if plan.empty:
+            return
+        for uid in plan.release:
+            self.host.pop(uid, None)
+            self.specs.pop(uid, None)
+        for _, slot in plan.evict_device:
+            self.slots.clear(slot)
+        for uid in plan.evict_host:
+            self.host.pop(uid, None)
+        stats = self.load_stats
+        for uid in plan.load_host:
+            t0 = time.perf_counter()
+            self.host[uid] = read_adapter(self.specs[uid], self.dtype)
+            dt = time.perf_counter() - t0
+            stats.host_loads += 1
+            stats.host_seconds += dt
+            stats.recent.append(dt)
+        for uid, slot in plan.load_device:
+            t0 = time.perf_counter()
+            self.slots.load(self.host[uid], slot)
+            dt = time.perf_counter() - t0
+            stats.device_loads += 1
+            stats.device_seconds += dt
+            stats.recent.append(dt)
+
+    # --- the step ---
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for rid in out.finished_ids:
+            self.generators.pop(rid, None)
+        self._apply_plan(out)
+        if not out.seqs:
+            return RunnerOutput([])
+        batch = self._prepare(out.seqs)
+        with self.slots.state.batch(batch.segments, self.device):
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        if not batch.sample_rows:
+            return RunnerOutput([None] * len(out.seqs))
+        rows = torch.tensor(batch.sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] float32
+        seqs = [out.seqs[i] for i in batch.sample_seqs]
+        params = [s.sampling if isinstance(s.sampling, SamplingParams) else _GREEDY for s in seqs]
+        if self.logits_hook is not None:
+            for s, row in zip(seqs, logits, strict=True):
+                self.logits_hook(s.request_id, row)
+        tokens, logprobs = sample(logits, params, [self._generator(s, p) for s, p in zip(seqs, params,
+                                  strict=True)], self.default_generator)
+        sampled: list[int | None] = [None] * len(out.seqs)
+        lps: list = [None] * len(out.seqs)
+        for i, tok, lp in zip(batch.sample_seqs, tokens, logprobs, strict=True):
+            sampled[i] = tok
+            lps[i] = lp
+        return RunnerOutput(sampled, lps)
+
+    def _generator(self, seq: ScheduledSeq, p: SamplingParams) -> torch.Generator | None:
+        if p.seed is None or p.greedy:
+            return None
+        g = self.generators.get(seq.request_id)
+        if g is None:
+            g = self.generators[seq.request_id] = torch.Generator(device=self.device).manual_seed(p.seed)
+        return g
+
+    def _prepare(self, seqs: list[ScheduledSeq]) -> _Batch:
+        ps = self.page_size
+        order = sorted(range(len(seqs)), key=lambda i: -1 if seqs[i].lora_slot is None else seqs[i].lora_slot)
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[torch.Tensor | list[int]] = []
+        decode_rows, decode_pages, decode_lens = [], [], []
+        prefills: list[PrefillChunk] = []
+        segments: list[tuple[int, int, int]] = []
+        sample_rows, sample_seqs = [], []
+        for i in order:
+            s = seqs[i]
+            t0, n = len(ids), len(s.token_ids)
+            ids.extend(s.token_ids)
+            positions.extend(range(s.start_pos, s.start_pos + n))
+            if n == 1:
+                pos = s.start_pos
+                slot_mapping.append([s.page_ids[pos // ps] * ps + pos % ps])
+                decode_rows.append(t0)
+                decode_pages.append(s.page_ids)
+                decode_lens.append(pos + 1)
+            else:
+                ctx = s.start_pos + n
+                pages = torch.tensor(s.page_ids[: -(-ctx // ps)], device=self.device)
+                slots = (pages.unsqueeze(1) * ps + torch.arange(ps, device=self.device)).view(-1)
+                slot_mapping.append(slots[s.start_pos : ctx])
+                prefills.append(PrefillChunk(t0, t0 + n, s.start_pos, pages))
+            if s.lora_slot is not None:
+                if segments and segments[-1][0] == s.lora_slot:
+                    segments[-1] = (s.lora_slot, segments[-1][1], t0 + n)
+                else:
+                    segments.append((s.lora_slot, t0, t0 + n))
+            if s.sample:
+                sample_rows.append(t0 + n - 1)
+                sample_seqs.append(i)
+        dev = self.device
+        mapping = torch.cat([m if isinstance(m, torch.Tensor) else torch.tensor(m, device=dev)
+                             for m in slot_mapping])
+        meta = AttentionMetadata(mapping, None, None, None, prefills)
+        if decode_rows:
+            n_pages = -(-max(decode_lens) // ps)
+            table = [p[:n_pages] + [0] * (n_pages - len(p[:n_pages])) for p in decode_pages]
+            meta.decode_rows = torch.tensor(decode_rows, device=dev)
+            meta.decode_pages = torch.tensor(table, device=dev)  # [B, P]
+            meta.decode_mask = decode_mask(torch.tensor(decode_lens, device=dev), n_pages * ps,
+                                           self.args.sliding_window)
+        return _Batch(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, segments,
+                      sample_rows, sample_seqs)
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    segments: list[tuple[int, int, int]]  # (slot, first row, end row)
+    sample_rows: list[int]  # rows whose logits are sampled
+    sample_seqs: list[int]  # index in SchedulerOutput.seqs of each sampled row

@@ -1,0 +1,80 @@
+"""Sampling: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+
+Boundary: logits of the rows that sample (float32, [N, V]) and their
+`SamplingParams` in; one token per row (and logprobs when asked) out. A row
+with a seed draws from its own generator, so its tokens do not depend on what
+else is in the batch. Logprobs are those of the model's raw distribution
+(before temperature, top-k and top-p), as vLLM reports by default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loramux.core.outputs import SampleLogprobs
+from loramux.sampling_params import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           default_generator: torch.Generator) -> tuple[list[int], list[SampleLogprobs | None]]:
+    n = logits.shape[0]
+    tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        idx = torch.tensor(greedy, device=logits.device)
+        tokens[idx] = logits.index_select(0, idx).argmax(dim=-1)
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if random_rows:
+        idx = torch.tensor(random_rows, device=logits.device)
+        probs = _filtered_probs(logits.index_select(0, idx), [params[i] for i in random_rows])
+        shared = [j for j, i in enumerate(random_rows) if generators[i] is None]
+        if shared:
+            sidx = torch.tensor(shared, device=logits.device)
+            drawn = torch.multinomial(probs.index_select(0, sidx), 1, generator=default_generator)
+            tokens[idx[sidx]] = drawn.squeeze(1)
+        for j, i in enumerate(random_rows):
+            g = generators[i]
+            if g is not None:
+                tokens[i] = torch.multinomial(probs[j], 1, generator=g)[0]
+    token_list = tokens.tolist()
+    return token_list, _logprobs(logits, token_list, params)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, as probabilities [N, V]."""
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
+    logits = logits / temps.unsqueeze(1)
+    vocab = logits.shape[1]
+    ks = [p.top_k if p.top_k > 0 else vocab for p in params]
+    ps = [p.top_p for p in params]
+    if min(ks) < vocab or min(ps) < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=dev).unsqueeze(0)
+        drop = rank >= torch.tensor(ks, device=dev).unsqueeze(1)  # top-k
+        probs_sorted = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        before = probs_sorted.cumsum(dim=-1) - probs_sorted  # mass of strictly more likely tokens
+        drop |= before >= torch.tensor(ps, device=dev, dtype=logits.dtype).unsqueeze(1)  # top-p
+        drop[:, 0] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    return logits.softmax(dim=-1)
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int],
+              params: list[SamplingParams]) -> list[SampleLogprobs | None]:
+    want = [p.logprobs for p in params]
+    if all(w is None for w in want):
+        return [None] * len(tokens)
+    logp = logits.log_softmax(dim=-1)
+    out: list[SampleLogprobs | None] = []
+    for i, k in enumerate(want):
+        if k is None:
+            out.append(None)
+            continue
+        top: list[tuple[int, float]] = []
+        if k:
+            vals, ids = logp[i].topk(k)
+            top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+        out.append(SampleLogprobs(float(logp[i, tokens[i]]), top))
+    return out

@@ -1,0 +1,80 @@
+"""The engine loop with the control-plane tests' fake executor plugged in (issue: executor, point 5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from loramux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from loramux.core.adapters import AdapterNotFoundError
+from loramux.engine.llm import LLM
+from loramux.engine.llm_engine import LLMEngine
+from loramux.executor.fake import FakeExecutor
+from loramux.lora_request import LoRARequest
+from loramux.sampling_params import SamplingParams
+
+
+def fake_engine(num_pages=64, page_size=4, max_loras=2, **sched):
+    cfg = EngineConfig(model=ModelConfig("fake-model"), scheduler=SchedulerConfig(**sched),
+                       cache=CacheConfig(page_size=page_size, num_pages=num_pages),
+                       lora=LoRAConfig(max_loras=max_loras))
+    ex = FakeExecutor(num_pages, page_size, vocab_size=50)
+    return LLMEngine(cfg, executor=ex, tokenizer=None), ex
+
+
+def test_fake_executor_drives_the_same_step_loop():
+    engine, ex = fake_engine()
+    for name in ("a", "b", "c"):
+        engine.add_lora(name, f"/adapters/{name}")
+    prompts = {f"q{i}": [i + 1, i + 2, i + 3, i + 4, i + 5] for i in range(6)}
+    loras = ["a", "b", "c", None, "a", "b"]
+    for (rid, p), lora in zip(prompts.items(), loras, strict=True):
+        engine.add_request(rid, p, SamplingParams(max_tokens=6, ignore_eos=True), lora_name=lora)
+    streamed: dict[str, list[int]] = {}
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            streamed.setdefault(out.request_id, []).extend(out.outputs[0].delta_token_ids)
+            if out.finished:
+                finished[out.request_id] = out
+    assert set(finished) == set(prompts)
+    for rid, lora in zip(prompts, loras, strict=True):
+        uid = None if lora is None else engine.scheduler.adapters.get(lora).uid
+        want = ex.reference_tokens(uid, prompts[rid], 6, set())
+        assert finished[rid].outputs[0].token_ids == want == streamed[rid]  # deltas add up
+        assert finished[rid].outputs[0].finish_reason == "length"
+
+
+def test_llm_front_end_runs_on_the_fake_executor():
+    engine, ex = fake_engine()
+    llm = LLM("fake-model", engine=engine)
+    outs = llm.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(max_tokens=4, ignore_eos=True),
+                        lora_request=[LoRARequest("a", 1, "/adapters/a"), None], use_tqdm=False)
+    uid = engine.scheduler.adapters.get("a").uid
+    assert outs[0].outputs[0].token_ids == ex.reference_tokens(uid, [1, 2, 3], 4, set())
+    assert outs[1].outputs[0].token_ids == ex.reference_tokens(None, [4, 5, 6], 4, set())
+
+
+def test_bad_requests_fail_at_once_and_others_keep_running():
+    engine, _ = fake_engine(max_queue_len=8)
+    engine.add_request("ok", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+    with pytest.raises(AdapterNotFoundError, match="'nope'"):
+        engine.add_request("x", [1, 2], SamplingParams(max_tokens=3), lora_name="nope")
+    with pytest.raises(ValueError, match=r"must lie in \[0, 50\)"):
+        engine.add_request("y", [1, 99], SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.add_request("z", "text", SamplingParams(max_tokens=3))
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o.request_id for o in engine.step() if o.finished]
+    assert done == ["ok"]
+
+
+def test_abort_frees_pages_and_drops_the_request():
+    engine, _ = fake_engine(num_pages=16)
+    engine.add_request("long", list(range(1, 10)), SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.step()
+    assert engine.scheduler.kv.pool.num_free < 16
+    assert engine.abort_request("long")
+    assert not engine.has_unfinished_requests()
+    pool, cache = engine.scheduler.kv.pool, engine.scheduler.kv.cache
+    assert pool.num_free + cache.num_evictable == 16

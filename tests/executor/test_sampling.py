@@ -1,0 +1,147 @@
+"""Sampling and stopping through the real engine: seeds, top-k/p, stop ids and strings, eos, logprobs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from loramux import LLM, LoRARequest, SamplingParams
+
+PROMPT = [11, 42, 99, 7, 300, 12, 5, 77]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(str(tiny_models["llama"].path), num_pages=128, page_size=4, device="cpu", seed=123)
+
+
+def gen(llm, params, prompts=None, lora=None):
+    return llm.generate(prompts or [PROMPT], params, lora_request=lora, use_tqdm=False)
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_greedy_equals_top_k_1_and_tiny_top_p(llm):
+    greedy = tokens(gen(llm, SamplingParams(temperature=0, max_tokens=8)))
+    assert tokens(gen(llm, SamplingParams(temperature=1.0, top_k=1, max_tokens=8, seed=1))) == greedy
+    assert tokens(gen(llm, SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=8, seed=2))) == greedy
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm, tiny_models):
+    sp = SamplingParams(temperature=1.5, max_tokens=12, seed=7)
+    alone = tokens(gen(llm, sp))[0]
+    again = tokens(gen(llm, sp))[0]
+    lora = LoRARequest("r8_all", 1, str(tiny_models["llama"].adapters["r8_all"]))
+    crowd = gen(llm, [sp, SamplingParams(temperature=1.0, max_tokens=12), SamplingParams(max_tokens=5)],
+                prompts=[PROMPT, PROMPT[:5], PROMPT[2:]], lora=[None, lora, None])
+    assert alone == again == crowd[0].outputs[0].token_ids
+    other = tokens(gen(llm, dataclasses.replace(sp, seed=8)))[0]
+    assert other != alone
+
+
+def test_unseeded_sampling_varies(llm):
+    sp = SamplingParams(temperature=2.0, max_tokens=10)
+    runs = {tuple(tokens(gen(llm, sp))[0]) for _ in range(4)}
+    assert len(runs) > 1
+
+
+def test_top_k_restricts_to_the_k_most_likely(llm):
+    logits: dict[str, list[torch.Tensor]] = {}
+    llm.engine.executor.logits_hook = lambda rid, row: logits.setdefault(rid, []).append(row.clone())
+    try:
+        out = gen(llm, SamplingParams(temperature=2.0, top_k=3, max_tokens=10, seed=3))[0]
+    finally:
+        llm.engine.executor.logits_hook = None
+    for tok, row in zip(out.outputs[0].token_ids, logits[out.request_id], strict=True):
+        assert tok in row.topk(3).indices.tolist()
+
+
+def test_stop_token_ids_end_generation_and_are_reported(llm):
+    ref = tokens(gen(llm, SamplingParams(temperature=0, max_tokens=8)))[0]
+    stop = ref[3]
+    first = ref.index(stop)
+    out = gen(llm, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop]))[0].outputs[0]
+    assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_max_tokens_and_length_reason(llm):
+    out = gen(llm, SamplingParams(temperature=0, max_tokens=3))[0].outputs[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def test_eos_stops_unless_ignore_eos(llm):
+    ref = tokens(gen(llm, SamplingParams(temperature=0, max_tokens=8)))[0]
+    eos = ref[2]
+    engine = llm.engine
+    saved = engine.runtime
+    engine.runtime = dataclasses.replace(saved, eos_token_ids=(eos,))  # pretend the model's eos is ref[2]
+    try:
+        stopped = gen(llm, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0]
+        kept = gen(llm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+        late = gen(llm, SamplingParams(temperature=0, max_tokens=8, min_tokens=6))[0].outputs[0]
+    finally:
+        engine.runtime = saved
+    assert stopped.token_ids == ref[: ref.index(eos) + 1] and stopped.finish_reason == "stop"
+    assert kept.token_ids == ref and kept.finish_reason == "length"
+    assert len(late.token_ids) >= 6
+
+
+def test_stop_strings_cut_the_text(llm):
+    tok = llm.get_tokenizer()
+    ref = gen(llm, SamplingParams(temperature=0, max_tokens=16), prompts=["hello world"])[0].outputs[0]
+    text = ref.text
+    assert len(text) > 6
+    stop = text[3:6]
+    cut = text.index(stop)
+    out = gen(llm, SamplingParams(temperature=0, max_tokens=16, stop=[stop]), prompts=["hello world"])[0]
+    o = out.outputs[0]
+    assert o.text == text[:cut] and o.finish_reason == "stop" and o.stop_reason == stop
+    sp = SamplingParams(temperature=0, max_tokens=16, stop=[stop], include_stop_str_in_output=True)
+    keep = gen(llm, sp, prompts=["hello world"])[0].outputs[0]
+    assert keep.text == text[: cut + len(stop)]
+    assert tok.decode(ref.token_ids) == text  # incremental detokenization equals a one-shot decode
+
+
+def test_logprobs_are_the_raw_distribution(llm):
+    logits: dict[str, list[torch.Tensor]] = {}
+    llm.engine.executor.logits_hook = lambda rid, row: logits.setdefault(rid, []).append(row.clone())
+    try:
+        out = gen(llm, SamplingParams(temperature=0, max_tokens=4, logprobs=3))[0]
+    finally:
+        llm.engine.executor.logits_hook = None
+    lps = out.outputs[0].logprobs
+    assert lps is not None and len(lps) == 4
+    for tok, lp, row in zip(out.outputs[0].token_ids, lps, logits[out.request_id], strict=True):
+        ref = row.log_softmax(-1)
+        assert abs(lp.token_logprob - ref[tok].item()) < 1e-5
+        assert [t for t, _ in lp.top] == ref.topk(3).indices.tolist() and lp.top[0][0] == tok
+
+
+def test_text_prompts_tokenize_like_the_tokenizer(llm):
+    tok = llm.get_tokenizer()
+    by_text = gen(llm, SamplingParams(temperature=0, max_tokens=6), prompts=["the quick brown fox"])[0]
+    by_ids = gen(llm, SamplingParams(temperature=0, max_tokens=6),
+                 prompts=[{"prompt_token_ids": tok.encode("the quick brown fox")}])[0]
+    assert by_text.prompt_token_ids == tok.encode("the quick brown fox")
+    assert by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids
+    assert by_text.prompt == "the quick brown fox"
+
+
+def test_generate_shows_a_progress_bar_on_batches(llm, capsys):
+    llm.generate([PROMPT, PROMPT[1:], PROMPT[2:]], SamplingParams(max_tokens=2))
+    assert "generating" in capsys.readouterr().err
+
+
+def test_bad_sampling_params_name_the_value():
+    with pytest.raises(ValueError, match="temperature=3"):
+        SamplingParams(temperature=3)
+    with pytest.raises(ValueError, match="top_p=0"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="logprobs=21"):
+        SamplingParams(logprobs=21)
