@@ -94,12 +94,26 @@ def main() -> None:
     a = p.parse_args()
     root = Path(a.cache_dir)
     model_dir = build_random_model(root / f"llama-{a.size}", a.size)
-    adapters = [write_random_adapter(root / f"llama-{a.size}-adapters" / f"s1-{i}", model_dir, a.rank,
-                                     ("q_proj", "k_proj", "v_proj", "o_proj"), seed=i)
-                for i in range(a.batch)]
-    llm = LLM(str(model_dir), device=a.device, max_loras=a.batch, max_lora_rank=a.rank,
-              max_num_seqs=a.batch, max_num_batched_tokens=a.batch * a.prompt_len,
-              enable_prefix_caching=False, num_pages=a.batch * (a.prompt_len + a.max_tokens) // 16 + 64)
+    adapters = [
+        write_random_adapter(
+            root / f"llama-{a.size}-adapters" / f"s1-{i}",
+            model_dir,
+            a.rank,
+            ("q_proj", "k_proj", "v_proj", "o_proj"),
+            seed=i,
+        )
+        for i in range(a.batch)
+    ]
+    llm = LLM(
+        str(model_dir),
+        device=a.device,
+        max_loras=a.batch,
+        max_lora_rank=a.rank,
+        max_num_seqs=a.batch,
+        max_num_batched_tokens=a.batch * a.prompt_len,
+        enable_prefix_caching=False,
+        num_pages=a.batch * (a.prompt_len + a.max_tokens) // 16 + 64,
+    )
     for i, d in enumerate(adapters):
         llm.engine.add_lora(f"s1-{i}", str(d))
     rng = random.Random(0)
@@ -123,18 +137,24 @@ def main() -> None:
     med = statistics.median
     ex = llm.engine.executor
     params = sum(t.numel() for t in ex.model.parameters()) / 1e6
-    print(f"model: llama-{a.size} ({params:.1f}M params), device {ex.device}, dtype {ex.dtype}, "
-          f"threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
-    print(f"batch {a.batch}, prompt {a.prompt_len}, output {a.max_tokens} tokens, adapters rank {a.rank} "
-          f"on q,k,v,o, {a.reps} reps (median)")
+    print(
+        f"model: llama-{a.size} ({params:.1f}M params), device {ex.device}, dtype {ex.dtype}, "
+        f"threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"batch {a.batch}, prompt {a.prompt_len}, output {a.max_tokens} tokens, adapters rank {a.rank} "
+        f"on q,k,v,o, {a.reps} reps (median)"
+    )
     print("| run | end-to-end tok/s | decode tok/s |")
     print("|---|---|---|")
     print(f"| base model only | {med(base_e2e):.1f} | {med(base_dec):.1f} |")
     print(f"| {a.batch} distinct adapters | {med(lora_e2e):.1f} | {med(lora_dec):.1f} |")
     e2e, dec = med(lora_e2e) / med(base_e2e), med(lora_dec) / med(base_dec)
     print(f"| ratio adapters / base | {e2e:.3f} | {dec:.3f} |")
-    print(f"\ndense-matmul ceiling at batch {a.batch}: {ceiling:.1f} tok/s (median); decode over the ceiling "
-          f"measured beside it: base {med(base_frac):.3f}, distinct adapters {med(lora_frac):.3f}")
+    print(
+        f"\ndense-matmul ceiling at batch {a.batch}: {ceiling:.1f} tok/s (median); decode over the ceiling "
+        f"measured beside it: base {med(base_frac):.3f}, distinct adapters {med(lora_frac):.3f}"
+    )
 
 
 if __name__ == "__main__":

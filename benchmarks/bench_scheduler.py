@@ -31,10 +31,16 @@ class VirtualClock:
         return self.t
 
 
-def build(policy: str, n_adapters: int, running: int, waiting: int, max_loras: int, seed: int,
-          clock: VirtualClock):
-    cfg = SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=8192, max_prefill_tokens=4096,
-                          policy=policy, starvation_timeout_s=5.0)
+def build(
+    policy: str, n_adapters: int, running: int, waiting: int, max_loras: int, seed: int, clock: VirtualClock
+):
+    cfg = SchedulerConfig(
+        max_num_seqs=running,
+        max_num_batched_tokens=8192,
+        max_prefill_tokens=4096,
+        policy=policy,
+        starvation_timeout_s=5.0,
+    )
     kv = KVCacheManager.create(num_pages=running * 80, page_size=16, enable_prefix_caching=True)
     adapters = AdapterManager(max_loras, max_cpu_loras=max(4 * max_loras, 128), max_lora_rank=64)
     s = Scheduler(cfg, kv, adapters, max_model_len=4096, clock=clock)
@@ -46,17 +52,23 @@ def build(policy: str, n_adapters: int, running: int, waiting: int, max_loras: i
     def new_request() -> Request:
         k = min(int(rng.paretovariate(1.2)) - 1, n_adapters - 1)  # skewed popularity
         lora = f"a{k}" if rng.random() < 0.9 else None
-        return Request(f"r{next(ids)}", [rng.randrange(1, 30000) for _ in range(rng.randint(16, 256))],
-                       max_tokens=rng.randint(16, 512), lora_name=lora, arrival_time=clock.t,
-                       ignore_eos=True)
+        return Request(
+            f"r{next(ids)}",
+            [rng.randrange(1, 30000) for _ in range(rng.randint(16, 256))],
+            max_tokens=rng.randint(16, 512),
+            lora_name=lora,
+            arrival_time=clock.t,
+            ignore_eos=True,
+        )
 
     for _ in range(running + waiting):
         s.add_request(new_request())
     return s, new_request
 
 
-def run_policy(policy: str, steps: int, n_adapters: int, running: int, waiting: int, max_loras: int,
-               seed: int) -> dict[str, float]:
+def run_policy(
+    policy: str, steps: int, n_adapters: int, running: int, waiting: int, max_loras: int, seed: int
+) -> dict[str, float]:
     clock = VirtualClock()
     s, new_request = build(policy, n_adapters, running, waiting, max_loras, seed, clock)
     sched_t, update_t, n_running, n_adapters_step = [], [], [], []
@@ -102,17 +114,23 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", nargs="+", default=["fcfs", "affinity", "completion", "fair"])
     a = p.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
-          f"{a.running} running, {a.waiting} waiting, {a.adapters} adapters, max_loras={a.max_loras}, "
-          f"{a.steps} timed steps")
-    print("| policy | schedule() p50 ms | schedule() p99 ms | update p50 ms | seqs/step | "
-          "waiting at end | adapters/step | device loads |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
+        f"{a.running} running, {a.waiting} waiting, {a.adapters} adapters, max_loras={a.max_loras}, "
+        f"{a.steps} timed steps"
+    )
+    print(
+        "| policy | schedule() p50 ms | schedule() p99 ms | update p50 ms | seqs/step | "
+        "waiting at end | adapters/step | device loads |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for pol in a.policies:
         r = run_policy(pol, a.steps, a.adapters, a.running, a.waiting, a.max_loras, a.seed)
-        print(f"| {pol} | {r['schedule_p50_ms']:.3f} | {r['schedule_p99_ms']:.3f} | "
-              f"{r['update_p50_ms']:.3f} | {r['seqs_per_step']:.0f} | {r['waiting']} | "
-              f"{r['adapters_per_step']:.1f} | {r['device_loads']} |")
+        print(
+            f"| {pol} | {r['schedule_p50_ms']:.3f} | {r['schedule_p99_ms']:.3f} | "
+            f"{r['update_p50_ms']:.3f} | {r['seqs_per_step']:.0f} | {r['waiting']} | "
+            f"{r['adapters_per_step']:.1f} | {r['device_loads']} |"
+        )
 
 
 if __name__ == "__main__":

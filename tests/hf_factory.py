@@ -16,11 +16,15 @@ import torch
 VOCAB = 512
 ADAPTERS = {  # name -> LoraConfig kwargs: ranks 1..64, different targets, one rsLoRA
     "r1_qv": dict(r=1, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
-    "r8_all": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"]),
+    "r8_all": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
     "r64_mlp": dict(r=64, lora_alpha=32, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "rs4_attn": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                          "o_proj"]),
+    "rs4_attn": dict(
+        r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    ),
 }
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -42,11 +46,15 @@ def train_tokenizer(lines: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|pad|>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>", "<|pad|>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(lines, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>",
-                                   pad_token="<|pad|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -55,17 +63,48 @@ def corpus(n: int = 2000) -> list[str]:
     import random
 
     rng = random.Random(0)
-    words = ["lora", "adapter", "model", "serve", "batch", "token", "page", "cache", "hello", "world",
-             "quick", "brown", "fox", "the", "a", "sql", "select", "from", "where", "1", "2", "3"]
+    words = [
+        "lora",
+        "adapter",
+        "model",
+        "serve",
+        "batch",
+        "token",
+        "page",
+        "cache",
+        "hello",
+        "world",
+        "quick",
+        "brown",
+        "fox",
+        "the",
+        "a",
+        "sql",
+        "select",
+        "from",
+        "where",
+        "1",
+        "2",
+        "3",
+    ]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
 
 
 def hf_config(arch: str):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=2, eos_token_id=0, pad_token_id=1)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=2,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
     if arch == "mistral":
@@ -100,8 +139,9 @@ def build_model(arch: str, root: Path, tokenizer, seed: int = 0, adapters: dict 
     for i, (name, kw) in enumerate((adapters or ADAPTERS).items()):
         torch.manual_seed(1000 * seed + i + 1)
         base = AutoModelForCausalLM.from_pretrained(path)
-        pm = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0,
-                                             init_lora_weights=False, **kw))
+        pm = get_peft_model(
+            base, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, init_lora_weights=False, **kw)
+        )
         out = root / f"{arch}-{name}"
         pm.save_pretrained(out)
         tm.adapters[name] = out
@@ -133,4 +173,4 @@ class PeftOracle:
             for i, row in enumerate(logits):
                 logits_out[i].append(row)
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-        return seq[:, len(prompts[0]):].tolist(), logits_out
+        return seq[:, len(prompts[0]) :].tolist(), logits_out

@@ -22,11 +22,20 @@ class FakeClock:
         self.t += dt
 
 
-def make_scheduler(num_pages: int = 64, page_size: int = 4, max_loras: int = 2,
-                   max_cpu_loras: int | None = None, max_lora_rank: int = 64,
-                   max_lora_bytes: int | None = None, prefix: bool = True, events: bool = False,
-                   max_model_len: int = 4096, clock: FakeClock | None = None,
-                   adapters: tuple[str, ...] = (), **sched: object) -> Scheduler:
+def make_scheduler(
+    num_pages: int = 64,
+    page_size: int = 4,
+    max_loras: int = 2,
+    max_cpu_loras: int | None = None,
+    max_lora_rank: int = 64,
+    max_lora_bytes: int | None = None,
+    prefix: bool = True,
+    events: bool = False,
+    max_model_len: int = 4096,
+    clock: FakeClock | None = None,
+    adapters: tuple[str, ...] = (),
+    **sched: object,
+) -> Scheduler:
     cfg = SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 64, **sched})  # type: ignore[arg-type]
     kv = KVCacheManager.create(num_pages, page_size, prefix, events)
     mgr = AdapterManager(max_loras, max_cpu_loras or max(max_loras, 4), max_lora_rank, max_lora_bytes)
@@ -39,12 +48,25 @@ def make_scheduler(num_pages: int = 64, page_size: int = 4, max_loras: int = 2,
 _counter = iter(range(10**9))
 
 
-def make_request(prompt: list[int] | int = 8, max_tokens: int = 4, lora: str | None = None,
-                 rid: str | None = None, arrival: float = 0.0, **kw: object) -> Request:
+def make_request(
+    prompt: list[int] | int = 8,
+    max_tokens: int = 4,
+    lora: str | None = None,
+    rid: str | None = None,
+    arrival: float = 0.0,
+    **kw: object,
+) -> Request:
     if isinstance(prompt, int):
         prompt = list(range(1, prompt + 1))
-    return Request(rid or f"r{next(_counter)}", prompt, max_tokens, lora_name=lora,
-                   arrival_time=arrival, ignore_eos=kw.pop("ignore_eos", True), **kw)  # type: ignore[arg-type]
+    return Request(
+        rid or f"r{next(_counter)}",
+        prompt,
+        max_tokens,
+        lora_name=lora,
+        arrival_time=arrival,
+        ignore_eos=kw.pop("ignore_eos", True),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def step(s: Scheduler, ex: FakeExecutor, check: bool = True) -> SchedulerOutput:
@@ -55,8 +77,13 @@ def step(s: Scheduler, ex: FakeExecutor, check: bool = True) -> SchedulerOutput:
     return out
 
 
-def run(s: Scheduler, ex: FakeExecutor, max_steps: int = 10_000, clock: FakeClock | None = None,
-        check: bool = True) -> list[SchedulerOutput]:
+def run(
+    s: Scheduler,
+    ex: FakeExecutor,
+    max_steps: int = 10_000,
+    clock: FakeClock | None = None,
+    check: bool = True,
+) -> list[SchedulerOutput]:
     outs = []
     while s.has_unfinished():
         assert len(outs) < max_steps, f"not done after {max_steps} steps: {list(s.requests.values())}"

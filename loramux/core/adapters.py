@@ -67,8 +67,10 @@ class AdapterInfo:
         return f"lora:{self.name}:{self.version}"
 
     def __repr__(self) -> str:
-        return (f"AdapterInfo({self.name!r}, uid={self.uid}, rank={self.rank}, slot={self.slot}, "
-                f"host={self.on_host}, running={self.num_running}/{self.num_requests})")
+        return (
+            f"AdapterInfo({self.name!r}, uid={self.uid}, rank={self.rank}, slot={self.slot}, "
+            f"host={self.on_host}, running={self.num_running}/{self.num_requests})"
+        )
 
 
 class AdapterPlan(NamedTuple):
@@ -82,13 +84,15 @@ class AdapterPlan(NamedTuple):
 
     @property
     def empty(self) -> bool:
-        return not (self.evict_device or self.evict_host or self.load_host or self.load_device
-                    or self.release)
+        return not (
+            self.evict_device or self.evict_host or self.load_host or self.load_device or self.release
+        )
 
 
 class AdapterManager:
-    def __init__(self, max_loras: int, max_cpu_loras: int, max_lora_rank: int,
-                 max_device_bytes: int | None = None) -> None:
+    def __init__(
+        self, max_loras: int, max_cpu_loras: int, max_lora_rank: int, max_device_bytes: int | None = None
+    ) -> None:
         if max_loras < 1:
             raise ValueError(f"max_loras={max_loras}; it must be at least 1")
         if max_cpu_loras < max_loras:
@@ -117,8 +121,9 @@ class AdapterManager:
         self.num_host_evictions = 0
 
     # --- registry ---
-    def register(self, name: str, version: str, rank: int, nbytes: int, path: str | None = None,
-                 pinned: bool = False) -> AdapterInfo:
+    def register(
+        self, name: str, version: str, rank: int, nbytes: int, path: str | None = None, pinned: bool = False
+    ) -> AdapterInfo:
         if not name:
             raise ValueError("an adapter needs a non-empty name")
         if name in self._by_name:
@@ -223,12 +228,7 @@ class AdapterManager:
         for uid in victims:
             self._evict_device(self._by_uid[uid])
         if not info.on_host:
-            self._make_host_room()
-            self._host_only.pop(info.uid, None)
-            info.on_host = True
-            self._num_host += 1
-            self._plan.load_host.append(info.uid)
-            self.num_host_loads += 1
+            self._load_host(info)
         self._host_only.pop(info.uid, None)
         slot = self._free_slots.pop()
         self._slots[slot] = info
@@ -266,15 +266,32 @@ class AdapterManager:
         self._host_only[info.uid] = None
         self.num_device_evictions += 1
 
+    def prefetch(self, info: AdapterInfo) -> None:
+        """Start reading `info` from disk into host memory before a request needs it (S2.6): the
+        executor reads in the background, so a later device load does not wait on the disk."""
+        if not info.on_host:
+            self._load_host(info)
+
+    def _load_host(self, info: AdapterInfo) -> None:
+        self._make_host_room()
+        info.on_host = True
+        self._num_host += 1
+        self._host_only[info.uid] = None
+        self._plan.load_host.append(info.uid)
+        self.num_host_loads += 1
+
     def _make_host_room(self) -> None:
         while self._num_host >= self.max_cpu_loras:
             assert self._host_only, "host full of device-resident adapters despite max_cpu_loras >= max_loras"
             uid, _ = self._host_only.popitem(last=False)
-            info = self._by_uid[uid]
-            info.on_host = False
+            self._by_uid[uid].on_host = False
             self._num_host -= 1
-            self._plan.evict_host.append(uid)
-            self.num_host_evictions += 1
+            if uid in self._plan.load_host:  # read planned this step: cancel it rather than evict after
+                self._plan.load_host.remove(uid)
+                self.num_host_loads -= 1
+            else:
+                self._plan.evict_host.append(uid)
+                self.num_host_evictions += 1
 
     def _release(self, info: AdapterInfo) -> None:
         """Drop an unloaded adapter with no requests left from every tier."""

@@ -39,12 +39,14 @@ class KVCacheManager:
         self.num_prefix_hit_tokens = 0
 
     @classmethod
-    def create(cls, num_pages: int, page_size: int, enable_prefix_caching: bool,
-               enable_kv_events: bool = False) -> KVCacheManager:
+    def create(
+        cls, num_pages: int, page_size: int, enable_prefix_caching: bool, enable_kv_events: bool = False
+    ) -> KVCacheManager:
         pool = PagePool(num_pages, page_size)
         cache: PrefixCache = (
             RadixPrefixCache(pool, enable_events=enable_kv_events)
-            if enable_prefix_caching else NullPrefixCache(pool)
+            if enable_prefix_caching
+            else NullPrefixCache(pool)
         )
         return cls(pool, cache)
 
@@ -103,8 +105,12 @@ class KVCacheManager:
             return
         rid = req.request_id
         res = self.cache.insert(
-            req.adapter_uid, self._cursors.get(rid), req.token_ids, req.page_ids,
-            req.num_inserted_pages, full,
+            req.adapter_uid,
+            self._cursors.get(rid),
+            req.token_ids,
+            req.page_ids,
+            req.num_inserted_pages,
+            full,
         )
         self._cursors[rid] = res.cursor
         for index, page in res.adopted:

@@ -167,6 +167,16 @@ class Policy(ABC):
         for q in self.groups.queues.values():
             yield from q
 
+    def upcoming(self, limit: int) -> Iterator[Request]:
+        """The oldest request of up to `limit` groups, oldest first (what will want a slot next)."""
+        with closing(self.groups.by_head_age()) as keys:
+            for i, key in enumerate(keys):
+                if i >= limit:
+                    return
+                head = self.groups.head(key)
+                if head is not None:
+                    yield head
+
     def on_admitted(self, req: Request) -> None:
         """A request left the queue for the running batch."""
 

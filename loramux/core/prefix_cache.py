@@ -82,8 +82,13 @@ class PrefixCache(ABC):
 
     @abstractmethod
     def insert(
-        self, ns: Namespace, cursor: object, token_ids: list[int], page_ids: list[int],
-        start: int, end: int,
+        self,
+        ns: Namespace,
+        cursor: object,
+        token_ids: list[int],
+        page_ids: list[int],
+        start: int,
+        end: int,
     ) -> InsertResult:
         """Offer the caller's full pages `page_ids[start:end]` (holding `token_ids`) to the tree."""
 
@@ -139,8 +144,9 @@ class NullPrefixCache(PrefixCache):
 class _Node:
     __slots__ = ("block_hash", "children", "key", "ns", "page", "parent")
 
-    def __init__(self, ns: _Space, key: tuple[int, ...] | None, page: int, parent: _Node | None,
-                 block_hash: int) -> None:
+    def __init__(
+        self, ns: _Space, key: tuple[int, ...] | None, page: int, parent: _Node | None, block_hash: int
+    ) -> None:
         self.ns = ns
         self.key = key
         self.page = page

@@ -57,9 +57,15 @@ class SchedulerCounters:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, adapters: AdapterManager,
-                 max_model_len: int, clock: Callable[[], float] = time.monotonic,
-                 base_identity: str = "base") -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        adapters: AdapterManager,
+        max_model_len: int,
+        clock: Callable[[], float] = time.monotonic,
+        base_identity: str = "base",
+    ) -> None:
         self.config = config
         self.kv = kv
         self.adapters = adapters
@@ -76,8 +82,9 @@ class Scheduler:
         kv.cache.open_namespace(None, base_identity)
 
     # --- adapters ---
-    def register_adapter(self, name: str, version: str, rank: int, nbytes: int,
-                         path: str | None = None, pinned: bool = False) -> AdapterInfo:
+    def register_adapter(
+        self, name: str, version: str, rank: int, nbytes: int, path: str | None = None, pinned: bool = False
+    ) -> AdapterInfo:
         info = self.adapters.register(name, version, rank, nbytes, path, pinned)
         self.kv.cache.open_namespace(info.uid, info.identity)
         return info
@@ -91,6 +98,7 @@ class Scheduler:
     # --- requests ---
     def add_request(self, req: Request) -> None:
         """Queue `req`, or raise (at once) if it names an unknown adapter or can never fit."""
+        info = self.adapters.get(req.lora_name) if req.lora_name is not None else None  # S1.2: first
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use; use a unique id")
         if req.max_total_tokens > self.max_model_len:
@@ -108,7 +116,6 @@ class Scheduler:
         bound = self.config.max_queue_len
         if bound is not None and len(self.policy) >= bound:
             raise QueueFullError(f"{len(self.policy)} requests are waiting (bound {bound}); retry later")
-        info = self.adapters.get(req.lora_name) if req.lora_name is not None else None
         req.adapter_uid = info.uid if info else None
         req.arrival_seq = next(self._arrivals)
         req.status = RequestStatus.WAITING
@@ -188,6 +195,7 @@ class Scheduler:
             self.policy.schedule(self._admitter(step), self, self.clock())
         admitted = len(step.seqs) > n_running
         self._steps_since_admission = 0 if admitted else self._steps_since_admission + 1
+        self._prefetch()
         uids = {s.adapter_uid for s in step.seqs if s.adapter_uid is not None}
         assert len(uids) <= self.adapters.max_loras, f"{len(uids)} adapters in one step"
         c = self.counters
@@ -196,9 +204,11 @@ class Scheduler:
         c.adapters_per_step[len(uids)] += 1
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
-            step=c.num_steps, seqs=step.seqs,
+            step=c.num_steps,
+            seqs=step.seqs,
             num_batched_tokens=cfg.max_num_batched_tokens - step.tokens,
-            adapter_plan=self.adapters.take_plan(), finished_ids=finished,
+            adapter_plan=self.adapters.take_plan(),
+            finished_ids=finished,
             preempted_ids=[r.request_id for r in preempted],
         )
 
@@ -243,6 +253,15 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         self.counters.num_preemptions += 1
         self.policy.add(req, front=True)
+
+    def _prefetch(self) -> None:
+        """Have the adapters of the next waiting requests read into host memory in the background."""
+        adapters = self.adapters
+        depth = min(adapters.max_loras, adapters.max_cpu_loras // 2)
+        for req in self.policy.upcoming(depth):
+            info = self._info(req)
+            if info is not None and not info.on_host:
+                adapters.prefetch(info)
 
     def _may_admit(self, step: _StepBudget) -> bool:
         cfg = self.config
@@ -375,10 +394,18 @@ class _StepBudget:
 
     def add(self, req: Request, n: int, is_prefill: bool, slot: int | None) -> None:
         start = req.num_computed_tokens
-        self.seqs.append(ScheduledSeq(
-            req.request_id, req.token_ids[start : start + n], start, req.page_ids,
-            req.adapter_uid, slot, start + n == len(req.token_ids), req.sampling,
-        ))
+        self.seqs.append(
+            ScheduledSeq(
+                req.request_id,
+                req.token_ids[start : start + n],
+                start,
+                req.page_ids,
+                req.adapter_uid,
+                slot,
+                start + n == len(req.token_ids),
+                req.sampling,
+            )
+        )
         self.tokens -= n
         if is_prefill:
             self.prefill -= n

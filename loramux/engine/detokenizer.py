@@ -14,8 +14,14 @@ _WINDOW = 6  # tokens of context decoded before the new ones
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool,
-                 stop: tuple[str, ...], include_stop: bool) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        skip_special_tokens: bool,
+        stop: tuple[str, ...],
+        include_stop: bool,
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids = list(prompt_ids[-_WINDOW:])
@@ -47,6 +53,19 @@ class IncrementalDetokenizer:
                 self.text = self.text[:cut]
                 return self.text[before:], stop_str
         return new, None
+
+    def flush(self) -> str:
+        """At the end: emit whatever is held back (a partial character decodes as U+FFFD), so the
+        final text equals a one-shot decode of all the tokens."""
+        if self.tokenizer is None or self.read_offset == len(self.ids):
+            return ""
+        dec = self.tokenizer.decode
+        prefix = dec(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip)
+        full = dec(self.ids[self.prefix_offset :], skip_special_tokens=self.skip)
+        new = full[len(prefix) :]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += new
+        return new
 
     def _find_stop(self, before: int) -> tuple[str, int] | None:
         """The earliest stop string that ends in the new text, and where the text is cut."""

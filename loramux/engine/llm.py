@@ -22,27 +22,51 @@ Prompt = str | list[int] | dict[str, Any]
 
 
 class LLM:
-    def __init__(self, model: str, *, max_loras: int = 4, max_cpu_loras: int | None = None,
-                 max_lora_rank: int = 64, max_lora_bytes: int | None = None,
-                 enable_prefix_caching: bool = True, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_prefill_tokens: int | None = None,
-                 policy: str = "fcfs", page_size: int = 16, num_pages: int | None = None,
-                 kv_cache_memory_gb: float = 1.0, dtype: str = "auto", device: str = "auto",
-                 max_model_len: int | None = None, seed: int = 0, starvation_timeout_s: float = 5.0,
-                 engine: LLMEngine | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_loras: int = 4,
+        max_cpu_loras: int | None = None,
+        max_lora_rank: int = 64,
+        max_lora_bytes: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_prefill_tokens: int | None = None,
+        policy: str = "fcfs",
+        page_size: int = 16,
+        num_pages: int | None = None,
+        kv_cache_memory_gb: float = 1.0,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        starvation_timeout_s: float = 5.0,
+        engine: LLMEngine | None = None,
+    ) -> None:
         if engine is None:
             config = EngineConfig(
                 model=ModelConfig(model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
                 scheduler=SchedulerConfig(
-                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                    max_prefill_tokens=max_prefill_tokens, policy=policy,
+                    max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=max_num_batched_tokens,
+                    max_prefill_tokens=max_prefill_tokens,
+                    policy=policy,
                     starvation_timeout_s=starvation_timeout_s,
                 ),
-                cache=CacheConfig(page_size=page_size, num_pages=num_pages,
-                                  kv_cache_memory_gb=kv_cache_memory_gb,
-                                  enable_prefix_caching=enable_prefix_caching),
-                lora=LoRAConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras,
-                                max_lora_rank=max_lora_rank, max_lora_bytes=max_lora_bytes),
+                cache=CacheConfig(
+                    page_size=page_size,
+                    num_pages=num_pages,
+                    kv_cache_memory_gb=kv_cache_memory_gb,
+                    enable_prefix_caching=enable_prefix_caching,
+                ),
+                lora=LoRAConfig(
+                    max_loras=max_loras,
+                    max_cpu_loras=max_cpu_loras,
+                    max_lora_rank=max_lora_rank,
+                    max_lora_bytes=max_lora_bytes,
+                ),
             )
             engine = LLMEngine(config)
         self.engine = engine
@@ -51,10 +75,13 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]})."""
         plist = _as_prompt_list(prompts)
         n = len(plist)
@@ -80,8 +107,9 @@ class LLM:
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]:
-    if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts and
-                                            all(isinstance(t, int) for t in prompts)):
+    if isinstance(prompts, str | dict) or (
+        isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+    ):
         prompts = [prompts]  # type: ignore[list-item]
     out: list[str | list[int]] = []
     for p in prompts:  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ thread and sends it work through `AsyncEngine`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -57,8 +58,13 @@ class _State:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, executor: Executor | None = None, tokenizer: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        executor: Executor | None = None,
+        tokenizer: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         if executor is None:
             from loramux.executor.loader import load_tokenizer
@@ -70,18 +76,27 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.clock = clock
         self.runtime = RuntimeInfo(
-            num_pages=executor.num_pages, max_model_len=executor.max_model_len,
+            num_pages=executor.num_pages,
+            max_model_len=executor.max_model_len,
             eos_token_ids=tuple(sorted(_eos_ids(config.model.model, tokenizer))),
-            vocab_size=executor.vocab_size, device=str(getattr(executor, "device", "cpu")),
+            vocab_size=executor.vocab_size,
+            device=str(getattr(executor, "device", "cpu")),
             dtype=str(getattr(executor, "dtype", "n/a")).replace("torch.", ""),
         )
         c = config.cache
-        kv = KVCacheManager.create(self.runtime.num_pages, c.page_size, c.enable_prefix_caching,
-                                   c.enable_kv_events)
+        kv = KVCacheManager.create(
+            self.runtime.num_pages, c.page_size, c.enable_prefix_caching, c.enable_kv_events
+        )
         lc = config.lora
         adapters = AdapterManager(lc.max_loras, lc.cpu_slots, lc.max_lora_rank, lc.max_lora_bytes)
-        self.scheduler = Scheduler(config.scheduler, kv, adapters, self.runtime.max_model_len, clock,
-                                   base_identity=f"base:{Path(config.model.model).name}")
+        self.scheduler = Scheduler(
+            config.scheduler,
+            kv,
+            adapters,
+            self.runtime.max_model_len,
+            clock,
+            base_identity=f"base:{Path(config.model.model).name}",
+        )
         self._states: dict[str, _State] = {}
         self._adapter_paths: dict[str, str] = {}
         self.last_step_time = 0.0
@@ -115,26 +130,54 @@ class LLMEngine:
         return [self.scheduler.adapters.get(n) for n in self.scheduler.adapters.names()]
 
     # --- requests ---
-    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
-                    lora_name: str | None = None, arrival_time: float | None = None,
-                    tenant: str = "") -> str:
-        """Queue a prompt (text or token ids); raises ValueError for bad input, at once."""
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams,
+        lora_name: str | None = None,
+        arrival_time: float | None = None,
+        tenant: str = "",
+        fill_max_tokens: bool = False,
+    ) -> str:
+        """Queue a prompt (text or token ids); raises ValueError for bad input, at once.
+
+        With `fill_max_tokens`, max_tokens becomes whatever room the model's length limit leaves
+        (the chat API's default when the client sets no limit).
+        """
         rid = request_id or uuid.uuid4().hex
         text, ids = self._tokenize(prompt)
         if any(not 0 <= t < self.runtime.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.runtime.vocab_size})")
+        if fill_max_tokens:
+            room = self.runtime.max_model_len - len(ids)
+            if room < 1:
+                raise ValueError(
+                    f"the prompt has {len(ids)} tokens; the model's limit is "
+                    f"{self.runtime.max_model_len}; shorten the prompt"
+                )
+            params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         now = self.clock() if arrival_time is None else arrival_time
         req = Request(
-            rid, ids, params.max_tokens, lora_name=lora_name, tenant=tenant, arrival_time=now,
+            rid,
+            ids,
+            params.max_tokens,
+            lora_name=lora_name,
+            tenant=tenant,
+            arrival_time=now,
             eos_token_ids=frozenset(self.runtime.eos_token_ids),
-            stop_token_ids=frozenset(params.stop_token_ids), ignore_eos=params.ignore_eos,
-            min_tokens=params.min_tokens, sampling=params,
+            stop_token_ids=frozenset(params.stop_token_ids),
+            ignore_eos=params.ignore_eos,
+            min_tokens=params.min_tokens,
+            sampling=params,
         )
         self.scheduler.add_request(req)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
-                                       params.include_stop_str_in_output)
-        self._states[rid] = _State(req, params, text, detok, RequestMetrics(now),
-                                   [] if params.logprobs is not None else None)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
+        )
+        self._states[rid] = _State(
+            req, params, text, detok, RequestMetrics(now), [] if params.logprobs is not None else None
+        )
         return rid
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -166,15 +209,18 @@ class LLMEngine:
             return self.executor.execute(out)
         except Exception:
             logger.exception(
-                "step %d failed: %d seqs, %d tokens, adapters %s, plan %s", out.step, len(out.seqs),
-                out.num_batched_tokens, sorted(out.adapter_uids), out.adapter_plan,
+                "step %d failed: %d seqs, %d tokens, adapters %s, plan %s",
+                out.step,
+                len(out.seqs),
+                out.num_batched_tokens,
+                sorted(out.adapter_uids),
+                out.adapter_plan,
             )
             raise
         finally:
             self.last_step_time = time.perf_counter() - t0
 
-    def _outputs(self, out: SchedulerOutput, result: RunnerOutput,
-                 update: StepUpdate) -> list[RequestOutput]:
+    def _outputs(self, out: SchedulerOutput, result: RunnerOutput, update: StepUpdate) -> list[RequestOutput]:
         now = self.clock()
         lps: dict[str, SampleLogprobs] = {}
         if result.logprobs is not None:
@@ -211,16 +257,30 @@ class LLMEngine:
         req = st.req
         finished = req.is_finished
         if finished:
+            if st.stop_reason is None or isinstance(st.stop_reason, int):
+                delta_text += st.detok.flush()  # no stop string cut the text: emit held-back bytes
             st.metrics.finished_time = now
             del self._states[rid]
         completion = CompletionOutput(
-            index=0, text=st.detok.text, token_ids=req.output_token_ids,
+            index=0,
+            text=st.detok.text,
+            token_ids=req.output_token_ids,
             finish_reason=req.status.finish_reason if finished else None,
-            stop_reason=st.stop_reason, logprobs=st.logprobs, delta_text=delta_text,
+            stop_reason=st.stop_reason,
+            logprobs=st.logprobs,
+            delta_text=delta_text,
             delta_token_ids=delta_ids,
         )
-        return RequestOutput(rid, st.prompt, req.prompt_token_ids, [completion], finished, req.lora_name,
-                             max(req.num_cached_tokens, 0), st.metrics)
+        return RequestOutput(
+            rid,
+            st.prompt,
+            req.prompt_token_ids,
+            [completion],
+            finished,
+            req.lora_name,
+            max(req.num_cached_tokens, 0),
+            st.metrics,
+        )
 
 
 def _eos_ids(model_path: str, tokenizer: Any) -> set[int]:

@@ -43,9 +43,16 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    sliding_window: int | None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
     """q [T, H, D], k/v [T, KV, D] -> out [T, H, D]."""
     num_kv, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv, head_dim).index_copy_(0, meta.slot_mapping, k)  # [slots, KV, D]
@@ -58,8 +65,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         qd = q.index_select(0, rows).unsqueeze(2)  # [B, H, 1, D]
         kd = k_cache.index_select(0, pages.view(-1)).view(b, width, num_kv, head_dim).transpose(1, 2)
         vd = v_cache.index_select(0, pages.view(-1)).view(b, width, num_kv, head_dim).transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
-                                            enable_gqa=True)  # [B, H, 1, D] from keys [B, KV, L, D]
+        od = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )  # [B, H, 1, D] from keys [B, KV, L, D]
         out.index_copy_(0, rows, od.squeeze(2))
     for chunk in meta.prefills:
         s, e = chunk.token_start, chunk.token_end
@@ -69,8 +77,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         vp = v_cache.index_select(0, chunk.pages).view(-1, num_kv, head_dim)[:ctx]
         mask = chunk_mask(e - s, chunk.start_pos, sliding_window, q.device)
         kp, vp = kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0)  # [1, KV, ctx, D]
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                            enable_gqa=True)
+        op = F.scaled_dot_product_attention(
+            qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+        )
         out[s:e] = op.squeeze(0).transpose(0, 1)  # [1, H, n, D] -> [n, H, D]
     return out
 

@@ -21,8 +21,7 @@ from loramux.core.outputs import RunnerOutput, SchedulerOutput
 
 
 def _h(prev: int, token: int) -> int:
-    d = hashlib.blake2b(prev.to_bytes(8, "little") + token.to_bytes(8, "little", signed=True),
-                        digest_size=8)
+    d = hashlib.blake2b(prev.to_bytes(8, "little") + token.to_bytes(8, "little", signed=True), digest_size=8)
     return int.from_bytes(d.digest(), "little")
 
 
@@ -40,8 +39,15 @@ class FakeAdapterSpec:
 class FakeExecutor:
     """Deterministic tokens from the context hash; `eos_every` makes about 1 in N tokens eos."""
 
-    def __init__(self, num_pages: int, page_size: int, vocab_size: int = 97, eos_token_id: int = 0,
-                 eos_every: int = 0, max_model_len: int = 4096) -> None:
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        vocab_size: int = 97,
+        eos_token_id: int = 0,
+        eos_every: int = 0,
+        max_model_len: int = 4096,
+    ) -> None:
         self.num_pages = num_pages
         self.page_size = page_size
         self.max_model_len = max_model_len

@@ -84,8 +84,9 @@ def read_state_dict(p: Path, dtype: torch.dtype, device: torch.device) -> dict[s
     return state
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype, device: torch.device,
-               max_len: int) -> tuple[LlamaForCausalLM, Any]:
+def load_model(
+    path: str | os.PathLike, dtype: torch.dtype, device: torch.device, max_len: int
+) -> tuple[LlamaForCausalLM, Any]:
     """Build the model with its weights from `path`; returns (model, hf_config)."""
     p = Path(path)
     hf_config, arch = load_hf_config(p)

@@ -45,7 +45,7 @@ _KEY = re.compile(
 _REFUSED_CONFIG = {
     "use_dora": "DoRA adapters (use_dora=true) are not supported; train a plain LoRA adapter",
     "modules_to_save": "adapters with modules_to_save (fully trained layers) are not supported; "
-                       "train without modules_to_save",
+    "train without modules_to_save",
 }
 
 Module = tuple[int, str]  # (layer index, projection name)
@@ -78,16 +78,19 @@ def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> 
     return default
 
 
-def inspect_adapter(path: str | Path, num_layers: int, shapes: dict[str, tuple[int, int]],
-                    max_rank: int, elem_size: int) -> AdapterSpec:
+def inspect_adapter(
+    path: str | Path, num_layers: int, shapes: dict[str, tuple[int, int]], max_rank: int, elem_size: int
+) -> AdapterSpec:
     """Check a PEFT LoRA directory against the model; every refusal names the fix."""
     p = Path(path)
     cfg_file, weights_file = p / "adapter_config.json", p / "adapter_model.safetensors"
     if not p.is_dir():
         raise ValueError(f"adapter path {str(p)!r} is not a directory")
     if not cfg_file.is_file():
-        raise ValueError(f"{str(p)!r} has no adapter_config.json; point at a PEFT LoRA directory "
-                         f"(adapter_config.json + adapter_model.safetensors)")
+        raise ValueError(
+            f"{str(p)!r} has no adapter_config.json; point at a PEFT LoRA directory "
+            f"(adapter_config.json + adapter_model.safetensors)"
+        )
     if not weights_file.is_file():
         if (p / "adapter_model.bin").is_file():
             raise ValueError(
@@ -125,8 +128,10 @@ def _check_config(cfg: dict[str, Any], p: Path) -> None:
     if isinstance(targets, list):  # a regex string is checked through the weight names instead
         embedding = sorted(set(targets) & {"embed_tokens", "lm_head"})
         if embedding:
-            raise ValueError(f"{str(p)!r} adapts {embedding}: embedding and lm_head adapters are not "
-                             f"supported; LoRA may target only {', '.join(TARGET_MODULES)}")
+            raise ValueError(
+                f"{str(p)!r} adapts {embedding}: embedding and lm_head adapters are not "
+                f"supported; LoRA may target only {', '.join(TARGET_MODULES)}"
+            )
         unknown = sorted(set(targets) - set(TARGET_MODULES))
         if unknown:
             raise ValueError(
@@ -145,15 +150,22 @@ def _read_shapes(weights_file: Path) -> dict[str, tuple[int, ...]]:
         raise ValueError(f"cannot read {weights_file}: {e}; the file is corrupt or not safetensors") from e
 
 
-def _collect_modules(tensors: dict[str, tuple[int, ...]], cfg: dict[str, Any], p: Path, num_layers: int,
-                     shapes: dict[str, tuple[int, int]], max_rank: int) -> dict[Module, tuple[int, float]]:
+def _collect_modules(
+    tensors: dict[str, tuple[int, ...]],
+    cfg: dict[str, Any],
+    p: Path,
+    num_layers: int,
+    shapes: dict[str, tuple[int, int]],
+    max_rank: int,
+) -> dict[Module, tuple[int, float]]:
     found: dict[Module, dict[str, tuple[int, ...]]] = {}
     for key, shape in tensors.items():
         m = _KEY.match(key)
         if m is None:
             what = "embedding adapters are" if "embedding" in key else f"tensor {key!r} is"
-            raise ValueError(f"{str(p)!r}: {what} not supported; LoRA may target only "
-                             f"{', '.join(TARGET_MODULES)}")
+            raise ValueError(
+                f"{str(p)!r}: {what} not supported; LoRA may target only {', '.join(TARGET_MODULES)}"
+            )
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
         if layer >= num_layers:
             raise ValueError(f"{str(p)!r} adapts layer {layer} but the model has {num_layers} layers")
@@ -173,8 +185,10 @@ def _collect_modules(tensors: dict[str, tuple[int, ...]], cfg: dict[str, Any], p
                 f"the model needs A [r, {fan_in}] and B [{fan_out}, r]; was it trained for another model?"
             )
         if r > max_rank:
-            raise ValueError(f"{str(p)!r} has rank {r} (layer {layer} {module}), above "
-                             f"max_lora_rank={max_rank}; restart with --max-lora-rank {r} or more")
+            raise ValueError(
+                f"{str(p)!r} has rank {r} (layer {layer} {module}), above "
+                f"max_lora_rank={max_rank}; restart with --max-lora-rank {r} or more"
+            )
         name = _module_name(layer, module)
         a = _pattern_value(cfg.get("alpha_pattern") or {}, name, alpha)
         modules[(layer, module)] = (r, a / math.sqrt(r) if rslora else a / r)
@@ -271,11 +285,17 @@ class LoRAState:
         groups = []
         for r, (rows, slots) in by_rank.items():
             n = len(rows)
-            consecutive = (rows == list(range(rows[0], rows[0] + n))
-                           and slots == list(range(slots[0], slots[0] + n)))
-            groups.append(_RankGroup(r, torch.tensor(rows, device=self._device),
-                                     torch.tensor(slots, device=self._device),
-                                     (rows[0], slots[0], n) if consecutive else None))
+            consecutive = rows == list(range(rows[0], rows[0] + n)) and slots == list(
+                range(slots[0], slots[0] + n)
+            )
+            groups.append(
+                _RankGroup(
+                    r,
+                    torch.tensor(rows, device=self._device),
+                    torch.tensor(slots, device=self._device),
+                    (rows[0], slots[0], n) if consecutive else None,
+                )
+            )
         return groups
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -38,8 +39,9 @@ class LoadStats:
 
     host_loads: int = 0
     device_loads: int = 0
-    host_seconds: float = 0.0
-    device_seconds: float = 0.0
+    host_seconds: float = 0.0  # disk -> host, on the reader thread
+    device_seconds: float = 0.0  # host -> slot, in the step
+    wait_seconds: float = 0.0  # steps spent waiting for a read that had not finished
     recent: list[float] = field(default_factory=list)  # seconds of each load since last read
 
     def take_recent(self) -> list[float]:
@@ -62,14 +64,17 @@ class ModelRunner:
         self.num_pages = cache.num_pages or self._pages_for_memory(cache.kv_cache_memory_gb)
         shape = (self.num_pages, self.page_size, self.args.num_kv_heads, self.args.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
             for _ in range(self.args.num_layers)
         ]
         self.max_lora_rank = lora.max_lora_rank
         self.slots = LoRASlots(self.model, lora.max_loras, lora.max_lora_rank)
         self.specs: dict[int, AdapterSpec] = {}
-        self.host: dict[int, HostAdapter] = {}
+        self.host: dict[int, Future[HostAdapter]] = {}  # reads run on a background thread
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-read")
         self.generators: dict[str, torch.Generator] = {}
         self.default_generator = torch.Generator(device=self.device).manual_seed(model.seed)
         self.load_stats = LoadStats()
@@ -83,8 +88,9 @@ class ModelRunner:
 
     # --- adapters ---
     def inspect_adapter(self, name: str, path: str) -> AdapterSpec:
-        return inspect_adapter(path, self.args.num_layers, self.args.module_shapes(), self.max_lora_rank,
-                               self.dtype.itemsize)
+        return inspect_adapter(
+            path, self.args.num_layers, self.args.module_shapes(), self.max_lora_rank, self.dtype.itemsize
+        )
 
     def register_adapter(self, uid: int, spec: AdapterSpec) -> None:
         self.specs[uid] = spec
@@ -94,27 +100,40 @@ class ModelRunner:
         if plan.empty:
             return
         for uid in plan.release:
-            self.host.pop(uid, None)
+            self._drop_host(uid)
             self.specs.pop(uid, None)
         for _, slot in plan.evict_device:
             self.slots.clear(slot)
         for uid in plan.evict_host:
-            self.host.pop(uid, None)
+            self._drop_host(uid)
+        for uid in plan.load_host:  # disk -> host starts now, in the background
+            self.host[uid] = self._reader.submit(self._read, self.specs[uid])
         stats = self.load_stats
-        for uid in plan.load_host:
-            t0 = time.perf_counter()
-            self.host[uid] = read_adapter(self.specs[uid], self.dtype)
-            dt = time.perf_counter() - t0
-            stats.host_loads += 1
-            stats.host_seconds += dt
-            stats.recent.append(dt)
         for uid, slot in plan.load_device:
             t0 = time.perf_counter()
-            self.slots.load(self.host[uid], slot)
-            dt = time.perf_counter() - t0
+            adapter = self.host[uid].result()  # usually read already (prefetched steps ago)
+            t1 = time.perf_counter()
+            self.slots.load(adapter, slot)
+            dt = time.perf_counter() - t1
+            stats.wait_seconds += t1 - t0
             stats.device_loads += 1
             stats.device_seconds += dt
             stats.recent.append(dt)
+
+    def _read(self, spec: AdapterSpec) -> HostAdapter:
+        t0 = time.perf_counter()
+        adapter = read_adapter(spec, self.dtype)
+        dt = time.perf_counter() - t0
+        stats = self.load_stats
+        stats.host_loads += 1
+        stats.host_seconds += dt
+        stats.recent.append(dt)
+        return adapter
+
+    def _drop_host(self, uid: int) -> None:
+        fut = self.host.pop(uid, None)
+        if fut is not None:
+            fut.cancel()
 
     # --- the step ---
     @torch.inference_mode()
@@ -136,8 +155,12 @@ class ModelRunner:
         if self.logits_hook is not None:
             for s, row in zip(seqs, logits, strict=True):
                 self.logits_hook(s.request_id, row)
-        tokens, logprobs = sample(logits, params, [self._generator(s, p) for s, p in zip(seqs, params,
-                                  strict=True)], self.default_generator)
+        tokens, logprobs = sample(
+            logits,
+            params,
+            [self._generator(s, p) for s, p in zip(seqs, params, strict=True)],
+            self.default_generator,
+        )
         sampled: list[int | None] = [None] * len(out.seqs)
         lps: list = [None] * len(out.seqs)
         for i, tok, lp in zip(batch.sample_seqs, tokens, logprobs, strict=True):
@@ -189,18 +212,26 @@ class ModelRunner:
                 sample_rows.append(t0 + n - 1)
                 sample_seqs.append(i)
         dev = self.device
-        mapping = torch.cat([m if isinstance(m, torch.Tensor) else torch.tensor(m, device=dev)
-                             for m in slot_mapping])
+        mapping = torch.cat(
+            [m if isinstance(m, torch.Tensor) else torch.tensor(m, device=dev) for m in slot_mapping]
+        )
         meta = AttentionMetadata(mapping, None, None, None, prefills)
         if decode_rows:
             n_pages = -(-max(decode_lens) // ps)
             table = [p[:n_pages] + [0] * (n_pages - len(p[:n_pages])) for p in decode_pages]
             meta.decode_rows = torch.tensor(decode_rows, device=dev)
             meta.decode_pages = torch.tensor(table, device=dev)  # [B, P]
-            meta.decode_mask = decode_mask(torch.tensor(decode_lens, device=dev), n_pages * ps,
-                                           self.args.sliding_window)
-        return _Batch(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, segments,
-                      sample_rows, sample_seqs)
+            meta.decode_mask = decode_mask(
+                torch.tensor(decode_lens, device=dev), n_pages * ps, self.args.sliding_window
+            )
+        return _Batch(
+            torch.tensor(ids, device=dev),
+            torch.tensor(positions, device=dev),
+            meta,
+            segments,
+            sample_rows,
+            sample_seqs,
+        )
 
 
 @dataclass

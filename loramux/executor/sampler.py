@@ -15,8 +15,12 @@ from loramux.core.outputs import SampleLogprobs
 from loramux.sampling_params import SamplingParams
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_generator: torch.Generator) -> tuple[list[int], list[SampleLogprobs | None]]:
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator,
+) -> tuple[list[int], list[SampleLogprobs | None]]:
     n = logits.shape[0]
     tokens = torch.empty(n, dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -61,8 +65,9 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     return logits.softmax(dim=-1)
 
 
-def _logprobs(logits: torch.Tensor, tokens: list[int],
-              params: list[SamplingParams]) -> list[SampleLogprobs | None]:
+def _logprobs(
+    logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]
+) -> list[SampleLogprobs | None]:
     want = [p.logprobs for p in params]
     if all(w is None for w in want):
         return [None] * len(tokens)

@@ -126,3 +126,34 @@ def test_config_errors_name_the_value_and_the_fix():
         m = mgr()
         m.register("a", "v", 8, 1)
         m.register("a", "v", 8, 1)
+
+
+def test_S2_6_waiting_requests_adapters_are_prefetched_into_host_memory():
+    s = make_scheduler(num_pages=64, adapters=("a", "b"), max_loras=1, max_cpu_loras=4)
+    from tests.utils import fake_for, step
+
+    ex = fake_for(s)
+    s.add_request(make_request(4, max_tokens=6, lora="a"))
+    out = step(s, ex)
+    a, b = s.adapters.get("a"), s.adapters.get("b")
+    assert out.adapter_plan.load_device == [(a.uid, 0)]
+    rb = make_request(4, max_tokens=2, lora="b")
+    s.add_request(rb)
+    out = step(s, ex)  # b cannot run yet (a holds the only slot), but its weights start loading
+    assert rb.status.name == "WAITING" and out.adapter_plan.load_host == [b.uid] and b.on_host
+    while rb.status.name == "WAITING":
+        out = step(s, ex)
+    assert out.adapter_plan.load_device == [(b.uid, 0)] and out.adapter_plan.load_host == []  # no disk wait
+
+
+def test_a_host_load_planned_this_step_is_cancelled_not_evicted_after():
+    m = mgr(max_loras=1, max_cpu_loras=2)
+    a, b, c = (m.register(n, "v", 8, 100) for n in "abc")
+    m.acquire(a)
+    m.take_plan()
+    m.prefetch(b)
+    m.prefetch(c)  # host full (a on device, b): b's read has not happened yet, so it is dropped
+    plan = m.take_plan()
+    assert plan.load_host == [c.uid] and plan.evict_host == []
+    assert not b.on_host and c.on_host
+    m.check_integrity()

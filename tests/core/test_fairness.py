@@ -11,8 +11,15 @@ def service_trace(policy: str, steps: int = 60):
     """Tenant a floods the queue 3:1 with long prompts; both stay backlogged. Service per tenant
     is measured from what the executor computed: input tokens + 2 x output tokens."""
     clock = FakeClock()
-    s = make_scheduler(num_pages=512, adapters=("a", "b"), max_loras=2, max_num_seqs=SEATS,
-                       max_num_batched_tokens=64, policy=policy, clock=clock)
+    s = make_scheduler(
+        num_pages=512,
+        adapters=("a", "b"),
+        max_loras=2,
+        max_num_seqs=SEATS,
+        max_num_batched_tokens=64,
+        policy=policy,
+        clock=clock,
+    )
     ex = fake_for(s)
     for i in range(200):  # distinct prompts: no prefix hits, so computed input == charged input
         s.add_request(make_request([1000 + i] * IN_A, max_tokens=OUT, lora="a"))
@@ -26,8 +33,11 @@ def service_trace(policy: str, steps: int = 60):
         out = step(s, ex, check=False)
         for seq in out.seqs:
             t = tenant[seq.request_id]
-            prompt_part = sum(1 for p in range(seq.start_pos, seq.start_pos + len(seq.token_ids))
-                              if p < (IN_A if t == "a" else IN_B))
+            prompt_part = sum(
+                1
+                for p in range(seq.start_pos, seq.start_pos + len(seq.token_ids))
+                if p < (IN_A if t == "a" else IN_B)
+            )
             service[t] += prompt_part + 2 * int(seq.sample)
         diffs.append(service["a"] - service["b"])
         clock.advance()
@@ -46,8 +56,15 @@ def test_S2_4_vtc_bounds_service_difference_between_backlogged_tenants():
 
 def test_S2_4_vtc_lifts_a_returning_tenant_so_idle_time_is_not_banked():
     clock = FakeClock()
-    s = make_scheduler(num_pages=512, adapters=("a", "b", "c"), max_loras=3, max_num_seqs=2,
-                       max_num_batched_tokens=64, policy="fair", clock=clock)
+    s = make_scheduler(
+        num_pages=512,
+        adapters=("a", "b", "c"),
+        max_loras=3,
+        max_num_seqs=2,
+        max_num_batched_tokens=64,
+        policy="fair",
+        clock=clock,
+    )
     ex = fake_for(s)
     for _ in range(40):
         s.add_request(make_request(8, max_tokens=4, lora="a"))

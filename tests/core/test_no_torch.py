@@ -22,6 +22,10 @@ def test_control_plane_imports_with_torch_blocked():
 
 def test_the_blocking_works():
     """Negative control: with torch blocked, importing it must fail."""
-    proc = subprocess.run([sys.executable, "-c", 'import sys; sys.modules["torch"] = None; import torch'],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", 'import sys; sys.modules["torch"] = None; import torch'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0 and "import of torch halted" in proc.stderr

@@ -17,6 +17,7 @@ def finish_one(s, ex, req):
 
 # --- S5.1 reuse ---------------------------------------------------------------------------
 
+
 def test_S5_1_shared_prompt_prefix_reuses_pages():
     s = make_scheduler(num_pages=32, page_size=PS)
     ex = fake_for(s)
@@ -43,6 +44,7 @@ def test_S5_1_a_full_hit_still_computes_the_last_token():
 
 
 # --- S5.2 isolation -----------------------------------------------------------------------
+
 
 def test_S5_2_same_tokens_under_different_adapters_never_share_pages():
     s = make_scheduler(num_pages=64, page_size=PS, adapters=("a", "b"))
@@ -81,6 +83,7 @@ def test_S5_2_reloaded_adapter_gets_a_new_namespace():
 
 
 # --- S5.3 every insert and match in the request's own namespace ---------------------------
+
 
 def test_S5_3_later_prefill_chunks_are_cached_in_own_namespace():
     s = make_scheduler(num_pages=64, page_size=PS, adapters=("a", "b"), max_num_batched_tokens=4)
@@ -139,6 +142,7 @@ def test_S5_3_preempted_request_resumes_from_its_cached_pages():
 
 # --- S5.4 unload frees the namespace ------------------------------------------------------
 
+
 def test_S5_4_unload_frees_idle_pages_at_once():
     s = make_scheduler(num_pages=32, page_size=PS, adapters=("a",))
     ex = fake_for(s)
@@ -185,6 +189,7 @@ def test_S5_4_unloaded_adapter_name_is_refused_but_queued_work_finishes():
 
 # --- S5.5 KV events -------------------------------------------------------------------------
 
+
 def test_S5_5_events_chain_from_the_namespace():
     s = make_scheduler(num_pages=32, page_size=PS, adapters=("a", "b"), events=True)
     ex = fake_for(s)
@@ -219,6 +224,7 @@ def test_S5_5_evicting_a_namespace_publishes_a_removal_per_block():
 
 
 # --- S5.6 LRU eviction of idle pages --------------------------------------------------------
+
 
 def test_S5_6_lru_pages_are_evicted_first_and_pages_in_use_never():
     pool = PagePool(num_pages=6, page_size=2)

@@ -41,15 +41,23 @@ def workloads(draw):
                 break
         if draw(st.integers(0, 4)) == 0:
             adapter = None  # some base-model requests
-        reqs.append(dict(
-            rid=f"q{i}", prompt=prefix + tail, max_tokens=draw(st.integers(1, 10)),
-            adapter=adapter, arrival=draw(st.integers(0, 25)), eos=draw(st.booleans()),
-        ))
+        reqs.append(
+            dict(
+                rid=f"q{i}",
+                prompt=prefix + tail,
+                max_tokens=draw(st.integers(1, 10)),
+                adapter=adapter,
+                arrival=draw(st.integers(0, 25)),
+                eos=draw(st.booleans()),
+            )
+        )
     page_size = draw(st.sampled_from([1, 2, 4]))
     longest = max(len(r["prompt"]) + r["max_tokens"] for r in reqs)
     min_pages = -(-longest // page_size)
     return dict(
-        n_adapters=n_adapters, reqs=reqs, page_size=page_size,
+        n_adapters=n_adapters,
+        reqs=reqs,
+        page_size=page_size,
         num_pages=draw(st.integers(min_pages, min_pages * 3)),
         max_loras=draw(st.integers(1, 3)),
         max_num_seqs=draw(st.integers(1, 6)),
@@ -70,10 +78,18 @@ EXAMPLES = int(os.environ.get("LORAMUX_HYPOTHESIS_EXAMPLES", "250"))  # raise it
 @given(workloads())
 def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
     clock = FakeClock()
-    s = make_scheduler(num_pages=w["num_pages"], page_size=w["page_size"], max_loras=w["max_loras"],
-                       max_num_seqs=w["max_num_seqs"], max_num_batched_tokens=w["budget"],
-                       policy=w["policy"], prefix=w["prefix"], clock=clock,
-                       starvation_timeout_s=TIMEOUT, adapters=tuple(f"ad{k}" for k in range(w["n_adapters"])))
+    s = make_scheduler(
+        num_pages=w["num_pages"],
+        page_size=w["page_size"],
+        max_loras=w["max_loras"],
+        max_num_seqs=w["max_num_seqs"],
+        max_num_batched_tokens=w["budget"],
+        policy=w["policy"],
+        prefix=w["prefix"],
+        clock=clock,
+        starvation_timeout_s=TIMEOUT,
+        adapters=tuple(f"ad{k}" for k in range(w["n_adapters"])),
+    )
     ex = fake_for(s, vocab_size=31, eos_every=7)
     pending = sorted(w["reqs"], key=lambda r: r["arrival"])
     unloads = {}
@@ -88,9 +104,15 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
                 s.unregister_adapter(name)
         while pending and pending[0]["arrival"] <= t:
             spec = pending.pop(0)
-            req = Request(spec["rid"], spec["prompt"], spec["max_tokens"], lora_name=spec["adapter"],
-                          arrival_time=clock.t, ignore_eos=not spec["eos"],
-                          eos_token_ids=frozenset({0}))
+            req = Request(
+                spec["rid"],
+                spec["prompt"],
+                spec["max_tokens"],
+                lora_name=spec["adapter"],
+                arrival_time=clock.t,
+                ignore_eos=not spec["eos"],
+                eos_token_ids=frozenset({0}),
+            )
             try:
                 s.add_request(req)
             except AdapterNotFoundError:  # unloaded: load a new version under the same name
@@ -114,8 +136,9 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
     for req in sorted(added, key=lambda r: r.arrival_seq):
         total_work += req.max_total_tokens
         assert req.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
-        want = ex.reference_tokens(req.adapter_uid, req.prompt_token_ids, req.max_tokens,
-                                   set() if req.ignore_eos else {0})
+        want = ex.reference_tokens(
+            req.adapter_uid, req.prompt_token_ids, req.max_tokens, set() if req.ignore_eos else {0}
+        )
         assert req.output_token_ids == want, req
         # Bound: the cap can add at most the timeout plus the work queued up to this request.
         assert req.finished_time - req.arrival_time <= TIMEOUT + 4 * total_work + 10, req

@@ -14,6 +14,7 @@ def reference(ex, r):
 
 # --- S1 the adapter-aware queue ---------------------------------------------------------------
 
+
 def test_S1_1_request_carries_adapter_prompt_and_limits():
     r = Request("x", [5, 6, 7], max_tokens=3, lora_name="sql", stop_token_ids=frozenset({9}))
     assert (r.num_prompt_tokens, r.max_tokens, r.lora_name, r.tenant) == (3, 3, "sql", "sql")
@@ -39,8 +40,9 @@ def test_S1_1_requests_that_can_never_fit_are_refused_when_added():
 
 
 def test_S1_3_same_adapter_requests_are_coalesced_and_switches_reported():
-    s = make_scheduler(num_pages=128, adapters=("a", "b"), max_loras=1, max_num_seqs=16,
-                       max_num_batched_tokens=512)
+    s = make_scheduler(
+        num_pages=128, adapters=("a", "b"), max_loras=1, max_num_seqs=16, max_num_batched_tokens=512
+    )
     ex = fake_for(s)
     for i in range(12):  # a b a b ... arriving together
         s.add_request(make_request(6, max_tokens=3, lora="ab"[i % 2]))
@@ -64,9 +66,11 @@ def test_S1_4_a_request_cap_splits_a_long_same_adapter_run():
 
 # --- S2 the adapter cap -----------------------------------------------------------------------
 
+
 def test_S2_1_cap_on_distinct_adapters_and_base_is_not_counted():
-    s = make_scheduler(num_pages=256, adapters=tuple("abcde"), max_loras=2, max_num_seqs=32,
-                       max_num_batched_tokens=1024)
+    s = make_scheduler(
+        num_pages=256, adapters=tuple("abcde"), max_loras=2, max_num_seqs=32, max_num_batched_tokens=1024
+    )
     ex = fake_for(s)
     for i in range(20):
         s.add_request(make_request(5, max_tokens=3, lora="abcde"[i % 5]))
@@ -118,8 +122,16 @@ def test_S2_3_request_refused_for_token_budget_does_not_take_a_slot():
 def test_S2_4_rare_adapter_is_not_starved_by_a_popular_one(policy):
     """A steady stream for a keeps the only slot busy; b must still finish within the bound."""
     clock = FakeClock()
-    s = make_scheduler(num_pages=256, adapters=("a", "b"), max_loras=1, max_num_seqs=4,
-                       max_num_batched_tokens=64, clock=clock, policy=policy, starvation_timeout_s=10)
+    s = make_scheduler(
+        num_pages=256,
+        adapters=("a", "b"),
+        max_loras=1,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        clock=clock,
+        policy=policy,
+        starvation_timeout_s=10,
+    )
     ex = fake_for(s)
     for _ in range(4):
         s.add_request(make_request(4, max_tokens=6, lora="a", arrival=clock.t))
@@ -138,9 +150,16 @@ def test_S2_4_rare_adapter_is_not_starved_by_a_popular_one(policy):
 def test_S2_4_without_aging_the_rare_adapter_would_starve():
     """Negative control for the test above: an effectively infinite timeout starves b (fcfs)."""
     clock = FakeClock()
-    s = make_scheduler(num_pages=256, adapters=("a", "b"), max_loras=1, max_num_seqs=4,
-                       max_num_batched_tokens=64, clock=clock, policy="affinity",
-                       starvation_timeout_s=1e9)
+    s = make_scheduler(
+        num_pages=256,
+        adapters=("a", "b"),
+        max_loras=1,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        clock=clock,
+        policy="affinity",
+        starvation_timeout_s=1e9,
+    )
     ex = fake_for(s)
     for _ in range(4):
         s.add_request(make_request(4, max_tokens=6, lora="a"))
@@ -161,8 +180,7 @@ def test_S2_5_policies_are_selectable_by_name():
 
 
 def _one_seat_scheduler(policy):
-    s = make_scheduler(num_pages=64, adapters=("a", "b"), max_loras=2, max_num_seqs=1,
-                       policy=policy)
+    s = make_scheduler(num_pages=64, adapters=("a", "b"), max_loras=2, max_num_seqs=1, policy=policy)
     ex = fake_for(s)
     warm = make_request(4, max_tokens=1, lora="a")
     s.add_request(warm)
@@ -187,8 +205,14 @@ def test_S2_5_affinity_prefers_the_resident_adapter_fcfs_the_oldest():
 
 def test_S2_5_batch_completion_finishes_the_running_group_before_switching():
     def scenario(policy):
-        s = make_scheduler(num_pages=128, adapters=("a", "b"), max_loras=1, max_num_seqs=8,
-                           policy=policy, starvation_timeout_s=100)
+        s = make_scheduler(
+            num_pages=128,
+            adapters=("a", "b"),
+            max_loras=1,
+            max_num_seqs=8,
+            policy=policy,
+            starvation_timeout_s=100,
+        )
         ex = fake_for(s)
         s.add_request(make_request(4, max_tokens=4, lora="a"))
         step(s, ex)  # a runs
@@ -238,9 +262,9 @@ def test_S2_5_unload_releases_slot_after_last_request():
 
 # --- S3 token budgets -------------------------------------------------------------------------
 
+
 def test_S3_1_decodes_first_then_prefill_within_budgets():
-    s = make_scheduler(num_pages=128, max_num_seqs=4, max_num_batched_tokens=10,
-                       max_prefill_tokens=6)
+    s = make_scheduler(num_pages=128, max_num_seqs=4, max_num_batched_tokens=10, max_prefill_tokens=6)
     ex = fake_for(s)
     d1, d2 = make_request(3, max_tokens=5), make_request(3, max_tokens=5)
     s.add_request(d1)
@@ -276,8 +300,13 @@ def test_S3_2_a_prefill_that_does_not_fit_is_chunked_with_progress_recorded():
 
 
 def test_S3_3_min_batch_for_new_prefills_while_decodes_run():
-    s = make_scheduler(num_pages=128, max_num_seqs=16, max_num_batched_tokens=256,
-                       waiting_served_ratio=0.5, max_waiting_steps=3)
+    s = make_scheduler(
+        num_pages=128,
+        max_num_seqs=16,
+        max_num_batched_tokens=256,
+        waiting_served_ratio=0.5,
+        max_waiting_steps=3,
+    )
     ex = fake_for(s)
     for _ in range(4):
         s.add_request(make_request(4, max_tokens=20))
@@ -297,8 +326,9 @@ def test_S3_3_min_batch_for_new_prefills_while_decodes_run():
 
 
 def test_S3_4_next_batch_is_formed_with_the_active_adapters_in_mind():
-    s = make_scheduler(num_pages=128, adapters=("a", "b", "c"), max_loras=2, max_num_seqs=8,
-                       policy="affinity")
+    s = make_scheduler(
+        num_pages=128, adapters=("a", "b", "c"), max_loras=2, max_num_seqs=8, policy="affinity"
+    )
     ex = fake_for(s)
     s.add_request(make_request(4, max_tokens=10, lora="a"))
     s.add_request(make_request(4, max_tokens=10, lora="b"))
@@ -315,6 +345,7 @@ def test_S3_4_next_batch_is_formed_with_the_active_adapters_in_mind():
 
 
 # --- S4 paged KV ----------------------------------------------------------------------------------
+
 
 def test_S4_1_a_new_page_at_each_boundary_and_all_return_on_finish():
     s = make_scheduler(num_pages=16, page_size=4)
@@ -374,8 +405,7 @@ def test_stop_tokens_eos_and_min_tokens():
     toks = probe.output_token_ids
     stop = make_request(4, max_tokens=6, stop_token_ids=frozenset({toks[2]}))
     eos = make_request(4, max_tokens=6, eos_token_ids=frozenset({toks[1]}), ignore_eos=False)
-    late = make_request(4, max_tokens=6, eos_token_ids=frozenset({toks[1]}), ignore_eos=False,
-                        min_tokens=4)
+    late = make_request(4, max_tokens=6, eos_token_ids=frozenset({toks[1]}), ignore_eos=False, min_tokens=4)
     ignored = make_request(4, max_tokens=6, eos_token_ids=frozenset({toks[1]}), ignore_eos=True)
     for r in (stop, eos, late, ignored):
         s.add_request(r)

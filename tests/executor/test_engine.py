@@ -14,9 +14,12 @@ from loramux.sampling_params import SamplingParams
 
 
 def fake_engine(num_pages=64, page_size=4, max_loras=2, **sched):
-    cfg = EngineConfig(model=ModelConfig("fake-model"), scheduler=SchedulerConfig(**sched),
-                       cache=CacheConfig(page_size=page_size, num_pages=num_pages),
-                       lora=LoRAConfig(max_loras=max_loras))
+    cfg = EngineConfig(
+        model=ModelConfig("fake-model"),
+        scheduler=SchedulerConfig(**sched),
+        cache=CacheConfig(page_size=page_size, num_pages=num_pages),
+        lora=LoRAConfig(max_loras=max_loras),
+    )
     ex = FakeExecutor(num_pages, page_size, vocab_size=50)
     return LLMEngine(cfg, executor=ex, tokenizer=None), ex
 
@@ -47,8 +50,12 @@ def test_fake_executor_drives_the_same_step_loop():
 def test_llm_front_end_runs_on_the_fake_executor():
     engine, ex = fake_engine()
     llm = LLM("fake-model", engine=engine)
-    outs = llm.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(max_tokens=4, ignore_eos=True),
-                        lora_request=[LoRARequest("a", 1, "/adapters/a"), None], use_tqdm=False)
+    outs = llm.generate(
+        [[1, 2, 3], [4, 5, 6]],
+        SamplingParams(max_tokens=4, ignore_eos=True),
+        lora_request=[LoRARequest("a", 1, "/adapters/a"), None],
+        use_tqdm=False,
+    )
     uid = engine.scheduler.adapters.get("a").uid
     assert outs[0].outputs[0].token_ids == ex.reference_tokens(uid, [1, 2, 3], 4, set())
     assert outs[1].outputs[0].token_ids == ex.reference_tokens(None, [4, 5, 6], 4, set())

@@ -23,8 +23,15 @@ TOL = 1e-4
 
 
 def make_llm(tm, **kw):
-    args = dict(num_pages=128, page_size=4, max_loras=4, max_num_seqs=16, max_num_batched_tokens=256,
-                device="cpu", dtype="float32")
+    args = dict(
+        num_pages=128,
+        page_size=4,
+        max_loras=4,
+        max_num_seqs=16,
+        max_num_batched_tokens=256,
+        device="cpu",
+        dtype="float32",
+    )
     args.update(kw)
     return LLM(str(tm.path), **args)
 
@@ -43,8 +50,12 @@ def run(llm, tm, ps, names, n_new=N_NEW):
     """Generate greedily; return (token lists, per-request list of logits rows, outputs)."""
     logits: dict[str, list[torch.Tensor]] = {}
     llm.engine.executor.logits_hook = lambda rid, row: logits.setdefault(rid, []).append(row.clone())
-    outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True),
-                        lora_request=loras_for(tm, names), use_tqdm=False)
+    outs = llm.generate(
+        ps,
+        SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True),
+        lora_request=loras_for(tm, names),
+        use_tqdm=False,
+    )
     return [o.outputs[0].token_ids for o in outs], [logits[o.request_id] for o in outs], outs
 
 

@@ -9,8 +9,10 @@ import torch
 
 from loramux import LLM, LoRARequest, SamplingParams
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def _setup(tm):
@@ -25,8 +27,9 @@ def test_cuda_float32_equals_peft(tiny_models, oracles):
     tm = tiny_models["llama"]
     names, prompts, loras = _setup(tm)
     llm = LLM(str(tm.path), device="cuda", dtype="float32", num_pages=128, page_size=4)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), loras,
-                        use_tqdm=False)
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), loras, use_tqdm=False
+    )
     ref, _ = oracles("llama").greedy(prompts, names, 8)
     assert [o.outputs[0].token_ids for o in outs] == ref
 
@@ -36,6 +39,7 @@ def test_cuda_defaults_to_bfloat16_and_generates(tiny_models):
     _, prompts, loras = _setup(tm)
     llm = LLM(str(tm.path), device="cuda", num_pages=128, page_size=4)
     assert llm.engine.executor.dtype == torch.bfloat16
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), loras,
-                        use_tqdm=False)
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), loras, use_tqdm=False
+    )
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)

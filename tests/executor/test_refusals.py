@@ -64,8 +64,9 @@ def test_dora_is_refused(llm, tiny_models, tmp_path):
 
 
 def test_modules_to_save_is_refused(llm, tiny_models, tmp_path):
-    d = make_peft(tiny_models["llama"], tmp_path, "mts", r=4, target_modules=["q_proj"],
-                  modules_to_save=["lm_head"])
+    d = make_peft(
+        tiny_models["llama"], tmp_path, "mts", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
     refuse(llm, d, "modules_to_save")
 
 

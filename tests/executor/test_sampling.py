@@ -36,8 +36,12 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm, tiny_models)
     alone = tokens(gen(llm, sp))[0]
     again = tokens(gen(llm, sp))[0]
     lora = LoRARequest("r8_all", 1, str(tiny_models["llama"].adapters["r8_all"]))
-    crowd = gen(llm, [sp, SamplingParams(temperature=1.0, max_tokens=12), SamplingParams(max_tokens=5)],
-                prompts=[PROMPT, PROMPT[:5], PROMPT[2:]], lora=[None, lora, None])
+    crowd = gen(
+        llm,
+        [sp, SamplingParams(temperature=1.0, max_tokens=12), SamplingParams(max_tokens=5)],
+        prompts=[PROMPT, PROMPT[:5], PROMPT[2:]],
+        lora=[None, lora, None],
+    )
     assert alone == again == crowd[0].outputs[0].token_ids
     other = tokens(gen(llm, dataclasses.replace(sp, seed=8)))[0]
     assert other != alone
@@ -124,8 +128,11 @@ def test_logprobs_are_the_raw_distribution(llm):
 def test_text_prompts_tokenize_like_the_tokenizer(llm):
     tok = llm.get_tokenizer()
     by_text = gen(llm, SamplingParams(temperature=0, max_tokens=6), prompts=["the quick brown fox"])[0]
-    by_ids = gen(llm, SamplingParams(temperature=0, max_tokens=6),
-                 prompts=[{"prompt_token_ids": tok.encode("the quick brown fox")}])[0]
+    by_ids = gen(
+        llm,
+        SamplingParams(temperature=0, max_tokens=6),
+        prompts=[{"prompt_token_ids": tok.encode("the quick brown fox")}],
+    )[0]
     assert by_text.prompt_token_ids == tok.encode("the quick brown fox")
     assert by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids
     assert by_text.prompt == "the quick brown fox"

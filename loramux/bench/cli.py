@@ -1,0 +1,332 @@
+"""`loramux bench`: S-LoRA's workload through loramux and transformers+PEFT, side by side, in one run.
+
+Boundary: orchestration. It builds (or reuses) a random-weight model and
+adapters in a cache folder, generates the workload, runs every system on the
+same requests, and writes the report (markdown table, PNG plots) to `--out`,
+and with `--write-docs` into a section of docs/benchmarks.md.
+
+Runs, in order (a progress bar counts them):
+1. the main comparison at `--main-adapters` adapters, alpha 1, for each mode:
+   loramux, loramux on the base model only, PEFT mixed (at the best batch size
+   of a short offline sweep), PEFT one adapter at a time;
+2. loramux offline at each `--num-adapters` (throughput against adapter count);
+3. loramux offline at each `--alphas` (throughput against popularity skew).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from loramux.bench.report import Summary, machine, plot_series, summarize_run, table, today, write_section
+from loramux.bench.systems import (
+    LoramuxSettings,
+    PeftHarness,
+    RunResult,
+    adapter_name,
+    make_prompts,
+    run_loramux,
+    run_peft,
+)
+from loramux.bench.workload import WorkloadConfig, generate_requests
+
+
+@dataclass(frozen=True)
+class Plan:
+    size: str
+    num_adapters: tuple[int, ...]
+    main_adapters: int
+    alphas: tuple[float, ...]
+    rate: float
+    duration: float
+    input_range: tuple[int, int]
+    output_range: tuple[int, int]
+    peft_batch_sizes: tuple[int, ...]
+
+
+FULL = Plan(
+    "mid", (5, 100, 1000, 2000), 100, (0.1, 0.3, 0.6, 1.0), 4.0, 40.0, (8, 48), (8, 48), (4, 8, 16, 32)
+)
+QUICK = Plan("tiny", (5, 20), 20, (0.5, 1.0), 20.0, 5.0, (8, 32), (8, 32), (8, 16))
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    from loramux.demo import cache_root
+
+    p.add_argument("--quick", action="store_true", help="tiny model and workload: finishes in about a minute")
+    p.add_argument("--size", choices=["tiny", "mid", "1b"], help="model: tiny (2.6M), mid (91M), 1b (1.1B)")
+    p.add_argument("--num-adapters", nargs="+", type=int, help="adapter counts for the scaling plot")
+    p.add_argument("--main-adapters", type=int, help="adapter count of the main comparison")
+    p.add_argument("--alphas", nargs="+", type=float, help="popularity skews for the alpha plot")
+    p.add_argument("--rate", type=float, help="requests per second of the trace")
+    p.add_argument("--duration", type=float, help="seconds of trace (requests = rate x duration)")
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of arrivals")
+    p.add_argument("--input-range", nargs=2, type=int, metavar=("LO", "HI"))
+    p.add_argument("--output-range", nargs=2, type=int, metavar=("LO", "HI"))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--rank", type=int, default=8, help="adapter rank (on q_proj and v_proj)")
+    p.add_argument("--modes", nargs="+", choices=["offline", "online"], default=["offline", "online"])
+    p.add_argument("--peft-batch-sizes", nargs="+", type=int)
+    p.add_argument("--no-peft", action="store_true", help="skip the transformers+PEFT baselines")
+    p.add_argument("--slo", type=float, default=6.0, help="TTFT target in seconds for SLO attainment")
+    p.add_argument("--max-loras", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=str(cache_root() / "bench"))
+    p.add_argument("--out", default="bench_out", help="folder for report.md and the plots")
+    p.add_argument("--write-docs", metavar="MD", help="also write the report into this markdown file")
+
+
+def make_plan(a: argparse.Namespace) -> Plan:
+    plan = QUICK if a.quick else FULL
+    over = {
+        k: v
+        for k, v in {
+            "size": a.size,
+            "num_adapters": a.num_adapters and tuple(a.num_adapters),
+            "main_adapters": a.main_adapters,
+            "alphas": a.alphas and tuple(a.alphas),
+            "rate": a.rate,
+            "duration": a.duration,
+            "input_range": a.input_range and tuple(a.input_range),
+            "output_range": a.output_range and tuple(a.output_range),
+            "peft_batch_sizes": a.peft_batch_sizes and tuple(a.peft_batch_sizes),
+        }.items()
+        if v is not None
+    }
+    return replace(plan, **over)
+
+
+def run_bench(a: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from loramux.bench.artifacts import build_random_model, write_random_adapter
+
+    plan = make_plan(a)
+    cache = Path(a.cache_dir)
+    model_dir = build_random_model(cache / f"llama-{plan.size}", plan.size)
+    n_max = max(plan.num_adapters + (plan.main_adapters,))
+    adapters = [
+        write_random_adapter(
+            cache / f"llama-{plan.size}-r{a.rank}-qv" / adapter_name(i),
+            model_dir,
+            a.rank,
+            ("q_proj", "v_proj"),
+            seed=i,
+        )
+        for i in tqdm(range(n_max), desc="adapters", unit="adapter", leave=False)
+    ]
+    settings = LoramuxSettings(
+        max_loras=a.max_loras, max_lora_rank=a.rank, max_num_seqs=a.max_num_seqs, device=a.device
+    )
+    wl = WorkloadConfig(
+        plan.main_adapters, 1.0, plan.rate, a.cv, plan.duration, plan.input_range, plan.output_range, a.seed
+    )
+    scale_points = [n for n in plan.num_adapters if n != plan.main_adapters]
+    alpha_points = [x for x in plan.alphas if x != 1.0]
+    per_mode = 2 if a.no_peft else 4
+    bar = tqdm(
+        total=per_mode * len(a.modes) + len(scale_points) + len(alpha_points), desc="bench", unit="run"
+    )
+
+    def loramux(cfg: WorkloadConfig, mode: str, base_only: bool = False) -> RunResult:
+        reqs = generate_requests(cfg)
+        result = run_loramux(
+            model_dir, adapters[: cfg.num_adapters], reqs, make_prompts(reqs, 512), mode, settings, base_only
+        )
+        bar.update(1)
+        return result
+
+    main: list[RunResult] = []
+    best_batch = None
+    harness = None
+    for mode in a.modes:
+        main.append(loramux(wl, mode))
+        main.append(loramux(wl, mode, base_only=True))
+        if a.no_peft:
+            continue
+        reqs = generate_requests(wl)
+        prompts = make_prompts(reqs, 512)
+        if harness is None:
+            used = {r.adapter: adapters[r.adapter] for r in reqs}
+            harness = PeftHarness(model_dir, used, a.device)
+        if best_batch is None:
+            best_batch = _best_batch(harness, reqs, prompts, plan.peft_batch_sizes, a.slo)
+        main.append(run_peft(harness, reqs, prompts, mode, best_batch, one_adapter=False))
+        bar.update(1)
+        main.append(run_peft(harness, reqs, prompts, mode, best_batch, one_adapter=True))
+        bar.update(1)
+    offline_main = next((r for r in main if r.system == "loramux" and r.mode == "offline"), None)
+    scale = [(plan.main_adapters, offline_main)] if offline_main else []
+    scale += [(n, loramux(replace(wl, num_adapters=n), "offline")) for n in scale_points]
+    alpha = [(1.0, offline_main)] if offline_main else []
+    alpha += [(x, loramux(replace(wl, alpha=x), "offline")) for x in alpha_points]
+    bar.close()
+    text = _report(a, plan, wl, main, scale, alpha, best_batch)
+    print(text)
+
+
+def _best_batch(
+    harness: PeftHarness, reqs: list, prompts: list[list[int]], sizes: tuple[int, ...], slo: float
+) -> int:
+    """The PEFT mixed batch size with the highest offline throughput on the first requests."""
+    sample = reqs[: max(sizes) * 2]
+    best, best_tps = sizes[0], -1.0
+    for b in sizes:
+        tps = summarize_run(
+            run_peft(harness, sample, prompts, "offline", b, one_adapter=False), slo
+        ).tokens_per_s
+        if tps > best_tps:
+            best, best_tps = b, tps
+    return best
+
+
+def _report(
+    a: argparse.Namespace,
+    plan: Plan,
+    wl: WorkloadConfig,
+    main: list[RunResult],
+    scale: list[tuple[int, RunResult | None]],
+    alpha: list[tuple[float, RunResult | None]],
+    best_batch: int | None,
+) -> str:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sums = [summarize_run(r, a.slo) for r in main]
+    import torch
+
+    device = "cuda" if a.device != "cpu" and torch.cuda.is_available() else "cpu"
+    key = f"{plan.size}-{device}{'-quick' if a.quick else ''}"
+    scale_s = [(n, summarize_run(r, a.slo)) for n, r in scale if r is not None]
+    alpha_s = [(x, summarize_run(r, a.slo)) for x, r in alpha if r is not None]
+    base = next((s for s in sums if s.system == "loramux, base only" and s.mode == "offline"), None)
+    series = {"loramux": [(float(n), s.tokens_per_s) for n, s in scale_s]}
+    if base is not None:
+        series["loramux, base only"] = [(float(n), base.tokens_per_s) for n, _ in scale_s]
+    for s in sums:
+        if s.mode == "offline" and s.system.startswith("transformers"):
+            series[s.system] = [(float(plan.main_adapters), s.tokens_per_s)]
+    adapters_png = plot_series(
+        out / "throughput_vs_adapters.png",
+        f"Throughput against adapter count ({key})",
+        "number of adapters (log scale)",
+        series,
+        logx=True,
+    )
+    alpha_png = plot_series(
+        out / "throughput_vs_alpha.png",
+        f"Throughput against popularity alpha ({key})",
+        "alpha (1 = uniform; smaller = more skewed)",
+        {"loramux": [(x, s.tokens_per_s) for x, s in alpha_s]},
+    )
+    body = _markdown(a, plan, wl, sums, scale_s, alpha_s, best_batch, key, adapters_png.name, alpha_png.name)
+    (out / "report.md").write_text(body)
+    if a.write_docs:
+        doc = Path(a.write_docs)
+        figs = doc.parent / "bench" / key
+        figs.mkdir(parents=True, exist_ok=True)
+        for png in (adapters_png, alpha_png):
+            shutil.copy(png, figs / png.name)
+        rel = figs.relative_to(doc.parent)
+        write_section(
+            doc,
+            key,
+            body.replace(f"]({adapters_png.name})", f"]({rel / adapters_png.name})").replace(
+                f"]({alpha_png.name})", f"]({rel / alpha_png.name})"
+            ),
+        )
+    return body
+
+
+def _markdown(
+    a: argparse.Namespace,
+    plan: Plan,
+    wl: WorkloadConfig,
+    sums: list[Summary],
+    scale: list[tuple[int, Summary]],
+    alpha: list[tuple[float, Summary]],
+    best_batch: int | None,
+    key: str,
+    adapters_png: str,
+    alpha_png: str,
+) -> str:
+    def find(system: str, mode: str = "offline") -> Summary | None:
+        return next((s for s in sums if s.system == system and s.mode == mode), None)
+
+    lm, base = find("loramux"), find("loramux, base only")
+    mixed, single = find("transformers+PEFT, mixed"), find("transformers+PEFT, one adapter at a time")
+    by_n = dict(scale)
+    lines = [
+        f"## loramux bench: {key}",
+        "",
+        f"Command: `loramux bench {shlex.join(sys.argv[2:]) if sys.argv[1:2] == ['bench'] else ''}`".rstrip(),
+        "",
+        f"Machine: {machine()}. Date: {today()}.",
+        "",
+        f"Workload: S-LoRA's synthetic trace (papers.md 2.1), seed {wl.seed}: {wl.num_requests} requests, "
+        f"rate {wl.req_rate}/s, cv {wl.cv}, input lengths U{list(wl.input_range)}, output lengths "
+        f"U{list(wl.output_range)} (half-open; scaled down from [8, 512) for this machine), adapters of rank "
+        f"{a.rank} on q_proj and v_proj, random weights. loramux: max_loras={a.max_loras}, "
+        f"max_num_seqs={a.max_num_seqs}. SLO: TTFT < {a.slo} s.",
+        "",
+        f"### Main comparison: {plan.main_adapters} adapters, alpha 1",
+        "",
+        table(sums),
+        "",
+    ]
+    if best_batch is not None:
+        lines += [
+            f"transformers+PEFT ran static batches of {best_batch} (the best of "
+            f"{list(plan.peft_batch_sizes)} in an offline sweep on the first requests).",
+            "",
+        ]
+    lines += ["Headline ratios (offline throughput, generated tokens/s):", ""]
+    if lm and mixed:
+        lines.append(
+            f"- loramux / transformers+PEFT mixed, {plan.main_adapters} adapters: "
+            f"**{lm.tokens_per_s / mixed.tokens_per_s:.2f}x** (target >= 10x)"
+        )
+    if lm and single:
+        lines.append(
+            f"- loramux / transformers+PEFT one adapter at a time: "
+            f"**{lm.tokens_per_s / single.tokens_per_s:.2f}x**"
+        )
+    if lm and base:
+        lines.append(
+            f"- loramux with adapters / loramux base only: **{lm.tokens_per_s / base.tokens_per_s:.3f}** "
+            f"(target >= 0.90)"
+        )
+    lo, hi = min(by_n, default=None), max(by_n, default=None)
+    if lo is not None and hi is not None and lo != hi:
+        lines.append(
+            f"- {hi} adapters / {lo} adapters: **{by_n[hi].tokens_per_s / by_n[lo].tokens_per_s:.3f}** "
+            f"(target >= 0.95)"
+        )
+    lines += [
+        "",
+        "### Throughput against the number of adapters (loramux, offline)",
+        "",
+        "| adapters | tokens/s | requests/s | adapter loads |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {n} | {s.tokens_per_s:.1f} | {s.requests_per_s:.2f} | {s.adapter_loads} |" for n, s in scale
+    ]
+    lines += [
+        "",
+        f"![throughput against adapters]({adapters_png})",
+        "",
+        "### Throughput against alpha (loramux, offline)",
+        "",
+        "| alpha | tokens/s | requests/s | adapter loads |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {x} | {s.tokens_per_s:.1f} | {s.requests_per_s:.2f} | {s.adapter_loads} |" for x, s in alpha
+    ]
+    lines += ["", f"![throughput against alpha]({alpha_png})", ""]
+    return "\n".join(lines)

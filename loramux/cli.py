@@ -1,0 +1,222 @@
+"""Command line: `loramux serve` and `loramux bench`.
+
+Boundary: parses flags into the frozen configs and hands them on; every flag
+of `serve` lands in `EngineConfig` or `ServerConfig` (S6.2). Flag names follow
+vLLM's where a vLLM user would look for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from loramux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+
+logger = logging.getLogger("loramux")
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """NAME=PATH, or vLLM's JSON form {"name": ..., "path": ...}."""
+    if text.startswith("{"):
+        obj = json.loads(text)
+        return obj["name"], obj["path"]
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora-modules takes NAME=PATH, got {text!r}")
+    return name, path
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="HF model directory; without one, serve the built-in demo (built on first use)",
+    )
+    p.add_argument("--served-model-name", default=None, help="the `model` id of the base model")
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=_lora_module,
+        default=[],
+        metavar="NAME=PATH",
+        help="adapters to load at start",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAMUX_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (or set LORAMUX_API_KEY)",
+    )
+    p.add_argument(
+        "--allowed-lora-dirs",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="folders runtime adapter loads may come from; none: runtime loading is off",
+    )
+    p.add_argument("--log-prompts", action="store_true", help="write prompt text to the log (off by default)")
+    p.add_argument("--log-level", default="info")
+    g = p.add_argument_group("adapters")
+    g.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras)
+    g.add_argument("--max-cpu-loras", type=int, default=None)
+    g.add_argument("--max-lora-rank", type=int, default=LoRAConfig.max_lora_rank)
+    g.add_argument("--max-lora-bytes", type=int, default=None)
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    g.add_argument("--max-prefill-tokens", type=int, default=None)
+    g.add_argument(
+        "--policy", default=SchedulerConfig.policy, choices=["fcfs", "affinity", "completion", "fair"]
+    )
+    g.add_argument("--starvation-timeout", type=float, default=SchedulerConfig.starvation_timeout_s)
+    g.add_argument("--waiting-served-ratio", type=float, default=SchedulerConfig.waiting_served_ratio)
+    g.add_argument("--max-waiting-steps", type=int, default=SchedulerConfig.max_waiting_steps)
+    g.add_argument("--max-queue-len", type=int, default=None, help="answer 503 while this many wait")
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--page-size", type=int, default=CacheConfig.page_size)
+    g.add_argument("--num-pages", type=int, default=None)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=CacheConfig.kv_cache_memory_gb)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-kv-events", action=argparse.BooleanOptionalAction, default=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(
+            model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, seed=args.seed
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_prefill_tokens=args.max_prefill_tokens,
+            policy=args.policy,
+            starvation_timeout_s=args.starvation_timeout,
+            waiting_served_ratio=args.waiting_served_ratio,
+            max_waiting_steps=args.max_waiting_steps,
+            max_queue_len=args.max_queue_len,
+        ),
+        cache=CacheConfig(
+            page_size=args.page_size,
+            num_pages=args.num_pages,
+            kv_cache_memory_gb=args.kv_cache_memory_gb,
+            enable_prefix_caching=args.enable_prefix_caching,
+            enable_kv_events=args.enable_kv_events,
+        ),
+        lora=LoRAConfig(
+            max_loras=args.max_loras,
+            max_cpu_loras=args.max_cpu_loras,
+            max_lora_rank=args.max_lora_rank,
+            max_lora_bytes=args.max_lora_bytes,
+        ),
+    )
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from loramux.engine.llm_engine import LLMEngine
+    from loramux.server.api import ServerConfig, build_app
+    from loramux.server.async_engine import AsyncEngine
+    from loramux.server.metrics import Metrics
+
+    loras = list(args.lora_modules)
+    model, name = args.model, args.served_model_name
+    if model is None:
+        from loramux import demo
+
+        model_dir, adapters = demo.ensure_demo()
+        model, name = str(model_dir), name or demo.BASE_NAME
+        loras = [(n, str(p)) for n, p in adapters.items()] + loras
+    name = name or Path(model).name
+    engine = LLMEngine(engine_config(args, model))
+    for lora_name, path in loras:
+        info = engine.add_lora(lora_name, path)
+        logger.info("adapter %s: rank %d from %s", lora_name, info.rank, path)
+    metrics = Metrics(_config_info(engine))
+    aengine = AsyncEngine(engine)
+    cfg = ServerConfig(
+        served_model_name=name,
+        api_key=args.api_key,
+        allowed_lora_dirs=tuple(args.allowed_lora_dirs),
+        log_prompts=args.log_prompts,
+    )
+    app = build_app(aengine, cfg, metrics)
+    aengine.start()
+    rt = engine.runtime
+    logger.info(
+        "serving %s (%s, %s) with %d adapters on http://%s:%d: %d KV pages of %d tokens, max_model_len %d",
+        name,
+        rt.device,
+        rt.dtype,
+        len(loras),
+        args.host,
+        args.port,
+        rt.num_pages,
+        args.page_size,
+        rt.max_model_len,
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    finally:
+        aengine.shutdown()
+
+
+def _config_info(engine: object) -> dict[str, str]:
+    """The limits as the engine holds them (not as parsed), for the loramux_config metric."""
+    s = engine.scheduler  # type: ignore[attr-defined]
+    rt = engine.runtime  # type: ignore[attr-defined]
+    c = s.config
+    return {
+        "max_loras": str(s.adapters.max_loras),
+        "max_cpu_loras": str(s.adapters.max_cpu_loras),
+        "max_lora_rank": str(s.adapters.max_lora_rank),
+        "max_num_seqs": str(c.max_num_seqs),
+        "max_num_batched_tokens": str(c.max_num_batched_tokens),
+        "prefill_budget": str(c.prefill_budget),
+        "max_queue_len": str(c.max_queue_len or 0),
+        "num_pages": str(s.kv.pool.num_pages),
+        "page_size": str(s.kv.pool.page_size),
+        "max_model_len": str(rt.max_model_len),
+        "prefix_caching": str(int(type(s.kv.cache).__name__ == "RadixPrefixCache")),
+        "starvation_timeout_s": str(c.starvation_timeout_s),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="loramux", description="Serve one base model with many LoRA adapters."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_args(sub.add_parser("serve", help="start the OpenAI-compatible server"))
+    bench = sub.add_parser("bench", help="throughput and latency, side by side with transformers+PEFT")
+    from loramux.bench.cli import add_bench_args
+
+    add_bench_args(bench)
+    args = parser.parse_args(argv)
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            serve(args)
+        else:
+            from loramux.bench.cli import run_bench
+
+            run_bench(args)
+    except ValueError as e:  # configuration errors: say what and how to fix it, no traceback
+        print(f"loramux: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

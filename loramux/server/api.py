@@ -1,0 +1,597 @@
+"""The OpenAI-compatible HTTP API (FastAPI).
+
+Boundary: HTTP in, engine commands out. Handlers validate bodies, map the
+`model` field to the base model or an adapter, queue requests on the
+`AsyncEngine` and render results (JSON or server-sent events). Every error is
+answered in OpenAI's shape; the engine keeps serving everyone else.
+
+Routes: GET /v1/models; POST /v1/completions and /v1/chat/completions (both
+with `stream`); POST /v1/load_lora_adapter and /v1/unload_lora_adapter;
+GET /health and GET /metrics (these two need no API key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loramux.core.adapters import AdapterNotFoundError
+from loramux.core.scheduler import QueueFullError
+from loramux.engine.outputs import RequestOutput
+from loramux.sampling_params import SamplingParams
+from loramux.server.async_engine import AsyncEngine, EngineStepError
+from loramux.server.metrics import Metrics, take_snapshot
+from loramux.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRARequest,
+    UnloadLoRARequest,
+)
+
+logger = logging.getLogger("loramux.server")
+T = TypeVar("T")
+DEFAULT_CHAT_TEMPLATE = (  # used when the tokenizer has none
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str
+    """The `model` id of the base model."""
+    api_key: str | None = None
+    """If set, every /v1 route needs `Authorization: Bearer <key>`."""
+    allowed_lora_dirs: tuple[str, ...] = ()
+    """Runtime adapter loads must resolve inside one of these; none: runtime loading is off."""
+    log_prompts: bool = False
+    """Write prompt text to the log (off: only ids and lengths)."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
+    app = FastAPI(title="loramux", docs_url=None, redoc_url=None)
+    _install_error_handlers(app)
+    api = _API(aengine, cfg, metrics)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(api.check_key)])
+    v1.add_api_route("/models", api.models, methods=["GET"])
+    v1.add_api_route("/completions", api.completions, methods=["POST"])
+    v1.add_api_route("/chat/completions", api.chat, methods=["POST"])
+    v1.add_api_route("/load_lora_adapter", api.load_lora, methods=["POST"])
+    v1.add_api_route("/unload_lora_adapter", api.unload_lora, methods=["POST"])
+    app.include_router(v1)
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/metrics", api.prometheus, methods=["GET"])
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def render(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(APIError)
+    async def _api(_: Request, e: APIError) -> JSONResponse:
+        return render(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return render(APIError(400, f"the request body is not valid JSON: {first.get('msg')}"))
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return render(APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return render(APIError(e.status_code, str(e.detail), code=None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return render(APIError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+
+
+def _to_api_error(e: Exception, model: str) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, AdapterNotFoundError):
+        return APIError(
+            404, f"the model {model!r} does not exist: {e}", code="model_not_found", param="model"
+        )
+    if isinstance(e, QueueFullError):
+        return APIError(
+            503,
+            f"the server is busy: {e}",
+            type_="server_error",
+            code="server_busy",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(e, ValueError | TypeError):
+        return APIError(400, str(e))
+    if isinstance(e, EngineStepError):
+        return APIError(500, str(e), type_="server_error")
+    raise e
+
+
+class _API:
+    def __init__(self, aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> None:
+        self.aengine = aengine
+        self.engine = aengine.engine
+        self.cfg = cfg
+        self.metrics = metrics
+        self.created = int(time.time())
+        self.allowed = [Path(d).resolve() for d in cfg.allowed_lora_dirs]
+
+    async def check_key(self, request: Request) -> None:
+        key = self.cfg.api_key
+        if key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if auth != f"Bearer {key}":
+            raise APIError(
+                401, "missing or wrong API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
+    # --- adapters and models ---
+    async def models(self) -> dict[str, Any]:
+        infos = await self.aengine.call(self.engine.list_loras)
+        base = self.cfg.served_model_name
+        data = [
+            {
+                "id": base,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "loramux",
+                "root": self.engine.config.model.model,
+                "parent": None,
+                "max_model_len": self.engine.runtime.max_model_len,
+            }
+        ]
+        data += [
+            {
+                "id": a.name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "loramux",
+                "root": a.path,
+                "parent": base,
+            }
+            for a in infos
+        ]
+        return {"object": "list", "data": data}
+
+    async def load_lora(self, body: LoadLoRARequest) -> dict[str, Any]:
+        path = self._allowed_path(body.lora_path)
+        try:
+            info = await self.aengine.call(self.engine.add_lora, body.lora_name, str(path), body.pinned)
+        except ValueError as e:
+            raise APIError(400, f"cannot load adapter {body.lora_name!r}: {e}", param="lora_path") from e
+        logger.info("loaded adapter %s (rank %d) from %s", info.name, info.rank, path)
+        return {
+            "object": "lora_adapter",
+            "id": info.name,
+            "rank": info.rank,
+            "version": info.version,
+            "message": f"adapter {info.name!r} loaded",
+        }
+
+    def _allowed_path(self, raw: str) -> Path:
+        if not self.allowed:
+            raise APIError(
+                403,
+                "runtime adapter loading is off; start the server with --allowed-lora-dirs DIR",
+                type_="permission_error",
+                param="lora_path",
+            )
+        path = Path(raw).resolve()  # follows symlinks and '..'
+        if not any(path.is_relative_to(d) for d in self.allowed):
+            raise APIError(
+                403,
+                f"lora_path {raw!r} is outside the allowed adapter folders",
+                type_="permission_error",
+                param="lora_path",
+            )
+        return path
+
+    async def unload_lora(self, body: UnloadLoRARequest) -> dict[str, Any]:
+        try:
+            await self.aengine.call(self.engine.remove_lora, body.lora_name)
+        except AdapterNotFoundError as e:
+            raise APIError(404, str(e), code="model_not_found", param="lora_name") from e
+        logger.info("unloaded adapter %s", body.lora_name)
+        return {
+            "object": "lora_adapter",
+            "id": body.lora_name,
+            "message": f"adapter {body.lora_name!r} unloaded",
+        }
+
+    # --- health and metrics ---
+    async def health(self) -> Response:
+        if not self.aengine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def prometheus(self) -> Response:
+        snap = await self.aengine.call(take_snapshot, self.engine, self.cfg.served_model_name)
+        return Response(self.metrics.render(snap), media_type=CONTENT_TYPE_LATEST)
+
+    # --- generation ---
+    def _lora(self, model: str) -> str | None:
+        return None if model == self.cfg.served_model_name else model
+
+    async def _start(
+        self,
+        rid: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        model: str,
+        tenant: str,
+        fill: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        lora = self._lora(model)
+        if self.cfg.log_prompts:
+            logger.info("request %s model=%s prompt=%r", rid, model, prompt)
+        else:
+            logger.debug("request %s model=%s", rid, model)
+        try:
+            return await self.aengine.add_request(rid, prompt, params, lora, tenant, fill)
+        except Exception as e:
+            err = _to_api_error(e, model)
+            self.metrics.ended(model if err.status != 404 else "unknown", "rejected")
+            raise err from e
+
+    async def _start_all(
+        self,
+        rid: str,
+        prompts: list[str | list[int]],
+        params: SamplingParams,
+        model: str,
+        tenant: str,
+        fill: bool = False,
+    ) -> list[AsyncIterator[RequestOutput]]:
+        streams: list[AsyncIterator[RequestOutput]] = []
+        try:
+            for i, p in enumerate(prompts):
+                streams.append(await self._start(f"{rid}-{i}", p, params, model, tenant, fill))
+        except APIError:
+            for i in range(len(streams)):
+                self.aengine.abort(f"{rid}-{i}")
+            raise
+        return streams
+
+    async def _final(self, streams: list[AsyncIterator[RequestOutput]], model: str) -> list[RequestOutput]:
+        """Every stream's last output; closes (and so aborts) all of them if cancelled."""
+
+        async def last(s: AsyncIterator[RequestOutput]) -> RequestOutput:
+            final = None
+            async for out in s:
+                final = out
+            assert final is not None
+            return final
+
+        try:
+            outs = await asyncio.gather(*(last(s) for s in streams))
+        except EngineStepError as e:
+            self.metrics.ended(model, "error")
+            raise _to_api_error(e, model) from e
+        finally:
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]
+        for out in outs:
+            self.metrics.finished(model, out)
+        return outs
+
+    async def _unless_gone(self, request: Request, work: Awaitable[T], model: str, n: int) -> T:
+        """Await `work`, but cancel it (aborting its requests) if the client disconnects."""
+        task = asyncio.ensure_future(work)
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(watch())
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            watcher.cancel()
+            return task.result()
+        task.cancel()
+        for _ in range(n):
+            self.metrics.ended(model, "abort")
+        raise ClientGone()
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        if body.echo:
+            raise APIError(400, "echo is not supported; leave it false", param="echo")
+        params = body.sampling_params(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+        prompts = body.prompts()
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams = await self._start_all(rid, prompts, params, body.model, body.user or "")
+        if body.stream:
+            return _sse(self._stream_completion(rid, body, streams))
+        try:
+            outs = await self._unless_gone(
+                request, self._final(streams, body.model), body.model, len(streams)
+            )
+        except ClientGone:
+            return Response(status_code=499)
+        choices = [self._completion_choice(i, o, body) for i, o in enumerate(outs)]
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": body.model,
+                "choices": choices,
+                "usage": _usage(outs),
+            }
+        )
+
+    def _completion_choice(self, i: int, out: RequestOutput, body: CompletionRequest) -> dict[str, Any]:
+        comp = out.outputs[0]
+        choice: dict[str, Any] = {
+            "index": i,
+            "text": comp.text,
+            "logprobs": None,
+            "finish_reason": comp.finish_reason,
+        }
+        if body.logprobs is not None and comp.logprobs is not None:
+            choice["logprobs"] = self._completion_logprobs(comp.token_ids, comp.logprobs)
+        if body.return_token_ids:
+            choice["token_ids"] = comp.token_ids
+            choice["prompt_token_ids"] = out.prompt_token_ids
+        return choice
+
+    def _completion_logprobs(self, ids: list[int], lps: list[Any]) -> dict[str, Any]:
+        tok = self.engine.tokenizer
+        names = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
+        top = []
+        for lp in lps:
+            alt = tok.convert_ids_to_tokens([t for t, _ in lp.top]) if tok is not None else []
+            top.append(dict(zip(alt, (v for _, v in lp.top), strict=False)))
+        return {
+            "tokens": names,
+            "token_logprobs": [lp.token_logprob for lp in lps],
+            "top_logprobs": top,
+            "text_offset": [],
+        }
+
+    async def _stream_completion(
+        self, rid: str, body: CompletionRequest, streams: list[AsyncIterator[RequestOutput]]
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        finals: list[RequestOutput] = []
+        async with self._closing(streams, finals, body.model):
+            async for i, out in _merge(streams):
+                comp = out.outputs[0]
+                if not comp.delta_text and not out.finished and not body.return_token_ids:
+                    continue  # the detokenizer holds back a partial character: nothing to send yet
+                choice: dict[str, Any] = {
+                    "index": i,
+                    "text": comp.delta_text,
+                    "logprobs": None,
+                    "finish_reason": comp.finish_reason,
+                }
+                if body.return_token_ids:
+                    choice["token_ids"] = comp.delta_token_ids
+                yield _event(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": body.model,
+                        "choices": [choice],
+                    }
+                )
+                if out.finished:
+                    finals.append(out)
+                    self.metrics.finished(body.model, out)
+        if body.include_usage:
+            yield _event(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": body.model,
+                    "choices": [],
+                    "usage": _usage(finals),
+                }
+            )
+
+    @contextlib.asynccontextmanager
+    async def _closing(
+        self, streams: list[AsyncIterator[RequestOutput]], finals: list[RequestOutput], model: str
+    ) -> AsyncIterator[None]:
+        """Close every stream when a streaming response ends, aborting the unfinished ones."""
+        try:
+            yield
+        finally:
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]
+            for _ in range(len(streams) - len(finals)):
+                self.metrics.ended(model, "abort")
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        prompt = self._render_chat(body)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(limit or 1, k)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self._start_all(
+            rid, [prompt], params, body.model, body.user or "", fill=limit is None
+        )
+        if body.stream:
+            return _sse(self._stream_chat(rid, body, streams))
+        try:
+            outs = await self._unless_gone(request, self._final(streams, body.model), body.model, 1)
+        except ClientGone:
+            return Response(status_code=499)
+        choices = []
+        for i, out in enumerate(outs):
+            comp = out.outputs[0]
+            choice: dict[str, Any] = {
+                "index": i,
+                "message": {"role": "assistant", "content": comp.text},
+                "logprobs": self._chat_logprobs(comp) if body.logprobs else None,
+                "finish_reason": comp.finish_reason,
+            }
+            if body.return_token_ids:
+                choice["token_ids"] = comp.token_ids
+            choices.append(choice)
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.model,
+                "choices": choices,
+                "usage": _usage(outs),
+            }
+        )
+
+    def _render_chat(self, body: ChatCompletionRequest) -> str:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer, so chat is unavailable; use /v1/completions")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        template = getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        try:
+            return tok.apply_chat_template(
+                messages, chat_template=template, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:
+            raise APIError(
+                400, f"cannot apply the chat template to these messages: {e}", param="messages"
+            ) from e
+
+    def _chat_logprobs(self, comp: Any) -> dict[str, Any] | None:
+        if comp.logprobs is None:
+            return None
+        tok = self.engine.tokenizer
+        content = []
+        for t, lp in zip(comp.token_ids, comp.logprobs, strict=False):
+            content.append(
+                {
+                    "token": tok.decode([t]),
+                    "logprob": lp.token_logprob,
+                    "bytes": None,
+                    "top_logprobs": [
+                        {"token": tok.decode([a]), "logprob": v, "bytes": None} for a, v in lp.top
+                    ],
+                }
+            )
+        return {"content": content}
+
+    async def _stream_chat(
+        self, rid: str, body: ChatCompletionRequest, streams: list[AsyncIterator[RequestOutput]]
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> str:
+            return _event(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                }
+            )
+
+        yield chunk({"role": "assistant", "content": ""}, None)
+        finals: list[RequestOutput] = []
+        async with self._closing(streams, finals, body.model):
+            async for _, out in _merge(streams):
+                comp = out.outputs[0]
+                if not comp.delta_text and not out.finished:
+                    continue  # a partial character is held back: nothing to send yet
+                delta: dict[str, Any] = {"content": comp.delta_text} if comp.delta_text else {}
+                yield chunk(delta, comp.finish_reason)
+                if out.finished:
+                    finals.append(out)
+                    self.metrics.finished(body.model, out)
+        if body.include_usage:
+            yield _event(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": body.model,
+                    "choices": [],
+                    "usage": _usage(finals),
+                }
+            )
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    q: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in s:
+                await q.put((i, out))
+        finally:
+            await q.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, out = await q.get()
+            if out is None:
+                remaining -= 1
+            else:
+                yield i, out
+        for t in tasks:
+            t.result()  # re-raise a stream's error
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for e in events:
+                yield e
+        except (APIError, EngineStepError) as err:
+            api = err if isinstance(err, APIError) else APIError(500, str(err), type_="server_error")
+            yield _event(api.body())
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]  # a client that left: abort at once
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _usage(outs: list[RequestOutput]) -> dict[str, int]:
+    p = sum(len(o.prompt_token_ids) for o in outs)
+    c = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

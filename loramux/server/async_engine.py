@@ -1,0 +1,162 @@
+"""AsyncEngine: the engine's step loop on its own thread, with an asyncio face.
+
+Boundary: the engine is single-threaded and never touched from the event loop.
+Everything that reads or changes it (adding a request, aborting one, loading
+an adapter, taking a metrics snapshot) is a command run on the engine thread
+between steps; results come back through futures the event loop awaits, and
+outputs through one asyncio queue per request. The event loop never blocks on
+a step, and a step never waits for a slow client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.outputs import RequestOutput
+from loramux.sampling_params import SamplingParams
+
+logger = logging.getLogger("loramux.server")
+T = TypeVar("T")
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; the requests in flight were ended with this error."""
+
+
+class AsyncEngine:
+    def __init__(
+        self, engine: LLMEngine, on_step: Callable[[list[RequestOutput]], None] | None = None
+    ) -> None:
+        self.engine = engine
+        self.on_step = on_step
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
+
+    # --- lifecycle ---
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(lambda: None)  # wake the thread
+        self._thread.join(timeout=10)
+
+    # --- the engine thread ---
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            idle = not engine.has_unfinished_requests()
+            try:
+                cmd = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                cmd()
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if engine.has_unfinished_requests():
+                self._step()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # an executor bug: end the requests in flight, keep serving
+            logger.exception("engine step failed; ending %d requests", len(self._streams))
+            err = EngineStepError(f"the engine failed on this step: {type(e).__name__}: {e}")
+            for rid in list(self._streams):
+                self.engine.abort_request(rid)
+                self._deliver(rid, err)
+            return
+        if self.on_step is not None:
+            self.on_step(outputs)
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
+    def _deliver(self, rid: str, item: Any) -> None:
+        target = self._streams.get(rid)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    # --- the asyncio side ---
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn(*args, **kwargs)` on the engine thread between steps and await its result."""
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def command() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to the awaiting coroutine
+                fut.set_exception(e)
+
+        self._commands.put(command)
+        return await asyncio.wrap_future(fut)
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        lora_name: str | None = None,
+        tenant: str = "",
+        fill_max_tokens: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request; bad input raises here (ValueError, AdapterNotFoundError, QueueFullError).
+
+        Returns the stream of its outputs. Closing the stream before it finishes (the client went
+        away, the handler was cancelled) aborts the request and frees its pages at once.
+        """
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        try:
+            await self.call(
+                self.engine.add_request, request_id, prompt, params, lora_name, None, tenant, fill_max_tokens
+            )
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return self._outputs(request_id, q)
+
+    async def _outputs(self, request_id: str, q: asyncio.Queue[Any]) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if finished:
+                self._streams.pop(request_id, None)
+            else:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (from any thread); its pages return to the pool at the next command drain."""
+        self._streams.pop(request_id, None)
+        self._commands.put(lambda: self.engine.abort_request(request_id))
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)

@@ -1,0 +1,217 @@
+"""Prometheus metrics for the server (prometheus-client, one registry per server).
+
+Boundary: per-request observations (outcome, latencies, token counts) are
+recorded as requests end; everything the engine knows (queues per adapter,
+residency, KV pages, cumulative counters) comes from a snapshot taken on the
+engine thread when /metrics is scraped, so nothing reads the engine while it
+steps. Per-adapter queues are separate labelled series, not comma-joined labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.outputs import RequestOutput
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_LOAD = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+@dataclass
+class EngineSnapshot:
+    """What /metrics needs from the engine, copied on the engine thread."""
+
+    running: dict[str, int]
+    waiting: dict[str, int]
+    device: list[str]
+    host: list[str]
+    pages_total: int
+    pages_free: int
+    pages_cached: int
+    counters: dict[str, float] = field(default_factory=dict)
+    finished: dict[str, int] = field(default_factory=dict)  # requests the scheduler ended, by reason
+    load_seconds: list[float] = field(default_factory=list)
+
+
+def take_snapshot(engine: LLMEngine, base_name: str) -> EngineSnapshot:
+    """Run on the engine thread."""
+    s = engine.scheduler
+    adapters, kv = s.adapters, s.kv
+    name = {a.uid: a.name for a in (adapters.by_uid(u) for u in adapters.host_uids)}
+
+    def label(n: str) -> str:
+        return n or base_name
+
+    stats = getattr(engine.executor, "load_stats", None)
+    return EngineSnapshot(
+        running={label(k): v for k, v in s.running_by_adapter().items()},
+        waiting={label(k): v for k, v in s.waiting_by_adapter().items()},
+        device=[name.get(u, str(u)) for u in adapters.resident_uids],
+        host=[name[u] for u in adapters.host_uids],
+        pages_total=kv.pool.num_pages,
+        pages_free=kv.pool.num_free,
+        pages_cached=kv.cache.num_evictable,
+        counters={
+            "preemptions": s.counters.num_preemptions,
+            "switches": adapters.num_device_loads,
+            "naive_switches": s.counters.naive_adapter_switches,
+            "device_loads": adapters.num_device_loads,
+            "host_loads": adapters.num_host_loads,
+            "device_evictions": adapters.num_device_evictions,
+            "host_evictions": adapters.num_host_evictions,
+            "prefix_query_tokens": kv.num_prefix_query_tokens,
+            "prefix_hit_tokens": kv.num_prefix_hit_tokens,
+            "steps": s.counters.num_steps,
+            "max_adapters_per_step": s.counters.max_adapters_per_step,
+        },
+        finished=dict(s.counters.num_finished),
+        load_seconds=stats.take_recent() if stats is not None else [],
+    )
+
+
+class Metrics:
+    def __init__(self, config_info: dict[str, str]) -> None:
+        disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+        r = self.registry = CollectorRegistry()
+        p = "loramux_"
+        self.requests = Counter(
+            p + "requests", "Requests by adapter and outcome", ["adapter", "outcome"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            p + "prompt_tokens", "Prompt tokens of finished requests", ["adapter"], registry=r
+        )
+        self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", ["adapter"], registry=r)
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds",
+            "Arrival to first token",
+            ["adapter"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            p + "time_per_output_token_seconds",
+            "Mean time per token after the first",
+            ["adapter"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            p + "e2e_request_latency_seconds",
+            "Arrival to last token",
+            ["adapter"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.running = Gauge(p + "requests_running", "Running requests", ["adapter"], registry=r)
+        self.waiting = Gauge(p + "requests_waiting", "Waiting requests", ["adapter"], registry=r)
+        self.resident = Gauge(
+            p + "adapter_resident", "1 if the adapter sits in this tier", ["adapter", "tier"], registry=r
+        )
+        self.resident_count = Gauge(
+            p + "adapters_resident", "Adapters resident per tier", ["tier"], registry=r
+        )
+        self.loads = Counter(p + "adapter_loads", "Adapter loads per tier", ["tier"], registry=r)
+        self.evictions = Counter(p + "adapter_evictions", "Adapter evictions per tier", ["tier"], registry=r)
+        self.load_seconds = Histogram(
+            p + "adapter_load_seconds", "Seconds per adapter load (disk or slot)", buckets=_LOAD, registry=r
+        )
+        self.switches = Counter(p + "adapter_switches", "Adapter switches (device loads) made", registry=r)
+        self.naive_switches = Counter(
+            p + "adapter_switches_naive", "Switches an arrival-order schedule would have made", registry=r
+        )
+        self.preemptions = Counter(p + "preemptions", "Requests preempted for KV memory", registry=r)
+        self.prefix_query = Counter(p + "prefix_cache_query_tokens", "Prompt tokens looked up", registry=r)
+        self.prefix_hit = Counter(p + "prefix_cache_hit_tokens", "Prompt tokens found cached", registry=r)
+        self.prefix_rate = Gauge(p + "prefix_cache_hit_rate", "Hit tokens / looked-up tokens", registry=r)
+        self.pages_total = Gauge(p + "kv_pages_total", "KV pages in the pool", registry=r)
+        self.pages_free = Gauge(p + "kv_pages_free", "KV pages free", registry=r)
+        self.pages_cached = Gauge(p + "kv_pages_cached", "KV pages held only by the prefix cache", registry=r)
+        self.pages_used = Gauge(p + "kv_pages_in_use", "KV pages held by requests", registry=r)
+        self.steps = Counter(p + "engine_steps", "Engine steps", registry=r)
+        self.engine_finished = Counter(
+            p + "engine_requests_finished",
+            "Requests the scheduler ended, by reason (stop, length, abort)",
+            ["reason"],
+            registry=r,
+        )
+        self.max_adapters = Gauge(
+            p + "max_adapters_per_step", "Most distinct adapters seen in one step", registry=r
+        )
+        self.config = Gauge(p + "config", "Engine limits in effect", ["name"], registry=r)
+        for k, v in config_info.items():
+            self.config.labels(k).set(float(v))
+        self._seen: dict[str, float] = {}  # engine counters already added to the Counters
+
+    def _advance(self, key: str, counter: Counter, value: float) -> None:
+        delta = value - self._seen.get(key, 0.0)
+        if delta > 0:
+            counter.inc(delta)
+        self._seen[key] = value
+
+    # --- per request, as it ends ---
+    def finished(self, adapter: str, out: RequestOutput) -> None:
+        comp = out.outputs[0]
+        self.requests.labels(adapter, comp.finish_reason or "unknown").inc()
+        self.prompt_tokens.labels(adapter).inc(len(out.prompt_token_ids))
+        self.generation_tokens.labels(adapter).inc(len(comp.token_ids))
+        m = out.metrics
+        if m is None or m.first_token_time is None or m.finished_time is None:
+            return
+        self.ttft.labels(adapter).observe(m.first_token_time - m.arrival_time)
+        self.e2e.labels(adapter).observe(m.finished_time - m.arrival_time)
+        if len(comp.token_ids) > 1:
+            self.tpot.labels(adapter).observe(
+                (m.finished_time - m.first_token_time) / (len(comp.token_ids) - 1)
+            )
+
+    def ended(self, adapter: str, outcome: str) -> None:
+        """A request that ended without a final output: aborted, rejected or failed."""
+        self.requests.labels(adapter, outcome).inc()
+
+    # --- from the engine ---
+    def render(self, snap: EngineSnapshot) -> bytes:
+        for gauge, values in ((self.running, snap.running), (self.waiting, snap.waiting)):
+            gauge.clear()
+            for k, v in values.items():
+                gauge.labels(k).set(v)
+        self.resident.clear()
+        for tier, names in (("device", snap.device), ("host", snap.host)):
+            self.resident_count.labels(tier).set(len(names))
+            for n in names:
+                self.resident.labels(n, tier).set(1)
+        c = snap.counters
+        for key, counter in (
+            ("device_loads", self.loads.labels("device")),
+            ("host_loads", self.loads.labels("host")),
+            ("device_evictions", self.evictions.labels("device")),
+            ("host_evictions", self.evictions.labels("host")),
+            ("switches", self.switches),
+            ("naive_switches", self.naive_switches),
+            ("preemptions", self.preemptions),
+            ("prefix_query_tokens", self.prefix_query),
+            ("prefix_hit_tokens", self.prefix_hit),
+            ("steps", self.steps),
+        ):
+            self._advance(key, counter, c[key])
+        for reason, n in snap.finished.items():
+            self._advance("finished:" + reason, self.engine_finished.labels(reason), n)
+        for sec in snap.load_seconds:
+            self.load_seconds.observe(sec)
+        q, h = c["prefix_query_tokens"], c["prefix_hit_tokens"]
+        self.prefix_rate.set(h / q if q else 0.0)
+        self.pages_total.set(snap.pages_total)
+        self.pages_free.set(snap.pages_free)
+        self.pages_cached.set(snap.pages_cached)
+        self.pages_used.set(snap.pages_total - snap.pages_free - snap.pages_cached)
+        self.max_adapters.set(c["max_adapters_per_step"])
+        return generate_latest(self.registry)

@@ -1,0 +1,525 @@
+"""The OpenAI-compatible server, driven with the official `openai` client (issue: server; S6.1-S6.3)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import time
+
+import httpx
+import openai
+import pytest
+
+from loramux import LLM, LoRARequest, SamplingParams
+from tests.server.conftest import start_server
+
+STARTUP = ["r1_qv", "r8_all"]  # loaded with --lora-modules; the rest are loaded at run time
+BASE = "base"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, adapter_dirs, tmp_path_factory):
+    tm = tiny_models["llama"]
+    allowed, _ = adapter_dirs
+    args = [
+        str(tm.path),
+        "--served-model-name",
+        BASE,
+        "--num-pages",
+        "512",
+        "--page-size",
+        "4",
+        "--max-loras",
+        "2",
+        "--max-cpu-loras",
+        "5",
+        "--max-num-seqs",
+        "16",
+        "--max-num-batched-tokens",
+        "512",
+        "--allowed-lora-dirs",
+        str(allowed),
+        "--device",
+        "cpu",
+        "--lora-modules",
+        *(f"{n}={allowed / n}" for n in STARTUP),
+    ]
+    s = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_models, adapter_dirs):
+    """The same model through the offline LLM path: the reference for greedy tokens."""
+    allowed, _ = adapter_dirs
+    llm = LLM(str(tiny_models["llama"].path), num_pages=512, page_size=4, device="cpu")
+
+    def run(prompt: str | list[int], adapter: str | None, max_tokens: int = 8) -> list[int]:
+        lora = None if adapter is None else LoRARequest(adapter, 1, str(allowed / adapter))
+        out = llm.generate(
+            [prompt],
+            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+            lora,
+            use_tqdm=False,
+        )
+        return out[0].outputs[0].token_ids
+
+    run.llm = llm  # type: ignore[attr-defined]
+    return run
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+
+
+def words(seed: int, n: int = 6) -> str:
+    rng = random.Random(seed)
+    return " ".join(
+        rng.choice(["lora", "page", "cache", "fox", "sql", "hello", "world", "batch"]) for _ in range(n)
+    )
+
+
+def completion_tokens(client, model: str, prompt: str, max_tokens: int = 8) -> list[int]:
+    out = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    return out.choices[0].model_extra["token_ids"]
+
+
+# --- models, completions, chat ------------------------------------------------------------------
+
+
+def test_models_lists_base_and_adapters_with_parent(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(STARTUP) <= set(models) and BASE in models
+    assert models["r8_all"].model_extra["parent"] == BASE
+    assert models[BASE].model_extra["parent"] is None
+
+
+def test_S6_1_each_adapter_reaches_the_model(client, offline):
+    prompt = words(1)
+    outs = {m: completion_tokens(client, m, prompt) for m in [BASE, *STARTUP]}
+    for m, toks in outs.items():
+        assert toks == offline(prompt, None if m == BASE else m), m
+    assert outs["r8_all"] != outs[BASE]  # not silently served by the base model
+
+
+def test_completion_fields_and_usage(client):
+    out = client.completions.create(
+        model="r8_all", prompt=words(2), max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.object == "text_completion" and out.model == "r8_all"
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 5 and out.usage.total_tokens == out.usage.prompt_tokens + 5
+
+
+def test_chat_per_adapter_equals_offline_with_the_chat_template(client, offline):
+    tok = offline.llm.get_tokenizer()
+    messages = [{"role": "user", "content": words(3)}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    for model in [BASE, "r1_qv"]:
+        out = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+        want = offline(rendered, None if model == BASE else model, 6)
+        assert out.choices[0].model_extra["token_ids"] == want
+        assert out.choices[0].message.content == tok.decode(want)
+
+
+def test_streaming_completion_and_chat_add_up(client):
+    prompt = words(4)
+    full = client.completions.create(
+        model="r8_all", prompt=prompt, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    chunks = list(
+        client.completions.create(
+            model="r8_all",
+            prompt=prompt,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10
+    msgs = [{"role": "user", "content": prompt}]
+    whole = client.chat.completions.create(
+        model=BASE, messages=msgs, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
+    parts = list(
+        client.chat.completions.create(
+            model=BASE,
+            messages=msgs,
+            max_tokens=7,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == whole.choices[0].message.content
+    assert parts[-1].choices[0].finish_reason == "length"
+
+
+def test_32_concurrent_mixed_adapter_requests_equal_the_offline_path(server, offline):
+    models = [BASE, "r1_qv", "r8_all"]
+    jobs = [(models[i % 3], words(100 + i, 3 + i % 5)) for i in range(32)]
+
+    async def go():
+        aclient = openai.AsyncOpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+        outs = await asyncio.gather(
+            *(
+                aclient.completions.create(
+                    model=m,
+                    prompt=p,
+                    max_tokens=8,
+                    temperature=0,
+                    extra_body={"return_token_ids": True, "ignore_eos": True},
+                )
+                for m, p in jobs
+            )
+        )
+        await aclient.close()
+        return outs
+
+    outs = asyncio.run(go())
+    for (m, p), out in zip(jobs, outs, strict=True):
+        assert out.choices[0].model_extra["token_ids"] == offline(p, None if m == BASE else m), (m, p)
+    metrics = server.metrics()
+    assert metrics["loramux_max_adapters_per_step"] <= 2  # --max-loras 2 held under load
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def error_of(exc: openai.APIStatusError) -> dict:
+    body = exc.response.json()
+    assert set(body["error"]) >= {"message", "type", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_tokens=-1), "max_tokens=-1"),
+        (dict(max_tokens=10**6), "exceeds the model's limit of 256"),
+        (dict(temperature=5.0), "temperature=5.0"),
+        (dict(prompt=[5] * 300), "exceeds the model's limit"),
+        (dict(n=2), "n=2"),
+        (dict(extra_body={"top_p": 0}), "top_p=0"),
+    ],
+)
+def test_bad_parameters_answer_400_in_openai_shape(client, kwargs, match):
+    args = {"model": BASE, "prompt": "hello", "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(**args)
+    assert ei.value.status_code == 400 and match in error_of(ei.value)["message"]
+
+
+def test_malformed_json_and_missing_fields_answer_400(server):
+    r = httpx.post(
+        server.v1 + "/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.v1 + "/completions", json={"prompt": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_unknown_adapter_is_404_model_not_found(client):
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
+    err = error_of(ei.value)
+    assert err["code"] == "model_not_found" and "no-such-adapter" in err["message"]
+
+
+def test_prompts_are_not_logged_by_default(client, server):
+    client.completions.create(model=BASE, prompt="zebra quartz unique marker", max_tokens=2)
+    assert "zebra quartz" not in server.log_text()
+
+
+# --- adapters at run time (S6.3, S5.4) ---------------------------------------------------------------
+
+
+def test_runtime_load_unload_and_reload_with_different_weights(server, client, offline, adapter_dirs):
+    allowed, _ = adapter_dirs
+    prompt = words(7, 9)
+    r = httpx.post(
+        server.v1 + "/load_lora_adapter", json={"lora_name": "swap", "lora_path": str(allowed / "rs4_attn")}
+    )
+    assert r.status_code == 200, r.text
+    first = completion_tokens(client, "swap", prompt)
+    assert first == offline(prompt, "rs4_attn")
+    assert httpx.post(server.v1 + "/unload_lora_adapter", json={"lora_name": "swap"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="swap", prompt=prompt, max_tokens=2)
+    hits = server.metrics()["loramux_prefix_cache_hit_tokens_total"]
+    r = httpx.post(
+        server.v1 + "/load_lora_adapter", json={"lora_name": "swap", "lora_path": str(allowed / "r64_mlp")}
+    )
+    assert r.status_code == 200, r.text
+    second = completion_tokens(client, "swap", prompt)
+    assert second == offline(prompt, "r64_mlp") and second != first  # new weights, no stale KV
+    assert server.metrics()["loramux_prefix_cache_hit_tokens_total"] == hits  # the old pages were not reused
+    httpx.post(server.v1 + "/unload_lora_adapter", json={"lora_name": "swap"})
+
+
+def test_unload_while_a_request_runs_lets_it_finish_then_frees_it(server, adapter_dirs):
+    allowed, _ = adapter_dirs
+    r = httpx.post(
+        server.v1 + "/load_lora_adapter", json={"lora_name": "busy", "lora_path": str(allowed / "r1_qv")}
+    )
+    assert r.status_code == 200
+    body = {
+        "model": "busy",
+        "prompt": words(8),
+        "max_tokens": 120,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    tokens, finish = [], None
+    with httpx.stream("POST", server.v1 + "/completions", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                tokens += __import__("json").loads(line[6:])["choices"][0]["token_ids"]
+                if len(tokens) >= 3:
+                    break
+        assert httpx.post(server.v1 + "/unload_lora_adapter", json={"lora_name": "busy"}).status_code == 200
+        for line in lines:
+            if line.startswith("data: {"):
+                choice = __import__("json").loads(line[6:])["choices"][0]
+                tokens += choice["token_ids"]
+                finish = choice["finish_reason"] or finish
+    assert len(tokens) == 120 and finish == "length"  # it finished normally
+    assert "busy" not in {m["id"] for m in httpx.get(server.v1 + "/models").json()["data"]}
+    m = server.metrics()
+    assert not any('adapter="busy"' in k and "adapter_resident" in k for k in m)  # weights gone
+    assert m["loramux_kv_pages_in_use"] == 0
+
+
+def test_runtime_load_outside_allowed_dirs_is_403(server, adapter_dirs, tmp_path):
+    allowed, outside = adapter_dirs
+    cases = [str(outside / "r1_qv"), str(allowed / ".." / "outside" / "r1_qv")]
+    link = allowed / "sneaky"
+    link.symlink_to(outside / "r1_qv")  # a symlink inside that points outside
+    cases.append(str(link))
+    try:
+        for path in cases:
+            r = httpx.post(server.v1 + "/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+            assert r.status_code == 403, path
+            assert r.json()["error"]["type"] == "permission_error"
+    finally:
+        link.unlink()
+
+
+def test_failed_loads_answer_400_and_the_server_keeps_serving(server, client, adapter_dirs, tiny_models):
+    allowed, _ = adapter_dirs
+    (allowed / "empty").mkdir(exist_ok=True)
+    corrupt = allowed / "corrupt"
+    if not corrupt.exists():
+        shutil.copytree(allowed / "r1_qv", corrupt)
+        (corrupt / "adapter_model.safetensors").write_bytes(b"garbage" * 9)
+    for path, match in [
+        (allowed / "empty", "no adapter_config.json"),
+        (corrupt, "corrupt"),
+        (allowed / "missing", "is not a directory"),
+    ]:
+        r = httpx.post(server.v1 + "/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(path)})
+        assert r.status_code == 400 and match in r.json()["error"]["message"], r.text
+    out = client.completions.create(model="r8_all", prompt="still here", max_tokens=3)
+    assert out.choices[0].finish_reason is not None
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="bad", prompt="x", max_tokens=2)
+    r = httpx.post(server.v1 + "/unload_lora_adapter", json={"lora_name": "never-loaded"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+# --- disconnects, metrics, flags ---------------------------------------------------------------------
+
+
+def wait_for(cond, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+ENGINE_ABORTS = 'loramux_engine_requests_finished_total{reason="abort"}'
+ENGINE_LENGTH = 'loramux_engine_requests_finished_total{reason="length"}'
+
+
+def test_client_disconnect_mid_stream_frees_its_pages(server):
+    m0 = server.metrics()
+    before = m0.get('loramux_requests_total{adapter="base",outcome="abort"}', 0)
+    body = {"model": BASE, "prompt": words(9), "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.v1 + "/completions", json=body, timeout=60) as resp:
+        seen = 0
+        for line in resp.iter_lines():
+            seen += line.startswith("data: {")
+            if seen >= 2:
+                break  # leave mid-stream: the connection closes here
+    assert wait_for(lambda: server.metrics()["loramux_kv_pages_in_use"] == 0)
+    m = server.metrics()
+    assert m['loramux_requests_total{adapter="base",outcome="abort"}'] == before + 1
+    # The engine itself aborted it: it did not run on to its 200 tokens.
+    assert m[ENGINE_ABORTS] == m0.get(ENGINE_ABORTS, 0) + 1 and m.get(ENGINE_LENGTH, 0) == m0.get(
+        ENGINE_LENGTH, 0
+    )
+    assert not any(k.startswith("loramux_requests_running{") and v for k, v in m.items())
+
+
+def test_client_disconnect_before_a_plain_answer_frees_its_pages(server):
+    key = 'loramux_requests_total{adapter="base",outcome="abort"}'
+    m0 = server.metrics()
+    before = m0.get(key, 0)
+    prompts = [words(200 + i) for i in range(32)]  # 32 requests of 200 tokens: far longer than 0.1 s
+    body = {"model": BASE, "prompt": prompts, "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.v1 + "/completions", json=body, timeout=0.1)
+    assert wait_for(lambda: server.metrics()["loramux_kv_pages_in_use"] == 0)
+    m = server.metrics()
+    assert m[key] == before + 32
+    assert m[ENGINE_ABORTS] == m0.get(ENGINE_ABORTS, 0) + 32  # the engine ended all 32 early...
+    assert m.get(ENGINE_LENGTH, 0) == m0.get(ENGINE_LENGTH, 0)  # ...and none ran on to its length
+
+
+def test_metrics_are_prometheus_text_with_every_family(server, client):
+    client.completions.create(model="r1_qv", prompt="metrics please", max_tokens=3)
+    m = server.metrics()
+    for name in [
+        "loramux_requests_total",
+        "loramux_prompt_tokens_total",
+        "loramux_generation_tokens_total",
+        "loramux_time_to_first_token_seconds_count",
+        "loramux_time_per_output_token_seconds_count",
+        "loramux_e2e_request_latency_seconds_count",
+        "loramux_adapters_resident",
+        "loramux_adapter_loads_total",
+        "loramux_adapter_evictions_total",
+        "loramux_adapter_load_seconds_count",
+        "loramux_prefix_cache_hit_rate",
+        "loramux_preemptions_total",
+        "loramux_kv_pages_free",
+        "loramux_adapter_switches_total",
+        "loramux_adapter_switches_naive_total",
+    ]:
+        assert any(k == name or k.startswith(name + "{") for k in m), name
+    assert m['loramux_requests_total{adapter="r1_qv",outcome="length"}'] >= 1
+    assert m['loramux_adapters_resident{tier="device"}'] <= 2
+
+
+def test_S6_2_command_line_limits_reach_the_engine(server):
+    m = server.metrics()
+    expect = {
+        "max_loras": 2,
+        "max_cpu_loras": 5,
+        "max_num_seqs": 16,
+        "max_num_batched_tokens": 512,
+        "num_pages": 512,
+        "page_size": 4,
+        "max_lora_rank": 64,
+        "prefix_caching": 1,
+    }
+    for k, v in expect.items():
+        assert m[f'loramux_config{{name="{k}"}}'] == v, k
+
+
+def test_S6_2_every_serve_flag_lands_in_the_engine_config():
+    import argparse
+
+    from loramux.cli import add_serve_args, engine_config
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    a = p.parse_args(
+        [
+            "m",
+            "--max-loras",
+            "3",
+            "--max-cpu-loras",
+            "9",
+            "--max-lora-rank",
+            "16",
+            "--max-lora-bytes",
+            "1000",
+            "--max-num-seqs",
+            "7",
+            "--max-num-batched-tokens",
+            "99",
+            "--max-prefill-tokens",
+            "50",
+            "--policy",
+            "fair",
+            "--starvation-timeout",
+            "2.5",
+            "--waiting-served-ratio",
+            "0.3",
+            "--max-waiting-steps",
+            "4",
+            "--max-queue-len",
+            "11",
+            "--page-size",
+            "8",
+            "--num-pages",
+            "77",
+            "--kv-cache-memory-gb",
+            "0.5",
+            "--no-enable-prefix-caching",
+            "--enable-kv-events",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--max-model-len",
+            "128",
+            "--seed",
+            "5",
+        ]
+    )
+    c = engine_config(a, "m")
+    assert (c.lora.max_loras, c.lora.max_cpu_loras, c.lora.max_lora_rank, c.lora.max_lora_bytes) == (
+        3,
+        9,
+        16,
+        1000,
+    )
+    s = c.scheduler
+    assert (
+        s.max_num_seqs,
+        s.max_num_batched_tokens,
+        s.max_prefill_tokens,
+        s.policy,
+        s.starvation_timeout_s,
+        s.waiting_served_ratio,
+        s.max_waiting_steps,
+        s.max_queue_len,
+    ) == (7, 99, 50, "fair", 2.5, 0.3, 4, 11)
+    k = c.cache
+    assert (k.page_size, k.num_pages, k.kv_cache_memory_gb, k.enable_prefix_caching, k.enable_kv_events) == (
+        8,
+        77,
+        0.5,
+        False,
+        True,
+    )
+    assert (c.model.dtype, c.model.device, c.model.max_model_len, c.model.seed) == ("float32", "cpu", 128, 5)
