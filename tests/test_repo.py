@@ -39,3 +39,9 @@ def test_ci_runs_the_readme_test_command():
     assert "test-command" in ci and "README.md" in ci
     head = readme.split("## ", 1)[0]  # both commands open the README, before any section
     assert head.index("<!-- serve-command -->") < head.index("<!-- test-command -->")
+
+
+def test_every_package_folder_has_an_init_so_a_regular_install_ships_it():
+    for folder in (ROOT / "loramux").rglob("*"):
+        if folder.is_dir() and folder.name != "__pycache__" and any(folder.glob("*.py")):
+            assert (folder / "__init__.py").is_file(), f"{folder} has no __init__.py"

@@ -1,0 +1,1 @@
+"""Model code in plain PyTorch, one module per architecture family (llama.py: Llama, Mistral, Qwen2)."""
