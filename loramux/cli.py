@@ -84,6 +84,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory-gb", type=float, default=CacheConfig.kv_cache_memory_gb)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enable-kv-events", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--host-kv-pages", type=int, default=0, help="host-memory pages for evicted prefix pages")
     g = p.add_argument_group("model")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto")
@@ -112,6 +113,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             enable_prefix_caching=args.enable_prefix_caching,
             enable_kv_events=args.enable_kv_events,
+            host_kv_pages=args.host_kv_pages,
         ),
         lora=LoRAConfig(
             max_loras=args.max_loras,

@@ -67,12 +67,16 @@ class CacheConfig:
     """Reuse KV pages across requests with a shared prefix, per adapter (S5)."""
     enable_kv_events: bool = False
     """Publish stored/removed page events with namespaced block hashes (S5.5)."""
+    host_kv_pages: int = 0
+    """Pages of host memory for prefix-cache pages evicted from the device (0: no host tier)."""
 
     def __post_init__(self) -> None:
         own = "CacheConfig"
         _positive(own, "page_size", self.page_size)
         _positive(own, "num_pages", self.num_pages)
         _positive(own, "kv_cache_memory_gb", self.kv_cache_memory_gb)
+        if self.host_kv_pages < 0:
+            raise ValueError(f"CacheConfig.host_kv_pages={self.host_kv_pages}; use 0 (off) or more")
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,11 @@ def make_scheduler(
     max_model_len: int = 4096,
     clock: FakeClock | None = None,
     adapters: tuple[str, ...] = (),
+    host_pages: int = 0,
     **sched: object,
 ) -> Scheduler:
     cfg = SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 64, **sched})  # type: ignore[arg-type]
-    kv = KVCacheManager.create(num_pages, page_size, prefix, events)
+    kv = KVCacheManager.create(num_pages, page_size, prefix, events, host_pages)
     mgr = AdapterManager(max_loras, max_cpu_loras or max(max_loras, 4), max_lora_rank, max_lora_bytes)
     s = Scheduler(cfg, kv, mgr, max_model_len, clock=clock or FakeClock())
     for name in adapters:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import statistics
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from loramux.bench.report import Summary, machine, plot_series, summarize_run, table, today, write_section
 from loramux.bench.systems import (
@@ -70,10 +72,23 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--rank", type=int, default=8, help="adapter rank (on q_proj and v_proj)")
     p.add_argument("--modes", nargs="+", choices=["offline", "online"], default=["offline", "online"])
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="interleaved rounds of the loramux offline runs; tables show the median run, ratios "
+        "the median of per-round ratios",
+    )
     p.add_argument("--peft-batch-sizes", nargs="+", type=int)
     p.add_argument("--no-peft", action="store_true", help="skip the transformers+PEFT baselines")
     p.add_argument("--slo", type=float, default=6.0, help="TTFT target in seconds for SLO attainment")
-    p.add_argument("--max-loras", type=int, default=32)
+    p.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        help="device adapter slots; default --max-num-seqs, so the cap never binds (here the slots cost "
+        "a few MB; set it lower to see the cap at work)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=str(cache_root() / "bench"))
@@ -120,6 +135,7 @@ def run_bench(a: argparse.Namespace) -> None:
         )
         for i in tqdm(range(n_max), desc="adapters", unit="adapter", leave=False)
     ]
+    a.max_loras = a.max_loras or a.max_num_seqs
     settings = LoramuxSettings(
         max_loras=a.max_loras, max_lora_rank=a.rank, max_num_seqs=a.max_num_seqs, device=a.device
     )
@@ -128,50 +144,71 @@ def run_bench(a: argparse.Namespace) -> None:
     )
     scale_points = [n for n in plan.num_adapters if n != plan.main_adapters]
     alpha_points = [x for x in plan.alphas if x != 1.0]
-    per_mode = 2 if a.no_peft else 4
-    bar = tqdm(
-        total=per_mode * len(a.modes) + len(scale_points) + len(alpha_points), desc="bench", unit="run"
-    )
+    # loramux offline configurations, run in interleaved rounds: (key, workload, base only)
+    configs = [("adapters", wl, False), ("base", wl, True)]
+    configs += [(f"n={n}", replace(wl, num_adapters=n), False) for n in scale_points]
+    configs += [(f"alpha={x}", replace(wl, alpha=x), False) for x in alpha_points]
+    offline, online = "offline" in a.modes, "online" in a.modes
+    peft_runs = 0 if a.no_peft else 2 * len(a.modes) + len(plan.peft_batch_sizes)
+    bar = tqdm(total=a.reps * len(configs) * offline + 2 * online + peft_runs, desc="bench", unit="run")
 
     def loramux(cfg: WorkloadConfig, mode: str, base_only: bool = False) -> RunResult:
         reqs = generate_requests(cfg)
+        prompts = make_prompts(reqs, 512)
         result = run_loramux(
-            model_dir, adapters[: cfg.num_adapters], reqs, make_prompts(reqs, 512), mode, settings, base_only
+            model_dir, adapters[: cfg.num_adapters], reqs, prompts, mode, settings, base_only
         )
         bar.update(1)
         return result
 
+    rounds: list[dict[str, RunResult]] = []
+    for _ in range(a.reps if offline else 0):  # interleaved, so the machine's drift hits every config alike
+        rounds.append({key: loramux(cfg, "offline", base) for key, cfg, base in configs})
     main: list[RunResult] = []
+    if offline:
+        main += [_median_run(rounds, "adapters"), _median_run(rounds, "base")]
+    if online:
+        main += [loramux(wl, "online"), loramux(wl, "online", base_only=True)]
     best_batch = None
-    harness = None
-    for mode in a.modes:
-        main.append(loramux(wl, mode))
-        main.append(loramux(wl, mode, base_only=True))
-        if a.no_peft:
-            continue
+    if not a.no_peft:
         reqs = generate_requests(wl)
         prompts = make_prompts(reqs, 512)
-        if harness is None:
-            used = {r.adapter: adapters[r.adapter] for r in reqs}
-            harness = PeftHarness(model_dir, used, a.device)
-        if best_batch is None:
-            best_batch = _best_batch(harness, reqs, prompts, plan.peft_batch_sizes, a.slo)
-        main.append(run_peft(harness, reqs, prompts, mode, best_batch, one_adapter=False))
-        bar.update(1)
-        main.append(run_peft(harness, reqs, prompts, mode, best_batch, one_adapter=True))
-        bar.update(1)
-    offline_main = next((r for r in main if r.system == "loramux" and r.mode == "offline"), None)
-    scale = [(plan.main_adapters, offline_main)] if offline_main else []
-    scale += [(n, loramux(replace(wl, num_adapters=n), "offline")) for n in scale_points]
-    alpha = [(1.0, offline_main)] if offline_main else []
-    alpha += [(x, loramux(replace(wl, alpha=x), "offline")) for x in alpha_points]
+        harness = PeftHarness(model_dir, {r.adapter: adapters[r.adapter] for r in reqs}, a.device)
+        best_batch = _best_batch(harness, reqs, prompts, plan.peft_batch_sizes, a.slo, bar)
+        for mode in a.modes:
+            for one in (False, True):
+                main.append(run_peft(harness, reqs, prompts, mode, best_batch, one_adapter=one))
+                bar.update(1)
     bar.close()
-    text = _report(a, plan, wl, main, scale, alpha, best_batch)
-    print(text)
+    main.sort(key=lambda r: (r.mode != "offline", _ORDER.index(r.system)))
+    print(_report(a, plan, wl, main, rounds, scale_points, alpha_points, best_batch))
+
+
+_ORDER = [
+    "loramux",
+    "loramux, base only",
+    "transformers+PEFT, mixed",
+    "transformers+PEFT, one adapter at a time",
+]
+
+
+def _tps(run: RunResult) -> float:
+    return sum(x.output_tokens for x in run.records) / max(run.wall, 1e-9)
+
+
+def _median_run(rounds: list[dict[str, RunResult]], key: str) -> RunResult:
+    """The round whose run of `key` had the median throughput: a real run, not a blend of runs."""
+    runs = sorted((r[key] for r in rounds), key=_tps)
+    return runs[len(runs) // 2]
+
+
+def _ratio(rounds: list[dict[str, RunResult]], top: str, bottom: str) -> float:
+    """Median over rounds of the throughput ratio top / bottom, each pair measured in one round."""
+    return statistics.median(_tps(r[top]) / _tps(r[bottom]) for r in rounds)
 
 
 def _best_batch(
-    harness: PeftHarness, reqs: list, prompts: list[list[int]], sizes: tuple[int, ...], slo: float
+    harness: PeftHarness, reqs: list, prompts: list[list[int]], sizes: tuple[int, ...], slo: float, bar: Any
 ) -> int:
     """The PEFT mixed batch size with the highest offline throughput on the first requests."""
     sample = reqs[: max(sizes) * 2]
@@ -180,6 +217,7 @@ def _best_batch(
         tps = summarize_run(
             run_peft(harness, sample, prompts, "offline", b, one_adapter=False), slo
         ).tokens_per_s
+        bar.update(1)
         if tps > best_tps:
             best, best_tps = b, tps
     return best
@@ -190,21 +228,24 @@ def _report(
     plan: Plan,
     wl: WorkloadConfig,
     main: list[RunResult],
-    scale: list[tuple[int, RunResult | None]],
-    alpha: list[tuple[float, RunResult | None]],
+    rounds: list[dict[str, RunResult]],
+    scale_points: list[int],
+    alpha_points: list[float],
     best_batch: int | None,
 ) -> str:
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sums = [summarize_run(r, a.slo) for r in main]
     import torch
 
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if a.device != "cpu" and torch.cuda.is_available() else "cpu"
     key = f"{plan.size}-{device}{'-quick' if a.quick else ''}"
-    scale_s = [(n, summarize_run(r, a.slo)) for n, r in scale if r is not None]
-    alpha_s = [(x, summarize_run(r, a.slo)) for x, r in alpha if r is not None]
-    base = next((s for s in sums if s.system == "loramux, base only" and s.mode == "offline"), None)
+    sums = [summarize_run(r, a.slo) for r in main]
+    scale = [(n, k) for n, k in [(plan.main_adapters, "adapters"), *((n, f"n={n}") for n in scale_points)]]
+    alpha = [(x, k) for x, k in [(1.0, "adapters"), *((x, f"alpha={x}") for x in alpha_points)]]
+    scale_s = sorted((n, summarize_run(_median_run(rounds, k), a.slo)) for n, k in scale) if rounds else []
+    alpha_s = sorted((x, summarize_run(_median_run(rounds, k), a.slo)) for x, k in alpha) if rounds else []
     series = {"loramux": [(float(n), s.tokens_per_s) for n, s in scale_s]}
+    base = next((s for s in sums if s.system == "loramux, base only" and s.mode == "offline"), None)
     if base is not None:
         series["loramux, base only"] = [(float(n), base.tokens_per_s) for n, _ in scale_s]
     for s in sums:
@@ -223,7 +264,15 @@ def _report(
         "alpha (1 = uniform; smaller = more skewed)",
         {"loramux": [(x, s.tokens_per_s) for x, s in alpha_s]},
     )
-    body = _markdown(a, plan, wl, sums, scale_s, alpha_s, best_batch, key, adapters_png.name, alpha_png.name)
+    ratios = {}
+    if rounds:
+        ratios["base"] = _ratio(rounds, "adapters", "base")
+        lo, hi = min(scale), max(scale)
+        if lo != hi:
+            ratios["scale"] = _ratio(rounds, hi[1], lo[1])
+    body = _markdown(
+        a, plan, wl, sums, scale_s, alpha_s, ratios, best_batch, key, adapters_png.name, alpha_png.name
+    )
     (out / "report.md").write_text(body)
     if a.write_docs:
         doc = Path(a.write_docs)
@@ -249,6 +298,7 @@ def _markdown(
     sums: list[Summary],
     scale: list[tuple[int, Summary]],
     alpha: list[tuple[float, Summary]],
+    ratios: dict[str, float],
     best_batch: int | None,
     key: str,
     adapters_png: str,
@@ -257,13 +307,13 @@ def _markdown(
     def find(system: str, mode: str = "offline") -> Summary | None:
         return next((s for s in sums if s.system == system and s.mode == mode), None)
 
-    lm, base = find("loramux"), find("loramux, base only")
+    lm = find("loramux")
     mixed, single = find("transformers+PEFT, mixed"), find("transformers+PEFT, one adapter at a time")
-    by_n = dict(scale)
+    command = shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else ""
     lines = [
         f"## loramux bench: {key}",
         "",
-        f"Command: `loramux bench {shlex.join(sys.argv[2:]) if sys.argv[1:2] == ['bench'] else ''}`".rstrip(),
+        f"Command: `{f'loramux bench {command}'.strip()}`",
         "",
         f"Machine: {machine()}. Date: {today()}.",
         "",
@@ -271,7 +321,9 @@ def _markdown(
         f"rate {wl.req_rate}/s, cv {wl.cv}, input lengths U{list(wl.input_range)}, output lengths "
         f"U{list(wl.output_range)} (half-open; scaled down from [8, 512) for this machine), adapters of rank "
         f"{a.rank} on q_proj and v_proj, random weights. loramux: max_loras={a.max_loras}, "
-        f"max_num_seqs={a.max_num_seqs}. SLO: TTFT < {a.slo} s.",
+        f"max_num_seqs={a.max_num_seqs}. SLO: TTFT < {a.slo} s. The loramux offline runs were repeated in "
+        f"{a.reps} interleaved rounds: tables show the median run, and ratios between loramux runs are the "
+        f"median of the per-round ratios (this shared machine's speed drifts by tens of percent).",
         "",
         f"### Main comparison: {plan.main_adapters} adapters, alpha 1",
         "",
@@ -284,7 +336,7 @@ def _markdown(
             f"{list(plan.peft_batch_sizes)} in an offline sweep on the first requests).",
             "",
         ]
-    lines += ["Headline ratios (offline throughput, generated tokens/s):", ""]
+    lines += ["Headline ratios (offline, generated tokens/s):", ""]
     if lm and mixed:
         lines.append(
             f"- loramux / transformers+PEFT mixed, {plan.main_adapters} adapters: "
@@ -292,23 +344,19 @@ def _markdown(
         )
     if lm and single:
         lines.append(
-            f"- loramux / transformers+PEFT one adapter at a time: "
+            f"- loramux / transformers+PEFT one adapter at a time, {plan.main_adapters} adapters: "
             f"**{lm.tokens_per_s / single.tokens_per_s:.2f}x**"
         )
-    if lm and base:
+    if "base" in ratios:
         lines.append(
-            f"- loramux with adapters / loramux base only: **{lm.tokens_per_s / base.tokens_per_s:.3f}** "
-            f"(target >= 0.90)"
+            f"- loramux with adapters / loramux base only: **{ratios['base']:.3f}** (target >= 0.90)"
         )
-    lo, hi = min(by_n, default=None), max(by_n, default=None)
-    if lo is not None and hi is not None and lo != hi:
-        lines.append(
-            f"- {hi} adapters / {lo} adapters: **{by_n[hi].tokens_per_s / by_n[lo].tokens_per_s:.3f}** "
-            f"(target >= 0.95)"
-        )
+    if "scale" in ratios:
+        lo, hi = min(n for n, _ in scale), max(n for n, _ in scale)
+        lines.append(f"- {hi} adapters / {lo} adapters: **{ratios['scale']:.3f}** (target >= 0.95)")
     lines += [
         "",
-        "### Throughput against the number of adapters (loramux, offline)",
+        "### Throughput against the number of adapters (loramux, offline, median run)",
         "",
         "| adapters | tokens/s | requests/s | adapter loads |",
         "|---|---|---|---|",
@@ -320,7 +368,7 @@ def _markdown(
         "",
         f"![throughput against adapters]({adapters_png})",
         "",
-        "### Throughput against alpha (loramux, offline)",
+        "### Throughput against alpha (loramux, offline, median run)",
         "",
         "| alpha | tokens/s | requests/s | adapter loads |",
         "|---|---|---|---|",

@@ -18,12 +18,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from loramux.core.page_pool import PagePool
-from loramux.core.prefix_cache import NullPrefixCache, PrefixCache, RadixPrefixCache
+from loramux.core.prefix_cache import MatchResult, NullPrefixCache, PrefixCache, RadixPrefixCache
 from loramux.core.request import Request
 
 
 class PrefixHit(NamedTuple):
-    pages: list[int]
+    pages: list[int]  # cached device pages
+    host: list[object]  # then cached pages in host memory, brought back on admission
     num_tokens: int
 
 
@@ -40,14 +41,19 @@ class KVCacheManager:
 
     @classmethod
     def create(
-        cls, num_pages: int, page_size: int, enable_prefix_caching: bool, enable_kv_events: bool = False
+        cls,
+        num_pages: int,
+        page_size: int,
+        enable_prefix_caching: bool,
+        enable_kv_events: bool = False,
+        host_pages: int = 0,
     ) -> KVCacheManager:
+        """A pool of `num_pages` device pages; with prefix caching, `host_pages` more in host memory."""
         pool = PagePool(num_pages, page_size)
-        cache: PrefixCache = (
-            RadixPrefixCache(pool, enable_events=enable_kv_events)
-            if enable_prefix_caching
-            else NullPrefixCache(pool)
-        )
+        cache: PrefixCache = NullPrefixCache(pool)
+        if enable_prefix_caching:
+            host = PagePool(host_pages, page_size) if host_pages > 0 else None
+            cache = RadixPrefixCache(pool, enable_events=enable_kv_events, host_pool=host)
         return cls(pool, cache)
 
     # --- admission ---
@@ -57,11 +63,11 @@ class KVCacheManager:
         max_pages = (req.num_tokens - 1) // self.page_size
         hit = self.cache.match(req.adapter_uid, req.token_ids, max_pages)
         self._cursors[req.request_id] = hit.cursor
-        return PrefixHit(hit.pages, len(hit.pages) * self.page_size)
+        return PrefixHit(hit.pages, hit.host, (len(hit.pages) + len(hit.host)) * self.page_size)
 
     def undo_match(self, req: Request, hit: PrefixHit) -> None:
         """Give back a match whose request was not admitted after all."""
-        self.cache.release(req.adapter_uid, hit.pages)
+        self.cache.unmatch(req.adapter_uid, MatchResult(hit.pages, hit.host, None))
         self._cursors.pop(req.request_id, None)
 
     def can_allocate(self, num_pages: int) -> bool:
@@ -90,9 +96,11 @@ class KVCacheManager:
         else:
             new = []
         if hit is not None:
+            if hit.host:  # cached pages in host memory come back onto the first new device pages
+                self.cache.onload(hit.host, new[: len(hit.host)])
             req.page_ids = hit.pages + new
             req.num_computed_tokens = hit.num_tokens
-            req.num_inserted_pages = len(hit.pages)
+            req.num_inserted_pages = len(hit.pages) + len(hit.host)
         else:
             req.page_ids.extend(new)
         return True

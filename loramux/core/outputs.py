@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from loramux.core.adapters import AdapterPlan
+from loramux.core.prefix_cache import KVCopy
 
 
 class ScheduledSeq(NamedTuple):
@@ -34,6 +35,9 @@ class SchedulerOutput:
     adapter_plan: AdapterPlan
     finished_ids: list[str] = field(default_factory=list)  # finished since the last step
     preempted_ids: list[str] = field(default_factory=list)
+    kv_copies: list[KVCopy] = field(
+        default_factory=list
+    )  # host-tier page copies, in order, before the forward
 
     @property
     def is_empty(self) -> bool:

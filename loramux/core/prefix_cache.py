@@ -12,10 +12,19 @@ page whose key is the tuple of that page's tokens:
     root(ns) ── (t0..t15) ── (t16..t31) ── ...
                           └─ (u16..u31)
 
-The cache holds one reference on every page in the tree; a page whose count is
-1 is idle (cache-only) and can be evicted. Running requests hold a root-side
-path of the tree, so an idle node's whole subtree is idle and leaves are
-evicted first, least recently used first (S5.6).
+The cache holds one reference on every device page in the tree; a page whose
+count is 1 is idle (cache-only) and can be evicted. Running requests hold a
+root-side path of the tree, so an idle node's whole subtree is idle, and
+"device leaves" (nodes with no child on the device) go first, least recently
+used first (S5.6).
+
+Host tier (optional, `host_pool`): an evicted device leaf moves to a host page
+instead of being dropped (the executor copies it out before the page is
+reused), and a later match that walks into host nodes brings them back onto
+device pages (copied in before the step's forward). Host nodes sit in the same
+namespaced tree, so they too are only ever matched in their own namespace
+(S5.3). Ancestors of a device node are device nodes; host nodes are evicted
+from host memory leaves first, least recently used first.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,13 +53,25 @@ class KVEvent:
 
 
 class MatchResult(NamedTuple):
-    pages: list[int]  # cached pages, now referenced by the caller
+    pages: list[int]  # cached device pages, now referenced by the caller
+    host: list[object]  # then, host-resident pages to bring back (opaque; see `onload`)
     cursor: object  # where a later insert for the same request continues
 
 
 class InsertResult(NamedTuple):
     cursor: object
     adopted: list[tuple[int, int]]  # (index in the page table, tree page that replaces it)
+
+
+class KVCopy(NamedTuple):
+    """One page copy the executor makes before a step's forward, in the order they were planned.
+
+    Order matters: a page freed by one copy may be the target of a later one in the same step.
+    """
+
+    kind: str  # "offload": device page -> host page; "onload": host page -> device page
+    src: int
+    dst: int
 
 
 def namespace_seed(identity: str) -> int:
@@ -80,15 +102,17 @@ class PrefixCache(ABC):
     def match(self, ns: Namespace, token_ids: list[int], max_pages: int) -> MatchResult:
         """Longest cached run of full pages (at most `max_pages`) in `ns`; referenced for the caller."""
 
+    def unmatch(self, ns: Namespace, hit: MatchResult) -> None:
+        """Give back a match that was not used (the request was not admitted)."""
+        self.release(ns, hit.pages)
+
+    def onload(self, host: list[object], pages: list[int]) -> None:
+        """Bring matched host nodes back onto the caller's fresh device `pages`."""
+        assert not host, "this cache has no host tier"
+
     @abstractmethod
     def insert(
-        self,
-        ns: Namespace,
-        cursor: object,
-        token_ids: list[int],
-        page_ids: list[int],
-        start: int,
-        end: int,
+        self, ns: Namespace, cursor: object, token_ids: list[int], page_ids: list[int], start: int, end: int
     ) -> InsertResult:
         """Offer the caller's full pages `page_ids[start:end]` (holding `token_ids`) to the tree."""
 
@@ -98,7 +122,7 @@ class PrefixCache(ABC):
 
     @abstractmethod
     def evict(self, num_pages: int) -> int:
-        """Free up to `num_pages` idle pages, least recently used first; return how many."""
+        """Free up to `num_pages` idle device pages, least recently used first; return how many."""
 
     @property
     @abstractmethod
@@ -107,8 +131,11 @@ class PrefixCache(ABC):
     def take_events(self) -> list[KVEvent]:
         return []
 
+    def take_copies(self) -> list[KVCopy]:
+        return []
+
     def held_pages(self) -> list[int]:
-        """Pages the cache holds a reference on (for integrity checks)."""
+        """Device pages the cache holds a reference on (for integrity checks)."""
         return []
 
     def check_integrity(self) -> None:
@@ -125,7 +152,7 @@ class NullPrefixCache(PrefixCache):
         return None
 
     def match(self, ns: Namespace, token_ids: list[int], max_pages: int) -> MatchResult:
-        return MatchResult([], None)
+        return MatchResult([], [], None)
 
     def insert(self, ns, cursor, token_ids, page_ids, start, end) -> InsertResult:  # type: ignore[override]
         return InsertResult(None, [])
@@ -142,20 +169,26 @@ class NullPrefixCache(PrefixCache):
 
 
 class _Node:
-    __slots__ = ("block_hash", "children", "key", "ns", "page", "parent")
+    __slots__ = ("block_hash", "children", "host", "key", "ns", "page", "parent")
 
     def __init__(
         self, ns: _Space, key: tuple[int, ...] | None, page: int, parent: _Node | None, block_hash: int
     ) -> None:
         self.ns = ns
         self.key = key
-        self.page = page
+        self.page = page  # device page, or -1 while the node lives in host memory
+        self.host = -1  # host page while the node lives in host memory
         self.parent = parent
         self.children: dict[tuple[int, ...], _Node] = {}
         self.block_hash = block_hash
 
+    @property
+    def on_device(self) -> bool:
+        return self.page >= 0
+
     def __repr__(self) -> str:
-        return f"_Node(page={self.page}, children={len(self.children)})"
+        where = f"page={self.page}" if self.page >= 0 else f"host={self.host}"
+        return f"_Node({where}, children={len(self.children)})"
 
 
 class _Space:
@@ -171,15 +204,24 @@ class _Space:
 class RadixPrefixCache(PrefixCache):
     """The adapter-namespaced radix tree described in the module docstring."""
 
-    def __init__(self, pool: PagePool, enable_events: bool = False) -> None:
+    def __init__(
+        self, pool: PagePool, enable_events: bool = False, host_pool: PagePool | None = None
+    ) -> None:
         super().__init__(pool)
         self.page_size = pool.page_size
         self.enable_events = enable_events
+        self.host_pool = host_pool
         self._spaces: dict[Namespace, _Space] = {}
         self._by_page: dict[int, _Node] = {}
-        self._lru: OrderedDict[_Node, None] = OrderedDict()  # idle leaves, oldest first
-        self._num_idle = 0  # tree pages whose only reference is the cache's
+        self._lru: OrderedDict[_Node, None] = OrderedDict()  # idle device leaves, oldest first
+        self._host_lru: OrderedDict[_Node, None] = OrderedDict()  # host nodes with no children, oldest first
+        self._reserved: set[_Node] = set()  # host nodes matched by a request being admitted: not evictable
+        self._num_idle = 0  # device pages in the tree whose only reference is the cache's
         self._events: list[KVEvent] = []
+        self._copies: list[KVCopy] = []
+        # Counters for metrics.
+        self.num_offloaded = 0
+        self.num_onloaded = 0
 
     # --- namespaces ---
     def open_namespace(self, ns: Namespace, identity: str) -> None:
@@ -195,9 +237,13 @@ class RadixPrefixCache(PrefixCache):
         if space is None:
             return
         space.closing = True
-        idle = [n for n in self._lru if n.ns is space]
-        for node in idle:
-            self._remove_chain(node)
+        for node in list(_post_order(space.root)):  # children before parents
+            if node is space.root or node.children:
+                continue
+            if not node.on_device:
+                self._remove_host(node)
+            elif self.pool.refcount(node.page) == 1:
+                self._remove(node)
         self._drop_if_empty(space)
 
     def namespaces(self) -> list[Namespace]:
@@ -206,22 +252,57 @@ class RadixPrefixCache(PrefixCache):
     def pages_in(self, ns: Namespace) -> int:
         return sum(1 for n in self._by_page.values() if n.ns.key == ns)
 
+    def host_pages_in(self, ns: Namespace) -> int:
+        space = self._spaces.get(ns)
+        return 0 if space is None else sum(1 for n in _post_order(space.root) if n.host >= 0)
+
     # --- lookups ---
     def match(self, ns: Namespace, token_ids: list[int], max_pages: int) -> MatchResult:
         space = self._spaces.get(ns)
         if space is None or space.closing:
-            return MatchResult([], None)
-        node, pages, ps = space.root, [], self.page_size
+            return MatchResult([], [], None)
+        node, pages, host, ps = space.root, [], [], self.page_size
         for i in range(max_pages):
             child = node.children.get(tuple(token_ids[i * ps : (i + 1) * ps]))
             if child is None:
                 break
+            if child.on_device:
+                assert not host, f"device {child} below a host node"
+                pages.append(child.page)
+            else:
+                host.append(child)
+                self._host_lru.pop(child, None)
+                self._reserved.add(child)  # until onload or unmatch
             node = child
-            pages.append(node.page)
         if pages:
             self._lock(pages)
-            self._lru.pop(node, None)
-        return MatchResult(pages, node)
+            self._lru.pop(self._by_page[pages[-1]], None)
+        return MatchResult(pages, host, node)
+
+    def unmatch(self, ns: Namespace, hit: MatchResult) -> None:
+        self.release(ns, hit.pages)
+        for node in reversed(hit.host):  # type: ignore[assignment]
+            self._reserved.discard(node)  # type: ignore[arg-type]
+            if not node.children and node.host >= 0:  # type: ignore[attr-defined]
+                self._host_lru[node] = None  # type: ignore[index]
+
+    def onload(self, host: list[object], pages: list[int]) -> None:
+        assert len(host) == len(pages), (len(host), len(pages))
+        for node, page in zip(host, pages, strict=True):
+            assert isinstance(node, _Node) and node.host >= 0, node
+            self._copies.append(KVCopy("onload", node.host, page))
+            self._promote(node, page)
+            self.num_onloaded += 1
+
+    def _promote(self, node: _Node, page: int) -> None:
+        """A host node becomes a device node on `page` (which its user already references)."""
+        assert self.host_pool is not None
+        self.host_pool.decref([node.host])
+        self._host_lru.pop(node, None)
+        self._reserved.discard(node)
+        node.host, node.page = -1, page
+        self._by_page[page] = node
+        self.pool.incref([page])  # the cache's own reference
 
     def insert(self, ns, cursor, token_ids, page_ids, start, end) -> InsertResult:  # type: ignore[override]
         space = self._spaces.get(ns)
@@ -229,13 +310,15 @@ class RadixPrefixCache(PrefixCache):
             return InsertResult(cursor, [])
         node = cursor if cursor is not None else space.root
         assert node.ns is space, "insert cursor belongs to another namespace"
-        self._lru.pop(node, None)  # about to gain a child or stay busy
+        self._lru.pop(node, None)  # about to gain a device child, or stays busy
         adopted, ps = [], self.page_size
         for i in range(start, end):
             key = tuple(token_ids[i * ps : (i + 1) * ps])
             child = node.children.get(key)
             if child is None:
                 child = self._add(space, node, key, page_ids[i])
+            elif not child.on_device:  # the same page sat in host memory: the caller's copy replaces it
+                self._promote(child, page_ids[i])
             elif child.page != page_ids[i]:
                 # Same tokens computed twice: keep the tree's copy, the caller adopts it.
                 self._lock([child.page])
@@ -248,6 +331,7 @@ class RadixPrefixCache(PrefixCache):
         block_hash = chain_hash(parent.block_hash, key) if self.enable_events else 0
         node = _Node(space, key, page, parent, block_hash)
         parent.children[key] = node
+        self._host_lru.pop(parent, None)
         self._by_page[page] = node
         self.pool.incref([page])  # the cache's own reference
         if self.enable_events:
@@ -274,7 +358,7 @@ class RadixPrefixCache(PrefixCache):
             self._num_idle += 1
             if node.ns.closing:
                 closing.append(node)
-            elif not node.children:
+            elif self._is_device_leaf(node):
                 self._lru[node] = None
                 self._lru.move_to_end(node)
         for node in closing:
@@ -293,68 +377,149 @@ class RadixPrefixCache(PrefixCache):
         freed = 0
         while freed < num_pages and self._lru:
             node, _ = self._lru.popitem(last=False)
-            parent = self._remove(node)
+            parent = self._offload(node) if self.host_pool is not None else self._remove(node)
             freed += 1
-            if self._is_idle_leaf(parent):
+            if parent.parent is not None and self._is_idle_device_leaf(parent):
                 self._lru[parent] = None
                 self._lru.move_to_end(parent, last=False)  # it was used no later than its child
         return freed
 
-    def _is_idle_leaf(self, node: _Node) -> bool:
-        return node.parent is not None and not node.children and self.pool.refcount(node.page) == 1
+    def _is_device_leaf(self, node: _Node) -> bool:
+        return not any(c.on_device for c in node.children.values())
+
+    def _is_idle_device_leaf(self, node: _Node) -> bool:
+        return node.on_device and self.pool.refcount(node.page) == 1 and self._is_device_leaf(node)
+
+    def _offload(self, node: _Node) -> _Node:
+        """Move an idle device leaf to a host page (dropping it if host memory cannot take it)."""
+        host = self._host_page()
+        if host is None:
+            self._drop_subtree(node)
+            return node.parent  # type: ignore[return-value]
+        self._copies.append(KVCopy("offload", node.page, host))
+        del self._by_page[node.page]
+        self._num_idle -= 1
+        self.pool.decref([node.page])
+        node.page, node.host = -1, host
+        if not node.children:
+            self._host_lru[node] = None
+        self.num_offloaded += 1
+        return node.parent  # type: ignore[return-value]
+
+    def _host_page(self) -> int | None:
+        assert self.host_pool is not None
+        got = self.host_pool.allocate(1)
+        while got is None and self._host_lru:
+            victim, _ = self._host_lru.popitem(last=False)
+            self._remove_host(victim)
+            got = self.host_pool.allocate(1)
+        return None if got is None else got[0]
 
     def _remove(self, node: _Node) -> _Node:
-        """Remove an idle leaf and free its page; return its parent."""
+        """Drop an idle device leaf with no children and free its page; return its parent."""
         assert not node.children and self.pool.refcount(node.page) == 1, f"evicting busy {node}"
-        parent = node.parent
-        assert parent is not None
-        del parent.children[node.key]  # type: ignore[arg-type]
+        parent = self._unlink(node)
         del self._by_page[node.page]
         self._lru.pop(node, None)
         self._num_idle -= 1
         self.pool.decref([node.page])
+        return parent
+
+    def _remove_host(self, node: _Node) -> _Node:
+        """Drop a host node with no children and free its host page; return its parent."""
+        assert not node.children and node.host >= 0, node
+        assert self.host_pool is not None
+        parent = self._unlink(node)
+        self._host_lru.pop(node, None)
+        self.host_pool.decref([node.host])
+        if (
+            not parent.on_device
+            and parent.parent is not None
+            and not parent.children
+            and parent not in self._reserved
+        ):
+            self._host_lru[parent] = None
+            self._host_lru.move_to_end(parent, last=False)  # no younger than its child
+        return parent
+
+    def _drop_subtree(self, node: _Node) -> None:
+        """Drop an idle device node and every host node below it."""
+        for n in list(_post_order(node)):
+            if n is not node:
+                self._remove_host(n)
+        self._remove(node)
+
+    def _unlink(self, node: _Node) -> _Node:
+        parent = node.parent
+        assert parent is not None
+        del parent.children[node.key]  # type: ignore[arg-type]
         if self.enable_events:
             self._events.append(KVEvent("removed", node.block_hash, None, (), node.ns.identity))
         return parent
 
     def _remove_chain(self, node: _Node) -> None:
         """Remove an idle leaf and then each ancestor that becomes an idle leaf."""
-        while self._is_idle_leaf(node):
+        while node.parent is not None and not node.children and self._is_idle_device_leaf(node):
             node = self._remove(node)
 
     def _drop_if_empty(self, space: _Space) -> None:
         if space.closing and not space.root.children and self._spaces.get(space.key) is space:
             del self._spaces[space.key]
 
-    # --- events and checks ---
+    # --- events, copies and checks ---
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
         return events
+
+    def take_copies(self) -> list[KVCopy]:
+        copies, self._copies = self._copies, []
+        return copies
 
     def held_pages(self) -> list[int]:
         return list(self._by_page)
 
     def check_integrity(self) -> None:
-        pool, seen = self.pool, 0
-        idle = 0
+        pool, seen, idle = self.pool, 0, 0
+        host_refs: dict[int, int] = {}
+        assert not self._reserved, f"{len(self._reserved)} host nodes still reserved between steps"
         for space in self._spaces.values():
-            stack = list(space.root.children.values())
-            while stack:
-                node = stack.pop()
-                seen += 1
-                assert self._by_page.get(node.page) is node, f"{node} missing from the page map"
+            for node in _post_order(space.root):
+                if node is space.root:
+                    continue
                 assert node.parent is not None and node.parent.children[node.key] is node  # type: ignore[index]
+                if not node.on_device:
+                    assert node.host >= 0, f"{node} is neither on the device nor on the host"
+                    host_refs[node.host] = host_refs.get(node.host, 0) + 1
+                    assert (node in self._host_lru) == (not node.children), f"host LRU mismatch at {node}"
+                    continue
+                seen += 1
+                assert node.host < 0 and self._by_page.get(node.page) is node, f"{node} missing from the map"
+                assert node.parent.parent is None or node.parent.on_device, f"device {node} under a host node"
                 ref = pool.refcount(node.page)
                 assert ref >= 1, f"tree page {node.page} has count {ref}"
                 if ref == 1:
                     idle += 1
                     for child in node.children.values():
-                        assert pool.refcount(child.page) == 1, "busy node under an idle node"
-                    assert (node in self._lru) == (not node.children) or space.closing, (
-                        f"idle {node}: in LRU={node in self._lru}, leaf={not node.children}"
-                    )
+                        assert not child.on_device or pool.refcount(child.page) == 1, "busy node under idle"
+                    leaf = self._is_device_leaf(node)
+                    assert (node in self._lru) == leaf or space.closing, f"idle {node}: LRU mismatch"
                 else:
                     assert node not in self._lru, f"busy {node} in the LRU"
-                stack.extend(node.children.values())
-        assert seen == len(self._by_page), f"{seen} nodes reachable, {len(self._by_page)} mapped"
+        assert seen == len(self._by_page), f"{seen} device nodes reachable, {len(self._by_page)} mapped"
         assert idle == self._num_idle, f"idle count {self._num_idle}, actual {idle}"
+        if self.host_pool is not None:
+            self.host_pool.check_integrity(host_refs)
+        else:
+            assert not host_refs, "host nodes without a host tier"
+
+
+def _post_order(root: _Node) -> Iterator[_Node]:
+    """Every node under (and including) `root`, children before their parent."""
+    stack: list[tuple[_Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            yield node
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in node.children.values())

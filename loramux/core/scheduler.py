@@ -210,6 +210,7 @@ class Scheduler:
             adapter_plan=self.adapters.take_plan(),
             finished_ids=finished,
             preempted_ids=[r.request_id for r in preempted],
+            kv_copies=self.kv.cache.take_copies(),
         )
 
     def _schedule_running(self, step: _StepBudget) -> list[Request]:

@@ -38,6 +38,7 @@ class LLM:
         page_size: int = 16,
         num_pages: int | None = None,
         kv_cache_memory_gb: float = 1.0,
+        host_kv_pages: int = 0,
         dtype: str = "auto",
         device: str = "auto",
         max_model_len: int | None = None,
@@ -60,6 +61,7 @@ class LLM:
                     num_pages=num_pages,
                     kv_cache_memory_gb=kv_cache_memory_gb,
                     enable_prefix_caching=enable_prefix_caching,
+                    host_kv_pages=host_kv_pages,
                 ),
                 lora=LoRAConfig(
                     max_loras=max_loras,

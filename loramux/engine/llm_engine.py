@@ -85,7 +85,7 @@ class LLMEngine:
         )
         c = config.cache
         kv = KVCacheManager.create(
-            self.runtime.num_pages, c.page_size, c.enable_prefix_caching, c.enable_kv_events
+            self.runtime.num_pages, c.page_size, c.enable_prefix_caching, c.enable_kv_events, c.host_kv_pages
         )
         lc = config.lora
         adapters = AdapterManager(lc.max_loras, lc.cpu_slots, lc.max_lora_rank, lc.max_lora_bytes)

@@ -57,6 +57,7 @@ class FakeExecutor:
         self.kv: list[list[tuple[int | None, int, int] | None]] = [
             [None] * page_size for _ in range(num_pages)
         ]
+        self.host_kv: dict[int, list[tuple[int | None, int, int] | None]] = {}  # host-tier pages
         self.slots: dict[int, int] = {}  # slot -> adapter uid on the "device"
         self.host: set[int] = set()
         self.num_steps = 0
@@ -93,6 +94,11 @@ class FakeExecutor:
     # --- the step ---
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self._apply_plan(out)
+        for c in out.kv_copies:  # in planned order: a freed page may be reused by a later copy
+            if c.kind == "offload":
+                self.host_kv[c.dst] = list(self.kv[c.src])
+            else:
+                self.kv[c.dst] = list(self.host_kv[c.src])
         self.num_steps += 1
         sampled: list[int | None] = []
         written: set[tuple[int, int]] = set()

@@ -224,6 +224,7 @@ class _RankGroup(NamedTuple):
     rows: torch.Tensor  # [N] rows of the batch
     slots: torch.Tensor  # [N] the slot of each row
     span: tuple[int, int, int] | None  # (first row, first slot, N) when both are consecutive: no gather
+    key: tuple[int, ...]  # (rank, *slots): steps with the same key gather the same weights
 
 
 class LoRAState:
@@ -294,6 +295,7 @@ class LoRAState:
                     torch.tensor(rows, device=self._device),
                     torch.tensor(slots, device=self._device),
                     (rows[0], slots[0], n) if consecutive else None,
+                    (r, *slots),
                 )
             )
         return groups
@@ -311,8 +313,12 @@ class LoRALinear(nn.Module):
         self.ranks = [0] * num_slots
         self.A: torch.Tensor | None = None
         self.Bt: torch.Tensor | None = None
+        # Gathered A/B^T rows of recent decode layouts: a running batch keeps its layout for many
+        # steps, so the gather (megabytes per module) is done once, not every step.
+        self._gathered: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def load(self, slot: int, a: torch.Tensor, bt: torch.Tensor) -> None:
+        self._gathered.clear()  # slot contents change: no gathered copy stays valid
         if self.A is None:
             w = self.base.weight
             shape = (self.num_slots, self.max_rank)
@@ -345,10 +351,22 @@ class LoRALinear(nn.Module):
                 t = torch.bmm(x[row : row + n].unsqueeze(1), a.transpose(1, 2))  # [n, 1, r]
                 y[row : row + n] += torch.bmm(t, bt).squeeze(1)  # [n, out]
             else:
-                a = A[:, :r].index_select(0, g.slots)  # [N, r, in]
+                a, bt = self._gather(g)  # [N, r, in], [N, r, out]
                 t = torch.bmm(x.index_select(0, g.rows).unsqueeze(1), a.transpose(1, 2))  # [N, 1, r]
-                y.index_add_(0, g.rows, torch.bmm(t, Bt[:, :r].index_select(0, g.slots)).squeeze(1))
+                y.index_add_(0, g.rows, torch.bmm(t, bt).squeeze(1))
         return y
+
+    def _gather(self, g: _RankGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        got = self._gathered.get(g.key)
+        if got is None:
+            if len(self._gathered) >= 4:  # a handful of layouts at most (one per rank, usually)
+                self._gathered.clear()
+            r = g.rank
+            got = self._gathered[g.key] = (
+                self.A[:, :r].index_select(0, g.slots),  # type: ignore[index]
+                self.Bt[:, :r].index_select(0, g.slots),  # type: ignore[index]
+            )
+        return got
 
 
 class LoRASlots:

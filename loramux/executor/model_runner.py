@@ -24,6 +24,7 @@ import torch
 
 from loramux.config import CacheConfig, LoRAConfig, ModelConfig
 from loramux.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
+from loramux.core.prefix_cache import KVCopy
 from loramux.executor.attention import AttentionMetadata, PrefillChunk, decode_mask
 from loramux.executor.loader import load_model, resolve_device, resolve_dtype
 from loramux.executor.lora import AdapterSpec, HostAdapter, LoRASlots, inspect_adapter, read_adapter
@@ -70,6 +71,18 @@ class ModelRunner:
             )
             for _ in range(self.args.num_layers)
         ]
+        host = torch.device("cpu")
+        self.host_kv = (
+            [
+                (
+                    torch.zeros((cache.host_kv_pages, *shape[1:]), dtype=self.dtype, device=host),
+                    torch.zeros((cache.host_kv_pages, *shape[1:]), dtype=self.dtype, device=host),
+                )
+                for _ in range(self.args.num_layers)
+            ]
+            if cache.host_kv_pages and cache.enable_prefix_caching
+            else []
+        )
         self.max_lora_rank = lora.max_lora_rank
         self.slots = LoRASlots(self.model, lora.max_loras, lora.max_lora_rank)
         self.specs: dict[int, AdapterSpec] = {}
@@ -120,6 +133,26 @@ class ModelRunner:
             stats.device_seconds += dt
             stats.recent.append(dt)
 
+    def _apply_kv_copies(self, copies: list[KVCopy]) -> None:
+        """Host-tier page copies, in planned order; each run of one kind is one gather per layer."""
+        i = 0
+        while i < len(copies):
+            kind, j = copies[i].kind, i
+            while j < len(copies) and copies[j].kind == kind:
+                j += 1
+            last = {c.dst: c.src for c in copies[i:j]}  # a later copy to the same page wins
+            i = j
+            src, dst = list(last.values()), list(last.keys())
+            for (k, v), (hk, hv) in zip(self.kv_caches, self.host_kv, strict=True):
+                if kind == "offload":  # device -> host
+                    s, d = torch.tensor(src, device=k.device), torch.tensor(dst, device=hk.device)
+                    hk.index_copy_(0, d, k.index_select(0, s).to(hk.device))
+                    hv.index_copy_(0, d, v.index_select(0, s).to(hv.device))
+                else:  # host -> device
+                    s, d = torch.tensor(src, device=hk.device), torch.tensor(dst, device=k.device)
+                    k.index_copy_(0, d, hk.index_select(0, s).to(k.device))
+                    v.index_copy_(0, d, hv.index_select(0, s).to(v.device))
+
     def _read(self, spec: AdapterSpec) -> HostAdapter:
         t0 = time.perf_counter()
         adapter = read_adapter(spec, self.dtype)
@@ -141,6 +174,7 @@ class ModelRunner:
         for rid in out.finished_ids:
             self.generators.pop(rid, None)
         self._apply_plan(out)
+        self._apply_kv_copies(out.kv_copies)
         if not out.seqs:
             return RunnerOutput([])
         batch = self._prepare(out.seqs)

@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -377,14 +377,14 @@ class _API:
     async def _stream_completion(
         self, rid: str, body: CompletionRequest, streams: list[AsyncIterator[RequestOutput]]
     ) -> AsyncIterator[str]:
-        created = int(time.time())
+        chunk = _Chunks(rid, "text_completion", body.model)
         finals: list[RequestOutput] = []
         async with self._closing(streams, finals, body.model):
             async for i, out in _merge(streams):
                 comp = out.outputs[0]
                 if not comp.delta_text and not out.finished and not body.return_token_ids:
                     continue  # the detokenizer holds back a partial character: nothing to send yet
-                choice: dict[str, Any] = {
+                choice = {
                     "index": i,
                     "text": comp.delta_text,
                     "logprobs": None,
@@ -392,29 +392,12 @@ class _API:
                 }
                 if body.return_token_ids:
                     choice["token_ids"] = comp.delta_token_ids
-                yield _event(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": body.model,
-                        "choices": [choice],
-                    }
-                )
+                yield chunk([choice])
                 if out.finished:
                     finals.append(out)
                     self.metrics.finished(body.model, out)
         if body.include_usage:
-            yield _event(
-                {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": body.model,
-                    "choices": [],
-                    "usage": _usage(finals),
-                }
-            )
+            yield chunk([], usage=_usage(finals))
 
     @contextlib.asynccontextmanager
     async def _closing(
@@ -503,42 +486,48 @@ class _API:
     async def _stream_chat(
         self, rid: str, body: ChatCompletionRequest, streams: list[AsyncIterator[RequestOutput]]
     ) -> AsyncIterator[str]:
-        created = int(time.time())
+        chunk = _Chunks(rid, "chat.completion.chunk", body.model)
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> str:
-            return _event(
-                {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                }
-            )
+        def choice(delta: dict[str, Any], finish: str | None) -> list[dict[str, Any]]:
+            return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
 
-        yield chunk({"role": "assistant", "content": ""}, None)
+        yield chunk(choice({"role": "assistant", "content": ""}, None))
         finals: list[RequestOutput] = []
         async with self._closing(streams, finals, body.model):
             async for _, out in _merge(streams):
                 comp = out.outputs[0]
                 if not comp.delta_text and not out.finished:
                     continue  # a partial character is held back: nothing to send yet
-                delta: dict[str, Any] = {"content": comp.delta_text} if comp.delta_text else {}
-                yield chunk(delta, comp.finish_reason)
+                yield chunk(
+                    choice({"content": comp.delta_text} if comp.delta_text else {}, comp.finish_reason)
+                )
                 if out.finished:
                     finals.append(out)
                     self.metrics.finished(body.model, out)
         if body.include_usage:
-            yield _event(
-                {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": body.model,
-                    "choices": [],
-                    "usage": _usage(finals),
-                }
-            )
+            yield chunk([], usage=_usage(finals))
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """Server-sent events of one streamed response: same id, object, creation time and model."""
+
+    rid: str
+    object: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __call__(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        obj: dict[str, Any] = {
+            "id": self.rid,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if usage is not None:
+            obj["usage"] = usage
+        return _event(obj)
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -72,6 +72,8 @@ def take_snapshot(engine: LLMEngine, base_name: str) -> EngineSnapshot:
             "prefix_query_tokens": kv.num_prefix_query_tokens,
             "prefix_hit_tokens": kv.num_prefix_hit_tokens,
             "steps": s.counters.num_steps,
+            "kv_offloaded": getattr(kv.cache, "num_offloaded", 0),
+            "kv_onloaded": getattr(kv.cache, "num_onloaded", 0),
             "max_adapters_per_step": s.counters.max_adapters_per_step,
         },
         finished=dict(s.counters.num_finished),
@@ -138,6 +140,10 @@ class Metrics:
         self.pages_cached = Gauge(p + "kv_pages_cached", "KV pages held only by the prefix cache", registry=r)
         self.pages_used = Gauge(p + "kv_pages_in_use", "KV pages held by requests", registry=r)
         self.steps = Counter(p + "engine_steps", "Engine steps", registry=r)
+        self.kv_offloaded = Counter(p + "kv_offloaded_pages", "Prefix pages moved to host memory", registry=r)
+        self.kv_onloaded = Counter(
+            p + "kv_onloaded_pages", "Prefix pages brought back from host memory", registry=r
+        )
         self.engine_finished = Counter(
             p + "engine_requests_finished",
             "Requests the scheduler ended, by reason (stop, length, abort)",
@@ -201,6 +207,8 @@ class Metrics:
             ("prefix_query_tokens", self.prefix_query),
             ("prefix_hit_tokens", self.prefix_hit),
             ("steps", self.steps),
+            ("kv_offloaded", self.kv_offloaded),
+            ("kv_onloaded", self.kv_onloaded),
         ):
             self._advance(key, counter, c[key])
         for reason, n in snap.finished.items():

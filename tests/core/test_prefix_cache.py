@@ -264,3 +264,72 @@ def test_S5_6_a_hit_refreshes_recency():
     cache.release(None, hit.pages)
     cache.evict(1)
     assert pool.refcount(b[0]) == 0 and pool.refcount(a[0]) == 1
+
+
+# --- S5.3 the host-memory tier ------------------------------------------------------------------
+
+
+def push_to_host(s, ex):
+    """Run base-model work big enough to need the whole device pool, evicting every idle page."""
+    finish_one(s, ex, make_request(list(range(100, 125)), max_tokens=7))  # 32 tokens = 8 pages
+
+
+def test_S5_3_pages_brought_back_from_host_memory_stay_in_own_namespace():
+    s = make_scheduler(num_pages=8, page_size=PS, adapters=("a", "b"), host_pages=16)
+    ex = fake_for(s)
+    prompt = list(range(1, 14))  # three full pages
+    finish_one(s, ex, make_request(prompt, max_tokens=1, lora="a"))
+    uid_a = s.adapters.get("a").uid
+    cache = s.kv.cache
+    assert cache.pages_in(uid_a) == 3
+    push_to_host(s, ex)
+    assert cache.pages_in(uid_a) == 0 and cache.host_pages_in(uid_a) == 3  # offloaded, not dropped
+    on_b = finish_one(s, ex, make_request(prompt, max_tokens=2, lora="b"))
+    assert on_b.num_cached_tokens == 0  # host pages are namespaced too
+    back = make_request(prompt, max_tokens=3, lora="a")
+    s.add_request(back)
+    out = step(s, ex)
+    assert back.num_cached_tokens == 12
+    assert sum(c.kind == "onload" for c in out.kv_copies) == 3  # copied back before the forward
+    run(s, ex)  # the fake executor checked every page read holds a's own context
+    assert back.output_token_ids == ex.reference_tokens(uid_a, prompt, 3, set())
+    assert cache.num_onloaded == 3
+
+
+def test_S5_3_host_memory_evicts_its_least_recently_used_pages():
+    s = make_scheduler(num_pages=8, page_size=PS, adapters=("a",), host_pages=3, events=True)
+    ex = fake_for(s)
+    first = list(range(1, 14))
+    finish_one(s, ex, make_request(first, max_tokens=1, lora="a"))
+    push_to_host(s, ex)  # a's 3 pages now fill host memory
+    a = s.adapters.get("a")
+    assert s.kv.cache.host_pages_in(a.uid) == 3
+    s.kv.cache.take_events()
+    finish_one(s, ex, make_request(list(range(200, 213)), max_tokens=1))  # newer pages need host room
+    removed = [e for e in s.kv.cache.take_events() if e.kind == "removed" and e.namespace == a.identity]
+    assert len(removed) == 3 and s.kv.cache.host_pages_in(a.uid) == 0  # the oldest went for good
+    again = finish_one(s, ex, make_request(first, max_tokens=1, lora="a"))
+    assert again.num_cached_tokens == 0
+
+
+def test_S5_3_host_pages_matched_for_admission_are_not_evicted_meanwhile():
+    """Regression: a matched host node exposed as a leaf during the same admission was reused."""
+    s = make_scheduler(num_pages=8, page_size=PS, adapters=("a",), host_pages=3)
+    ex = fake_for(s)
+    finish_one(s, ex, make_request(list(range(1, 14)), max_tokens=1, lora="a"))
+    push_to_host(s, ex)
+    finish_one(s, ex, make_request(list(range(200, 213)), max_tokens=1))
+    again = finish_one(s, ex, make_request(list(range(100, 125)), max_tokens=7))  # matches host pages
+    assert again.num_cached_tokens > 0
+    assert again.output_token_ids == ex.reference_tokens(None, again.prompt_token_ids, 7, set())
+
+
+def test_S5_4_unloading_an_adapter_drops_its_host_pages_too():
+    s = make_scheduler(num_pages=8, page_size=PS, adapters=("a",), host_pages=8)
+    ex = fake_for(s)
+    finish_one(s, ex, make_request(list(range(1, 14)), max_tokens=1, lora="a"))
+    push_to_host(s, ex)
+    uid = s.unregister_adapter("a").uid
+    assert s.kv.cache.host_pages_in(uid) == 0 and uid not in s.kv.cache.namespaces()
+    assert s.kv.cache.host_pool.num_free == 8 - s.kv.cache.host_pages_in(None)
+    s.check_integrity()

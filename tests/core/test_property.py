@@ -64,6 +64,7 @@ def workloads(draw):
         budget=draw(st.integers(4, 40)),
         policy=draw(st.sampled_from(sorted(POLICIES))),
         prefix=draw(st.booleans()),
+        host_pages=draw(st.sampled_from([0, 0, 2, 8])),
         unloads=draw(st.lists(st.tuples(st.integers(0, 30), st.integers(0, n_adapters - 1)), max_size=3)),
     )
 
@@ -71,7 +72,7 @@ def workloads(draw):
 TIMEOUT = 8
 
 
-EXAMPLES = int(os.environ.get("LORAMUX_HYPOTHESIS_EXAMPLES", "250"))  # raise it for a long soak
+EXAMPLES = int(os.environ.get("LORAMUX_HYPOTHESIS_EXAMPLES", "800"))  # raise it for a long soak
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -86,6 +87,7 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
         max_num_batched_tokens=w["budget"],
         policy=w["policy"],
         prefix=w["prefix"],
+        host_pages=w["host_pages"],
         clock=clock,
         starvation_timeout_s=TIMEOUT,
         adapters=tuple(f"ad{k}" for k in range(w["n_adapters"])),

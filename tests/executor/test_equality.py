@@ -141,3 +141,18 @@ def test_equal_with_max_loras_1_and_two_adapters_in_flight(arch, tiny_models, or
     c = llm.engine.scheduler.counters
     assert c.max_adapters_per_step == 1
     assert llm.engine.scheduler.adapters.num_device_loads == 2  # grouped: each adapter loaded once
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_equal_with_prefix_pages_brought_back_from_host_memory(arch, tiny_models, oracles):
+    tm = tiny_models[arch]
+    llm = make_llm(tm, num_pages=12, host_kv_pages=32)
+    shared = prompts(1, 17, seed=6)[0]
+    run(llm, tm, [shared], ["r8_all"])
+    run(llm, tm, prompts(2, 20, seed=7), [None, None], n_new=8)  # needs the whole device pool
+    cache = llm.engine.scheduler.kv.cache
+    uid = llm.engine.scheduler.adapters.get("r8_all").uid
+    assert cache.pages_in(uid) == 0 and cache.host_pages_in(uid) > 0  # the adapter's pages went to host
+    tokens, logits, outs = run(llm, tm, [shared], ["r8_all"])
+    assert outs[0].num_cached_tokens == 16 and cache.num_onloaded >= 4  # and came back
+    assert_equal(oracles(arch), [shared], ["r8_all"], tokens, logits)
