@@ -48,12 +48,13 @@ class Plan:
     input_range: tuple[int, int]
     output_range: tuple[int, int]
     peft_batch_sizes: tuple[int, ...]
+    reps: int
 
 
 FULL = Plan(
-    "mid", (5, 100, 1000, 2000), 100, (0.1, 0.3, 0.6, 1.0), 4.0, 40.0, (8, 48), (8, 48), (4, 8, 16, 32)
+    "mid", (5, 100, 1000, 2000), 100, (0.1, 0.3, 0.6, 1.0), 4.0, 40.0, (8, 48), (8, 48), (4, 8, 16, 32), 5
 )
-QUICK = Plan("tiny", (5, 20), 20, (0.5, 1.0), 20.0, 5.0, (8, 32), (8, 32), (8, 16))
+QUICK = Plan("tiny", (5, 20), 20, (0.5, 1.0), 20.0, 5.0, (8, 32), (8, 32), (8, 16), 2)
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +76,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reps",
         type=int,
-        default=3,
+        default=None,
         help="interleaved rounds of the loramux offline runs; tables show the median run, ratios "
         "the median of per-round ratios",
     )
@@ -110,6 +111,7 @@ def make_plan(a: argparse.Namespace) -> Plan:
             "input_range": a.input_range and tuple(a.input_range),
             "output_range": a.output_range and tuple(a.output_range),
             "peft_batch_sizes": a.peft_batch_sizes and tuple(a.peft_batch_sizes),
+            "reps": a.reps,
         }.items()
         if v is not None
     }
@@ -150,7 +152,7 @@ def run_bench(a: argparse.Namespace) -> None:
     configs += [(f"alpha={x}", replace(wl, alpha=x), False) for x in alpha_points]
     offline, online = "offline" in a.modes, "online" in a.modes
     peft_runs = 0 if a.no_peft else 2 * len(a.modes) + len(plan.peft_batch_sizes)
-    bar = tqdm(total=a.reps * len(configs) * offline + 2 * online + peft_runs, desc="bench", unit="run")
+    bar = tqdm(total=plan.reps * len(configs) * offline + 2 * online + peft_runs, desc="bench", unit="run")
 
     def loramux(cfg: WorkloadConfig, mode: str, base_only: bool = False) -> RunResult:
         reqs = generate_requests(cfg)
@@ -162,8 +164,11 @@ def run_bench(a: argparse.Namespace) -> None:
         return result
 
     rounds: list[dict[str, RunResult]] = []
-    for _ in range(a.reps if offline else 0):  # interleaved, so the machine's drift hits every config alike
-        rounds.append({key: loramux(cfg, "offline", base) for key, cfg, base in configs})
+    for i in range(plan.reps if offline else 0):
+        # Interleaved, and each round starts one config later, so neither the machine's drift nor a
+        # config's place in the round favours any of them.
+        order = configs[i % len(configs) :] + configs[: i % len(configs)]
+        rounds.append({key: loramux(cfg, "offline", base) for key, cfg, base in order})
     main: list[RunResult] = []
     if offline:
         main += [_median_run(rounds, "adapters"), _median_run(rounds, "base")]
@@ -321,9 +326,10 @@ def _markdown(
         f"rate {wl.req_rate}/s, cv {wl.cv}, input lengths U{list(wl.input_range)}, output lengths "
         f"U{list(wl.output_range)} (half-open; scaled down from [8, 512) for this machine), adapters of rank "
         f"{a.rank} on q_proj and v_proj, random weights. loramux: max_loras={a.max_loras}, "
-        f"max_num_seqs={a.max_num_seqs}. SLO: TTFT < {a.slo} s. The loramux offline runs were repeated in "
-        f"{a.reps} interleaved rounds: tables show the median run, and ratios between loramux runs are the "
-        f"median of the per-round ratios (this shared machine's speed drifts by tens of percent).",
+        f"max_num_seqs={a.max_num_seqs}. SLO: TTFT < {a.slo} s. The loramux offline runs were repeated "
+        f"in {plan.reps} interleaved rounds, each starting one configuration later: tables show the median "
+        f"run, and ratios between loramux runs are the median of the per-round ratios (this shared "
+        f"machine's speed drifts by tens of percent).",
         "",
         f"### Main comparison: {plan.main_adapters} adapters, alpha 1",
         "",

@@ -18,6 +18,7 @@ Every request produces exactly its output length (eos is ignored), as in S-LoRA.
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 from dataclasses import dataclass, field
@@ -133,6 +134,9 @@ def run_loramux(
                 rec.finish, rec.output_tokens = t, len(out.outputs[0].token_ids)
     wall = max(rec.finish or 0.0 for rec in records.values()) - min(rec.arrival for rec in records.values())
     sched = eng.scheduler
+    if hasattr(eng.executor, "close"):
+        eng.executor.close()
+    gc.collect()
     return RunResult(
         "loramux, base only" if base_only else "loramux",
         mode,

@@ -94,6 +94,10 @@ class ModelRunner:
         self.logits_hook: Callable[[str, torch.Tensor], None] | None = None  # tests: see raw logits
         self.vocab_size = self.args.vocab_size
 
+    def close(self) -> None:
+        """Stop the adapter-reading thread (the engine is done)."""
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
     def _pages_for_memory(self, gb: float) -> int:
         a = self.args
         per_page = 2 * a.num_layers * self.page_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize

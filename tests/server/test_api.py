@@ -256,7 +256,7 @@ def test_prompts_are_not_logged_by_default(client, server):
 # --- adapters at run time (S6.3, S5.4) ---------------------------------------------------------------
 
 
-def test_runtime_load_unload_and_reload_with_different_weights(server, client, offline, adapter_dirs):
+def test_S6_3_runtime_load_unload_and_reload_with_different_weights(server, client, offline, adapter_dirs):
     allowed, _ = adapter_dirs
     prompt = words(7, 9)
     r = httpx.post(
@@ -279,7 +279,7 @@ def test_runtime_load_unload_and_reload_with_different_weights(server, client, o
     httpx.post(server.v1 + "/unload_lora_adapter", json={"lora_name": "swap"})
 
 
-def test_unload_while_a_request_runs_lets_it_finish_then_frees_it(server, adapter_dirs):
+def test_S6_3_S5_4_unload_while_a_request_runs_lets_it_finish_then_frees_it(server, adapter_dirs):
     allowed, _ = adapter_dirs
     r = httpx.post(
         server.v1 + "/load_lora_adapter", json={"lora_name": "busy", "lora_path": str(allowed / "r1_qv")}
@@ -337,10 +337,16 @@ def test_failed_loads_answer_400_and_the_server_keeps_serving(server, client, ad
     if not corrupt.exists():
         shutil.copytree(allowed / "r1_qv", corrupt)
         (corrupt / "adapter_model.safetensors").write_bytes(b"garbage" * 9)
+    big = allowed / "rank128"
+    if not big.exists():  # rank 128 > the server's --max-lora-rank (64)
+        from loramux.bench.artifacts import write_random_adapter
+
+        write_random_adapter(big, tiny_models["llama"].path, 128, ("q_proj",), seed=3)
     for path, match in [
         (allowed / "empty", "no adapter_config.json"),
         (corrupt, "corrupt"),
         (allowed / "missing", "is not a directory"),
+        (big, "above max_lora_rank=64; restart with --max-lora-rank 128"),
     ]:
         r = httpx.post(server.v1 + "/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(path)})
         assert r.status_code == 400 and match in r.json()["error"]["message"], r.text
