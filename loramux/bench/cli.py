@@ -207,9 +207,11 @@ def _median_run(rounds: list[dict[str, RunResult]], key: str) -> RunResult:
     return runs[len(runs) // 2]
 
 
-def _ratio(rounds: list[dict[str, RunResult]], top: str, bottom: str) -> float:
-    """Median over rounds of the throughput ratio top / bottom, each pair measured in one round."""
-    return statistics.median(_tps(r[top]) / _tps(r[bottom]) for r in rounds)
+def _ratio(rounds: list[dict[str, RunResult]], top: str, bottom: str) -> tuple[float, list[float]]:
+    """Median over rounds of the throughput ratio top / bottom (each pair measured in one round),
+    and the per-round ratios themselves, so that a reader sees the spread."""
+    per_round = [_tps(r[top]) / _tps(r[bottom]) for r in rounds]
+    return statistics.median(per_round), per_round
 
 
 def _best_batch(
@@ -303,7 +305,7 @@ def _markdown(
     sums: list[Summary],
     scale: list[tuple[int, Summary]],
     alpha: list[tuple[float, Summary]],
-    ratios: dict[str, float],
+    ratios: dict[str, tuple[float, list[float]]],
     best_batch: int | None,
     key: str,
     adapters_png: str,
@@ -353,13 +355,22 @@ def _markdown(
             f"- loramux / transformers+PEFT one adapter at a time, {plan.main_adapters} adapters: "
             f"**{lm.tokens_per_s / single.tokens_per_s:.2f}x**"
         )
+
+    def rounds_text(per_round: list[float]) -> str:
+        return f" (rounds: {', '.join(f'{x:.3f}' for x in per_round)})" if len(per_round) > 1 else ""
+
     if "base" in ratios:
+        med, per_round = ratios["base"]
         lines.append(
-            f"- loramux with adapters / loramux base only: **{ratios['base']:.3f}** (target >= 0.90)"
+            f"- loramux with adapters / loramux base only: **{med:.3f}** (target >= 0.90)"
+            + rounds_text(per_round)
         )
     if "scale" in ratios:
         lo, hi = min(n for n, _ in scale), max(n for n, _ in scale)
-        lines.append(f"- {hi} adapters / {lo} adapters: **{ratios['scale']:.3f}** (target >= 0.95)")
+        med, per_round = ratios["scale"]
+        lines.append(
+            f"- {hi} adapters / {lo} adapters: **{med:.3f}** (target >= 0.95)" + rounds_text(per_round)
+        )
     lines += [
         "",
         "### Throughput against the number of adapters (loramux, offline, median run)",
