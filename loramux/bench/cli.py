@@ -230,6 +230,14 @@ def _best_batch(
     return best
 
 
+def _load_text(s: Summary) -> str:
+    """Where the run's adapter-loading time went: disk -> host on the reader thread, host -> slot
+    in the step, and steps spent waiting for a read."""
+    if s.load_seconds is None:
+        return "-"
+    return " / ".join(f"{x:.2f}" for x in s.load_seconds)
+
+
 def _report(
     a: argparse.Namespace,
     plan: Plan,
@@ -375,11 +383,12 @@ def _markdown(
         "",
         "### Throughput against the number of adapters (loramux, offline, median run)",
         "",
-        "| adapters | tokens/s | requests/s | adapter loads |",
-        "|---|---|---|---|",
+        "| adapters | tokens/s | requests/s | adapter loads | load seconds: read / copy / wait |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {n} | {s.tokens_per_s:.1f} | {s.requests_per_s:.2f} | {s.adapter_loads} |" for n, s in scale
+        f"| {n} | {s.tokens_per_s:.1f} | {s.requests_per_s:.2f} | {s.adapter_loads} | {_load_text(s)} |"
+        for n, s in scale
     ]
     lines += [
         "",
@@ -387,11 +396,12 @@ def _markdown(
         "",
         "### Throughput against alpha (loramux, offline, median run)",
         "",
-        "| alpha | tokens/s | requests/s | adapter loads |",
-        "|---|---|---|---|",
+        "| alpha | tokens/s | requests/s | adapter loads | load seconds: read / copy / wait |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {x} | {s.tokens_per_s:.1f} | {s.requests_per_s:.2f} | {s.adapter_loads} |" for x, s in alpha
+        f"| {x} | {s.tokens_per_s:.1f} | {s.requests_per_s:.2f} | {s.adapter_loads} | {_load_text(s)} |"
+        for x, s in alpha
     ]
     lines += ["", f"![throughput against alpha]({alpha_png})", ""]
     return "\n".join(lines)

@@ -33,6 +33,7 @@ class Summary:
     attainment: float
     adapter_loads: int
     completed: int
+    load_seconds: tuple[float, float, float] | None = None  # read, copy into slot, steps waiting
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -61,6 +62,7 @@ def summarize_run(run: RunResult, slo: float) -> Summary:
         sum(t < slo for t in ttft) / max(len(run.records), 1),
         run.adapter_loads,
         len(done),
+        run.notes.get("load_seconds"),
     )
 
 

@@ -134,6 +134,7 @@ def run_loramux(
                 rec.finish, rec.output_tokens = t, len(out.outputs[0].token_ids)
     wall = max(rec.finish or 0.0 for rec in records.values()) - min(rec.arrival for rec in records.values())
     sched = eng.scheduler
+    loads = getattr(eng.executor, "load_stats", None)  # the fake executor has none
     if hasattr(eng.executor, "close"):
         eng.executor.close()
     gc.collect()
@@ -146,6 +147,8 @@ def run_loramux(
         {
             "preemptions": sched.counters.num_preemptions,
             "max_adapters_per_step": sched.counters.max_adapters_per_step,
+            # seconds of adapter loading: disk -> host (reader thread), host -> slot, steps waiting
+            "load_seconds": (loads.host_seconds, loads.device_seconds, loads.wait_seconds) if loads else None,
         },
     )
 

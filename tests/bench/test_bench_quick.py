@@ -57,6 +57,16 @@ def test_quick_bench_writes_report_plots_and_docs_section(tmp_path):
     ):
         assert heading in report
     assert "Command: `loramux bench --quick" in report and "Machine:" in report
+    # The adapter-count rows say where adapter loading time went (read / copy / wait, seconds).
+    scale_rows = [line for line in report.splitlines() if re.match(r"\| (5|20) \| [\d.]+ \|", line)]
+    assert len(scale_rows) == 2, report
+    for row in scale_rows:
+        load = [c.strip() for c in row.strip("|").split("|")][4]
+        assert re.fullmatch(r"[\d.]+ / [\d.]+ / [\d.]+", load), row
+    # Ratios between loramux runs list their per-round values (quick mode runs two rounds).
+    assert re.search(
+        r"20 adapters / 5 adapters: \*\*[\d.]+\*\* \(target >= 0.95\) \(rounds: [\d.]+, [\d.]+\)", report
+    )
     for png in ("throughput_vs_adapters.png", "throughput_vs_alpha.png"):
         data = (tmp_path / "out" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
