@@ -245,7 +245,6 @@ def run_peft(
     mode: str,
     batch_size: int,
     one_adapter: bool,
-    base_adapters: set[int] | None = None,
 ) -> RunResult:
     """Static batches: mixed (`adapter_names`) or one adapter at a time (`set_adapter`)."""
     records = {r.index: Record(r.index, 0.0 if mode == "offline" else r.arrival) for r in reqs}
