@@ -19,7 +19,15 @@ base-model tokens get nothing. Two paths:
         y[s:e] += (x[s:e] @ A[slot, :r].T) @ Bt[slot, :r]
     decode rows (short segments), grouped by rank, two batched matmuls per rank:
         y[rows] += bmm(bmm(x[rows], A[slots, :r].T), Bt[slots, :r])
-    (plain views, no gather, when rows and slots are both consecutive)
+
+The decode path reads the slot buffers in place whenever it can, since copying
+every row's A and B^T out of them (tens of megabytes a step) costs more than the
+matmuls. A rank's rows are split so that no group holds a slot twice (an
+adapter's second decode row goes to a second group). Rows and slots both
+consecutive: plain views. Slots spread over a window at most twice their
+number: the rows' inputs are scattered into that window (zeros elsewhere) and
+the bmm runs over a view of the window's slots. Otherwise (sparse slots) the
+rows' A and B^T are gathered, and the copy is kept while the layout holds.
 """
 
 from __future__ import annotations
@@ -214,7 +222,8 @@ def read_adapter(spec: AdapterSpec, dtype: torch.dtype) -> HostAdapter:
     return HostAdapter(spec, weights)
 
 
-SHORT_SEGMENT = 4  # segments up to this many rows (decodes) take the gathered path
+SHORT_SEGMENT = 4  # segments up to this many rows (decodes) take the batched path
+WINDOW_SLACK = 2  # a window of slots may span up to this many times the rows it serves
 
 
 class _RankGroup(NamedTuple):
@@ -224,6 +233,8 @@ class _RankGroup(NamedTuple):
     rows: torch.Tensor  # [N] rows of the batch
     slots: torch.Tensor  # [N] the slot of each row
     span: tuple[int, int, int] | None  # (first row, first slot, N) when both are consecutive: no gather
+    window: tuple[int, int] | None  # (first slot, end slot) holding every row's distinct slot: no gather
+    local: torch.Tensor | None  # [N] each row's slot minus the window's first slot
     key: tuple[int, ...]  # (rank, *slots): steps with the same key gather the same weights
 
 
@@ -232,8 +243,9 @@ class LoRAState:
 
     Long segments (prefill chunks) get one matmul pair each. Rows of short
     segments (decodes) are grouped by their adapter's rank in the module and
-    done together with two batched matmuls per rank: a gather of each row's
-    A and B^T rows (or plain views when rows and slots are consecutive).
+    done together with two batched matmuls per rank, over views of the slot
+    buffers (consecutive slots, or a window of slots) or a gather of each
+    row's A and B^T rows.
     """
 
     def __init__(self) -> None:
@@ -276,25 +288,33 @@ class LoRAState:
         return groups
 
     def _make_groups(self, ranks: list[int]) -> list[_RankGroup]:
-        by_rank: dict[int, tuple[list[int], list[int]]] = {}
+        # Group by rank, and within a rank by how many rows of the same slot came before, so that
+        # no group holds a slot twice: a few adapters with two decodes each do not push the many
+        # with one off the windowed path.
+        by_key: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        seen: dict[int, int] = {}
         for row, slot in zip(self._short_rows, self._short_slots, strict=True):
             r = ranks[slot]
             if r:
-                rows, slots = by_rank.setdefault(r, ([], []))
+                k = seen[slot] = seen.get(slot, -1) + 1
+                rows, slots = by_key.setdefault((r, k), ([], []))
                 rows.append(row)
                 slots.append(slot)
         groups = []
-        for r, (rows, slots) in by_rank.items():
-            n = len(rows)
-            consecutive = rows == list(range(rows[0], rows[0] + n)) and slots == list(
-                range(slots[0], slots[0] + n)
-            )
+        for (r, _), (rows, slots) in by_key.items():
+            n, lo, hi = len(rows), min(slots), max(slots) + 1
+            consecutive = rows == list(range(rows[0], rows[0] + n)) and slots == list(range(lo, hi))
+            # A window with at most as many idle slots as used ones: a bmm over it reads under
+            # twice the weights a gather would, and copies none.
+            windowed = not consecutive and hi - lo <= WINDOW_SLACK * n
             groups.append(
                 _RankGroup(
                     r,
                     torch.tensor(rows, device=self._device),
                     torch.tensor(slots, device=self._device),
                     (rows[0], slots[0], n) if consecutive else None,
+                    (lo, hi) if windowed else None,
+                    torch.tensor([s - lo for s in slots], device=self._device) if windowed else None,
                     (r, *slots),
                 )
             )
@@ -350,6 +370,14 @@ class LoRALinear(nn.Module):
                 a, bt = A[slot : slot + n, :r], Bt[slot : slot + n, :r]  # views: [n, r, in], [n, r, out]
                 t = torch.bmm(x[row : row + n].unsqueeze(1), a.transpose(1, 2))  # [n, 1, r]
                 y[row : row + n] += torch.bmm(t, bt).squeeze(1)  # [n, out]
+            elif g.window is not None:
+                lo, hi = g.window
+                assert g.local is not None
+                xs = x.new_zeros(hi - lo, x.shape[1])  # idle slots see zero input, their output is unused
+                xs.index_copy_(0, g.local, x.index_select(0, g.rows))
+                t = torch.bmm(xs.unsqueeze(1), A[lo:hi, :r].transpose(1, 2))  # [W, 1, r]
+                out = torch.bmm(t, Bt[lo:hi, :r]).squeeze(1)  # [W, out]
+                y.index_add_(0, g.rows, out.index_select(0, g.local))
             else:
                 a, bt = self._gather(g)  # [N, r, in], [N, r, out]
                 t = torch.bmm(x.index_select(0, g.rows).unsqueeze(1), a.transpose(1, 2))  # [N, 1, r]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from loramux import LLM, LoRARequest, SamplingParams
+from loramux.executor.lora import LoRAState
 
 ARCHS = ["llama", "mistral", "qwen2"]
 N_NEW = 10
@@ -46,14 +47,14 @@ def prompts(n, length, seed=0):
     return [[rng.randrange(3, 512) for _ in range(length)] for _ in range(n)]
 
 
-def run(llm, tm, ps, names, n_new=N_NEW):
+def run(llm, tm, ps, names, n_new=N_NEW, loras=None):
     """Generate greedily; return (token lists, per-request list of logits rows, outputs)."""
     logits: dict[str, list[torch.Tensor]] = {}
     llm.engine.executor.logits_hook = lambda rid, row: logits.setdefault(rid, []).append(row.clone())
     outs = llm.generate(
         ps,
         SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True),
-        lora_request=loras_for(tm, names),
+        lora_request=loras or loras_for(tm, names),
         use_tqdm=False,
     )
     return [o.outputs[0].token_ids for o in outs], [logits[o.request_id] for o in outs], outs
@@ -156,3 +157,26 @@ def test_equal_with_prefix_pages_brought_back_from_host_memory(arch, tiny_models
     tokens, logits, outs = run(llm, tm, [shared], ["r8_all"])
     assert outs[0].num_cached_tokens == 16 and cache.num_onloaded >= 4  # and came back
     assert_equal(oracles(arch), [shared], ["r8_all"], tokens, logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_equal_when_decodes_read_a_window_of_slots(arch, tiny_models, oracles, monkeypatch):
+    """S3.2: one adapter under two names takes two slots of equal rank with another adapter's slot
+    between them, so decode steps take the windowed bmm over the slot buffers (no gather)."""
+    tm = tiny_models[arch]
+    paths = []
+    make_groups = LoRAState._make_groups
+
+    def spy(self, ranks):
+        groups = make_groups(self, ranks)
+        paths.extend("window" for g in groups if g.window is not None)
+        return groups
+
+    monkeypatch.setattr(LoRAState, "_make_groups", spy)
+    twin = LoRARequest("r8_twin", 99, str(tm.adapters["r8_all"]))
+    names = ["r8_all", "r64_mlp", "r8_all", None]  # what the oracle runs: the twin is r8_all
+    ps = prompts(len(names), 12, seed=8)
+    loras = [*loras_for(tm, names[:2]), twin, None]
+    tokens, logits, _ = run(make_llm(tm), tm, ps, names, loras=loras)
+    assert paths, "the decode steps never took the windowed path"
+    assert_equal(oracles(arch), ps, names, tokens, logits)
