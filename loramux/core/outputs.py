@@ -35,9 +35,8 @@ class SchedulerOutput:
     adapter_plan: AdapterPlan
     finished_ids: list[str] = field(default_factory=list)  # finished since the last step
     preempted_ids: list[str] = field(default_factory=list)
-    kv_copies: list[KVCopy] = field(
-        default_factory=list
-    )  # host-tier page copies, in order, before the forward
+    # host-tier page copies, in order, before the forward
+    kv_copies: list[KVCopy] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -231,10 +231,11 @@ class _RankGroup(NamedTuple):
 
     rank: int
     rows: torch.Tensor  # [N] rows of the batch
-    slots: torch.Tensor  # [N] the slot of each row
-    span: tuple[int, int, int] | None  # (first row, first slot, N) when both are consecutive: no gather
-    window: tuple[int, int] | None  # (first slot, end slot) holding every row's distinct slot: no gather
-    local: torch.Tensor | None  # [N] each row's slot minus the window's first slot
+    # One of three ways to reach the rows' weights:
+    span: tuple[int, int, int] | None  # (first row, first slot, N) when both are consecutive: views
+    window: tuple[int, int] | None  # (first slot, end slot) holding every row's distinct slot: a view
+    local: torch.Tensor | None  # [N] with a window: each row's slot minus the window's first slot
+    slots: torch.Tensor | None  # [N] otherwise: the slot of each row, to gather from
     key: tuple[int, ...]  # (rank, *slots): steps with the same key gather the same weights
 
 
@@ -307,14 +308,15 @@ class LoRAState:
             # A window with at most as many idle slots as used ones: a bmm over it reads under
             # twice the weights a gather would, and copies none.
             windowed = not consecutive and hi - lo <= WINDOW_SLACK * n
+            dev = self._device
             groups.append(
                 _RankGroup(
                     r,
-                    torch.tensor(rows, device=self._device),
-                    torch.tensor(slots, device=self._device),
+                    torch.tensor(rows, device=dev),
                     (rows[0], slots[0], n) if consecutive else None,
                     (lo, hi) if windowed else None,
-                    torch.tensor([s - lo for s in slots], device=self._device) if windowed else None,
+                    torch.tensor([s - lo for s in slots], device=dev) if windowed else None,
+                    None if consecutive or windowed else torch.tensor(slots, device=dev),
                     (r, *slots),
                 )
             )
@@ -390,6 +392,7 @@ class LoRALinear(nn.Module):
             if len(self._gathered) >= 4:  # a handful of layouts at most (one per rank, usually)
                 self._gathered.clear()
             r = g.rank
+            assert g.slots is not None
             got = self._gathered[g.key] = (
                 self.A[:, :r].index_select(0, g.slots),  # type: ignore[index]
                 self.Bt[:, :r].index_select(0, g.slots),  # type: ignore[index]
