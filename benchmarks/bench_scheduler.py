@@ -1,4 +1,15 @@
-"""Scheduler time per step at scale: 256 running, 4096 waiting, 1000 adapters, each policy.
+"""Scheduler time per step at scale, and the quality of its decisions on issue 10's trace.
+
+Two modes. The default times the scheduler under a steady load: 256 running,
+4096 waiting, 1000 adapters, each policy. `--trace` replays the multi-LoRA
+trace of issue 10 (loramux/bench/sched_trace.py: every request added before
+step 1, 4096 requests, numpy seed 0) for each configuration (max_loras :
+adapters = 32:1000, 4:1000, 32:32, no LoRA), skew a = 1.0 and 0.3, each
+policy, with aging on and off, and prints tokens per step and the rest of
+the decision metrics; `benchmarks/vllm_sched_trace.py` runs vLLM v1's
+scheduler on the very same draws for the side-by-side column.
+
+    python benchmarks/bench_scheduler.py --trace [--quick]
 
 Not a test. Drives the real control plane with a trivial executor (every
 sampled token is 1) and keeps the load steady: whenever requests finish, the
@@ -104,8 +115,63 @@ def run_policy(
     }
 
 
+TRACE_CONFIGS = [(32, 1000), (4, 1000), (32, 32), (None, 0)]
+
+
+def run_trace_matrix(policies: list[str], quick: bool) -> None:
+    """The issue-10 trace: every configuration, skew, policy, aging on and off; one markdown table."""
+    from loramux.bench.sched_trace import VLLM_TOKENS_PER_STEP, TraceSetup, run_trace
+
+    kw = {"n_requests": 1024, "warmup_steps": 128, "steps": 100} if quick else {}
+    print(
+        "| config | a | policy | tokens/step | aging off | on/off | vLLM (issue) | seqs/step | "
+        "adapters/step | completed | longest wait (steps) | out of order / admissions | "
+        "least-served stall | reservations | not work-conserving | sched+update p50 ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for max_loras, n_adapters in TRACE_CONFIGS:
+        for power in (1.0, 0.3):
+            for pol in policies:
+                on = run_trace(TraceSetup(max_loras, n_adapters, power, pol, aging=True, **kw))
+                off = run_trace(TraceSetup(max_loras, n_adapters, power, pol, aging=False, **kw))
+                vllm = VLLM_TOKENS_PER_STEP[(max_loras, n_adapters)][power]
+                stall = str(on.min_counter_stall_steps) if pol == "fair" else "-"
+                print(
+                    f"| {on.setup.label} | {power} | {pol} | {on.tokens_per_step:.1f} | "
+                    f"{off.tokens_per_step:.1f} | {on.tokens_per_step / off.tokens_per_step:.3f} | {vllm} | "
+                    f"{on.seqs_per_step:.1f} | {on.adapters_per_step:.1f} | {on.completed} | "
+                    f"{on.longest_wait_steps} | {on.out_of_order} / {on.admissions} | {stall} | "
+                    f"{on.reservations} | {on.not_work_conserving} | {on.sched_ms_p50:.3f} |",
+                    flush=True,
+                )
+
+
+def run_trace_checks(policies: list[str]) -> None:
+    """Full-length trace runs with default settings and with max_cpu_loras == max_loras, checking
+    integrity every 8 steps and at the end, and work conservation every step."""
+    from loramux.bench.sched_trace import TraceSetup, run_trace
+
+    print("| config | a | policy | host adapters | steps | completed | integrity | not work-conserving |")
+    print("|---|---|---|---|---|---|---|---|")
+    for max_loras, n_adapters in TRACE_CONFIGS[:3]:
+        for power in (1.0, 0.3):
+            for pol in policies:
+                for host in (None, max_loras):
+                    setup = TraceSetup(max_loras, n_adapters, power, pol, max_cpu_loras=host, check_every=8)
+                    r = run_trace(setup)  # raises on a crash or a broken invariant
+                    steps = setup.warmup_steps + setup.steps
+                    print(
+                        f"| {setup.label} | {power} | {pol} | {host or 'default'} | {steps} | "
+                        f"{r.completed} | ok | {r.not_work_conserving} |",
+                        flush=True,
+                    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", action="store_true", help="replay issue 10's trace instead of timing")
+    p.add_argument("--quick", action="store_true", help="with --trace: 1024 requests, 228 steps (smoke test)")
+    p.add_argument("--check", action="store_true", help="with --trace: full runs with integrity checks")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--adapters", type=int, default=1000)
     p.add_argument("--running", type=int, default=256)
@@ -114,6 +180,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", nargs="+", default=["fcfs", "affinity", "completion", "fair"])
     a = p.parse_args()
+    if a.trace:
+        print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+        if a.check:
+            run_trace_checks(a.policies)
+        else:
+            run_trace_matrix(a.policies, a.quick)
+        return
     print(
         f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
         f"{a.running} running, {a.waiting} waiting, {a.adapters} adapters, max_loras={a.max_loras}, "

@@ -145,10 +145,36 @@ class AdapterManager:
             )
         if pinned and self.max_loras == 1:
             raise ValueError(f"cannot pin {name!r} with max_loras=1: no slot would be left for others")
+        self._check_fits_beside_pins(name, nbytes, pinned)
         info = AdapterInfo(name, next(self._uids), version, rank, nbytes, path, pinned)
         self._by_name[name] = info
         self._by_uid[info.uid] = info
         return info
+
+    def _check_fits_beside_pins(self, name: str, nbytes: int, pinned: bool) -> None:
+        """Refuse an adapter that could never be loaded: pinned adapters never leave, so with a
+        byte budget every adapter must fit beside all of them (S2.6)."""
+        budget = self.max_device_bytes
+        if budget is None:
+            return
+        pins = [a for a in self._by_uid.values() if a.pinned and not a.unloading]
+        pinned_bytes = sum(a.nbytes for a in pins)
+        if nbytes + pinned_bytes > budget:
+            what = "the pinned adapters" if not pinned else "the adapters pinned before it"
+            raise ValueError(
+                f"adapter {name!r} needs {nbytes} bytes but {what} hold {pinned_bytes} of the "
+                f"device budget max_lora_bytes={budget}: it could never be loaded; raise the budget "
+                f"or unload a pinned adapter"
+            )
+        if pinned:
+            others = [a for a in self._by_uid.values() if not a.pinned and not a.unloading]
+            big = max(others, key=lambda a: a.nbytes, default=None)
+            if big is not None and pinned_bytes + nbytes + big.nbytes > budget:
+                raise ValueError(
+                    f"cannot pin {name!r}: with it pinned, {pinned_bytes + nbytes} of the "
+                    f"max_lora_bytes={budget} bytes never free, and adapter {big.name!r} "
+                    f"({big.nbytes} bytes) could never be loaded; raise the budget or do not pin it"
+                )
 
     def unregister(self, name: str) -> AdapterInfo:
         """Remove `name` now; its weights go once its last request finishes (S6.3)."""
@@ -216,6 +242,10 @@ class AdapterManager:
         """Whether some non-resident adapter could get a slot this step (a cheap bound)."""
         return bool(self._free_slots or self._device_idle)
 
+    def can_acquire(self, info: AdapterInfo) -> bool:
+        """Whether `acquire(info)` would succeed now (it changes nothing)."""
+        return info.slot is not None or self._device_victims(info.nbytes) is not None
+
     def acquire(self, info: AdapterInfo) -> int | None:
         """A device slot for `info` this step, planning loads and evictions; None if none frees up."""
         if info.slot is not None:
@@ -266,11 +296,40 @@ class AdapterManager:
         self._host_only[info.uid] = None
         self.num_device_evictions += 1
 
-    def prefetch(self, info: AdapterInfo) -> None:
+    def drain_plan(self, info: AdapterInfo, busy: list[int]) -> list[int]:
+        """Which resident adapters must take no new work so that `info` gets the next slot that
+        frees: the fewest from `busy` (uids in the order they are expected to free) that, once
+        idle and evicted along with the adapters idle now, leave a slot and enough bytes."""
+        slots = len(self._free_slots) + len(self._device_idle)
+        room = (
+            float("inf")
+            if self.max_device_bytes is None
+            else self.max_device_bytes
+            - self._device_bytes
+            + sum(self._by_uid[u].nbytes for u in self._device_idle)
+        )
+        chosen: list[int] = []
+        for uid in busy:
+            if slots >= 1 and room >= info.nbytes:
+                break
+            a = self._by_uid[uid]
+            if a.pinned or a.slot is None or uid in self._device_idle:
+                continue
+            chosen.append(uid)
+            slots += 1
+            room += a.nbytes
+        return chosen
+
+    def prefetch(self, info: AdapterInfo) -> bool:
         """Start reading `info` from disk into host memory before a request needs it (S2.6): the
-        executor reads in the background, so a later device load does not wait on the disk."""
-        if not info.on_host:
-            self._load_host(info)
+        executor reads in the background, so a later device load does not wait on the disk.
+        False if host memory holds only device-resident adapters (nothing can make room)."""
+        if info.on_host:
+            return True
+        if self._num_host >= self.max_cpu_loras and not self._host_only:
+            return False
+        self._load_host(info)
+        return True
 
     def _load_host(self, info: AdapterInfo) -> None:
         self._make_host_room()
@@ -281,8 +340,8 @@ class AdapterManager:
         self.num_host_loads += 1
 
     def _make_host_room(self) -> None:
+        # A device load evicts first, and prefetch checks first: a host-only copy is always there.
         while self._num_host >= self.max_cpu_loras:
-            assert self._host_only, "host full of device-resident adapters despite max_cpu_loras >= max_loras"
             uid, _ = self._host_only.popitem(last=False)
             self._by_uid[uid].on_host = False
             self._num_host -= 1

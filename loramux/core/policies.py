@@ -1,75 +1,113 @@
 """Waiting-queue policies: the order in which waiting requests are offered for admission (S2.4, S2.5).
 
 Boundary: a policy owns the waiting requests and their order, nothing else.
-The scheduler hands it an `admit(request, aged)` callback that does every
-resource check (seats, tokens, KV pages, adapter slot) and answers
-ADMITTED, SKIP_ADAPTER (this request's adapter cannot run this step; try
-others) or STOP (nothing more fits this step).
+The scheduler hands it an `admit(request)` callback that does every resource
+check (seats, tokens, KV pages, adapter slot) and answers ADMITTED, SKIP
+(this request's adapter takes no new work this step: it is draining for a
+reservation), NEEDS_SLOT (its adapter is not on the device and no slot can
+be had) or STOP (nothing more fits this step).
 
-Every policy first offers *aged* groups: groups whose oldest request has
-waited at least `starvation_timeout_s` for an adapter that is not on the
-device, oldest first. When an aged request cannot get an adapter slot the
-scheduler admits no other adapter work that step, so the busy adapters drain
-and a slot frees. That bounds the wait the adapter cap can add to the
-timeout plus the longest running request, whatever the adapter mix. Groups
-whose adapter is resident (and the base model) are left to the policy's own
-order, which does not starve them: age order for fcfs and affinity, the
-bounded service difference for fair.
+Waiting requests sit in groups (one FIFO per adapter, or per tenant and
+adapter for `fair`); one lazily updated heap orders the groups by their
+head's priority, and an index finds the groups of the resident adapters. A
+step offers requests one at a time, best priority first, so requests are
+admitted in the policy's order: while a slot can be had, over every group;
+once the adapter cap binds, over the groups that need no slot (the resident
+adapters and the base model), still in order. Groups that would need a slot
+are skipped, never walked, so a step costs O(admissions + resident adapters)
+heap operations, whatever the number of idle adapters or tenants.
+
+Anti-starvation is work-conserving. When the group the policy would serve
+first among those needing a slot is *due* (its head has waited
+`starvation_timeout_s`; for `fair`, at once), the scheduler reserves the next
+slot that frees for its adapter: it picks the fewest resident adapters that
+free soonest and stops admitting new work for those alone, while every other
+resident adapter and the base model keep admitting. The reserved group is
+offered first in every step until it is admitted; no other adapter is loaded
+meanwhile. That bounds the wait the cap adds to the timeout plus the time
+the drained adapters' running requests take, one reservation at a time.
 
 Policies (select by name):
-- "fcfs": groups by adapter in order of their oldest request; a group's
-  requests are admitted together (same-adapter coalescing, S1.3).
-- "affinity": like fcfs, but groups whose adapter is already on the device
-  (and the base model) go before groups that need a load (S3.4).
-- "completion": like fcfs with a zero timeout: an adapter that needs a slot
-  stops new work for resident adapters until a running group completes and
-  frees its slot (batch completion).
+- "fcfs": arrival order. Same-adapter work is coalesced only where the cap
+  binds: a request whose adapter cannot get a slot is passed over, and
+  later requests of resident adapters go ahead of it (S1.3).
+- "affinity": resident adapters (and the base model) first, in arrival
+  order; then a new adapter whenever a slot can be had, oldest first (S3.4).
+- "completion": fcfs with a zero timeout: an adapter that needs a slot
+  reserves the next one at once, so the drained group completes before the
+  switch (batch completion).
 - "fair": Virtual Token Counter across tenants (VTC, papers.md 2.2): the
   tenant with the least service (input + 2 x output tokens) goes first; a
-  tenant that becomes backlogged is lifted to the least active counter.
+  tenant that becomes backlogged is lifted to the least counter among the
+  backlogged; the least-served tenant that needs a slot reserves one at once.
 """
 
 from __future__ import annotations
 
 import enum
 import heapq
-from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import Callable, Hashable, Iterator
+import itertools
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import closing
-from typing import Protocol
+from typing import Any, Protocol
 
 from loramux.core.request import Request
 
 
 class AdmitResult(enum.Enum):
     ADMITTED = 0
-    SKIP_ADAPTER = 1
-    STOP = 2
+    SKIP = 1  # the adapter takes no new work this step (it drains for a reservation)
+    NEEDS_SLOT = 2  # the adapter is not on the device and no slot can be had for it now
+    STOP = 3  # nothing more fits this step
 
 
-Admit = Callable[[Request, bool], AdmitResult]
+Admit = Callable[[Request], AdmitResult]
+Priority = tuple[Any, ...]
 
 
-class ResidencyView(Protocol):
+class SchedulerView(Protocol):
+    """What a policy may see of, and ask of, the scheduler."""
+
     def resident_uids(self) -> list[int]: ...
 
-    def can_take_slot(self) -> bool: ...
+    def can_take_slot(self) -> bool:
+        """Whether an adapter that is not on the device could be loaded now."""
+        ...
+
+    @property
+    def reservation(self) -> Request | None:
+        """The waiting request whose adapter gets the next slot that frees, if any."""
+        ...
+
+    def reserve(self, req: Request) -> None: ...
 
 
 class _Groups:
-    """FIFO queues keyed by a group key, plus a heap that orders groups by their head's arrival."""
+    """FIFO queues keyed by group, an index of groups by adapter, and a lazy heap over groups.
 
-    def __init__(self) -> None:
+    Every non-empty group has exactly one live heap entry, made when its head
+    changes; older entries are dropped as they surface. Priorities that rise
+    without a head change (fair's counters only grow) are re-filed when they
+    surface, so the heap's order is always the true order.
+    """
+
+    def __init__(self, priority: Callable[[Hashable, Request], Priority]) -> None:
+        self.priority = priority
         self.queues: dict[Hashable, deque[Request]] = {}
-        self._heap: list[tuple[int, int, Hashable]] = []  # (head seq, tiebreak, key)
-        self._tiebreak = 0
+        self.by_adapter: dict[int | None, set[Hashable]] = {}
+        self._uid: dict[Hashable, int | None] = {}
+        self._heap: list[tuple[Priority, int, Hashable]] = []
+        self._live: dict[Hashable, int] = {}  # group -> tiebreak of its live heap entry
+        self._seq = itertools.count()
         self.size = 0
 
     def push(self, key: Hashable, req: Request, front: bool) -> None:
         q = self.queues.get(key)
         if q is None:
             q = self.queues[key] = deque()
+            self._uid[key] = req.adapter_uid
+            self.by_adapter.setdefault(req.adapter_uid, set()).add(key)
         if front:
             # Preempted requests go back in arrival order among the front.
             i = 0
@@ -80,20 +118,34 @@ class _Groups:
             q.append(req)
         self.size += 1
         if q[0] is req:
-            self._push_heap(key, req)
+            self.refile(key)
 
-    def _push_heap(self, key: Hashable, head: Request) -> None:
-        self._tiebreak += 1
-        heapq.heappush(self._heap, (head.arrival_seq, self._tiebreak, key))
+    def refile(self, key: Hashable) -> None:
+        """Give `key` a fresh heap entry at its head's current priority."""
+        n = next(self._seq)
+        self._live[key] = n
+        heapq.heappush(self._heap, (self.priority(key, self.queues[key][0]), n, key))
+        if len(self._heap) > 4 * len(self.queues) + 64:  # too many dead entries: rebuild
+            self._heap[:] = [e for e in self._heap if self._live.get(e[2]) == e[1]]  # in place: a walk
+            heapq.heapify(self._heap)  # may hold it
+
+    def _drop(self, key: Hashable) -> None:
+        del self.queues[key]
+        del self._live[key]
+        uid = self._uid.pop(key)
+        keys = self.by_adapter[uid]
+        keys.discard(key)
+        if not keys:
+            del self.by_adapter[uid]
 
     def pop_head(self, key: Hashable) -> Request:
         q = self.queues[key]
         req = q.popleft()
         self.size -= 1
         if q:
-            self._push_heap(key, q[0])
+            self.refile(key)
         else:
-            del self.queues[key]
+            self._drop(key)
         return req
 
     def remove(self, key: Hashable, req: Request) -> bool:
@@ -104,55 +156,74 @@ class _Groups:
         q.remove(req)
         self.size -= 1
         if not q:
-            del self.queues[key]
+            self._drop(key)
         elif was_head:
-            self._push_heap(key, q[0])
+            self.refile(key)
         return True
 
     def head(self, key: Hashable) -> Request | None:
         q = self.queues.get(key)
         return q[0] if q else None
 
-    def by_head_age(self) -> Iterator[Hashable]:
-        """Group keys, oldest head first. Close the iterator (or exhaust it) when done.
-
-        Entries whose group head changed are stale and dropped as they surface;
-        every head change pushes a fresh entry, so no group is ever lost.
-        """
-        heap, held, seen = self._heap, [], set()
+    def walk(self) -> Iterator[Hashable]:
+        """Every group, best head first. A group whose head the caller admits comes again at its
+        new place; one it leaves alone does not. Close the iterator (or exhaust it) when done."""
+        heap, live, held = self._heap, self._live, []
         try:
             while heap:
-                entry = heapq.heappop(heap)
-                seq, _, key = entry
-                q = self.queues.get(key)
-                if q is None or q[0].arrival_seq != seq:
+                prio, n, key = heapq.heappop(heap)
+                if live.get(key) != n:
+                    continue  # dead: the group's head changed or the group emptied
+                if self.priority(key, self.queues[key][0]) != prio:
+                    self.refile(key)  # its priority rose since it was filed
                     continue
-                held.append(entry)
-                if key in seen:
-                    continue
-                seen.add(key)
+                held.append((prio, n, key))
                 yield key
         finally:
-            kept = set()
             for entry in held:
-                seq, _, key = entry
-                q = self.queues.get(key)
-                if q is not None and q[0].arrival_seq == seq and (key, seq) not in kept:
-                    kept.add((key, seq))
+                if live.get(entry[2]) == entry[1]:
                     heapq.heappush(heap, entry)
 
+    def walk_subset(self, keys: Iterable[Hashable]) -> Iterator[Hashable]:
+        """Like `walk`, over the given groups only, with a heap of their own."""
+        order = itertools.count()
+        heap = [(self.priority(k, q[0]), next(order), k) for k in keys if (q := self.queues.get(k))]
+        heapq.heapify(heap)
+        while heap:
+            prio, _, key = heapq.heappop(heap)
+            q = self.queues.get(key)
+            if not q:
+                continue
+            head = q[0]
+            now = self.priority(key, head)
+            if now != prio:
+                heapq.heappush(heap, (now, next(order), key))
+                continue
+            yield key
+            q = self.queues.get(key)
+            if q and q[0] is not head:  # admitted: its next request takes its own place
+                heapq.heappush(heap, (self.priority(key, q[0]), next(order), key))
 
-class Policy(ABC):
-    """A waiting queue with an admission order."""
+
+class Policy:
+    """A waiting queue with an admission order, given by `priority` (smaller first)."""
 
     name = ""
+    by_age = True  # priority is the head's arrival, so the first group not yet due ends the search
 
     def __init__(self, starvation_timeout_s: float) -> None:
         self.starvation_timeout_s = starvation_timeout_s
-        self.groups = _Groups()
+        self.groups = _Groups(self.priority)
 
     def group_key(self, req: Request) -> Hashable:
         return req.adapter_uid
+
+    def priority(self, key: Hashable, head: Request) -> Priority:
+        return (head.arrival_seq,)
+
+    def _due(self, head: Request, now: float) -> bool:
+        """Whether `head`, blocked by the adapter cap, may reserve the next slot."""
+        return now - head.arrival_time >= self.starvation_timeout_s
 
     def __len__(self) -> int:
         return self.groups.size
@@ -168,103 +239,100 @@ class Policy(ABC):
             yield from q
 
     def upcoming(self, limit: int) -> Iterator[Request]:
-        """The oldest request of up to `limit` groups, oldest first (what will want a slot next)."""
-        with closing(self.groups.by_head_age()) as keys:
-            for i, key in enumerate(keys):
-                if i >= limit:
-                    return
-                head = self.groups.head(key)
-                if head is not None:
-                    yield head
+        """The head of up to `limit` groups in policy order (what will want a slot next)."""
+        with closing(self.groups.walk()) as keys:
+            for key in itertools.islice(keys, limit):
+                yield self.groups.queues[key][0]
 
     def on_admitted(self, req: Request) -> None:
         """A request left the queue for the running batch."""
 
-    def on_output_tokens(self, req: Request, n: int) -> None:
-        """`req` produced `n` tokens this step."""
+    def on_output_tokens(self, reqs: list[Request]) -> None:
+        """Each of `reqs` produced one token this step."""
 
-    def schedule(self, admit: Admit, view: ResidencyView, now: float) -> None:
-        """Offer waiting requests to `admit`: starving groups (and all older ones) first, then in
-        policy order."""
-        if self._offer_aged(admit, view, now - self.starvation_timeout_s) is AdmitResult.STOP:
+    # --- one step ---
+    def schedule(self, admit: Admit, view: SchedulerView, now: float) -> None:
+        """Offer waiting requests to `admit`: the reserved group, and whatever precedes it in
+        policy order, first; then the policy's own phases."""
+        reserved = view.reservation
+        if reserved is None:
+            reserved = self._reservation_candidate(view, now)
+            if reserved is not None:
+                view.reserve(reserved)
+        if reserved is not None and self._offer_through(self.group_key(reserved), admit, view):
             return
         self._schedule_rest(admit, view)
 
-    def _offer_aged(self, admit: Admit, view: ResidencyView, cutoff: float) -> AdmitResult:
-        """Walk groups oldest head first. When a group has waited past `cutoff` for an adapter
-        that is not on the device, offer it, and every older group before it, in age order, so
-        a starving group overtakes only younger work. Stop at the first such group that cannot
-        get a slot: the scheduler then drains running adapters until one frees."""
+    def _offer_through(self, target: Hashable, admit: Admit, view: SchedulerView) -> bool:
+        """Offer groups in policy order up to and including `target`, so that the reserved group
+        is served before anything it precedes and after anything that precedes it. True on STOP."""
+        if self.groups.head(target) is None:
+            return False
+        limit = len(view.resident_uids()) + 64  # what can precede it: resident and base groups
+        with closing(self.groups.walk()) as keys:
+            for key in itertools.islice(keys, limit):
+                if self._offer(key, admit) is AdmitResult.STOP:
+                    return True
+                if key == target:
+                    return False
+        return self.groups.head(target) is not None and self._offer(target, admit) is AdmitResult.STOP
+
+    def _schedule_rest(self, admit: Admit, view: SchedulerView) -> None:
+        if self._walk(self.groups.walk(), admit, view, needs_slot=True) is AdmitResult.STOP:
+            return
+        self._walk(self._resident(view), admit, view, needs_slot=False)
+
+    def _reservation_candidate(self, view: SchedulerView, now: float) -> Request | None:
+        """The first group in policy order whose adapter is not on the device, if it is due."""
         resident = set(view.resident_uids())
-        older: list[Hashable] = []  # aged groups whose adapter is resident (or the base model)
-        with closing(self.groups.by_head_age()) as keys:
-            for key in keys:
-                head = self.groups.head(key)
-                if head is None or head.arrival_time > cutoff:
-                    break
-                if head.adapter_uid is None or head.adapter_uid in resident:
-                    older.append(key)
-                    continue
-                for k in (*older, key):
-                    result = self._offer_group(k, admit, aged=True)
-                    if result is AdmitResult.STOP:
-                        return result
-                older = []
-                if result is AdmitResult.SKIP_ADAPTER:
-                    break
-                resident = set(view.resident_uids())
-        return AdmitResult.ADMITTED
+        limit = len(resident) + 64  # groups passed over: resident adapters and base-model groups
+        with closing(self.groups.walk()) as keys:
+            for key in itertools.islice(keys, limit):
+                head = self.groups.queues[key][0]
+                due = self._due(head, now)
+                if not due and self.by_age:
+                    return None  # every later group is younger still
+                if head.adapter_uid is not None and head.adapter_uid not in resident:
+                    return head if due else None
+        return None
 
-    def _offer_group(self, key: Hashable, admit: Admit, aged: bool) -> AdmitResult:
-        """Admit the group's requests in order until one is refused."""
-        groups = self.groups
-        while (head := groups.head(key)) is not None:
-            result = admit(head, aged)
-            if result is not AdmitResult.ADMITTED:
-                return result
-            groups.pop_head(key)
+    def _resident(self, view: SchedulerView) -> Iterator[Hashable]:
+        """The groups that need no slot (resident adapters and the base model), best head first."""
+        by_adapter = self.groups.by_adapter
+        keys = [k for uid in (None, *view.resident_uids()) for k in by_adapter.get(uid, ())]
+        return self.groups.walk_subset(keys)
+
+    def _offer(self, key: Hashable, admit: Admit) -> AdmitResult:
+        """Offer the group's head; take it off the queue if admitted."""
+        head = self.groups.queues[key][0]
+        result = admit(head)
+        if result is AdmitResult.ADMITTED:
+            self.groups.pop_head(key)
             self.on_admitted(head)
+        return result
+
+    def _walk(
+        self, keys: Iterator[Hashable], admit: Admit, view: SchedulerView, needs_slot: bool
+    ) -> AdmitResult:
+        """Offer heads in the order `keys` gives until STOP. With `needs_slot` the walk covers
+        every group and ends once no slot can be had: the rest is for a walk over resident groups."""
+        with closing(keys) as it:  # type: ignore[type-var]
+            for key in it:
+                if needs_slot and not view.can_take_slot():
+                    break
+                if self._offer(key, admit) is AdmitResult.STOP:
+                    return AdmitResult.STOP
         return AdmitResult.ADMITTED
-
-    def _offer_resident(self, admit: Admit, view: ResidencyView, done: set[Hashable]) -> AdmitResult:
-        """Offer the base model's and the resident adapters' groups, oldest head first."""
-        heads = [(self.groups.head(k), k) for k in (None, *view.resident_uids()) if k not in done]
-        for _, key in sorted((h.arrival_seq, k) for h, k in heads if h is not None):  # type: ignore[misc]
-            if self._offer_group(key, admit, aged=False) is AdmitResult.STOP:
-                return AdmitResult.STOP
-            done.add(key)
-        return AdmitResult.ADMITTED
-
-    def _offer_by_age(self, admit: Admit, view: ResidencyView, done: set[Hashable]) -> AdmitResult:
-        """Offer groups oldest head first while a slot can still be had; then the resident rest."""
-        if view.can_take_slot():
-            with closing(self.groups.by_head_age()) as keys:
-                for key in keys:
-                    if key in done:
-                        continue
-                    if self._offer_group(key, admit, aged=False) is AdmitResult.STOP:
-                        return AdmitResult.STOP
-                    done.add(key)
-                    if not view.can_take_slot():
-                        break
-        # No slot can be had: only groups that need none can still be admitted.
-        return self._offer_resident(admit, view, done)
-
-    @abstractmethod
-    def _schedule_rest(self, admit: Admit, view: ResidencyView) -> None: ...
 
 
 class FCFSPolicy(Policy):
-    """Adapter groups in order of their oldest request; each group admitted together."""
+    """Arrival order; work for resident adapters goes ahead only of work the cap holds back."""
 
     name = "fcfs"
 
-    def _schedule_rest(self, admit: Admit, view: ResidencyView) -> None:
-        self._offer_by_age(admit, view, set())
-
 
 class CompletionPolicy(FCFSPolicy):
-    """FCFS where every group counts as aged: a needed switch waits for running groups to finish."""
+    """FCFS where a needed switch reserves the next slot at once: the drained group completes first."""
 
     name = "completion"
 
@@ -273,66 +341,79 @@ class CompletionPolicy(FCFSPolicy):
 
 
 class AffinityPolicy(Policy):
-    """Resident adapters (and the base model) first, then the rest; each part oldest first."""
+    """Resident adapters (and the base model) first, then a new adapter while a slot can be had."""
 
     name = "affinity"
 
-    def _schedule_rest(self, admit: Admit, view: ResidencyView) -> None:
-        done: set[Hashable] = set()
-        if self._offer_resident(admit, view, done) is AdmitResult.STOP:
+    def _schedule_rest(self, admit: Admit, view: SchedulerView) -> None:
+        if self._walk(self._resident(view), admit, view, needs_slot=False) is AdmitResult.STOP:
             return
-        self._offer_by_age(admit, view, done)
+        if self._walk(self.groups.walk(), admit, view, needs_slot=True) is AdmitResult.STOP:
+            return
+        self._walk(self._resident(view), admit, view, needs_slot=False)  # the adapters just loaded
 
 
 class FairPolicy(Policy):
     """Virtual Token Counter (VTC) across tenants: least service first, with the counter lift."""
 
     name = "fair"
+    by_age = False
     INPUT_WEIGHT = 1.0
     OUTPUT_WEIGHT = 2.0
 
     def __init__(self, starvation_timeout_s: float) -> None:
-        super().__init__(starvation_timeout_s)
         self.counters: dict[str, float] = {}
+        self._backlog: Counter[str] = Counter()  # waiting requests per tenant
+        super().__init__(starvation_timeout_s)
 
     def group_key(self, req: Request) -> Hashable:
-        return req.tenant
+        return (req.tenant, req.adapter_uid)
+
+    def priority(self, key: Hashable, head: Request) -> Priority:
+        return (self.counters.get(head.tenant, 0.0), head.arrival_seq)
+
+    def _due(self, head: Request, now: float) -> bool:
+        return True  # the least-served tenant is next by definition: it never waits on aging
 
     def add(self, req: Request, front: bool = False) -> None:
         tenant = req.tenant
-        if self.groups.head(tenant) is None and not front:
-            # Becoming backlogged: no banking of credit from idle time.
-            active = [self.counters.get(t, 0.0) for t in self.groups.queues if t != tenant]
-            lifted = max(self.counters.get(tenant, 0.0), min(active)) if active else None
-            self.counters[tenant] = lifted if lifted is not None else self.counters.get(tenant, 0.0)
+        if not self._backlog[tenant] and not front:
+            # Becoming backlogged: lifted to the least backlogged counter, so idle time banks no credit.
+            low = self._least_counter()
+            own = self.counters.get(tenant, 0.0)
+            self.counters[tenant] = own if low is None else max(own, low)
+        self._backlog[tenant] += 1
         super().add(req, front)
 
+    def remove(self, req: Request) -> bool:
+        removed = super().remove(req)
+        if removed:
+            self._left(req)
+        return removed
+
+    def _left(self, req: Request) -> None:
+        self._backlog[req.tenant] -= 1
+        if not self._backlog[req.tenant]:
+            del self._backlog[req.tenant]
+
+    def _least_counter(self) -> float | None:
+        """The smallest counter among backlogged tenants: the top of the group heap."""
+        with closing(self.groups.walk()) as keys:
+            for key in keys:
+                return self.counters.get(self.groups.queues[key][0].tenant, 0.0)
+        return None
+
     def on_admitted(self, req: Request) -> None:
+        self._left(req)
         if req.num_preemptions == 0:  # input is charged once, not again after a preemption
             self.counters[req.tenant] = (
                 self.counters.get(req.tenant, 0.0) + self.INPUT_WEIGHT * req.num_prompt_tokens
             )
 
-    def on_output_tokens(self, req: Request, n: int) -> None:
-        self.counters[req.tenant] = self.counters.get(req.tenant, 0.0) + self.OUTPUT_WEIGHT * n
-
-    def _schedule_rest(self, admit: Admit, view: ResidencyView) -> None:
-        counters = self.counters
-        heap = [(counters.get(t, 0.0), t) for t in self.groups.queues]
-        heapq.heapify(heap)
-        while heap:
-            _, tenant = heapq.heappop(heap)
-            head = self.groups.head(tenant)
-            if head is None:
-                continue
-            result = admit(head, False)
-            if result is AdmitResult.STOP:
-                return
-            if result is AdmitResult.ADMITTED:
-                self.groups.pop_head(tenant)
-                self.on_admitted(head)
-                if self.groups.head(tenant) is not None:
-                    heapq.heappush(heap, (counters[tenant], tenant))
+    def on_output_tokens(self, reqs: list[Request]) -> None:
+        counters, w = self.counters, self.OUTPUT_WEIGHT
+        for tenant, n in Counter(r.tenant for r in reqs).items():
+            counters[tenant] = counters.get(tenant, 0.0) + w * n
 
 
 POLICIES: dict[str, type[Policy]] = {

@@ -71,6 +71,10 @@ class Request:
     # How many of `page_ids` have been offered to the prefix cache.
     num_inserted_pages: int = field(default=0, init=False)
     arrival_seq: int = field(default=-1, init=False)
+    lora_slot: int | None = field(default=None, init=False)  # its adapter's device slot while running
+    # Fixed at construction, for the per-token stop check: the ids that stop it, the length that ends it.
+    stop_ids: frozenset[int] = field(init=False)
+    end_len: int = field(init=False)
     first_scheduled_time: float | None = field(default=None, init=False)
     finished_time: float | None = field(default=None, init=False)
 
@@ -90,6 +94,10 @@ class Request:
         self.token_ids = list(self.prompt_token_ids)
         if not self.tenant:
             self.tenant = self.lora_name or "base"
+        self.stop_ids = frozenset(self.stop_token_ids) | (
+            frozenset() if self.ignore_eos else frozenset(self.eos_token_ids)
+        )
+        self.end_len = len(self.prompt_token_ids) + self.max_tokens
 
     # --- derived quantities ---
     @property

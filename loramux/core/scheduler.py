@@ -9,12 +9,19 @@ grants tokens under a budget.
 A step, in order:
 1. running requests that decode (one token each), then running requests
    still prefilling (a chunk each, S3.2); when pages run out the most recently
-   admitted running request is preempted and requeued (S4.2);
+   admitted running request not yet scheduled this step is preempted and
+   requeued (S4.2);
 2. waiting requests in the policy's order (policies.py), each admitted only
    if a seat, tokens, KV pages and then an adapter slot can all be had; the
    slot is taken last, so work refused for another reason never holds one
    (S2.3). The number of distinct adapters in a step can never exceed the
    number of device slots, `max_loras` (S2.1).
+
+Anti-starvation (S2.4) is a slot reservation, and it is work-conserving: the
+policy names a waiting request whose adapter must get the next slot; the
+scheduler picks the fewest resident adapters that free a slot soonest and
+stops new work for those alone ("draining"), loads no other adapter until the
+reserved one has its slot, and keeps admitting everything else.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class SchedulerCounters:
 
     num_steps: int = 0
     num_preemptions: int = 0
+    num_reservations: int = 0
     naive_adapter_switches: int = 0
     max_adapters_per_step: int = 0
     last_step_adapters: int = 0
@@ -79,6 +87,8 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self._steps_since_admission = 0
         self._naive_slots: OrderedDict[int, None] = OrderedDict()
+        self._reserved: Request | None = None  # its adapter gets the next slot that frees
+        self._draining: frozenset[int] = frozenset()  # resident adapters taking no new work for it
         kv.cache.open_namespace(None, base_identity)
 
     # --- adapters ---
@@ -182,15 +192,49 @@ class Scheduler:
         return self.adapters.resident_uids
 
     def can_take_slot(self) -> bool:
-        return self.adapters.can_take_slot()
+        """Whether an adapter not on the device could be loaded now (never while one is reserved)."""
+        return self._reserved is None and self.adapters.can_take_slot()
+
+    @property
+    def reservation(self) -> Request | None:
+        return self._reserved
+
+    @property
+    def draining(self) -> frozenset[int]:
+        return self._draining
+
+    def reserve(self, req: Request) -> None:
+        """Give the next slot that frees to `req`'s adapter: drain the fewest resident adapters
+        whose running requests end soonest (S2.4)."""
+        info = self._info(req)
+        assert info is not None and info.slot is None and self._reserved is None, (req, info)
+        left: dict[int, int] = {}  # adapter -> steps until its last running request ends
+        for r in self.running:
+            if r.adapter_uid is not None:
+                togo = r.max_total_tokens - r.num_computed_tokens
+                left[r.adapter_uid] = max(left.get(r.adapter_uid, 0), togo)
+        self._reserved = req
+        self._draining = frozenset(self.adapters.drain_plan(info, sorted(left, key=left.__getitem__)))
+        self.counters.num_reservations += 1
+
+    def _end_reservation(self) -> None:
+        self._reserved = None
+        self._draining = frozenset()
+
+    def _check_reservation(self) -> None:
+        """Drop a reservation whose request left the queue (aborted) or whose adapter went."""
+        req = self._reserved
+        if req is not None and (req.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED)):
+            self._end_reservation()
 
     # --- scheduling ---
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
         self.counters.num_steps += 1
-        step = _StepBudget(cfg.max_num_batched_tokens, cfg.prefill_budget)
+        step = self._last_step = _StepBudget(cfg.max_num_batched_tokens, cfg.prefill_budget)
         preempted = self._schedule_running(step)
         n_running = len(step.seqs)
+        self._check_reservation()
         if not preempted and self._may_admit(step):
             self.policy.schedule(self._admitter(step), self, self.clock())
         admitted = len(step.seqs) > n_running
@@ -214,33 +258,75 @@ class Scheduler:
         )
 
     def _schedule_running(self, step: _StepBudget) -> list[Request]:
-        """Decodes first, then unfinished prefills; preempt from the back when pages run out."""
-        order = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        if len(order) < len(self.running):
-            order += [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        """Decodes first, then unfinished prefills. When pages run out, preempt the most recently
+        admitted request not yet scheduled this step (the request itself, if that is it)."""
+        running = self.running
+        order: list[Request] = []
+        prefills: list[Request] = []
+        for r in running:
+            (order if len(r.token_ids) - r.num_computed_tokens == 1 else prefills).append(r)
+        order += prefills
         kv, preempted = self.kv, []
-        i, end = 0, len(order)
-        while i < end:
-            req = order[i]
-            left = req.num_tokens - req.num_computed_tokens
-            n = 1 if left == 1 else min(left, step.tokens, step.prefill)
-            if n <= 0 or step.tokens <= 0:
+        ps, pool, cache = kv.page_size, kv.pool, kv.cache
+        seqs, RUNNING, new_seq = step.seqs, RequestStatus.RUNNING, tuple.__new__
+        tokens, prefill = step.tokens, step.prefill
+        for i, req in enumerate(order):
+            if preempted and req.status is not RUNNING:
+                continue  # preempted for an earlier request of this step
+            if tokens <= 0:
                 break
-            need = kv.pages_needed(req, n)
-            while need > 0 and not kv.can_allocate(need) and end - 1 > i:
-                end -= 1
-                preempted.append(order[end])
-                self._preempt(order[end])
-            if need > 0 and not kv.allocate(req, n):
-                preempted.append(req)
-                self._preempt(req)
-                break
-            info = self._info(req)
-            step.add(req, n, left > 1, None if info is None else info.slot)
-            i += 1
+            computed = req.num_computed_tokens
+            ids = req.token_ids
+            left = len(ids) - computed
+            if left == 1:
+                n = 1
+            else:
+                n = min(left, tokens, prefill)
+                if n <= 0:
+                    continue  # a prefill with no prefill budget left
+                prefill -= n
+            if -(-(computed + n) // ps) > len(req.page_ids):
+                need = -(-(computed + n) // ps) - len(req.page_ids)
+                if need > pool.num_free + cache.num_evictable:
+                    self._preempt_for(req, need, order[i:], preempted)
+                    if req.status is not RUNNING:
+                        if left > 1:
+                            prefill += n
+                        continue
+                allocated = kv.allocate(req, n)
+                assert allocated, f"{req!r}: pages vanished between check and allocation"
+            seqs.append(
+                new_seq(  # tuple.__new__ directly: this loop runs for every running request
+                    ScheduledSeq,
+                    (
+                        req.request_id,
+                        ids[computed : computed + n],
+                        computed,
+                        req.page_ids,
+                        req.adapter_uid,
+                        req.lora_slot,
+                        n == left,
+                        req.sampling,
+                    ),
+                )
+            )
+            tokens -= n
+        step.tokens, step.prefill = tokens, prefill
         if preempted:
-            self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+            self.running = [r for r in running if r.status is RUNNING]
         return preempted
+
+    def _preempt_for(self, req: Request, need: int, unscheduled: list[Request], out: list[Request]) -> None:
+        """Preempt the most recently admitted of `unscheduled` until `need` pages can be had."""
+        RUNNING = RequestStatus.RUNNING
+        rank = {id(r): i for i, r in enumerate(self.running)}  # admission order
+        pending = sorted((r for r in unscheduled if r.status is RUNNING), key=lambda r: rank[id(r)])
+        while not self.kv.can_allocate(need):
+            victim = pending.pop()
+            out.append(victim)
+            self._preempt(victim)
+            if victim is req:
+                return
 
     def _preempt(self, req: Request) -> None:
         """Free `req`'s pages and requeue it at the front; it recomputes from its cached prefix."""
@@ -259,10 +345,13 @@ class Scheduler:
         """Have the adapters of the next waiting requests read into host memory in the background."""
         adapters = self.adapters
         depth = min(adapters.max_loras, adapters.max_cpu_loras // 2)
-        for req in self.policy.upcoming(depth):
+        upcoming = self.policy.upcoming(depth)
+        if self._reserved is not None:
+            upcoming = itertools.chain((self._reserved,), upcoming)
+        for req in upcoming:
             info = self._info(req)
-            if info is not None and not info.on_host:
-                adapters.prefetch(info)
+            if info is not None and not info.on_host and not adapters.prefetch(info):
+                break  # host memory holds only adapters in use: nothing more can be read ahead
 
     def _may_admit(self, step: _StepBudget) -> bool:
         cfg = self.config
@@ -275,35 +364,40 @@ class Scheduler:
             return True
         return len(self.policy) >= ratio * len(self.running)  # S3.3: no tiny prefills mid-decode
 
-    def _admitter(self, step: _StepBudget) -> Callable[[Request, bool], AdmitResult]:
+    def _admitter(self, step: _StepBudget) -> Callable[[Request], AdmitResult]:
         """The admission check policies call, one waiting request at a time."""
         kv, adapters, max_seqs = self.kv, self.adapters, self.config.max_num_seqs
-        draining = False
 
-        def admit(req: Request, aged: bool) -> AdmitResult:
-            nonlocal draining
+        def admit(req: Request) -> AdmitResult:
             if len(self.running) >= max_seqs or step.tokens <= 0 or step.prefill <= 0:
                 return AdmitResult.STOP
             info = self._info(req)
             if info is not None:
-                if draining:  # an aged request waits for a slot: let running adapters drain
-                    return AdmitResult.SKIP_ADAPTER
-                if info.slot is None and not adapters.can_take_slot():
-                    draining = draining or aged
-                    return AdmitResult.SKIP_ADAPTER
+                if info.uid in self._draining:
+                    return AdmitResult.SKIP
+                if info.slot is None:
+                    reserved = self._reserved
+                    if reserved is not None and reserved.adapter_uid != info.uid:
+                        return AdmitResult.NEEDS_SLOT  # the next slot is someone else's
+                    if not adapters.can_take_slot():
+                        return AdmitResult.NEEDS_SLOT
             hit = kv.match(req)
             n = min(req.num_tokens - hit.num_tokens, step.tokens, step.prefill)
             if not kv.can_allocate(kv.pool.pages_for(hit.num_tokens + n) - len(hit.pages)):
                 kv.undo_match(req, hit)
+                step.out_of_pages = True
                 return AdmitResult.STOP
-            if info is not None and adapters.acquire(info) is None:
-                kv.undo_match(req, hit)
-                draining = draining or aged
-                return AdmitResult.SKIP_ADAPTER
+            if info is not None:
+                loading = info.slot is None
+                if adapters.acquire(info) is None:
+                    kv.undo_match(req, hit)
+                    return AdmitResult.NEEDS_SLOT
+                if loading and self._reserved is not None:
+                    self._end_reservation()  # the reserved adapter has its slot
             allocated = kv.allocate(req, n, hit)
             assert allocated, f"{req!r}: pages vanished between check and allocation"
             self._start(req, hit.num_tokens, info)
-            step.add(req, n, True, None if info is None else info.slot)
+            step.add(req, n, True)
             return AdmitResult.ADMITTED
 
         return admit
@@ -317,6 +411,7 @@ class Scheduler:
         if req.first_scheduled_time is None:
             req.first_scheduled_time = self.clock()
         req.status = RequestStatus.RUNNING
+        req.lora_slot = None if info is None else info.slot
         self.running.append(req)
         if info is not None:
             self.adapters.start_running(info)
@@ -325,38 +420,41 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> StepUpdate:
         new_tokens: list[tuple[Request, int]] = []
         finished: list[Request] = []
-        requests, kv, policy = self.requests, self.kv, self.policy
-        for seq, token in zip(out.seqs, result.sampled_token_ids, strict=True):
-            req = requests.get(seq.request_id)
-            if req is None or req.status is not RequestStatus.RUNNING:
+        requests, kv = self.requests, self.kv
+        ps, RUNNING = kv.page_size, RequestStatus.RUNNING
+        for (rid, computing, _, _, _, _, sample, _), token in zip(
+            out.seqs, result.sampled_token_ids, strict=True
+        ):
+            req = requests.get(rid)
+            if req is None or req.status is not RUNNING:
                 continue  # finished from outside while the step ran
-            req.num_computed_tokens += len(seq.token_ids)
-            if seq.sample:
+            computed = req.num_computed_tokens = req.num_computed_tokens + len(computing)
+            if computed // ps > req.num_inserted_pages:
+                kv.cache_computed(req)
+            if sample:
                 assert token is not None, f"{req!r}: executor sampled nothing"
-                req.token_ids.append(token)
-                policy.on_output_tokens(req, 1)
+                ids = req.token_ids
+                ids.append(token)
                 new_tokens.append((req, token))
-                kv.cache_computed(req)
-                status = self._stop_status(req, token)
-                if status is not None:
-                    self._finish(req, status)
+                if len(ids) >= req.end_len or (
+                    token in req.stop_ids and len(ids) - len(req.prompt_token_ids) >= req.min_tokens
+                ):
+                    self._finish(req, self._stop_status(req, token))
                     finished.append(req)
-            else:
-                kv.cache_computed(req)
+        if new_tokens:
+            self.policy.on_output_tokens([r for r, _ in new_tokens])
         if finished:
-            self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+            self.running = [r for r in self.running if r.status is RUNNING]
         return StepUpdate(new_tokens, finished)
 
     @staticmethod
-    def _stop_status(req: Request, token: int) -> RequestStatus | None:
-        n_out = req.num_output_tokens
-        if n_out >= req.min_tokens and (
+    def _stop_status(req: Request, token: int) -> RequestStatus:
+        """Why `req` stops after sampling `token` (the caller checked that it does)."""
+        if req.num_output_tokens >= req.min_tokens and (
             token in req.stop_token_ids or (not req.ignore_eos and token in req.eos_token_ids)
         ):
             return RequestStatus.FINISHED_STOPPED
-        if n_out >= req.max_tokens or req.num_tokens >= req.max_total_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+        return RequestStatus.FINISHED_LENGTH
 
     # --- introspection ---
     def waiting_by_adapter(self) -> Counter[str]:
@@ -364,6 +462,34 @@ class Scheduler:
 
     def running_by_adapter(self) -> Counter[str]:
         return Counter(r.lora_name or "" for r in self.running)
+
+    def check_work_conserving(self, out: SchedulerOutput) -> None:
+        """Call right after `schedule()`: no seat, token or page was left free while a waiting
+        request could have used it. A request counts as admissible when its adapter is the base
+        model, resident and not draining, or loadable now without displacing a reservation."""
+        cfg, step = self.config, self._last_step
+        if out.preempted_ids or cfg.waiting_served_ratio > 0 or step.out_of_pages:
+            return  # no admissions on a preempting step; S3.3 holds prefills back on purpose
+        if len(self.running) >= cfg.max_num_seqs or step.tokens <= 0 or step.prefill <= 0:
+            return
+        free_pages = self.kv.pool.num_free + self.kv.cache.num_evictable
+        adapters, reserved = self.adapters, self._reserved
+        for q in self.policy.groups.queues.values():
+            req = q[0]
+            info = self._info(req)
+            if info is not None:
+                if info.uid in self._draining:
+                    continue
+                if info.slot is None and (
+                    (reserved is not None and reserved.adapter_uid != info.uid)
+                    or not adapters.can_acquire(info)
+                ):
+                    continue
+            pages = self.kv.pool.pages_for(min(req.num_tokens, step.tokens, step.prefill))
+            assert pages > free_pages, (
+                f"step {out.step}: {req!r} could have run ({pages} pages of {free_pages} free, "
+                f"{cfg.max_num_seqs - len(self.running)} seats, {step.tokens} tokens left) but waits"
+            )
 
     def check_integrity(self) -> None:
         live = list(self.requests.values())
@@ -386,14 +512,15 @@ class Scheduler:
 class _StepBudget:
     """What is left of one step's budgets, and the seqs scheduled so far."""
 
-    __slots__ = ("prefill", "seqs", "tokens")
+    __slots__ = ("out_of_pages", "prefill", "seqs", "tokens")
 
     def __init__(self, tokens: int, prefill: int) -> None:
         self.tokens = tokens
         self.prefill = prefill
         self.seqs: list[ScheduledSeq] = []
+        self.out_of_pages = False  # admissions stopped because KV pages ran out
 
-    def add(self, req: Request, n: int, is_prefill: bool, slot: int | None) -> None:
+    def add(self, req: Request, n: int, is_prefill: bool) -> None:
         start = req.num_computed_tokens
         self.seqs.append(
             ScheduledSeq(
@@ -402,7 +529,7 @@ class _StepBudget:
                 start,
                 req.page_ids,
                 req.adapter_uid,
-                slot,
+                req.lora_slot,
                 start + n == len(req.token_ids),
                 req.sampling,
             )

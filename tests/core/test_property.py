@@ -1,10 +1,12 @@
 """Property tests: random workloads through the real scheduler and the checking fake executor.
 
 Random arrivals, skewed adapter popularity, shared prefixes, page pools small
-enough to force preemption, adapter unloads (and reloads) while requests run.
-After every step: the adapter cap holds (S2.1), no page is owned twice and
-every allocator passes `check_integrity()` (S4), the fake executor found every
-request's KV in its own namespace (S5.2, S5.3). At the end: every request
+enough to force preemption, adapter unloads (and reloads) while requests run,
+aborts, host capacity equal to the device slots, a pinned adapter under a
+byte budget. After every step: the adapter cap holds (S2.1), no seat, token or
+page was left free while admissible work waited (work-conserving, S2.4), no
+page is owned twice and every allocator passes `check_integrity()` (S4), the
+fake executor found every request's KV in its own namespace (S5.2, S5.3). At the end: every request
 finished within a bound (S2.4), produced the tokens a no-paging reference
 produces, every page is back in the pool and every adapter count is zero.
 """
@@ -66,6 +68,9 @@ def workloads(draw):
         prefix=draw(st.booleans()),
         host_pages=draw(st.sampled_from([0, 0, 2, 8])),
         unloads=draw(st.lists(st.tuples(st.integers(0, 30), st.integers(0, n_adapters - 1)), max_size=3)),
+        aborts=draw(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 29)), max_size=3)),
+        host_equals_slots=draw(st.booleans()),
+        pin_first=draw(st.booleans()),  # ad0 pinned, under a byte budget that fits one more adapter
     )
 
 
@@ -79,7 +84,10 @@ EXAMPLES = int(os.environ.get("LORAMUX_HYPOTHESIS_EXAMPLES", "800"))  # raise it
 @given(workloads())
 def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
     clock = FakeClock()
+    pin = w["pin_first"] and w["max_loras"] > 1
     s = make_scheduler(
+        max_cpu_loras=w["max_loras"] if w["host_equals_slots"] else None,
+        max_lora_bytes=2000 if pin else None,
         num_pages=w["num_pages"],
         page_size=w["page_size"],
         max_loras=w["max_loras"],
@@ -90,13 +98,18 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
         host_pages=w["host_pages"],
         clock=clock,
         starvation_timeout_s=TIMEOUT,
-        adapters=tuple(f"ad{k}" for k in range(w["n_adapters"])),
     )
+    for k in range(w["n_adapters"]):
+        s.register_adapter(f"ad{k}", version="v1", rank=8, nbytes=1000, pinned=pin and k == 0)
     ex = fake_for(s, vocab_size=31, eos_every=7)
     pending = sorted(w["reqs"], key=lambda r: r["arrival"])
     unloads = {}
     for at, k in w["unloads"]:
         unloads.setdefault(at, []).append(f"ad{k}")
+    aborts = {}
+    for at, i in w["aborts"]:
+        aborts.setdefault(at, []).append(f"q{i}")
+    aborted: set[str] = set()
     added: list[Request] = []
     version = 1
     work = sum(len(r["prompt"]) + r["max_tokens"] for r in w["reqs"])
@@ -122,9 +135,13 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
                 s.register_adapter(spec["adapter"], version=f"v{version}", rank=8, nbytes=1000)
                 s.add_request(req)
             added.append(req)
+        for rid in aborts.get(t, []):
+            if s.abort_request(rid):
+                aborted.add(rid)
         if not pending and not s.has_unfinished():
             break
         out = s.schedule()
+        s.check_work_conserving(out)
         assert len(out.adapter_uids) <= w["max_loras"]
         if s.has_unfinished() and not out.seqs:
             # Progress: with work queued, a step only comes out empty if nothing can ever run.
@@ -137,6 +154,9 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
     total_work = 0
     for req in sorted(added, key=lambda r: r.arrival_seq):
         total_work += req.max_total_tokens
+        if req.request_id in aborted:
+            assert req.status is RequestStatus.FINISHED_ABORTED
+            continue
         assert req.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
         want = ex.reference_tokens(
             req.adapter_uid, req.prompt_token_ids, req.max_tokens, set() if req.ignore_eos else {0}
