@@ -25,6 +25,8 @@ class ScheduledSeq(NamedTuple):
     lora_slot: int | None  # device slot of the adapter; None for the base model
     sample: bool  # True when this step computes the last known token: sample the next one
     sampling: Any  # the executor's sampling parameters, opaque to the control plane
+    # Token ids the sample must not be (eos and stop ids until the request has min_tokens outputs).
+    suppress: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -268,7 +268,7 @@ class Scheduler:
         order += prefills
         kv, preempted = self.kv, []
         ps, pool, cache = kv.page_size, kv.pool, kv.cache
-        seqs, RUNNING, new_seq = step.seqs, RequestStatus.RUNNING, tuple.__new__
+        seqs, RUNNING, new_seq, NONE = step.seqs, RequestStatus.RUNNING, tuple.__new__, frozenset()
         tokens, prefill = step.tokens, step.prefill
         for i, req in enumerate(order):
             if preempted and req.status is not RUNNING:
@@ -307,6 +307,7 @@ class Scheduler:
                         req.lora_slot,
                         n == left,
                         req.sampling,
+                        req.stop_ids if len(ids) - len(req.prompt_token_ids) < req.min_tokens else NONE,
                     ),
                 )
             )
@@ -422,7 +423,7 @@ class Scheduler:
         finished: list[Request] = []
         requests, kv = self.requests, self.kv
         ps, RUNNING = kv.page_size, RequestStatus.RUNNING
-        for (rid, computing, _, _, _, _, sample, _), token in zip(
+        for (rid, computing, _, _, _, _, sample, _, _), token in zip(
             out.seqs, result.sampled_token_ids, strict=True
         ):
             req = requests.get(rid)
@@ -532,6 +533,7 @@ class _StepBudget:
                 req.lora_slot,
                 start + n == len(req.token_ids),
                 req.sampling,
+                req.stop_ids if req.num_output_tokens < req.min_tokens else frozenset(),
             )
         )
         self.tokens -= n

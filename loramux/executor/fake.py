@@ -117,7 +117,7 @@ class FakeExecutor:
                 written.add((page, off))
                 self.kv[page][off] = (seq.adapter_uid, pos, h)
             self.num_tokens += len(seq.token_ids)
-            sampled.append(self.next_token(seq.adapter_uid, h) if seq.sample else None)
+            sampled.append(self.next_token(seq.adapter_uid, h, seq.suppress) if seq.sample else None)
         return RunnerOutput(sampled)
 
     def _read_context(self, rid: str, uid: int | None, pages: list[int], upto: int) -> int:
@@ -131,11 +131,14 @@ class FakeExecutor:
             h = hh
         return h
 
-    def next_token(self, uid: int | None, h: int) -> int:
-        if self.eos_every and h % self.eos_every == 0:
+    def next_token(self, uid: int | None, h: int, suppress: frozenset[int] = frozenset()) -> int:
+        """The token after context hash `h`; never one of `suppress` (min_tokens' mask)."""
+        if self.eos_every and h % self.eos_every == 0 and self.eos_token_id not in suppress:
             return self.eos_token_id
         tok = (h >> 7) % self.vocab_size
-        return tok if tok != self.eos_token_id else (tok + 1) % self.vocab_size
+        while tok == self.eos_token_id or tok in suppress:
+            tok = (tok + 1) % self.vocab_size
+        return tok
 
     def reference_tokens(self, uid: int | None, prompt: list[int], n: int, stop: set[int]) -> list[int]:
         """What a request should produce: the same function, no pages, no batching."""

@@ -198,6 +198,7 @@ class ModelRunner:
             params,
             [self._generator(s, p) for s, p in zip(seqs, params, strict=True)],
             self.default_generator,
+            [s.suppress for s in seqs],
         )
         sampled: list[int | None] = [None] * len(out.seqs)
         lps: list = [None] * len(out.seqs)

@@ -3,8 +3,11 @@
 Boundary: logits of the rows that sample (float32, [N, V]) and their
 `SamplingParams` in; one token per row (and logprobs when asked) out. A row
 with a seed draws from its own generator, so its tokens do not depend on what
-else is in the batch. Logprobs are those of the model's raw distribution
-(before temperature, top-k and top-p), as vLLM reports by default.
+else is in the batch. Each row may name token ids it must not draw (eos and
+stop ids until min_tokens outputs exist, chosen by the control plane); they
+are masked to -inf in one indexed write for the whole batch, before every
+sampling mode. Logprobs are those of the model's raw distribution (before the
+mask, temperature, top-k and top-p), as vLLM reports by default.
 """
 
 from __future__ import annotations
@@ -20,8 +23,17 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     default_generator: torch.Generator,
+    suppress: list[frozenset[int]] | None = None,
 ) -> tuple[list[int], list[SampleLogprobs | None]]:
     n = logits.shape[0]
+    raw = logits
+    if suppress is not None and any(suppress):
+        rows = [i for i, ids in enumerate(suppress) for _ in ids]
+        cols = [t for ids in suppress for t in ids]
+        logits = logits.clone()
+        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float(
+            "-inf"
+        )
     tokens = torch.empty(n, dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
@@ -41,7 +53,7 @@ def sample(
             if g is not None:
                 tokens[i] = torch.multinomial(probs[j], 1, generator=g)[0]
     token_list = tokens.tolist()
-    return token_list, _logprobs(logits, token_list, params)
+    return token_list, _logprobs(raw, token_list, params)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -94,6 +94,31 @@ def test_eos_stops_unless_ignore_eos(llm):
     assert len(late.token_ids) >= 6
 
 
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(temperature=0),
+        dict(temperature=1.0, top_k=1, seed=5),  # seeded generator path
+        dict(temperature=1.0, top_p=1e-6),  # shared generator path
+    ],
+)
+def test_min_tokens_masks_eos_and_stop_ids_until_reached(llm, mode):
+    """vLLM's min_tokens: eos and stop ids cannot be sampled before min_tokens outputs exist;
+    after that they stop the request as usual (issue 12, point 2)."""
+    ref = tokens(gen(llm, SamplingParams(max_tokens=8, **mode)))[0]
+    engine, saved = llm.engine, llm.engine.runtime
+    engine.runtime = dataclasses.replace(saved, eos_token_ids=(ref[0],))  # the model's first pick is eos
+    try:
+        plain = gen(llm, SamplingParams(max_tokens=8, **mode))[0].outputs[0]
+        held = gen(llm, SamplingParams(max_tokens=8, min_tokens=2, **mode))[0].outputs[0]
+    finally:
+        engine.runtime = saved
+    assert plain.token_ids == [ref[0]] and plain.finish_reason == "stop"  # eos at once without it
+    assert ref[0] not in held.token_ids[:2] and len(held.token_ids) >= 2
+    stop_held = gen(llm, SamplingParams(max_tokens=8, min_tokens=1, stop_token_ids=[ref[0]], **mode))
+    assert stop_held[0].outputs[0].token_ids[0] != ref[0]
+
+
 def test_stop_strings_cut_the_text(llm):
     tok = llm.get_tokenizer()
     ref = gen(llm, SamplingParams(temperature=0, max_tokens=16), prompts=["hello world"])[0].outputs[0]
