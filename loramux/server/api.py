@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramux.core.adapters import AdapterNotFoundError
 from loramux.core.scheduler import QueueFullError
+from loramux.engine.chat import render_chat
 from loramux.engine.outputs import RequestOutput
 from loramux.sampling_params import SamplingParams
 from loramux.server.async_engine import AsyncEngine, EngineStepError
@@ -45,10 +46,6 @@ from loramux.server.protocol import (
 
 logger = logging.getLogger("loramux.server")
 T = TypeVar("T")
-DEFAULT_CHAT_TEMPLATE = (  # used when the tokenizer has none
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -450,20 +447,15 @@ class _API:
             }
         )
 
-    def _render_chat(self, body: ChatCompletionRequest) -> str:
+    def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
         tok = self.engine.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer, so chat is unavailable; use /v1/completions")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        template = getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
         try:
-            return tok.apply_chat_template(
-                messages, chat_template=template, add_generation_prompt=True, tokenize=False
-            )
-        except Exception as e:
-            raise APIError(
-                400, f"cannot apply the chat template to these messages: {e}", param="messages"
-            ) from e
+            return render_chat(tok, messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
 
     def _chat_logprobs(self, comp: Any) -> dict[str, Any] | None:
         if comp.logprobs is None:
