@@ -3,7 +3,10 @@
 Boundary: token ids in, text out, one request at a time. Decoding uses a
 sliding window (the prefix/read offsets of TGI and vLLM) so each new token
 costs the same whatever the output length, and a token that ends inside a
-multi-byte character waits for the next one.
+multi-byte character waits for the next one. For streaming, `take_delta`
+holds back the last len(longest stop string) - 1 characters until they can
+no longer start a stop string (as vLLM does), so streamed deltas always join
+to the final text, stop string or not.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ class IncrementalDetokenizer:
         self.stop = stop
         self.include_stop = include_stop
         self._max_stop = max((len(s) for s in stop), default=0)
+        self._sent = 0  # characters of `text` already handed out by take_delta
+
+    def take_delta(self, final: bool) -> str:
+        """The text not yet streamed, less what could still be the start of a stop string;
+        everything once `final`."""
+        end = len(self.text) if final else max(self._sent, len(self.text) - max(self._max_stop - 1, 0))
+        delta = self.text[self._sent : end]
+        self._sent = end
+        return delta
 
     def add(self, token: int) -> tuple[str, str | None]:
         """Append `token`; return (new text, the stop string hit or None)."""

@@ -226,7 +226,7 @@ class LLMEngine:
         if result.logprobs is not None:
             pairs = zip(out.seqs, result.logprobs, strict=True)
             lps = {s.request_id: lp for s, lp in pairs if lp is not None}
-        touched: dict[str, tuple[str, list[int]]] = {}
+        touched: dict[str, list[int]] = {}
         for req, token in update.new_tokens:
             st = self._states.get(req.request_id)
             if st is None:
@@ -236,9 +236,8 @@ class LLMEngine:
                 st.metrics.first_scheduled_time = req.first_scheduled_time
             if st.logprobs is not None and req.request_id in lps:
                 st.logprobs.append(lps[req.request_id])
-            new_text, stop_str = st.detok.add(token)
-            prev_text, prev_ids = touched.get(req.request_id, ("", []))
-            touched[req.request_id] = (prev_text + new_text, [*prev_ids, token])
+            _, stop_str = st.detok.add(token)
+            touched.setdefault(req.request_id, []).append(token)
             if stop_str is not None:
                 st.stop_reason = stop_str
                 if req.is_finished:  # it also hit max_tokens this step: the stop string wins
@@ -248,19 +247,20 @@ class LLMEngine:
             elif req.status is RequestStatus.FINISHED_STOPPED and token in req.stop_token_ids:
                 st.stop_reason = token
         outputs = []
-        for rid, (delta_text, delta_ids) in touched.items():
-            outputs.append(self._make_output(rid, delta_text, delta_ids, now))
+        for rid, delta_ids in touched.items():
+            outputs.append(self._make_output(rid, delta_ids, now))
         return outputs
 
-    def _make_output(self, rid: str, delta_text: str, delta_ids: list[int], now: float) -> RequestOutput:
+    def _make_output(self, rid: str, delta_ids: list[int], now: float) -> RequestOutput:
         st = self._states[rid]
         req = st.req
         finished = req.is_finished
         if finished:
             if st.stop_reason is None or isinstance(st.stop_reason, int):
-                delta_text += st.detok.flush()  # no stop string cut the text: emit held-back bytes
+                st.detok.flush()  # no stop string cut the text: decode held-back bytes
             st.metrics.finished_time = now
             del self._states[rid]
+        delta_text = st.detok.take_delta(final=finished)
         completion = CompletionOutput(
             index=0,
             text=st.detok.text,

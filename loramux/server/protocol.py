@@ -46,6 +46,7 @@ class _Sampling(BaseModel):
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -72,6 +73,7 @@ class _Sampling(BaseModel):
                 min_tokens=self.min_tokens,
                 stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()),
+                include_stop_str_in_output=self.include_stop_str_in_output,
                 ignore_eos=self.ignore_eos,
                 logprobs=logprobs,
                 n=self.n,

@@ -177,3 +177,41 @@ def test_bad_sampling_params_name_the_value():
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="logprobs=21"):
         SamplingParams(logprobs=21)
+
+
+def stream(engine, prompt, params) -> tuple[list[str], object]:
+    """Run one request through the engine's step loop: its text deltas and its final output."""
+    rid = engine.add_request(None, prompt, params)
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid:
+                deltas.append(out.outputs[0].delta_text)
+                final = out
+    return deltas, final
+
+
+def boundary_stop(deltas: list[str]) -> str:
+    """A two-character stop string spanning two streamed deltas: its first character ends one
+    delta, its second starts the next, and it occurs nowhere earlier."""
+    full, b = "".join(deltas), 0
+    for d in deltas[:-1]:
+        b += len(d)
+        stop = full[b - 1 : b + 1]
+        if d and len(stop) == 2 and "\ufffd" not in stop and full.find(stop) == b - 1:
+            return stop
+    raise AssertionError(f"no delta boundary to stop at in {deltas!r}")
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_streamed_deltas_join_to_the_final_text_with_a_stop_string(llm, include):
+    """Deltas never show the start of a stop string that later matches (issue 12, point 1)."""
+    base = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ref, _ = stream(llm.engine, "hello world", base)
+    stop = boundary_stop(ref)
+    params = dataclasses.replace(base, stop=(stop,), include_stop_str_in_output=include)
+    deltas, final = stream(llm.engine, "hello world", params)
+    assert final is not None and final.finished and final.outputs[0].stop_reason == stop
+    text = final.outputs[0].text
+    assert text.endswith(stop) == include and stop not in text[: len(text) - len(stop) * include]
+    assert "".join(deltas) == text

@@ -529,3 +529,38 @@ def test_S6_2_every_serve_flag_lands_in_the_engine_config():
         True,
     )
     assert (c.model.dtype, c.model.device, c.model.max_model_len, c.model.seed) == ("float32", "cpu", 128, 5)
+
+
+def _stop_across_chunks(pieces: list[str]) -> str:
+    """A two-character stop string whose first character ends one streamed chunk and whose
+    second starts the next (and that occurs nowhere earlier)."""
+    full, b = "".join(pieces), 0
+    for p in pieces[:-1]:
+        b += len(p)
+        stop = full[b - 1 : b + 1]
+        if p and len(stop) == 2 and "\ufffd" not in stop and full.find(stop) == b - 1:
+            return stop
+    raise AssertionError(f"no chunk boundary in {pieces!r}")
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_streamed_text_equals_the_final_text_with_stop_strings(client, include):
+    """Issue 12, point 1: a stop string that spans two chunks never leaks its start into the
+    stream, for completions and chat, with and without include_stop_str_in_output."""
+    prompt, extra = words(11), {"ignore_eos": True}
+    kw = dict(model=BASE, max_tokens=20, temperature=0)
+    ref = client.completions.create(prompt=prompt, stream=True, extra_body=extra, **kw)
+    stop = _stop_across_chunks([c.choices[0].text for c in ref if c.choices])
+    extra = {**extra, "include_stop_str_in_output": include}
+    whole = client.completions.create(prompt=prompt, stop=[stop], extra_body=extra, **kw)
+    chunks = client.completions.create(prompt=prompt, stop=[stop], stream=True, extra_body=extra, **kw)
+    assert whole.choices[0].finish_reason == "stop" and whole.choices[0].text.endswith(stop) == include
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+
+    msgs = [{"role": "user", "content": prompt}]
+    ref = client.chat.completions.create(messages=msgs, stream=True, extra_body={"ignore_eos": True}, **kw)
+    stop = _stop_across_chunks([p.choices[0].delta.content or "" for p in ref if p.choices])
+    whole = client.chat.completions.create(messages=msgs, stop=[stop], extra_body=extra, **kw)
+    parts = client.chat.completions.create(messages=msgs, stop=[stop], stream=True, extra_body=extra, **kw)
+    assert whole.choices[0].finish_reason == "stop"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == whole.choices[0].message.content
