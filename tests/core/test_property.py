@@ -2,8 +2,9 @@
 
 Random arrivals, skewed adapter popularity, shared prefixes, page pools small
 enough to force preemption, adapter unloads (and reloads) while requests run,
-aborts, host capacity equal to the device slots, a pinned adapter under a
-byte budget. After every step: the adapter cap holds (S2.1), no seat, token or
+aborts, stop strings (requests ended from outside after some output), a
+prefill budget, host capacity equal to the device slots, a pinned adapter
+under a byte budget. After every step: the adapter cap holds (S2.1), no seat, token or
 page was left free while admissible work waited (work-conserving, S2.4), no
 page is owned twice and every allocator passes `check_integrity()` (S4), the
 fake executor found every request's KV in its own namespace (S5.2, S5.3). At the end: every request
@@ -69,6 +70,9 @@ def workloads(draw):
         host_pages=draw(st.sampled_from([0, 0, 2, 8])),
         unloads=draw(st.lists(st.tuples(st.integers(0, 30), st.integers(0, n_adapters - 1)), max_size=3)),
         aborts=draw(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 29)), max_size=3)),
+        # a stop string seen by the detokenizer ends a request from outside, as the engine does
+        stop_strings=draw(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 29)), max_size=3)),
+        max_prefill=draw(st.sampled_from([None, None, 3, 8])),
         host_equals_slots=draw(st.booleans()),
         pin_first=draw(st.booleans()),  # ad0 pinned, under a byte budget that fits one more adapter
     )
@@ -93,6 +97,7 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
         max_loras=w["max_loras"],
         max_num_seqs=w["max_num_seqs"],
         max_num_batched_tokens=w["budget"],
+        max_prefill_tokens=w["max_prefill"],
         policy=w["policy"],
         prefix=w["prefix"],
         host_pages=w["host_pages"],
@@ -110,6 +115,10 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
     for at, i in w["aborts"]:
         aborts.setdefault(at, []).append(f"q{i}")
     aborted: set[str] = set()
+    stops = {}
+    for at, i in w["stop_strings"]:
+        stops.setdefault(at, []).append(f"q{i}")
+    stopped: set[str] = set()
     added: list[Request] = []
     version = 1
     work = sum(len(r["prompt"]) + r["max_tokens"] for r in w["reqs"])
@@ -138,6 +147,14 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
         for rid in aborts.get(t, []):
             if s.abort_request(rid):
                 aborted.add(rid)
+        for rid in stops.get(t, []):
+            req = s.requests.get(rid)
+            if (
+                req is not None
+                and req.num_output_tokens
+                and s.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+            ):
+                stopped.add(rid)
         if not pending and not s.has_unfinished():
             break
         out = s.schedule()
@@ -156,6 +173,11 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
         total_work += req.max_total_tokens
         if req.request_id in aborted:
             assert req.status is RequestStatus.FINISHED_ABORTED
+            continue
+        if req.request_id in stopped:  # its tokens so far are a prefix of the reference
+            assert req.status is RequestStatus.FINISHED_STOPPED
+            want = ex.reference_tokens(req.adapter_uid, req.prompt_token_ids, req.max_tokens, set())
+            assert req.output_token_ids == want[: req.num_output_tokens], req
             continue
         assert req.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
         want = ex.reference_tokens(
