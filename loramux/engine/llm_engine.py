@@ -5,6 +5,13 @@ PyTorch `ModelRunner`, or the fake one in tests). It turns prompts into
 control-plane requests and sampled tokens into text, applies stop strings,
 and registers adapters. It is single-threaded: the server runs it on one
 thread and sends it work through `AsyncEngine`.
+
+A failed step is fatal, as vLLM's EngineDeadError is: by the time the
+executor raises, the control plane has handed out adapter slots and planned
+KV copies that may or may not have happened, so no later step could trust the
+weights in a slot or the KV in a page. The engine ends every request and then
+refuses all work with `EngineDeadError`, naming the cause; the server answers
+503 and fails its health check until it is restarted.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ class Executor(Protocol):
     def register_adapter(self, uid: int, spec: Any) -> None: ...
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput: ...
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed and the engine stopped; restart it."""
 
 
 @dataclass
@@ -100,10 +111,27 @@ class LLMEngine:
         self._states: dict[str, _State] = {}
         self._adapter_paths: dict[str, str] = {}
         self.last_step_time = 0.0
+        self.dead: EngineDeadError | None = None
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise self.dead
+
+    def _die(self, cause: Exception) -> EngineDeadError:
+        """Stop for good after a failed step: end every request, refuse everything after."""
+        self.dead = EngineDeadError(
+            f"the engine stopped after a failed step ({type(cause).__name__}: {cause}); adapter slots "
+            f"and KV pages can no longer be trusted, so it serves nothing more: restart the server"
+        )
+        for rid in list(self.scheduler.requests):
+            self.scheduler.abort_request(rid)
+        self._states.clear()
+        return self.dead
 
     # --- adapters ---
     def add_lora(self, name: str, path: str, pinned: bool = False) -> AdapterInfo:
         """Check the adapter against the model and register it; raises ValueError with the reason."""
+        self._check_alive()
         spec = self.executor.inspect_adapter(name, path)
         info = self.scheduler.register_adapter(name, spec.version, spec.rank, spec.nbytes, path, pinned)
         self.executor.register_adapter(info.uid, spec)
@@ -145,6 +173,7 @@ class LLMEngine:
         With `fill_max_tokens`, max_tokens becomes whatever room the model's length limit leaves
         (the chat API's default when the client sets no limit).
         """
+        self._check_alive()
         rid = request_id or uuid.uuid4().hex
         text, ids = self._tokenize(prompt)
         if any(not 0 <= t < self.runtime.vocab_size for t in ids):
@@ -198,8 +227,13 @@ class LLMEngine:
 
     # --- the step ---
     def step(self) -> list[RequestOutput]:
+        """One step; after a failed one, EngineDeadError (every request has been ended)."""
+        self._check_alive()
         out = self.scheduler.schedule()
-        result = self._execute(out)
+        try:
+            result = self._execute(out)
+        except Exception as e:
+            raise self._die(e) from e
         update = self.scheduler.update_from_output(out, result)
         return self._outputs(out, result, update)
 

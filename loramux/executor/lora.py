@@ -115,11 +115,19 @@ def inspect_adapter(
     modules = _collect_modules(tensors, cfg, p, num_layers, shapes, max_rank)
     rank = max(r for r, _ in modules.values())
     nbytes = sum(r * sum(shapes[m]) for (_, m), (r, _) in modules.items()) * elem_size
-    digest = hashlib.blake2b(cfg_file.read_bytes(), digest_size=12)
-    with open(weights_file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return AdapterSpec(str(p), digest.hexdigest(), rank, nbytes, modules)
+    digest = _digest(cfg_file.read_bytes(), weights_file.read_bytes())
+    return AdapterSpec(str(p), digest, rank, nbytes, modules)
+
+
+def _digest(config: bytes, weights: bytes) -> str:
+    """The adapter's content version: it names its prefix-cache namespace (S5.1)."""
+    d = hashlib.blake2b(config, digest_size=12)
+    d.update(weights)
+    return d.hexdigest()
+
+
+class AdapterChangedError(RuntimeError):
+    """An adapter's files changed or vanished after it was registered."""
 
 
 def _check_config(cfg: dict[str, Any], p: Path) -> None:
@@ -209,10 +217,28 @@ def _module_name(layer: int, module: str) -> str:
 
 
 def read_adapter(spec: AdapterSpec, dtype: torch.dtype) -> HostAdapter:
-    """Disk -> host memory: A and scaled B^T per module, at the model's dtype."""
-    from safetensors.torch import load_file
+    """Disk -> host memory: A and scaled B^T per module, at the model's dtype. The files must be
+    the ones registered: their digest names the adapter's KV namespace, so weights that changed
+    on disk would run under another version's cached KV. AdapterChangedError otherwise."""
+    from safetensors.torch import load
 
-    raw = load_file(str(Path(spec.path) / "adapter_model.safetensors"), device="cpu")
+    p = Path(spec.path)
+    try:
+        config, blob = (
+            (p / "adapter_config.json").read_bytes(),
+            (p / "adapter_model.safetensors").read_bytes(),
+        )
+    except OSError as e:
+        raise AdapterChangedError(
+            f"adapter files at {spec.path!r} can no longer be read ({e}); they were moved or deleted "
+            f"after the adapter was loaded"
+        ) from e
+    if _digest(config, blob) != spec.version:
+        raise AdapterChangedError(
+            f"adapter files at {spec.path!r} changed after the adapter was loaded (content digest "
+            f"{spec.version} expected); load the new files under a new name or unload and load again"
+        )
+    raw = load(blob)
     weights = {}
     for (layer, module), (_, scale) in spec.modules.items():
         stem = f"base_model.model.{_module_name(layer, module)}"

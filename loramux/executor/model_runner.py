@@ -92,6 +92,8 @@ class ModelRunner:
         self.default_generator = torch.Generator(device=self.device).manual_seed(model.seed)
         self.load_stats = LoadStats()
         self.logits_hook: Callable[[str, torch.Tensor], None] | None = None  # tests: see raw logits
+        # tests: called after the adapter plan and KV copies, before the forward (raise to fail a step)
+        self.fault_hook: Callable[[SchedulerOutput], None] | None = None
         self.vocab_size = self.args.vocab_size
 
     def close(self) -> None:
@@ -179,6 +181,8 @@ class ModelRunner:
             self.generators.pop(rid, None)
         self._apply_plan(out)
         self._apply_kv_copies(out.kv_copies)
+        if self.fault_hook is not None:
+            self.fault_hook(out)
         if not out.seqs:
             return RunnerOutput([])
         batch = self._prepare(out.seqs)

@@ -32,9 +32,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loramux.core.adapters import AdapterNotFoundError
 from loramux.core.scheduler import QueueFullError
 from loramux.engine.chat import render_chat
+from loramux.engine.llm_engine import EngineDeadError
 from loramux.engine.outputs import RequestOutput
 from loramux.sampling_params import SamplingParams
-from loramux.server.async_engine import AsyncEngine, EngineStepError
+from loramux.server.async_engine import AsyncEngine
 from loramux.server.metrics import Metrics, take_snapshot
 from loramux.server.protocol import (
     APIError,
@@ -124,8 +125,8 @@ def _to_api_error(e: Exception, model: str) -> APIError:
         )
     if isinstance(e, ValueError | TypeError):
         return APIError(400, str(e))
-    if isinstance(e, EngineStepError):
-        return APIError(500, str(e), type_="server_error")
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), type_="server_error", code="engine_dead")
     raise e
 
 
@@ -224,7 +225,10 @@ class _API:
     # --- health and metrics ---
     async def health(self) -> Response:
         if not self.aengine.alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+            dead = self.engine.dead
+            return JSONResponse(
+                {"status": "engine stopped", "error": None if dead is None else str(dead)}, status_code=503
+            )
         return JSONResponse({"status": "ok"})
 
     async def prometheus(self) -> Response:
@@ -287,7 +291,7 @@ class _API:
 
         try:
             outs = await asyncio.gather(*(last(s) for s in streams))
-        except EngineStepError as e:
+        except EngineDeadError as e:
             self.metrics.ended(model, "error")
             raise _to_api_error(e, model) from e
         finally:
@@ -558,8 +562,8 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
         try:
             async for e in events:
                 yield e
-        except (APIError, EngineStepError) as err:
-            api = err if isinstance(err, APIError) else APIError(500, str(err), type_="server_error")
+        except (APIError, EngineDeadError) as err:
+            api = _to_api_error(err, "")
             yield _event(api.body())
         finally:
             await events.aclose()  # type: ignore[attr-defined]  # a client that left: abort at once

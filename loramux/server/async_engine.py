@@ -18,16 +18,12 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.llm_engine import EngineDeadError, LLMEngine
 from loramux.engine.outputs import RequestOutput
 from loramux.sampling_params import SamplingParams
 
 logger = logging.getLogger("loramux.server")
 T = TypeVar("T")
-
-
-class EngineStepError(RuntimeError):
-    """A step failed; the requests in flight were ended with this error."""
 
 
 class AsyncEngine:
@@ -47,7 +43,8 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """The engine thread runs and no step has failed."""
+        return self._thread.is_alive() and self.engine.dead is None
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -75,11 +72,11 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # an executor bug: end the requests in flight, keep serving
-            logger.exception("engine step failed; ending %d requests", len(self._streams))
-            err = EngineStepError(f"the engine failed on this step: {type(e).__name__}: {e}")
+        except EngineDeadError as err:  # the engine ended every request; tell their streams why
+            logger.error(
+                "engine stopped; ending %d streams: %s", len(self._streams), err, exc_info=err.__cause__
+            )
             for rid in list(self._streams):
-                self.engine.abort_request(rid)
                 self._deliver(rid, err)
             return
         if self.on_step is not None:
