@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from loramux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from loramux.config import CacheConfig, EngineConfig, KVEventsConfig, LoRAConfig, ModelConfig, SchedulerConfig
 
 logger = logging.getLogger("loramux")
 
@@ -83,13 +83,55 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-pages", type=int, default=None)
     g.add_argument("--kv-cache-memory-gb", type=float, default=CacheConfig.kv_cache_memory_gb)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--enable-kv-events", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument(
+        "--enable-kv-events",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="publish KV-cache events over ZeroMQ in vLLM's format (see --kv-events-endpoint)",
+    )
+    g.add_argument("--kv-events-endpoint", default=KVEventsConfig.endpoint, help="PUB socket address")
+    g.add_argument("--kv-events-replay-endpoint", default=None, help="ROUTER socket for replay requests")
+    g.add_argument("--kv-events-topic", default="", help="topic of every published batch")
+    g.add_argument(
+        "--kv-events-config",
+        type=json.loads,
+        default=None,
+        help='vLLM\'s JSON form, e.g. \'{"enable_kv_cache_events": true, "endpoint": "tcp://127.0.0.1:5557"}\'',
+    )
     g.add_argument("--host-kv-pages", type=int, default=0, help="host-memory pages for evicted prefix pages")
     g = p.add_argument_group("model")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
+
+
+_VLLM_KV_EVENT_KEYS = {"endpoint", "replay_endpoint", "topic", "buffer_steps", "max_queue_size"}
+
+
+def kv_events_config(args: argparse.Namespace) -> KVEventsConfig | None:
+    """--enable-kv-events and its flags, or vLLM's --kv-events-config JSON (hwm is accepted and
+    ignored; publisher must be "zmq" or "null")."""
+    raw = args.kv_events_config
+    if raw is not None:
+        if not isinstance(raw, dict):
+            raise SystemExit("--kv-events-config takes a JSON object")
+        if not raw.get("enable_kv_cache_events", False) or raw.get("publisher", "zmq") == "null":
+            return None
+        if raw.get("publisher", "zmq") != "zmq":
+            raise SystemExit(f'--kv-events-config: publisher {raw["publisher"]!r}; use "zmq"')
+        known = _VLLM_KV_EVENT_KEYS | {"enable_kv_cache_events", "publisher", "hwm"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SystemExit(f"--kv-events-config: unknown keys {unknown}; known: {sorted(known)}")
+        return KVEventsConfig(**{k: v for k, v in raw.items() if k in _VLLM_KV_EVENT_KEYS})
+    if not args.enable_kv_events:
+        return None
+    return KVEventsConfig(
+        endpoint=args.kv_events_endpoint,
+        replay_endpoint=args.kv_events_replay_endpoint,
+        topic=args.kv_events_topic,
+    )
 
 
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
@@ -115,6 +157,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
             enable_kv_events=args.enable_kv_events,
             host_kv_pages=args.host_kv_pages,
         ),
+        kv_events=kv_events_config(args),
         lora=LoRAConfig(
             max_loras=args.max_loras,
             max_cpu_loras=args.max_cpu_loras,

@@ -80,6 +80,31 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class KVEventsConfig:
+    """Where KV-cache events go (loramux/engine/kv_events.py): vLLM's ZeroMQ wire format."""
+
+    endpoint: str = "tcp://127.0.0.1:5557"
+    """Where the PUB socket binds (loopback unless you say otherwise; port 0 picks a free one)."""
+    replay_endpoint: str | None = None
+    """Where a ROUTER socket answers replay requests; None: no replay."""
+    topic: str = ""
+    buffer_steps: int = 10_000
+    """Batches (one per step) kept for replay."""
+    max_queue_size: int = 100_000
+    """Batches waiting for the sending thread; past that new ones are dropped and counted."""
+
+    def __post_init__(self) -> None:
+        _positive("KVEventsConfig", "buffer_steps", self.buffer_steps)
+        _positive("KVEventsConfig", "max_queue_size", self.max_queue_size)
+        for name in ("endpoint", "replay_endpoint"):
+            value = getattr(self, name)
+            if value is not None and not value.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(
+                    f"KVEventsConfig.{name}={value!r}; use tcp://HOST:PORT, ipc://PATH or inproc://"
+                )
+
+
+@dataclass(frozen=True)
 class LoRAConfig:
     max_loras: int = 4
     """Device adapter slots, and so the most distinct adapters in one step (S2.1)."""
@@ -133,6 +158,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    kv_events: KVEventsConfig | None = None
+    """Publish KV-cache events over ZeroMQ; None: do not publish."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from loramux.core.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
 from loramux.core.request import Request, RequestStatus
 from loramux.core.scheduler import Scheduler, StepUpdate
 from loramux.engine.detokenizer import IncrementalDetokenizer
+from loramux.engine.kv_events import KVEventPublisher
 from loramux.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loramux.lora_request import LoRARequest
 from loramux.sampling_params import SamplingParams
@@ -95,9 +96,13 @@ class LLMEngine:
             dtype=str(getattr(executor, "dtype", "n/a")).replace("torch.", ""),
         )
         c = config.cache
+        events = c.enable_kv_events or config.kv_events is not None
         kv = KVCacheManager.create(
-            self.runtime.num_pages, c.page_size, c.enable_prefix_caching, c.enable_kv_events, c.host_kv_pages
+            self.runtime.num_pages, c.page_size, c.enable_prefix_caching, events, c.host_kv_pages
         )
+        self.kv_publisher: KVEventPublisher | None = None
+        if config.kv_events is not None:
+            self.kv_publisher = KVEventPublisher(config.kv_events, c.page_size)
         lc = config.lora
         adapters = AdapterManager(lc.max_loras, lc.cpu_slots, lc.max_lora_rank, lc.max_lora_bytes)
         self.scheduler = Scheduler(
@@ -136,6 +141,7 @@ class LLMEngine:
         info = self.scheduler.register_adapter(name, spec.version, spec.rank, spec.nbytes, path, pinned)
         self.executor.register_adapter(info.uid, spec)
         self._adapter_paths[name] = str(path)
+        self._publish_kv_events()
         return info
 
     def ensure_lora(self, lora: LoRARequest) -> None:
@@ -152,6 +158,7 @@ class LLMEngine:
     def remove_lora(self, name: str) -> AdapterInfo:
         info = self.scheduler.unregister_adapter(name)
         self._adapter_paths.pop(name, None)
+        self._publish_kv_events()  # the namespace's idle pages went with it
         return info
 
     def list_loras(self) -> list[AdapterInfo]:
@@ -235,7 +242,14 @@ class LLMEngine:
         except Exception as e:
             raise self._die(e) from e
         update = self.scheduler.update_from_output(out, result)
+        self._publish_kv_events()
         return self._outputs(out, result, update)
+
+    def _publish_kv_events(self) -> None:
+        """Hand the prefix cache's events to the publisher (or drop them: nobody listens)."""
+        events = self.scheduler.kv.cache.take_events()
+        if events and self.kv_publisher is not None:
+            self.kv_publisher.publish(events)
 
     def _execute(self, out: SchedulerOutput) -> RunnerOutput:
         t0 = time.perf_counter()

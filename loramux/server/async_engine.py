@@ -50,6 +50,8 @@ class AsyncEngine:
         self._stop.set()
         self._commands.put(lambda: None)  # wake the thread
         self._thread.join(timeout=10)
+        if self.engine.kv_publisher is not None:
+            self.engine.kv_publisher.close()
 
     # --- the engine thread ---
     def _run(self) -> None:

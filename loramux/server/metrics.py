@@ -75,6 +75,8 @@ def take_snapshot(engine: LLMEngine, base_name: str) -> EngineSnapshot:
             "kv_offloaded": getattr(kv.cache, "num_offloaded", 0),
             "kv_onloaded": getattr(kv.cache, "num_onloaded", 0),
             "max_adapters_per_step": s.counters.max_adapters_per_step,
+            "kv_events_published": engine.kv_publisher.num_published if engine.kv_publisher else 0,
+            "kv_events_dropped": engine.kv_publisher.num_dropped if engine.kv_publisher else 0,
         },
         finished=dict(s.counters.num_finished),
         load_seconds=stats.take_recent() if stats is not None else [],
@@ -144,6 +146,9 @@ class Metrics:
         self.kv_onloaded = Counter(
             p + "kv_onloaded_pages", "Prefix pages brought back from host memory", registry=r
         )
+        self.kv_events = Counter(
+            p + "kv_events", "KV-cache events published, or dropped for a full queue", ["outcome"], registry=r
+        )
         self.engine_finished = Counter(
             p + "engine_requests_finished",
             "Requests the scheduler ended, by reason (stop, length, abort)",
@@ -209,6 +214,8 @@ class Metrics:
             ("steps", self.steps),
             ("kv_offloaded", self.kv_offloaded),
             ("kv_onloaded", self.kv_onloaded),
+            ("kv_events_published", self.kv_events.labels("published")),
+            ("kv_events_dropped", self.kv_events.labels("dropped")),
         ):
             self._advance(key, counter, c[key])
         for reason, n in snap.finished.items():

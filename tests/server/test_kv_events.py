@@ -1,0 +1,138 @@
+"""KV-cache events over ZeroMQ in vLLM's wire format, from a running `loramux serve` (issue 12,
+point 6; S5.5). A plain pyzmq SUB socket and msgpack decode what vLLM-aware routers decode."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import openai
+import pytest
+import zmq
+
+from tests.server.conftest import free_port, start_server
+
+PROMPT = [11, 42, 99, 7, 300, 12, 5, 77, 21, 13, 8, 400]  # three full pages of 4
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models, adapter_dirs, tmp_path_factory):
+    allowed, _ = adapter_dirs
+    pub, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    args = [
+        str(tiny_models["llama"].path),
+        "--served-model-name",
+        "base",
+        "--num-pages",
+        "128",
+        "--page-size",
+        "4",
+        "--device",
+        "cpu",
+        "--allowed-lora-dirs",
+        str(allowed),
+        "--lora-modules",
+        f"a={allowed / 'r1_qv'}",
+        f"b={allowed / 'r8_all'}",
+        "--enable-kv-events",
+        "--kv-events-endpoint",
+        pub,
+        "--kv-events-replay-endpoint",
+        replay,
+        "--kv-events-topic",
+        "kv",
+    ]
+    server = start_server(args, tmp_path_factory.mktemp("logs") / "server.log")
+    yield server, pub, replay
+    server.stop()
+
+
+def _batches(sock, want, timeout=30.0):
+    """(seq, events) batches from a SUB socket until `want(all events so far)` or the timeout."""
+    got, events, deadline = [], [], time.time() + timeout
+    while time.time() < deadline and not want(events):
+        if sock.poll(200):
+            topic, seq, payload = sock.recv_multipart()
+            assert topic == b"kv"
+            ts, batch, rank = msgpack.unpackb(payload)
+            assert isinstance(ts, float) and rank == 0
+            got.append((int.from_bytes(seq, "big"), batch))
+            events += batch
+    return got, events
+
+
+def _stored(events, lora):
+    return [e for e in events if e["type"] == "BlockStored" and e["lora_name"] == lora]
+
+
+def test_stored_and_removed_events_with_per_namespace_hashes(served):
+    server, pub, replay = served
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.connect(pub)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv")
+    time.sleep(0.5)  # let the subscription reach the publisher before anything is sent
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+    for model in ("base", "a", "b"):
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0)
+    seen, events = _batches(sub, lambda ev: all(len(_stored(ev, n)) >= 3 for n in (None, "a", "b")))
+    first_pages = {}
+    for lora in (None, "a", "b"):
+        chain = _stored(events, lora)[:3]
+        assert [e["token_ids"] for e in chain] == [PROMPT[0:4], PROMPT[4:8], PROMPT[8:12]]
+        assert all(
+            e["block_size"] == 4 and e["medium"] == "GPU" and len(e["block_hashes"]) == 1 for e in chain
+        )
+        assert chain[0]["parent_block_hash"] is None
+        assert [e["parent_block_hash"] for e in chain[1:]] == [e["block_hashes"][0] for e in chain[:2]]
+        first_pages[lora] = [e["block_hashes"][0] for e in chain]
+    # S5.5: the same tokens under different adapters never share a hash
+    hashes = [h for hs in first_pages.values() for h in hs]
+    assert len(set(hashes)) == len(hashes)
+    assert [s for s, _ in seen] == list(range(seen[0][0], seen[0][0] + len(seen)))  # no gap
+
+    # unloading `a` drops its namespace's idle pages: removals of exactly its stored hashes
+    a_hashes = {e["block_hashes"][0] for e in _stored(events, "a")}
+    r = client.post("/unload_lora_adapter", body={"lora_name": "a"}, cast_to=object)
+    assert r is not None
+    _, later = _batches(
+        sub, lambda ev: {h for e in ev if e["type"] == "BlockRemoved" for h in e["block_hashes"]} >= a_hashes
+    )
+    removed = {h for e in later if e["type"] == "BlockRemoved" for h in e["block_hashes"]}
+    assert removed == a_hashes and all(e["medium"] == "GPU" for e in later if e["type"] == "BlockRemoved")
+
+    # replay from the first sequence number gives the same batches again, then the end marker
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(replay)
+    dealer.send_multipart((b"", (0).to_bytes(8, "big")))
+    replayed = []
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        assert dealer.poll(5000), "no replay answer"
+        _, topic, seq, payload = dealer.recv_multipart()
+        assert topic in (b"kv", b"")
+        if seq == END_SEQ:
+            break
+        replayed.append((int.from_bytes(seq, "big"), msgpack.unpackb(payload)[1]))
+    assert replayed[: len(seen)] == seen and len(replayed) >= len(seen) + 1
+    sub.close(linger=0)
+    dealer.close(linger=0)
+    m = server.metrics()
+    assert m['loramux_kv_events_total{outcome="dropped"}'] == 0  # a subscriber that keeps up loses nothing
+    assert m['loramux_kv_events_total{outcome="published"}'] >= len(events) + len(later)
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking_the_engine():
+    from loramux.config import KVEventsConfig
+    from loramux.core.prefix_cache import KVEvent
+    from loramux.engine.kv_events import KVEventPublisher
+
+    pub = KVEventPublisher(KVEventsConfig(endpoint="tcp://127.0.0.1:0", max_queue_size=1), page_size=4)
+    pub.close()  # the sending thread is gone: nothing drains the queue any more
+    batch = [KVEvent("stored", 1, None, (1, 2, 3, 4), "base"), KVEvent("removed", 1, None, (), "base")]
+    t0 = time.perf_counter()
+    for _ in range(3):
+        pub.publish(batch)  # the first fills the queue of one batch; the others are dropped
+    assert time.perf_counter() - t0 < 1.0  # never blocks
+    assert pub.num_dropped == 2 * len(batch)
