@@ -136,3 +136,26 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking_the_engine():
         pub.publish(batch)  # the first fills the queue of one batch; the others are dropped
     assert time.perf_counter() - t0 < 1.0  # never blocks
     assert pub.num_dropped == 2 * len(batch)
+
+
+def test_kv_event_flags_and_vllm_json_form_reach_the_engine_config():
+    import argparse
+    import json
+
+    from loramux.cli import add_serve_args, engine_config
+    from loramux.config import KVEventsConfig
+
+    def parse(*extra):
+        p = argparse.ArgumentParser()
+        add_serve_args(p)
+        return engine_config(p.parse_args(["m", *extra]), "m").kv_events
+
+    assert parse() is None
+    assert parse("--enable-kv-events", "--kv-events-topic", "t") == KVEventsConfig(topic="t")
+    vllm = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://127.0.0.1:6000", "hwm": 9}
+    assert parse("--kv-events-config", json.dumps(vllm)) == KVEventsConfig(endpoint="tcp://127.0.0.1:6000")
+    assert parse("--kv-events-config", json.dumps({**vllm, "publisher": "null"})) is None
+    with pytest.raises(SystemExit, match="unknown keys"):
+        parse("--kv-events-config", json.dumps({**vllm, "tpoic": "x"}))
+    with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+        parse("--enable-kv-events", "--kv-events-endpoint", "127.0.0.1:5557")
