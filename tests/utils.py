@@ -96,3 +96,15 @@ def run(
 
 def fake_for(s: Scheduler, **kw: object) -> FakeExecutor:
     return FakeExecutor(s.kv.pool.num_pages, s.kv.pool.page_size, **kw)  # type: ignore[arg-type]
+
+
+def stop_across_chunks(pieces: list[str]) -> str:
+    """A two-character stop string whose first character ends one streamed chunk and whose
+    second starts the next, and that occurs nowhere earlier (issue 12, point 1)."""
+    full, b = "".join(pieces), 0
+    for p in pieces[:-1]:
+        b += len(p)
+        stop = full[b - 1 : b + 1]
+        if p and len(stop) == 2 and "\ufffd" not in stop and full.find(stop) == b - 1:
+            return stop
+    raise AssertionError(f"no chunk boundary to stop at in {pieces!r}")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loramux import LLM, LoRARequest, SamplingParams
+from tests.utils import stop_across_chunks
 
 PROMPT = [11, 42, 99, 7, 300, 12, 5, 77]
 
@@ -191,24 +192,12 @@ def stream(engine, prompt, params) -> tuple[list[str], object]:
     return deltas, final
 
 
-def boundary_stop(deltas: list[str]) -> str:
-    """A two-character stop string spanning two streamed deltas: its first character ends one
-    delta, its second starts the next, and it occurs nowhere earlier."""
-    full, b = "".join(deltas), 0
-    for d in deltas[:-1]:
-        b += len(d)
-        stop = full[b - 1 : b + 1]
-        if d and len(stop) == 2 and "\ufffd" not in stop and full.find(stop) == b - 1:
-            return stop
-    raise AssertionError(f"no delta boundary to stop at in {deltas!r}")
-
-
 @pytest.mark.parametrize("include", [False, True])
 def test_streamed_deltas_join_to_the_final_text_with_a_stop_string(llm, include):
     """Deltas never show the start of a stop string that later matches (issue 12, point 1)."""
     base = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ref, _ = stream(llm.engine, "hello world", base)
-    stop = boundary_stop(ref)
+    stop = stop_across_chunks(ref)
     params = dataclasses.replace(base, stop=(stop,), include_stop_str_in_output=include)
     deltas, final = stream(llm.engine, "hello world", params)
     assert final is not None and final.finished and final.outputs[0].stop_reason == stop

@@ -13,6 +13,7 @@ import pytest
 
 from loramux import LLM, LoRARequest, SamplingParams
 from tests.server.conftest import start_server
+from tests.utils import stop_across_chunks
 
 STARTUP = ["r1_qv", "r8_all"]  # loaded with --lora-modules; the rest are loaded at run time
 BASE = "base"
@@ -531,18 +532,6 @@ def test_S6_2_every_serve_flag_lands_in_the_engine_config():
     assert (c.model.dtype, c.model.device, c.model.max_model_len, c.model.seed) == ("float32", "cpu", 128, 5)
 
 
-def _stop_across_chunks(pieces: list[str]) -> str:
-    """A two-character stop string whose first character ends one streamed chunk and whose
-    second starts the next (and that occurs nowhere earlier)."""
-    full, b = "".join(pieces), 0
-    for p in pieces[:-1]:
-        b += len(p)
-        stop = full[b - 1 : b + 1]
-        if p and len(stop) == 2 and "\ufffd" not in stop and full.find(stop) == b - 1:
-            return stop
-    raise AssertionError(f"no chunk boundary in {pieces!r}")
-
-
 @pytest.mark.parametrize("include", [False, True])
 def test_streamed_text_equals_the_final_text_with_stop_strings(client, include):
     """Issue 12, point 1: a stop string that spans two chunks never leaks its start into the
@@ -550,7 +539,7 @@ def test_streamed_text_equals_the_final_text_with_stop_strings(client, include):
     prompt, extra = words(11), {"ignore_eos": True}
     kw = dict(model=BASE, max_tokens=20, temperature=0)
     ref = client.completions.create(prompt=prompt, stream=True, extra_body=extra, **kw)
-    stop = _stop_across_chunks([c.choices[0].text for c in ref if c.choices])
+    stop = stop_across_chunks([c.choices[0].text for c in ref if c.choices])
     extra = {**extra, "include_stop_str_in_output": include}
     whole = client.completions.create(prompt=prompt, stop=[stop], extra_body=extra, **kw)
     chunks = client.completions.create(prompt=prompt, stop=[stop], stream=True, extra_body=extra, **kw)
@@ -559,7 +548,7 @@ def test_streamed_text_equals_the_final_text_with_stop_strings(client, include):
 
     msgs = [{"role": "user", "content": prompt}]
     ref = client.chat.completions.create(messages=msgs, stream=True, extra_body={"ignore_eos": True}, **kw)
-    stop = _stop_across_chunks([p.choices[0].delta.content or "" for p in ref if p.choices])
+    stop = stop_across_chunks([p.choices[0].delta.content or "" for p in ref if p.choices])
     whole = client.chat.completions.create(messages=msgs, stop=[stop], extra_body=extra, **kw)
     parts = client.chat.completions.create(messages=msgs, stop=[stop], stream=True, extra_body=extra, **kw)
     assert whole.choices[0].finish_reason == "stop"
