@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from loramux import __version__
 from loramux.config import CacheConfig, EngineConfig, KVEventsConfig, LoRAConfig, ModelConfig, SchedulerConfig
 
 logger = logging.getLogger("loramux")
@@ -46,8 +47,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="adapters to load at start",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (loopback unless you say otherwise)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument(
         "--api-key",
         default=os.environ.get("LORAMUX_API_KEY"),
@@ -61,28 +64,97 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="folders runtime adapter loads may come from; none: runtime loading is off",
     )
     p.add_argument("--log-prompts", action="store_true", help="write prompt text to the log (off by default)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="log level: debug, info, warning, error")
     g = p.add_argument_group("adapters")
-    g.add_argument("--max-loras", type=int, default=LoRAConfig.max_loras)
-    g.add_argument("--max-cpu-loras", type=int, default=None)
-    g.add_argument("--max-lora-rank", type=int, default=LoRAConfig.max_lora_rank)
-    g.add_argument("--max-lora-bytes", type=int, default=None)
-    g = p.add_argument_group("scheduling")
-    g.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
-    g.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
-    g.add_argument("--max-prefill-tokens", type=int, default=None)
     g.add_argument(
-        "--policy", default=SchedulerConfig.policy, choices=["fcfs", "affinity", "completion", "fair"]
+        "--enable-lora",
+        action="store_true",
+        help="accepted for vLLM compatibility: LoRA is always on in loramux",
     )
-    g.add_argument("--starvation-timeout", type=float, default=SchedulerConfig.starvation_timeout_s)
-    g.add_argument("--waiting-served-ratio", type=float, default=SchedulerConfig.waiting_served_ratio)
-    g.add_argument("--max-waiting-steps", type=int, default=SchedulerConfig.max_waiting_steps)
+    g.add_argument(
+        "--max-loras",
+        type=int,
+        default=LoRAConfig.max_loras,
+        help="device adapter slots: the most distinct adapters in one step",
+    )
+    g.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="adapters kept in host memory (LRU); default max(max_loras, 32)",
+    )
+    g.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=LoRAConfig.max_lora_rank,
+        help="largest adapter rank accepted; slot buffers are sized for it",
+    )
+    g.add_argument(
+        "--max-lora-bytes", type=int, default=None, help="optional byte budget for device-resident adapters"
+    )
+    g = p.add_argument_group("scheduling")
+    g.add_argument(
+        "--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs, help="most requests in one step"
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=SchedulerConfig.max_num_batched_tokens,
+        help="most tokens (decodes plus prefill chunks) in one step",
+    )
+    g.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=None,
+        help="most prefill tokens in one step; default: --max-num-batched-tokens",
+    )
+    g.add_argument(
+        "--policy",
+        default=SchedulerConfig.policy,
+        choices=["fcfs", "affinity", "completion", "fair"],
+        help="waiting-queue order (docs/design.md); fcfs matches vLLM's decisions",
+    )
+    g.add_argument(
+        "--starvation-timeout",
+        type=float,
+        default=SchedulerConfig.starvation_timeout_s,
+        help="seconds after which a request held back by the adapter cap reserves the next slot",
+    )
+    g.add_argument(
+        "--waiting-served-ratio",
+        type=float,
+        default=SchedulerConfig.waiting_served_ratio,
+        help="while decodes run, admit prefills only if this many x running requests wait (0: always)",
+    )
+    g.add_argument(
+        "--max-waiting-steps",
+        type=int,
+        default=SchedulerConfig.max_waiting_steps,
+        help="... unless decodes ran this many steps without an admission",
+    )
     g.add_argument("--max-queue-len", type=int, default=None, help="answer 503 while this many wait")
     g = p.add_argument_group("KV cache")
-    g.add_argument("--page-size", type=int, default=CacheConfig.page_size)
-    g.add_argument("--num-pages", type=int, default=None)
-    g.add_argument("--kv-cache-memory-gb", type=float, default=CacheConfig.kv_cache_memory_gb)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--page-size", type=int, default=CacheConfig.page_size, help="tokens per KV page")
+    g.add_argument("--num-pages", type=int, default=None, help="KV pages; default: sized from memory")
+    g.add_argument(
+        "--kv-cache-memory-gb",
+        type=float,
+        default=CacheConfig.kv_cache_memory_gb,
+        help="memory for the KV pool when --num-pages and --gpu-memory-utilization are not given",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vLLM's flag: fraction of device memory (on CPU, of the memory available at start) "
+        "for weights plus KV pool; the pool gets what the weights leave",
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse KV pages of shared prefixes, per adapter",
+    )
     g.add_argument(
         "--enable-kv-events",
         action=argparse.BooleanOptionalAction,
@@ -100,10 +172,20 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--host-kv-pages", type=int, default=0, help="host-memory pages for evicted prefix pages")
     g = p.add_argument_group("model")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV dtype; auto: float32 on CPU, bfloat16 on CUDA",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt plus output; default: the model's own limit",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling without a per-request seed")
 
 
 _VLLM_KV_EVENT_KEYS = {"endpoint", "replay_endpoint", "topic", "buffer_steps", "max_queue_size"}
@@ -153,6 +235,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
             page_size=args.page_size,
             num_pages=args.num_pages,
             kv_cache_memory_gb=args.kv_cache_memory_gb,
+            memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching,
             enable_kv_events=args.enable_kv_events,
             host_kv_pages=args.host_kv_pages,
@@ -242,8 +325,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="loramux", description="Serve one base model with many LoRA adapters."
     )
+    parser.add_argument("--version", action="version", version=f"loramux {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_serve_args(sub.add_parser("serve", help="start the OpenAI-compatible server"))
+    serve_parser = sub.add_parser(
+        "serve",
+        help="start the OpenAI-compatible server",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_serve_args(serve_parser)
     bench = sub.add_parser("bench", help="throughput and latency, side by side with transformers+PEFT")
     from loramux.bench.cli import add_bench_args
 

@@ -62,7 +62,10 @@ class CacheConfig:
     num_pages: int | None = None
     """KV pages; None sizes the pool from kv_cache_memory_gb."""
     kv_cache_memory_gb: float = 1.0
-    """Memory for the KV pool when num_pages is None."""
+    """Memory for the KV pool when num_pages is None (and no memory_utilization is given)."""
+    memory_utilization: float | None = None
+    """vLLM's --gpu-memory-utilization: the fraction of device memory (on CPU, of the memory
+    available at start) for weights plus KV pool; the pool gets what the weights leave."""
     enable_prefix_caching: bool = True
     """Reuse KV pages across requests with a shared prefix, per adapter (S5)."""
     enable_kv_events: bool = False
@@ -75,6 +78,10 @@ class CacheConfig:
         _positive(own, "page_size", self.page_size)
         _positive(own, "num_pages", self.num_pages)
         _positive(own, "kv_cache_memory_gb", self.kv_cache_memory_gb)
+        if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
+            raise ValueError(
+                f"CacheConfig.memory_utilization={self.memory_utilization}; use a fraction in (0, 1]"
+            )
         if self.host_kv_pages < 0:
             raise ValueError(f"CacheConfig.host_kv_pages={self.host_kv_pages}; use 0 (off) or more")
 

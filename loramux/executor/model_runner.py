@@ -15,6 +15,8 @@ adapter's tokens form one contiguous segment:
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +32,8 @@ from loramux.executor.loader import load_model, resolve_device, resolve_dtype
 from loramux.executor.lora import AdapterSpec, HostAdapter, LoRASlots, inspect_adapter, read_adapter
 from loramux.executor.sampler import sample
 from loramux.sampling_params import SamplingParams
+
+logger = logging.getLogger("loramux.executor")
 
 _GREEDY = SamplingParams(temperature=0.0)
 
@@ -62,7 +66,7 @@ class ModelRunner:
         self.model, self.hf_config = load_model(model.model, self.dtype, self.device, self.max_model_len)
         self.args = self.model.args
         self.page_size = cache.page_size
-        self.num_pages = cache.num_pages or self._pages_for_memory(cache.kv_cache_memory_gb)
+        self.num_pages = cache.num_pages or self._pages_for_memory(self._kv_budget_gb(cache))
         shape = (self.num_pages, self.page_size, self.args.num_kv_heads, self.args.head_dim)
         self.kv_caches = [
             (
@@ -100,10 +104,40 @@ class ModelRunner:
         """Stop the adapter-reading thread (the engine is done)."""
         self._reader.shutdown(wait=False, cancel_futures=True)
 
-    def _pages_for_memory(self, gb: float) -> int:
+    def _kv_budget_gb(self, cache: CacheConfig) -> float:
+        """The KV pool's memory: kv_cache_memory_gb, or what `memory_utilization` of the device
+        (on CPU, of the memory available now) leaves after the weights, as vLLM sizes it."""
+        if cache.memory_utilization is None:
+            return cache.kv_cache_memory_gb
+        weights = sum(t.numel() * t.element_size() for t in self.model.parameters())
+        if self.device.type == "cuda":
+            total = torch.cuda.mem_get_info(self.device)[1]
+            budget = cache.memory_utilization * total - weights
+        else:  # the weights are loaded already, so available memory no longer counts them
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            budget = cache.memory_utilization * total
+        if budget < self.page_bytes:
+            raise ValueError(
+                f"memory utilization {cache.memory_utilization} leaves {max(budget, 0) / 2**20:.1f} MiB for "
+                f"the KV cache after {weights / 2**20:.1f} MiB of weights ({total / 2**30:.1f} GiB "
+                f"{'on the device' if self.device.type == 'cuda' else 'available'}); raise it"
+            )
+        logger.info(
+            "KV cache: %.2f GiB = %.2f x %.1f GiB%s",
+            budget / 2**30,
+            cache.memory_utilization,
+            total / 2**30,
+            " - weights" if self.device.type == "cuda" else " available",
+        )
+        return budget / 2**30
+
+    @property
+    def page_bytes(self) -> int:
         a = self.args
-        per_page = 2 * a.num_layers * self.page_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
-        return max(1, int(gb * (1 << 30)) // per_page)
+        return 2 * a.num_layers * self.page_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _pages_for_memory(self, gb: float) -> int:
+        return max(1, int(gb * (1 << 30)) // self.page_bytes)
 
     # --- adapters ---
     def inspect_adapter(self, name: str, path: str) -> AdapterSpec:
