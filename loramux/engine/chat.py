@@ -16,13 +16,15 @@ DEFAULT_CHAT_TEMPLATE = (  # used when the tokenizer has none
 )
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The prompt ids for `messages`, ending with the assistant's turn; ValueError if the template
-    cannot render them."""
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+) -> list[int]:
+    """The prompt ids for `messages` (ending with the assistant's turn unless told otherwise);
+    ValueError if the template cannot render them."""
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     try:
         text = tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+            messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
         )
     except Exception as e:
         raise ValueError(f"cannot apply the chat template to these messages: {e}") from e

@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from loramux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from loramux.engine.chat import render_chat
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.outputs import RequestOutput
 from loramux.lora_request import LoRARequest
@@ -106,6 +107,24 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [done[rid] for rid in ids]
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, rendered with the model's chat
+        template (encoded without special tokens: the template writes its own BOS), as vLLM's."""
+        tok = self.get_tokenizer()
+        if tok is None:
+            raise ValueError("this model has no tokenizer, so chat is unavailable; use generate()")
+        one = bool(messages) and isinstance(messages[0], dict)
+        convs = [messages] if one else messages
+        prompts = [render_chat(tok, list(c), add_generation_prompt) for c in convs]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]:

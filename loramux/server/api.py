@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loramux import __version__
 from loramux.core.adapters import AdapterNotFoundError
 from loramux.core.scheduler import QueueFullError
 from loramux.engine.chat import render_chat
@@ -41,7 +42,9 @@ from loramux.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadLoRARequest,
+    TokenizeRequest,
     UnloadLoRARequest,
 )
 
@@ -66,16 +69,22 @@ class ClientGone(Exception):
 
 
 def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
-    app = FastAPI(title="loramux", docs_url=None, redoc_url=None)
+    app = FastAPI(title="loramux", version=__version__, docs_url="/docs", redoc_url=None)
     _install_error_handlers(app)
     api = _API(aengine, cfg, metrics)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(api.check_key)])
     v1.add_api_route("/models", api.models, methods=["GET"])
+    v1.add_api_route("/models/{model_id:path}", api.model, methods=["GET"])
     v1.add_api_route("/completions", api.completions, methods=["POST"])
     v1.add_api_route("/chat/completions", api.chat, methods=["POST"])
     v1.add_api_route("/load_lora_adapter", api.load_lora, methods=["POST"])
     v1.add_api_route("/unload_lora_adapter", api.unload_lora, methods=["POST"])
     app.include_router(v1)
+    keyed = [Depends(api.check_key)]
+    app.add_api_route("/tokenize", api.tokenize, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/detokenize", api.detokenize, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/version", api.version, methods=["GET"])
+    app.add_api_route("/ping", api.health, methods=["GET", "POST"])
     app.add_api_route("/health", api.health, methods=["GET"])
     app.add_api_route("/metrics", api.prometheus, methods=["GET"])
     return app
@@ -150,6 +159,12 @@ class _API:
             )
 
     # --- adapters and models ---
+    async def model(self, model_id: str) -> dict[str, Any]:
+        for card in (await self.models())["data"]:
+            if card["id"] == model_id:
+                return card
+        raise APIError(404, f"the model {model_id!r} does not exist", code="model_not_found", param="model")
+
     async def models(self) -> dict[str, Any]:
         infos = await self.aengine.call(self.engine.list_loras)
         base = self.cfg.served_model_name
@@ -221,6 +236,49 @@ class _API:
             "id": body.lora_name,
             "message": f"adapter {body.lora_name!r} unloaded",
         }
+
+    # --- tokenizer ---
+    def _tokenizer_for(self, model: str | None) -> Any:
+        """The tokenizer (shared by every adapter); `model`, if given, must name a served model."""
+        if (
+            model is not None
+            and model != self.cfg.served_model_name
+            and model not in self.engine.scheduler.adapters
+        ):
+            raise APIError(404, f"the model {model!r} does not exist", code="model_not_found", param="model")
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer; send and read token ids")
+        return tok
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        tok = self._tokenizer_for(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of `prompt` and `messages`", param="prompt")
+        if body.messages is not None:
+            try:
+                ids = render_chat(tok, body.messages, body.add_generation_prompt)
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from e
+        else:
+            ids = list(tok.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        return {
+            "count": len(ids),
+            "max_model_len": self.engine.runtime.max_model_len,
+            "tokens": ids,
+            "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None,
+        }
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        tok = self._tokenizer_for(body.model)
+        vocab = self.engine.runtime.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} lie outside [0, {vocab})", param="tokens")
+        return {"prompt": tok.decode(body.tokens)}
+
+    async def version(self) -> dict[str, str]:
+        return {"version": __version__}
 
     # --- health and metrics ---
     async def health(self) -> Response:

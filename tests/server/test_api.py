@@ -553,3 +553,69 @@ def test_streamed_text_equals_the_final_text_with_stop_strings(client, include):
     parts = client.chat.completions.create(messages=msgs, stop=[stop], stream=True, extra_body=extra, **kw)
     assert whole.choices[0].finish_reason == "stop"
     assert "".join(p.choices[0].delta.content or "" for p in parts) == whole.choices[0].message.content
+
+
+# --- vLLM's extra endpoints and LLM.chat (issue 16, points 3 and 5) ----------------------------
+
+
+def test_version_ping_docs_and_one_model_card(server, client):
+    from loramux import __version__
+
+    assert httpx.get(server.url + "/version", timeout=10).json() == {"version": __version__}
+    assert httpx.get(server.url + "/ping", timeout=10).status_code == 200
+    assert httpx.post(server.url + "/ping", timeout=10).status_code == 200
+    docs = httpx.get(server.url + "/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    paths = httpx.get(server.url + "/openapi.json", timeout=10).json()["paths"]
+    assert {"/tokenize", "/detokenize", "/version", "/v1/models/{model_id}"} <= set(paths)
+    card = client.models.retrieve("r8_all")
+    assert card.id == "r8_all" and card.model_extra["parent"] == BASE
+    assert client.models.retrieve(BASE).id == BASE
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes(server, offline):
+    from loramux.engine.chat import render_chat
+
+    tok = offline.llm.get_tokenizer()
+    text = words(21)
+    r = httpx.post(
+        server.url + "/tokenize", json={"model": "r1_qv", "prompt": text, "return_token_strs": True}
+    )
+    body = r.json()
+    assert (
+        r.status_code == 200 and body["tokens"] == tok.encode(text) and body["count"] == len(body["tokens"])
+    )
+    assert body["token_strs"] == tok.convert_ids_to_tokens(body["tokens"]) and body["max_model_len"] > 0
+    msgs = [{"role": "user", "content": text}]
+    chat = httpx.post(server.url + "/tokenize", json={"model": BASE, "messages": msgs}).json()
+    assert chat["tokens"] == render_chat(tok, msgs) and chat["token_strs"] is None
+    back = httpx.post(server.url + "/detokenize", json={"model": BASE, "tokens": body["tokens"]}).json()
+    assert back == {"prompt": tok.decode(body["tokens"])}
+    for path, payload, status in [
+        ("/tokenize", {"model": "nope", "prompt": "x"}, 404),
+        ("/tokenize", {"prompt": "x", "messages": msgs}, 400),
+        ("/detokenize", {"tokens": [10**9]}, 400),
+    ]:
+        r = httpx.post(server.url + path, json=payload)
+        assert r.status_code == status and "message" in r.json()["error"]
+
+
+def test_llm_chat_equals_the_server_chat(client, offline, adapter_dirs):
+    allowed, _ = adapter_dirs
+    msgs = [{"role": "user", "content": words(22)}]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = offline.llm
+    local = llm.chat(msgs, sp, LoRARequest("r1_qv", 1, str(allowed / "r1_qv")), use_tqdm=False)
+    both = llm.chat([msgs, msgs], sp, use_tqdm=False)
+    remote = client.chat.completions.create(
+        model="r1_qv",
+        messages=msgs,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    assert local[0].outputs[0].token_ids == remote.choices[0].model_extra["token_ids"]
+    assert len(both) == 2 and both[0].outputs[0].token_ids == both[1].outputs[0].token_ids
