@@ -47,6 +47,7 @@ from loramux.server.protocol import (
     TokenizeRequest,
     UnloadLoRARequest,
 )
+from loramux.server.token_text import TokenText
 
 logger = logging.getLogger("loramux.server")
 T = TypeVar("T")
@@ -229,7 +230,14 @@ class _API:
         try:
             await self.aengine.call(self.engine.remove_lora, body.lora_name)
         except AdapterNotFoundError as e:
-            raise APIError(404, str(e), code="model_not_found", param="lora_name") from e
+            known = ", ".join(sorted(await self.aengine.call(self.engine.scheduler.adapters.names))) or "none"
+            raise APIError(
+                404,
+                f"adapter {body.lora_name!r} is not loaded, so there is nothing to unload; "
+                f"loaded adapters: {known}",
+                code="model_not_found",
+                param="lora_name",
+            ) from e
         logger.info("unloaded adapter %s", body.lora_name)
         return {
             "object": "lora_adapter",
@@ -420,17 +428,14 @@ class _API:
         return choice
 
     def _completion_logprobs(self, ids: list[int], lps: list[Any]) -> dict[str, Any]:
-        tok = self.engine.tokenizer
-        names = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
-        top = []
-        for lp in lps:
-            alt = tok.convert_ids_to_tokens([t for t, _ in lp.top]) if tok is not None else []
-            top.append(dict(zip(alt, (v for _, v in lp.top), strict=False)))
+        """OpenAI's legacy shape: tokens as decoded text, their offsets in the completion text."""
+        tt = TokenText(self.engine.tokenizer)
+        texts = [tt.text(t) for t in ids]
         return {
-            "tokens": names,
+            "tokens": texts,
             "token_logprobs": [lp.token_logprob for lp in lps],
-            "top_logprobs": top,
-            "text_offset": [],
+            "top_logprobs": [{tt.text(a): v for a, v in lp.top} for lp in lps],
+            "text_offset": tt.offsets(texts),
         }
 
     async def _stream_completion(
@@ -522,19 +527,15 @@ class _API:
     def _chat_logprobs(self, comp: Any) -> dict[str, Any] | None:
         if comp.logprobs is None:
             return None
-        tok = self.engine.tokenizer
-        content = []
-        for t, lp in zip(comp.token_ids, comp.logprobs, strict=False):
-            content.append(
-                {
-                    "token": tok.decode([t]),
-                    "logprob": lp.token_logprob,
-                    "bytes": None,
-                    "top_logprobs": [
-                        {"token": tok.decode([a]), "logprob": v, "bytes": None} for a, v in lp.top
-                    ],
-                }
-            )
+        tt = TokenText(self.engine.tokenizer)
+
+        def entry(t: int, logprob: float) -> dict[str, Any]:
+            return {"token": tt.text(t), "logprob": logprob, "bytes": tt.raw_bytes(t)}
+
+        content = [
+            {**entry(t, lp.token_logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
+            for t, lp in zip(comp.token_ids, comp.logprobs, strict=False)
+        ]
         return {"content": content}
 
     async def _stream_chat(

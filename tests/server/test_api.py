@@ -356,7 +356,9 @@ def test_failed_loads_answer_400_and_the_server_keeps_serving(server, client, ad
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="bad", prompt="x", max_tokens=2)
     r = httpx.post(server.v1 + "/unload_lora_adapter", json={"lora_name": "never-loaded"})
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["code"] == "model_not_found"
+    assert "nothing to unload" in err["message"] and "Load it first" not in err["message"]
 
 
 # --- disconnects, metrics, flags ---------------------------------------------------------------------
@@ -619,3 +621,49 @@ def test_llm_chat_equals_the_server_chat(client, offline, adapter_dirs):
     )
     assert local[0].outputs[0].token_ids == remote.choices[0].model_extra["token_ids"]
     assert len(both) == 2 and both[0].outputs[0].token_ids == both[1].outputs[0].token_ids
+
+
+def test_logprobs_in_openais_shapes_with_decoded_tokens_offsets_and_bytes(client, offline):
+    """Issue 16, point 4: completions give decoded token text (no byte-level 'Ġ') in `tokens`
+    and `top_logprobs`, and `text_offset` filled; chat fills `bytes` with the token's raw bytes."""
+    tok = offline.llm.get_tokenizer()
+    prompt = words(31)
+    out = client.completions.create(
+        model="r8_all",
+        prompt=prompt,
+        max_tokens=8,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    ids, lp = out.choices[0].model_extra["token_ids"], out.choices[0].logprobs
+    assert lp.tokens == [tok.decode([t]) for t in ids] and not any("Ġ" in t for t in lp.tokens)
+    assert len(lp.text_offset) == len(ids) and lp.text_offset[0] == 0
+    steps = [b - a for a, b in zip(lp.text_offset, lp.text_offset[1:], strict=False)]
+    assert steps == [len(t) for t in lp.tokens[:-1]]
+    # (legacy dict shape: two ids that decode alike, e.g. to U+FFFD, share one key)
+    assert all(1 <= len(top) <= 3 and not any("Ġ" in k for k in top) for top in lp.top_logprobs)
+    assert all(lp.tokens[i] in lp.top_logprobs[i] for i in range(len(ids)))  # greedy: the top-1 is there
+
+    chat = client.chat.completions.create(
+        model="r8_all",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    cids, content = chat.choices[0].model_extra["token_ids"], chat.choices[0].logprobs.content
+    for t, c in zip(cids, content, strict=True):
+        # ids past the tokenizer's vocabulary (the random model has 512, the tokenizer fewer) are empty
+        assert (
+            c.token == tok.decode([t])
+            and bool(c.bytes) == bool(c.token)
+            and all(0 <= b < 256 for b in c.bytes)
+        )
+        if "\ufffd" not in c.token:
+            assert bytes(c.bytes).decode("utf-8") == c.token
+        assert len(c.top_logprobs) == 2 and all(bool(a.bytes) == bool(a.token) for a in c.top_logprobs)
+    raw = b"".join(bytes(c.bytes) for c in content)
+    assert raw.decode("utf-8", errors="replace") == tok.decode(cids)  # the bytes add up to the text
