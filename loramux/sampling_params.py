@@ -35,6 +35,14 @@ class SamplingParams:
     skip_special_tokens: bool = True
     n: int = 1
     """Completions per prompt (only 1 is supported)."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token already in the output."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted once per occurrence of a token in the output."""
+    repetition_penalty: float = 1.0
+    """HF/vLLM's: logits of tokens in the prompt or output are divided by it (multiplied if negative)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits; a dict is accepted and stored as pairs."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +50,8 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
         self._validate()
 
     def _validate(self) -> None:
@@ -63,6 +73,18 @@ class SamplingParams:
             raise ValueError(f"n={self.n}; only n=1 is supported, send the prompt several times instead")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name}={getattr(self, name)}; it must lie in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}; it must lie in (0, 2]")
+        if any(t < 0 or not -100.0 <= b <= 100.0 for t, b in self.logit_bias):
+            raise ValueError("logit_bias maps token ids (>= 0) to biases in [-100, 100]")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the request's token history."""
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:

@@ -27,6 +27,10 @@ class ScheduledSeq(NamedTuple):
     sampling: Any  # the executor's sampling parameters, opaque to the control plane
     # Token ids the sample must not be (eos and stop ids until the request has min_tokens outputs).
     suppress: frozenset[int] = frozenset()
+    # The request's whole token list (read-only; the request's own list, not a copy) and how many
+    # of its tokens are the prompt: what repetition, frequency and presence penalties count.
+    context: tuple[int, ...] | list[int] = ()
+    num_prompt: int = 0
 
 
 @dataclass(frozen=True)

@@ -308,6 +308,8 @@ class Scheduler:
                         n == left,
                         req.sampling,
                         req.stop_ids if len(ids) - len(req.prompt_token_ids) < req.min_tokens else NONE,
+                        ids,
+                        len(req.prompt_token_ids),
                     ),
                 )
             )
@@ -423,7 +425,7 @@ class Scheduler:
         finished: list[Request] = []
         requests, kv = self.requests, self.kv
         ps, RUNNING = kv.page_size, RequestStatus.RUNNING
-        for (rid, computing, _, _, _, _, sample, _, _), token in zip(
+        for (rid, computing, _, _, _, _, sample, *_), token in zip(
             out.seqs, result.sampled_token_ids, strict=True
         ):
             req = requests.get(rid)
@@ -534,6 +536,8 @@ class _StepBudget:
                 start + n == len(req.token_ids),
                 req.sampling,
                 req.stop_ids if req.num_output_tokens < req.min_tokens else frozenset(),
+                req.token_ids,
+                req.num_prompt_tokens,
             )
         )
         self.tokens -= n

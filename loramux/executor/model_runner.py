@@ -237,6 +237,10 @@ class ModelRunner:
             [self._generator(s, p) for s, p in zip(seqs, params, strict=True)],
             self.default_generator,
             [s.suppress for s in seqs],
+            [
+                (list(s.context), s.num_prompt) if p.penalized else None
+                for s, p in zip(seqs, params, strict=True)
+            ],
         )
         sampled: list[int | None] = [None] * len(out.seqs)
         lps: list = [None] * len(out.seqs)

@@ -3,11 +3,12 @@
 Boundary: logits of the rows that sample (float32, [N, V]) and their
 `SamplingParams` in; one token per row (and logprobs when asked) out. A row
 with a seed draws from its own generator, so its tokens do not depend on what
-else is in the batch. Each row may name token ids it must not draw (eos and
-stop ids until min_tokens outputs exist, chosen by the control plane); they
-are masked to -inf in one indexed write for the whole batch, before every
-sampling mode. Logprobs are those of the model's raw distribution (before the
-mask, temperature, top-k and top-p), as vLLM reports by default.
+else is in the batch. In order, as vLLM's sampler: logit_bias; repetition,
+frequency and presence penalties (batched over the rows that have them, from
+each request's token history, which the runner keeps); the min_tokens mask
+(eos and stop ids the control plane names until enough outputs exist, -inf in
+one indexed write); then temperature, top-k and top-p. Logprobs are those of
+the model's raw distribution, as vLLM reports by default.
 """
 
 from __future__ import annotations
@@ -24,16 +25,19 @@ def sample(
     generators: list[torch.Generator | None],
     default_generator: torch.Generator,
     suppress: list[frozenset[int]] | None = None,
+    histories: list[tuple[list[int], int] | None] | None = None,
 ) -> tuple[list[int], list[SampleLogprobs | None]]:
     n = logits.shape[0]
     raw = logits
+    logits = apply_logit_bias(logits, params)
+    if histories is not None and any(h is not None for h in histories):
+        logits = apply_penalties(logits, params, histories)
     if suppress is not None and any(suppress):
         rows = [i for i, ids in enumerate(suppress) for _ in ids]
         cols = [t for ids in suppress for t in ids]
-        logits = logits.clone()
-        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float(
-            "-inf"
-        )
+        logits = logits.clone() if logits is raw else logits
+        dev = logits.device
+        logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
     tokens = torch.empty(n, dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
@@ -54,6 +58,52 @@ def sample(
                 tokens[i] = torch.multinomial(probs[j], 1, generator=g)[0]
     token_list = tokens.tolist()
     return token_list, _logprobs(raw, token_list, params)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Add every row's logit_bias in one indexed accumulate (a new tensor if any)."""
+    rows = [i for i, p in enumerate(params) for _ in p.logit_bias]
+    if not rows:
+        return logits
+    dev = logits.device
+    cols = torch.tensor([t for p in params for t, _ in p.logit_bias], device=dev)
+    vals = torch.tensor([b for p in params for _, b in p.logit_bias], device=dev, dtype=logits.dtype)
+    return logits.index_put((torch.tensor(rows, device=dev), cols), vals, accumulate=True)
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], int] | None]
+) -> torch.Tensor:
+    """Repetition, then frequency and presence penalties, batched over the rows that have them.
+
+    `histories[i]` is (every token of row i's request so far, how many of them are the prompt);
+    None for rows without penalties. Token counts come from one scatter-add over the padded
+    histories, so there is no Python loop over the vocabulary.
+    """
+    rows = [i for i, h in enumerate(histories) if h is not None]
+    dev, vocab = logits.device, logits.shape[1]
+    width = max(len(histories[i][0]) for i in rows) or 1  # type: ignore[index]
+    ids = torch.full((len(rows), width), vocab, dtype=torch.long, device=dev)  # `vocab`: padding
+    out_mask = torch.zeros((len(rows), width), dtype=torch.bool, device=dev)
+    for j, i in enumerate(rows):
+        toks, n_prompt = histories[i]  # type: ignore[misc]
+        if toks:
+            ids[j, : len(toks)] = torch.tensor(toks, device=dev)
+            out_mask[j, n_prompt : len(toks)] = True
+    counts = torch.zeros((len(rows), vocab + 1), dtype=logits.dtype, device=dev)
+    counts.scatter_add_(1, ids, out_mask.to(logits.dtype))  # occurrences in the output
+    seen = torch.zeros((len(rows), vocab + 1), dtype=torch.bool, device=dev)
+    seen.scatter_(1, ids, True)  # anywhere in prompt or output
+    counts, seen = counts[:, :vocab], seen[:, :vocab]
+    p = [params[i] for i in rows]
+    rep = torch.tensor([q.repetition_penalty for q in p], device=dev, dtype=logits.dtype).unsqueeze(1)
+    freq = torch.tensor([q.frequency_penalty for q in p], device=dev, dtype=logits.dtype).unsqueeze(1)
+    pres = torch.tensor([q.presence_penalty for q in p], device=dev, dtype=logits.dtype).unsqueeze(1)
+    idx = torch.tensor(rows, device=dev)
+    sub = logits.index_select(0, idx)
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+    return logits.index_copy(0, idx, sub)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

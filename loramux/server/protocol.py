@@ -48,20 +48,29 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     user: str | None = None
     return_token_ids: bool = False
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if self.presence_penalty or self.frequency_penalty:
+        if self.best_of is not None and self.best_of != self.n:
             raise APIError(
                 400,
-                "presence_penalty and frequency_penalty are not supported; leave them at 0",
-                param="presence_penalty",
+                f"best_of={self.best_of} is not supported; leave it unset (or equal to n)",
+                param="best_of",
             )
+        try:
+            bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise APIError(
+                400, 'logit_bias keys must be token ids, e.g. {"50256": -100}', param="logit_bias"
+            ) from None
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
             return SamplingParams(
@@ -77,6 +86,10 @@ class _Sampling(BaseModel):
                 ignore_eos=self.ignore_eos,
                 logprobs=logprobs,
                 n=self.n,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                logit_bias=bias,
             )
         except ValueError as e:
             raise APIError(400, str(e)) from e

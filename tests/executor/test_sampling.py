@@ -204,3 +204,78 @@ def test_streamed_deltas_join_to_the_final_text_with_a_stop_string(llm, include)
     text = final.outputs[0].text
     assert text.endswith(stop) == include and stop not in text[: len(text) - len(stop) * include]
     assert "".join(deltas) == text
+
+
+# --- penalties and logit_bias (issue 16, point 2) ---------------------------------------------------
+
+
+def reference_penalized(logits, p, context, n_prompt):
+    """The formulas, one row and one token at a time: logit_bias, then repetition (HF/vLLM: divide
+    positive logits, multiply negative ones, for every token seen in prompt or output), then
+    OpenAI's frequency (per occurrence in the output) and presence (once) penalties."""
+    row = logits.clone()
+    for t, b in p.logit_bias:
+        row[t] += b
+    seen, out = set(context), context[n_prompt:]
+    for t in range(row.shape[0]):
+        if t in seen:
+            row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
+        c = out.count(t)
+        row[t] -= p.frequency_penalty * c + p.presence_penalty * (c > 0)
+    return row
+
+
+def test_batched_penalties_and_bias_equal_the_reference_formulas():
+    from loramux.executor.sampler import apply_logit_bias, apply_penalties
+
+    g = torch.Generator().manual_seed(0)
+    vocab, rows = 50, 6
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    params, histories = [], []
+    for i in range(rows):
+        ctx = torch.randint(0, vocab, (5 + 3 * i,), generator=g).tolist()
+        penalized = i % 3 != 2  # some rows without penalties in the same batch
+        params.append(
+            SamplingParams(
+                presence_penalty=0.5 * (i % 3) if penalized else 0.0,
+                frequency_penalty=0.3 if penalized else 0.0,
+                repetition_penalty=1.3 if i % 2 else (1.0 if not penalized else 0.8),
+                logit_bias={i: 5.0, 40: -7.5} if i % 2 else {},
+            )
+        )
+        histories.append((ctx, 4) if params[-1].penalized else None)
+    got = apply_penalties(apply_logit_bias(logits, params), params, histories)
+    for i in range(rows):
+        ctx, n_prompt = histories[i] or ([], 0)
+        want = reference_penalized(logits[i], params[i], ctx, n_prompt)
+        assert torch.allclose(got[i], want, atol=1e-5), i
+
+
+def test_penalties_and_bias_steer_greedy_decoding_as_the_formulas_say(llm):
+    """Through the real engine: each greedy token is the argmax of the reference-penalized raw
+    logits given everything before it; and a +100 bias forces its token."""
+    raw: list[torch.Tensor] = []
+    llm.engine.executor.logits_hook = lambda rid, row: raw.append(row.clone())
+    try:
+        p = SamplingParams(
+            temperature=0,
+            max_tokens=10,
+            ignore_eos=True,
+            presence_penalty=1.5,
+            frequency_penalty=0.7,
+            repetition_penalty=1.4,
+        )
+        out = gen(llm, p)[0].outputs[0].token_ids
+        plain = tokens(gen(llm, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)))[0]
+    finally:
+        llm.engine.executor.logits_hook = None
+    context = list(PROMPT)
+    for step, tok in enumerate(out):
+        want = reference_penalized(raw[step], p, context, len(PROMPT))
+        assert tok == int(want.argmax()), step
+        context.append(tok)
+    assert out != plain  # the penalties changed the answer here
+    forced = tokens(
+        gen(llm, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={77: 100.0}))
+    )
+    assert forced[0] == [77] * 5

@@ -667,3 +667,44 @@ def test_logprobs_in_openais_shapes_with_decoded_tokens_offsets_and_bytes(client
         assert len(c.top_logprobs) == 2 and all(bool(a.bytes) == bool(a.token) for a in c.top_logprobs)
     raw = b"".join(bytes(c.bytes) for c in content)
     assert raw.decode("utf-8", errors="replace") == tok.decode(cids)  # the bytes add up to the text
+
+
+def test_penalties_logit_bias_and_refusals_through_the_openai_client(client, offline):
+    """Issue 16, point 2: the penalty fields and logit_bias reach the sampler for completions and
+    chat and answer as the offline engine does; best_of > n is refused with the reason."""
+    prompt = words(41)
+    kw = dict(max_tokens=6, temperature=0, presence_penalty=1.0, frequency_penalty=0.5)
+    extra = {"ignore_eos": True, "return_token_ids": True, "repetition_penalty": 1.3}
+    got = client.completions.create(model=BASE, prompt=prompt, extra_body=extra, **kw)
+    sp = SamplingParams(
+        temperature=0,
+        max_tokens=6,
+        ignore_eos=True,
+        presence_penalty=1.0,
+        frequency_penalty=0.5,
+        repetition_penalty=1.3,
+    )
+    want = offline.llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert got.choices[0].model_extra["token_ids"] == want
+    forced = client.completions.create(
+        model="r8_all",
+        prompt=prompt,
+        max_tokens=4,
+        temperature=0,
+        logit_bias={"77": 100},
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    assert forced.choices[0].model_extra["token_ids"] == [77] * 4
+    chat = client.chat.completions.create(
+        model=BASE,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=3,
+        temperature=0,
+        logit_bias={"77": 100},
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    assert chat.choices[0].model_extra["token_ids"] == [77] * 3
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model=BASE, prompt=prompt, max_tokens=2, best_of=3)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.completions.create(model=BASE, prompt=prompt, max_tokens=2, presence_penalty=5)
