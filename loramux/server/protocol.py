@@ -32,10 +32,30 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# Fields OpenAI or vLLM define that loramux does not implement: refused by name, never ignored.
+UNSUPPORTED_FIELDS = (
+    "min_p",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "prompt_logprobs",
+    "suffix",
+    "use_beam_search",
+    "length_penalty",
+    "truncate_prompt_tokens",
+    "allowed_token_ids",
+    "bad_words",
+)
+
+
 class _Sampling(BaseModel):
     """Fields completions and chat share (OpenAI's, plus vLLM's common extras)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str
     temperature: float | None = None
@@ -59,6 +79,12 @@ class _Sampling(BaseModel):
     return_token_ids: bool = False
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED_FIELDS:
+            if extra.get(name) not in (None, False, [], {}):
+                raise APIError(
+                    400, f"{name} is not supported by loramux; leave it out (docs/vllm-compat.md)", param=name
+                )
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(
                 400,

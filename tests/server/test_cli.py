@@ -60,3 +60,12 @@ def test_memory_utilization_sizes_the_kv_pool_from_available_memory(tiny_models)
     assert small > 0 and 1.6 < large / small < 2.4  # the pool follows the fraction
     with pytest.raises(ValueError, match="raise it"):
         pages(1e-12)
+
+
+def test_flags_loramux_does_not_implement_are_refused_by_name():
+    r = subprocess.run(
+        [sys.executable, "-m", "loramux.cli", "serve", "m", "--tensor-parallel-size", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "unrecognized arguments: --tensor-parallel-size" in r.stderr
