@@ -34,7 +34,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     n: int = 1
-    """Completions per prompt (only 1 is supported)."""
+    """Samples per prompt; they share the prompt's KV through the prefix cache."""
     presence_penalty: float = 0.0
     """OpenAI's: subtracted from the logit of every token already in the output."""
     frequency_penalty: float = 0.0
@@ -69,8 +69,8 @@ class SamplingParams:
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs={self.logprobs}; it must lie in [0, 20]")
-        if self.n != 1:
-            raise ValueError(f"n={self.n}; only n=1 is supported, send the prompt several times instead")
+        if not isinstance(self.n, int) or not 1 <= self.n <= 128:
+            raise ValueError(f"n={self.n!r}; it must be an integer in [1, 128]")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -7,6 +7,7 @@ returns the outputs in prompt order.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -92,21 +93,25 @@ class LLM:
         loras = _broadcast(lora_request, n, "lora_request")
         for lora in {lr for lr in loras if lr is not None}:
             self.engine.ensure_lora(lora)
-        ids = []
+        groups = []
         for prompt, p, lora in zip(plist, params, loras, strict=True):
             self._counter += 1
-            rid = f"llm-{self._counter}"
-            self.engine.add_request(rid, prompt, p, lora.lora_name if lora else None)
-            ids.append(rid)
+            groups.append(
+                self.engine.add_request_n(f"llm-{self._counter}", prompt, p, lora.lora_name if lora else None)
+            )
         done: dict[str, RequestOutput] = {}
+        owner = {rid: i for i, ids in enumerate(groups) for rid in ids}
+        left = [len(ids) for ids in groups]
         bar = tqdm(total=n, desc="generating", unit="req", disable=not use_tqdm or n < 2)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 if out.finished:
                     done[out.request_id] = out
-                    bar.update(1)
+                    left[owner[out.request_id]] -= 1
+                    if not left[owner[out.request_id]]:
+                        bar.update(1)
         bar.close()
-        return [done[rid] for rid in ids]
+        return [_merge_samples([done[rid] for rid in ids]) for ids in groups]
 
     def chat(
         self,
@@ -154,3 +159,12 @@ def _broadcast(value: Any, n: int, what: str) -> list[Any]:
             raise ValueError(f"{what} has {len(value)} entries for {n} prompts; give one, or one per prompt")
         return list(value)
     return [value] * n
+
+
+def _merge_samples(outs: list[RequestOutput]) -> RequestOutput:
+    """The n samples of one prompt as one output with n completions (index 0..n-1), as vLLM's."""
+    if len(outs) == 1:
+        return outs[0]
+    first = outs[0]
+    comps = [dataclasses.replace(o.outputs[0], index=i) for i, o in enumerate(outs)]
+    return dataclasses.replace(first, request_id=first.request_id.rsplit("-", 1)[0], outputs=comps)

@@ -117,6 +117,7 @@ class LLMEngine:
         self._adapter_paths: dict[str, str] = {}
         self.last_step_time = 0.0
         self.dead: EngineDeadError | None = None
+        self._followers: dict[str, list[Request]] = {}  # leader id -> samples waiting for its prefill
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -131,6 +132,7 @@ class LLMEngine:
         for rid in list(self.scheduler.requests):
             self.scheduler.abort_request(rid)
         self._states.clear()
+        self._followers.clear()
         return self.dead
 
     # --- adapters ---
@@ -174,13 +176,18 @@ class LLMEngine:
         arrival_time: float | None = None,
         tenant: str = "",
         fill_max_tokens: bool = False,
+        after: str | None = None,
     ) -> str:
         """Queue a prompt (text or token ids); raises ValueError for bad input, at once.
 
         With `fill_max_tokens`, max_tokens becomes whatever room the model's length limit leaves
-        (the chat API's default when the client sets no limit).
+        (the chat API's default when the client sets no limit). With `after`, the request waits
+        until that one has produced its first token, so the prompt's KV is in the prefix cache
+        and this request reuses it (the n samples of one prompt).
         """
         self._check_alive()
+        if params.n != 1:
+            raise ValueError("add_request takes n=1; use add_request_n for several samples of a prompt")
         rid = request_id or uuid.uuid4().hex
         text, ids = self._tokenize(prompt)
         if any(not 0 <= t < self.runtime.vocab_size for t in ids):
@@ -207,7 +214,10 @@ class LLMEngine:
             min_tokens=params.min_tokens,
             sampling=params,
         )
-        self.scheduler.add_request(req)
+        if after is not None and after in self._followers:
+            self._followers[after].append(req)  # checked like any other request when released
+        else:
+            self.scheduler.add_request(req)
         detok = IncrementalDetokenizer(
             self.tokenizer, ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
         )
@@ -215,6 +225,36 @@ class LLMEngine:
             req, params, text, detok, RequestMetrics(now), [] if params.logprobs is not None else None
         )
         return rid
+
+    def add_request_n(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        lora_name: str | None = None,
+        tenant: str = "",
+        fill_max_tokens: bool = False,
+    ) -> list[str]:
+        """`params.n` samples of one prompt as requests `<id>-0` ... (just `<id>` when n is 1).
+        The first runs at once; the others are queued once its first token exists, so they find
+        the prompt's pages in the prefix cache, in the request's own adapter namespace. A seed
+        gives sample i the seed + i."""
+        if params.n == 1:
+            return [self.add_request(request_id, prompt, params, lora_name, None, tenant, fill_max_tokens)]
+        ids = [f"{request_id}-{i}" for i in range(params.n)]
+        for i, rid in enumerate(ids):
+            p = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            if i == 0:
+                self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens)
+                self._followers[rid] = []
+            else:
+                self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after=ids[0])
+        return ids
+
+    def _release_followers(self, leader: str) -> None:
+        for req in self._followers.pop(leader, []):
+            if req.request_id in self._states:  # not aborted meanwhile
+                self.scheduler.add_request(req)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -226,7 +266,10 @@ class LLMEngine:
         return None, list(prompt)
 
     def abort_request(self, request_id: str) -> bool:
-        self._states.pop(request_id, None)
+        st = self._states.pop(request_id, None)
+        self._release_followers(request_id)
+        if st is not None and request_id not in self.scheduler.requests:  # a follower not yet released
+            return True
         return self.scheduler.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -282,6 +325,8 @@ class LLMEngine:
             if st.metrics.first_token_time is None:
                 st.metrics.first_token_time = now
                 st.metrics.first_scheduled_time = req.first_scheduled_time
+                if req.request_id in self._followers:  # its prompt's pages are cached now
+                    self._release_followers(req.request_id)
             if st.logprobs is not None and req.request_id in lps:
                 st.logprobs.append(lps[req.request_id])
             _, stop_str = st.detok.add(token)

@@ -313,14 +313,14 @@ class _API:
         model: str,
         tenant: str,
         fill: bool = False,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> list[AsyncIterator[RequestOutput]]:
         lora = self._lora(model)
         if self.cfg.log_prompts:
             logger.info("request %s model=%s prompt=%r", rid, model, prompt)
         else:
             logger.debug("request %s model=%s", rid, model)
         try:
-            return await self.aengine.add_request(rid, prompt, params, lora, tenant, fill)
+            return await self.aengine.add_request_n(rid, prompt, params, lora, tenant, fill)
         except Exception as e:
             err = _to_api_error(e, model)
             self.metrics.ended(model if err.status != 404 else "unknown", "rejected")
@@ -335,13 +335,14 @@ class _API:
         tenant: str,
         fill: bool = False,
     ) -> list[AsyncIterator[RequestOutput]]:
+        """One stream per (prompt, sample), prompt-major: stream k is choice k."""
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
             for i, p in enumerate(prompts):
-                streams.append(await self._start(f"{rid}-{i}", p, params, model, tenant, fill))
+                streams += await self._start(f"{rid}-{i}", p, params, model, tenant, fill)
         except APIError:
-            for i in range(len(streams)):
-                self.aengine.abort(f"{rid}-{i}")
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]  # aborts what was started
             raise
         return streams
 
@@ -386,8 +387,13 @@ class _API:
         raise ClientGone()
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        if body.echo:
-            raise APIError(400, "echo is not supported; leave it false", param="echo")
+        if body.echo and body.logprobs is not None:
+            raise APIError(
+                400,
+                "echo with logprobs needs the prompt's logprobs, which loramux does not compute; "
+                "drop one of them",
+                param="echo",
+            )
         params = body.sampling_params(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
         prompts = body.prompts()
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -408,7 +414,7 @@ class _API:
                 "created": int(time.time()),
                 "model": body.model,
                 "choices": choices,
-                "usage": _usage(outs),
+                "usage": _usage(outs, body.n),
             }
         )
 
@@ -416,7 +422,7 @@ class _API:
         comp = out.outputs[0]
         choice: dict[str, Any] = {
             "index": i,
-            "text": comp.text,
+            "text": (self._prompt_text(out) if body.echo else "") + comp.text,
             "logprobs": None,
             "finish_reason": comp.finish_reason,
         }
@@ -426,6 +432,13 @@ class _API:
             choice["token_ids"] = comp.token_ids
             choice["prompt_token_ids"] = out.prompt_token_ids
         return choice
+
+    def _prompt_text(self, out: RequestOutput) -> str:
+        """The prompt as text, for echo (token-id prompts are decoded)."""
+        if out.prompt is not None:
+            return out.prompt
+        tok = self.engine.tokenizer
+        return tok.decode(out.prompt_token_ids) if tok is not None else ""
 
     def _completion_logprobs(self, ids: list[int], lps: list[Any]) -> dict[str, Any]:
         """OpenAI's legacy shape: tokens as decoded text, their offsets in the completion text."""
@@ -443,14 +456,19 @@ class _API:
     ) -> AsyncIterator[str]:
         chunk = _Chunks(rid, "text_completion", body.model)
         finals: list[RequestOutput] = []
+        echoed: set[int] = set()
         async with self._closing(streams, finals, body.model):
             async for i, out in _merge(streams):
                 comp = out.outputs[0]
-                if not comp.delta_text and not out.finished and not body.return_token_ids:
+                head = ""
+                if body.echo and i not in echoed:  # the prompt goes first, once per choice
+                    echoed.add(i)
+                    head = self._prompt_text(out)
+                if not head and not comp.delta_text and not out.finished and not body.return_token_ids:
                     continue  # the detokenizer holds back a partial character: nothing to send yet
                 choice = {
                     "index": i,
-                    "text": comp.delta_text,
+                    "text": head + comp.delta_text,
                     "logprobs": None,
                     "finish_reason": comp.finish_reason,
                 }
@@ -461,7 +479,7 @@ class _API:
                     finals.append(out)
                     self.metrics.finished(body.model, out)
         if body.include_usage:
-            yield chunk([], usage=_usage(finals))
+            yield chunk([], usage=_usage(finals, body.n))
 
     @contextlib.asynccontextmanager
     async def _closing(
@@ -488,7 +506,9 @@ class _API:
         if body.stream:
             return _sse(self._stream_chat(rid, body, streams))
         try:
-            outs = await self._unless_gone(request, self._final(streams, body.model), body.model, 1)
+            outs = await self._unless_gone(
+                request, self._final(streams, body.model), body.model, len(streams)
+            )
         except ClientGone:
             return Response(status_code=499)
         choices = []
@@ -510,7 +530,7 @@ class _API:
                 "created": int(time.time()),
                 "model": body.model,
                 "choices": choices,
-                "usage": _usage(outs),
+                "usage": _usage(outs, body.n),
             }
         )
 
@@ -543,24 +563,25 @@ class _API:
     ) -> AsyncIterator[str]:
         chunk = _Chunks(rid, "chat.completion.chunk", body.model)
 
-        def choice(delta: dict[str, Any], finish: str | None) -> list[dict[str, Any]]:
-            return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        def choice(i: int, delta: dict[str, Any], finish: str | None) -> list[dict[str, Any]]:
+            return [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]
 
-        yield chunk(choice({"role": "assistant", "content": ""}, None))
+        for i in range(len(streams)):
+            yield chunk(choice(i, {"role": "assistant", "content": ""}, None))
         finals: list[RequestOutput] = []
         async with self._closing(streams, finals, body.model):
-            async for _, out in _merge(streams):
+            async for i, out in _merge(streams):
                 comp = out.outputs[0]
                 if not comp.delta_text and not out.finished:
                     continue  # a partial character is held back: nothing to send yet
                 yield chunk(
-                    choice({"content": comp.delta_text} if comp.delta_text else {}, comp.finish_reason)
+                    choice(i, {"content": comp.delta_text} if comp.delta_text else {}, comp.finish_reason)
                 )
                 if out.finished:
                     finals.append(out)
                     self.metrics.finished(body.model, out)
         if body.include_usage:
-            yield chunk([], usage=_usage(finals))
+            yield chunk([], usage=_usage(finals, body.n))
 
 
 @dataclass(frozen=True)
@@ -635,7 +656,7 @@ def _event(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _usage(outs: list[RequestOutput]) -> dict[str, int]:
-    p = sum(len(o.prompt_token_ids) for o in outs)
+def _usage(outs: list[RequestOutput], n: int = 1) -> dict[str, int]:
+    p = sum(len(o.prompt_token_ids) for o in outs) // n  # each prompt counts once, whatever n
     c = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

@@ -133,6 +133,33 @@ class AsyncEngine:
             raise
         return self._outputs(request_id, q)
 
+    async def add_request_n(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        lora_name: str | None = None,
+        tenant: str = "",
+        fill_max_tokens: bool = False,
+    ) -> list[AsyncIterator[RequestOutput]]:
+        """`params.n` samples of one prompt (LLMEngine.add_request_n): one output stream each."""
+        ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
+        loop = asyncio.get_running_loop()
+        queues: list[asyncio.Queue[Any]] = []
+        for rid in ids:
+            q: asyncio.Queue[Any] = asyncio.Queue()
+            self._streams[rid] = (loop, q)
+            queues.append(q)
+        try:
+            await self.call(
+                self.engine.add_request_n, request_id, prompt, params, lora_name, tenant, fill_max_tokens
+            )
+        except BaseException:
+            for rid in ids:
+                self._streams.pop(rid, None)
+            raise
+        return [self._outputs(rid, q) for rid, q in zip(ids, queues, strict=True)]
+
     async def _outputs(self, request_id: str, q: asyncio.Queue[Any]) -> AsyncIterator[RequestOutput]:
         finished = False
         try:

@@ -279,3 +279,23 @@ def test_penalties_and_bias_steer_greedy_decoding_as_the_formulas_say(llm):
         gen(llm, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={77: 100.0}))
     )
     assert forced[0] == [77] * 5
+
+
+def test_n_samples_share_the_prompts_kv_and_follow_their_seeds(llm):
+    """n samples of one prompt: one RequestOutput with n completions; sample i equals a single
+    request seeded seed + i; the later samples find the prompt's pages in the prefix cache."""
+    prompt = [17, 33, 250, 9, 41, 60, 71, 88, 93, 101, 120, 130, 140]  # 13 tokens: 3 full pages of 4
+    sp = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=11, n=3)
+    out = gen(llm, sp, prompts=[prompt])
+    assert len(out) == 1 and [c.index for c in out[0].outputs] == [0, 1, 2]
+    for i, comp in enumerate(out[0].outputs):
+        alone = gen(llm, dataclasses.replace(sp, n=1, seed=11 + i), prompts=[prompt])
+        assert comp.token_ids == alone[0].outputs[0].token_ids
+    engine = llm.engine
+    ids = engine.add_request_n("share", [7, *prompt], dataclasses.replace(sp, seed=None))
+    cached = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                cached[o.request_id] = o.num_cached_tokens
+    assert cached[ids[0]] == 0 and all(cached[r] == 12 for r in ids[1:])  # 3 pages, shared

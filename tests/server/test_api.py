@@ -222,7 +222,7 @@ def error_of(exc: openai.APIStatusError) -> dict:
         (dict(max_tokens=10**6), "exceeds the model's limit of 256"),
         (dict(temperature=5.0), "temperature=5.0"),
         (dict(prompt=[5] * 300), "exceeds the model's limit"),
-        (dict(n=2), "n=2"),
+        (dict(n=200), "n=200"),
         (dict(extra_body={"top_p": 0}), "top_p=0"),
     ],
 )
@@ -716,3 +716,47 @@ def test_penalties_logit_bias_and_refusals_through_the_openai_client(client, off
                 max_tokens=2,
                 extra_body={field: value},
             )
+
+
+def test_n_samples_per_prompt_in_completions_and_chat(client):
+    """Issue 16, point 2: n > 1 gives n choices (prompt-major indices), seeded samples differ and
+    repeat, and the prompt counts once in usage; chat streams every choice under its index."""
+    prompt = words(51)
+    kw = dict(model=BASE, max_tokens=5, temperature=1.0, seed=3, n=3, extra_body={"ignore_eos": True})
+    a = client.completions.create(prompt=[prompt, words(52)], **kw)
+    b = client.completions.create(prompt=[prompt, words(52)], **kw)
+    assert [c.index for c in a.choices] == list(range(6))
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeds make it repeatable
+    assert len({c.text for c in a.choices[:3]}) > 1  # the samples differ
+    one = client.completions.create(model=BASE, prompt=prompt, max_tokens=5, extra_body={"ignore_eos": True})
+    two = client.completions.create(
+        model=BASE, prompt=prompt, max_tokens=5, n=2, extra_body={"ignore_eos": True}
+    )
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens and two.usage.completion_tokens == 10
+    msgs = [{"role": "user", "content": prompt}]
+    ckw = dict(
+        model=BASE, messages=msgs, max_tokens=5, temperature=1.0, seed=4, n=2, extra_body={"ignore_eos": True}
+    )
+    whole = client.chat.completions.create(**ckw)
+    parts = list(client.chat.completions.create(stream=True, **ckw))
+    for i in range(2):
+        text = "".join(
+            p.choices[0].delta.content or "" for p in parts if p.choices and p.choices[0].index == i
+        )
+        assert text == whole.choices[i].message.content
+
+
+def test_echo_prepends_the_prompt_streamed_or_not(client):
+    prompt = words(61)
+    kw = dict(model=BASE, prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].text
+    echoed = client.completions.create(echo=True, **kw).choices[0].text
+    assert echoed == prompt + plain
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kw) if c.choices
+    )
+    assert streamed == echoed
+    ids = client.completions.create(**{**kw, "prompt": [11, 42, 99]}, echo=True).choices[0].text
+    assert ids.endswith(client.completions.create(**{**kw, "prompt": [11, 42, 99]}).choices[0].text)
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        client.completions.create(echo=True, logprobs=1, **kw)
