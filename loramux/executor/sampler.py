@@ -77,24 +77,22 @@ def apply_penalties(
     """Repetition, then frequency and presence penalties, batched over the rows that have them.
 
     `histories[i]` is (every token of row i's request so far, how many of them are the prompt);
-    None for rows without penalties. Token counts come from one scatter-add over the padded
-    histories, so there is no Python loop over the vocabulary.
+    None for rows without penalties. Counts come from one accumulating scatter over the flattened
+    histories; the penalties are tensor operations over all the rows at once.
     """
     rows = [i for i, h in enumerate(histories) if h is not None]
     dev, vocab = logits.device, logits.shape[1]
-    width = max(len(histories[i][0]) for i in rows) or 1  # type: ignore[index]
-    ids = torch.full((len(rows), width), vocab, dtype=torch.long, device=dev)  # `vocab`: padding
-    out_mask = torch.zeros((len(rows), width), dtype=torch.bool, device=dev)
-    for j, i in enumerate(rows):
-        toks, n_prompt = histories[i]  # type: ignore[misc]
-        if toks:
-            ids[j, : len(toks)] = torch.tensor(toks, device=dev)
-            out_mask[j, n_prompt : len(toks)] = True
-    counts = torch.zeros((len(rows), vocab + 1), dtype=logits.dtype, device=dev)
-    counts.scatter_add_(1, ids, out_mask.to(logits.dtype))  # occurrences in the output
-    seen = torch.zeros((len(rows), vocab + 1), dtype=torch.bool, device=dev)
-    seen.scatter_(1, ids, True)  # anywhere in prompt or output
-    counts, seen = counts[:, :vocab], seen[:, :vocab]
+    hist = [histories[i] for i in rows]
+    # (row, token) for every token of every history, and whether it is an output token
+    row_of = [j for j, (toks, _) in enumerate(hist) for _ in toks]  # type: ignore[misc]
+    flat = [t for toks, _ in hist for t in toks]  # type: ignore[misc]
+    is_out = [k >= n_prompt for toks, n_prompt in hist for k in range(len(toks))]  # type: ignore[misc]
+    r = torch.tensor(row_of, dtype=torch.long, device=dev)
+    t = torch.tensor(flat, dtype=torch.long, device=dev)
+    counts = torch.zeros((len(rows), vocab), dtype=logits.dtype, device=dev)
+    counts.index_put_((r, t), torch.tensor(is_out, dtype=logits.dtype, device=dev), accumulate=True)
+    seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=dev)
+    seen[r, t] = True  # anywhere in prompt or output
     p = [params[i] for i in rows]
     rep = torch.tensor([q.repetition_penalty for q in p], device=dev, dtype=logits.dtype).unsqueeze(1)
     freq = torch.tensor([q.frequency_penalty for q in p], device=dev, dtype=logits.dtype).unsqueeze(1)

@@ -43,6 +43,7 @@ def server(tiny_models, adapter_dirs, tmp_path_factory):
         str(allowed),
         "--device",
         "cpu",
+        "--enable-lora",  # vLLM's flag: accepted (issue 16)
         "--lora-modules",
         *(f"{n}={allowed / n}" for n in STARTUP),
     ]

@@ -24,8 +24,8 @@ def served(tiny_models, adapter_dirs, tmp_path_factory):
         str(tiny_models["llama"].path),
         "--served-model-name",
         "base",
-        "--num-pages",
-        "128",
+        "--gpu-memory-utilization",  # vLLM's flag, on CPU a fraction of the available memory (issue 16)
+        "0.002",
         "--page-size",
         "4",
         "--device",
