@@ -108,31 +108,6 @@ class AsyncEngine:
         self._commands.put(command)
         return await asyncio.wrap_future(fut)
 
-    async def add_request(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams,
-        lora_name: str | None = None,
-        tenant: str = "",
-        fill_max_tokens: bool = False,
-    ) -> AsyncIterator[RequestOutput]:
-        """Queue a request; bad input raises here (ValueError, AdapterNotFoundError, QueueFullError).
-
-        Returns the stream of its outputs. Closing the stream before it finishes (the client went
-        away, the handler was cancelled) aborts the request and frees its pages at once.
-        """
-        q: asyncio.Queue[Any] = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
-        try:
-            await self.call(
-                self.engine.add_request, request_id, prompt, params, lora_name, None, tenant, fill_max_tokens
-            )
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
-        return self._outputs(request_id, q)
-
     async def add_request_n(
         self,
         request_id: str,
@@ -142,7 +117,12 @@ class AsyncEngine:
         tenant: str = "",
         fill_max_tokens: bool = False,
     ) -> list[AsyncIterator[RequestOutput]]:
-        """`params.n` samples of one prompt (LLMEngine.add_request_n): one output stream each."""
+        """Queue `params.n` samples of one prompt (LLMEngine.add_request_n); bad input raises here
+        (ValueError, AdapterNotFoundError, QueueFullError, EngineDeadError).
+
+        Returns one output stream per sample. Closing a stream before it finishes (the client went
+        away, the handler was cancelled) aborts that request and frees its pages at once.
+        """
         ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
         loop = asyncio.get_running_loop()
         queues: list[asyncio.Queue[Any]] = []
@@ -159,6 +139,14 @@ class AsyncEngine:
                 self._streams.pop(rid, None)
             raise
         return [self._outputs(rid, q) for rid, q in zip(ids, queues, strict=True)]
+
+    async def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, *args: Any
+    ) -> AsyncIterator[RequestOutput]:
+        """One request (n=1) and its stream; see add_request_n."""
+        if params.n != 1:
+            raise ValueError("add_request takes n=1; use add_request_n for several samples")
+        return (await self.add_request_n(request_id, prompt, params, *args))[0]
 
     async def _outputs(self, request_id: str, q: asyncio.Queue[Any]) -> AsyncIterator[RequestOutput]:
         finished = False
