@@ -11,8 +11,8 @@ consume loramux unchanged:
 - payload: `[timestamp, [event, ...], data_parallel_rank]` (msgspec's array
   form of `KVEventBatch`); each event a map tagged by `"type"`:
   `BlockStored` {block_hashes, parent_block_hash, token_ids, block_size,
-  lora_id, medium, lora_name}, `BlockRemoved` {block_hashes, medium},
-  `AllBlocksCleared` {};
+  lora_id, medium, lora_name} and `BlockRemoved` {block_hashes, medium} (the
+  cache is never cleared at once, so `AllBlocksCleared` is never sent);
 - optional ROUTER replay socket: a client sends a start sequence number (8
   bytes big-endian) and gets every buffered batch from there, as
   (b"", topic, seq, payload) frames, then an end marker (b"", b"", -1, b"").
@@ -59,8 +59,6 @@ def encode_event(e: KVEvent, page_size: int) -> dict[str, Any]:
         }
     if e.kind == "removed":
         return {"type": "BlockRemoved", "block_hashes": [e.block_hash], "medium": MEDIUM_DEVICE}
-    if e.kind == "cleared":
-        return {"type": "AllBlocksCleared"}
     raise ValueError(f"unknown KV event kind {e.kind!r}")
 
 

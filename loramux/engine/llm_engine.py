@@ -52,6 +52,11 @@ class Executor(Protocol):
     def execute(self, out: SchedulerOutput) -> RunnerOutput: ...
 
 
+def sample_ids(request_id: str, n: int) -> list[str]:
+    """The engine request ids of a request's n samples: the id itself when n is 1."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+
+
 class EngineDeadError(RuntimeError):
     """A step failed and the engine stopped; restart it."""
 
@@ -239,9 +244,9 @@ class LLMEngine:
         The first runs at once; the others are queued once its first token exists, so they find
         the prompt's pages in the prefix cache, in the request's own adapter namespace. A seed
         gives sample i the seed + i."""
+        ids = sample_ids(request_id, params.n)
         if params.n == 1:
             return [self.add_request(request_id, prompt, params, lora_name, None, tenant, fill_max_tokens)]
-        ids = [f"{request_id}-{i}" for i in range(params.n)]
         for i, rid in enumerate(ids):
             p = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             if i == 0:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from loramux.engine.llm_engine import EngineDeadError, LLMEngine
+from loramux.engine.llm_engine import EngineDeadError, LLMEngine, sample_ids
 from loramux.engine.outputs import RequestOutput
 from loramux.sampling_params import SamplingParams
 
@@ -123,7 +123,7 @@ class AsyncEngine:
         Returns one output stream per sample. Closing a stream before it finishes (the client went
         away, the handler was cancelled) aborts that request and frees its pages at once.
         """
-        ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
+        ids = sample_ids(request_id, params.n)
         loop = asyncio.get_running_loop()
         queues: list[asyncio.Queue[Any]] = []
         for rid in ids:
