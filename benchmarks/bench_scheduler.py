@@ -146,6 +146,80 @@ def run_trace_matrix(policies: list[str], quick: bool) -> None:
                 )
 
 
+def _trace_module():
+    """loramux/bench/sched_trace.py of this checkout, loaded by path: with PYTHONPATH pointing at
+    another checkout, it replays the trace through that checkout's scheduler."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "loramux" / "bench" / "sched_trace.py"
+    spec = importlib.util.spec_from_file_location("_sched_trace", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = mod  # type: ignore[union-attr]  # dataclasses look their module up
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def run_one(spec: str) -> None:
+    """Run one trace setup (JSON) and print its result as JSON: the baseline's subprocess."""
+    import dataclasses
+    import json
+
+    st = _trace_module()
+    r = st.run_trace(st.TraceSetup(**json.loads(spec)))
+    print(json.dumps({k: v for k, v in dataclasses.asdict(r).items() if k != "setup"}))
+
+
+def run_baseline_comparison(policies: list[str], baseline: str) -> None:
+    """The trace through this checkout's scheduler and through `baseline`'s, one after the other
+    for every setup (each in its own process), with max_cpu_loras=128 (the older default crashed)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def run(setup: dict, where: str | None) -> dict:
+        env = dict(os.environ)
+        if where is not None:
+            env["PYTHONPATH"] = where
+        cmd = [sys.executable, __file__, "--trace-one", json.dumps(setup)]
+        return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
+
+    print(
+        "| config | a | policy | aging | tokens/step now | before | longest wait now | before | "
+        "oldest still waiting now | before | out of order now | before | sched+update p50 ms now | before |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for max_loras, n_adapters in TRACE_CONFIGS[:3]:
+        for power in (1.0, 0.3):
+            for pol in policies:
+                for aging in (True, False):
+                    setup = dict(
+                        max_loras=max_loras,
+                        n_adapters=n_adapters,
+                        power=power,
+                        policy=pol,
+                        aging=aging,
+                        max_cpu_loras=128,
+                    )
+                    now, before = run(setup, None), run(setup, baseline)
+                    label = f"{max_loras}:{n_adapters}"
+                    cells = [
+                        f"{now['tokens_per_step']:.1f} | {before['tokens_per_step']:.1f}",
+                        f"{now['longest_wait_steps']} | {before['longest_wait_steps']}",
+                        f"{now['oldest_waiting_steps']} | {before['oldest_waiting_steps']}",
+                        f"{now['out_of_order']} | {before['out_of_order']}",
+                        f"{now['sched_ms_p50']:.3f} | {before['sched_ms_p50']:.3f}",
+                    ]
+                    print(
+                        f"| {label} | {power} | {pol} | {'on' if aging else 'off'} | "
+                        + " | ".join(cells)
+                        + " |",
+                        flush=True,
+                    )
+
+
 def run_trace_checks(policies: list[str]) -> None:
     """Full-length trace runs with default settings and with max_cpu_loras == max_loras, checking
     integrity every 8 steps and at the end, and work conservation every step."""
@@ -172,6 +246,13 @@ def main() -> None:
     p.add_argument("--trace", action="store_true", help="replay issue 10's trace instead of timing")
     p.add_argument("--quick", action="store_true", help="with --trace: 1024 requests, 228 steps (smoke test)")
     p.add_argument("--check", action="store_true", help="with --trace: full runs with integrity checks")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="CHECKOUT",
+        help="with --trace: run each setup here and in this other checkout (a git worktree), side by side",
+    )
+    p.add_argument("--trace-one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--adapters", type=int, default=1000)
     p.add_argument("--running", type=int, default=256)
@@ -180,6 +261,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", nargs="+", default=["fcfs", "affinity", "completion", "fair"])
     a = p.parse_args()
+    if a.trace_one is not None:
+        run_one(a.trace_one)
+        return
+    if a.trace and a.baseline:
+        print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+        run_baseline_comparison(a.policies, a.baseline)
+        return
     if a.trace:
         print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
         if a.check:

@@ -277,6 +277,7 @@ class Scheduler:
                 break
             computed = req.num_computed_tokens
             ids = req.token_ids
+            n_prompt = len(req.prompt_token_ids)
             left = len(ids) - computed
             if left == 1:
                 n = 1
@@ -307,9 +308,9 @@ class Scheduler:
                         req.lora_slot,
                         n == left,
                         req.sampling,
-                        req.stop_ids if len(ids) - len(req.prompt_token_ids) < req.min_tokens else NONE,
+                        req.stop_ids if req.min_tokens and len(ids) - n_prompt < req.min_tokens else NONE,
                         ids,
-                        len(req.prompt_token_ids),
+                        n_prompt,
                     ),
                 )
             )
@@ -425,7 +426,7 @@ class Scheduler:
         finished: list[Request] = []
         requests, kv = self.requests, self.kv
         ps, RUNNING = kv.page_size, RequestStatus.RUNNING
-        for (rid, computing, _, _, _, _, sample, *_), token in zip(
+        for (rid, computing, _, _, _, _, sample, _, _, _, _), token in zip(
             out.seqs, result.sampled_token_ids, strict=True
         ):
             req = requests.get(rid)
