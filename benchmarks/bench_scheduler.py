@@ -118,8 +118,12 @@ def run_policy(
 TRACE_CONFIGS = [(32, 1000), (4, 1000), (32, 32), (None, 0)]
 
 
-def run_trace_matrix(policies: list[str], quick: bool) -> None:
-    """The issue-10 trace: every configuration, skew, policy, aging on and off; one markdown table."""
+def run_trace_matrix(policies: list[str], quick: bool, repeat: int = 1) -> None:
+    """The issue-10 trace: every configuration, skew, policy, aging on and off; one markdown table.
+
+    With `repeat` > 1 the aging-on run is repeated and the time column gives the best of the
+    runs' medians and their range (timeit's rule: slower runs measure the machine's other load);
+    the decisions of every repeat must be identical."""
     from loramux.bench.sched_trace import VLLM_TOKENS_PER_STEP, TraceSetup, run_trace
 
     kw = {"n_requests": 1024, "warmup_steps": 128, "steps": 100} if quick else {}
@@ -133,6 +137,12 @@ def run_trace_matrix(policies: list[str], quick: bool) -> None:
         for power in (1.0, 0.3):
             for pol in policies:
                 on = run_trace(TraceSetup(max_loras, n_adapters, power, pol, aging=True, **kw))
+                times = [on.sched_ms_p50]
+                for _ in range(repeat - 1):
+                    again = run_trace(TraceSetup(max_loras, n_adapters, power, pol, aging=True, **kw))
+                    assert again.tokens_per_step == on.tokens_per_step, "the trace is not deterministic"
+                    times.append(again.sched_ms_p50)
+                timing = f"{min(times):.3f}" + (f" ({min(times):.3f}-{max(times):.3f})" if repeat > 1 else "")
                 off = run_trace(TraceSetup(max_loras, n_adapters, power, pol, aging=False, **kw))
                 vllm = VLLM_TOKENS_PER_STEP[(max_loras, n_adapters)][power]
                 stall = str(on.min_counter_stall_steps) if pol == "fair" else "-"
@@ -141,7 +151,7 @@ def run_trace_matrix(policies: list[str], quick: bool) -> None:
                     f"{off.tokens_per_step:.1f} | {on.tokens_per_step / off.tokens_per_step:.3f} | {vllm} | "
                     f"{on.seqs_per_step:.1f} | {on.adapters_per_step:.1f} | {on.completed} | "
                     f"{on.longest_wait_steps} | {on.out_of_order} / {on.admissions} | {stall} | "
-                    f"{on.reservations} | {on.not_work_conserving} | {on.sched_ms_p50:.3f} |",
+                    f"{on.reservations} | {on.not_work_conserving} | {timing} |",
                     flush=True,
                 )
 
@@ -252,6 +262,9 @@ def main() -> None:
         metavar="CHECKOUT",
         help="with --trace: run each setup here and in this other checkout (a git worktree), side by side",
     )
+    p.add_argument(
+        "--repeat", type=int, default=1, help="with --trace: run each aging-on setup this often (best median)"
+    )
     p.add_argument("--trace-one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--adapters", type=int, default=1000)
@@ -273,7 +286,7 @@ def main() -> None:
         if a.check:
             run_trace_checks(a.policies)
         else:
-            run_trace_matrix(a.policies, a.quick)
+            run_trace_matrix(a.policies, a.quick, a.repeat)
         return
     print(
         f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "

@@ -50,6 +50,7 @@ import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import closing
+from operator import attrgetter
 from typing import Any, Protocol
 
 from loramux.core.request import Request
@@ -63,6 +64,7 @@ class AdmitResult(enum.Enum):
 
 
 Admit = Callable[[Request], AdmitResult]
+_tenant = attrgetter("tenant")
 Priority = tuple[Any, ...]
 
 
@@ -412,7 +414,7 @@ class FairPolicy(Policy):
 
     def on_output_tokens(self, reqs: list[Request]) -> None:
         counters, w = self.counters, self.OUTPUT_WEIGHT
-        for tenant, n in Counter(r.tenant for r in reqs).items():
+        for tenant, n in Counter(map(_tenant, reqs)).items():
             counters[tenant] = counters.get(tenant, 0.0) + w * n
 
 

@@ -270,14 +270,14 @@ class Scheduler:
         ps, pool, cache = kv.page_size, kv.pool, kv.cache
         seqs, RUNNING, new_seq, NONE = step.seqs, RequestStatus.RUNNING, tuple.__new__, frozenset()
         tokens, prefill = step.tokens, step.prefill
-        for i, req in enumerate(order):
+        append = seqs.append
+        for req in order:
             if preempted and req.status is not RUNNING:
                 continue  # preempted for an earlier request of this step
             if tokens <= 0:
                 break
             computed = req.num_computed_tokens
             ids = req.token_ids
-            n_prompt = len(req.prompt_token_ids)
             left = len(ids) - computed
             if left == 1:
                 n = 1
@@ -286,24 +286,27 @@ class Scheduler:
                 if n <= 0:
                     continue  # a prefill with no prefill budget left
                 prefill -= n
-            if -(-(computed + n) // ps) > len(req.page_ids):
-                need = -(-(computed + n) // ps) - len(req.page_ids)
+            pages = req.page_ids
+            if computed + n > len(pages) * ps:  # the new tokens need another page
+                need = -(-(computed + n) // ps) - len(pages)
                 if need > pool.num_free + cache.num_evictable:
-                    self._preempt_for(req, need, order[i:], preempted)
+                    self._preempt_for(req, need, order[order.index(req) :], preempted)
                     if req.status is not RUNNING:
                         if left > 1:
                             prefill += n
                         continue
                 allocated = kv.allocate(req, n)
                 assert allocated, f"{req!r}: pages vanished between check and allocation"
-            seqs.append(
+                pages = req.page_ids
+            n_prompt = len(req.prompt_token_ids)
+            append(
                 new_seq(  # tuple.__new__ directly: this loop runs for every running request
                     ScheduledSeq,
                     (
                         req.request_id,
                         ids[computed : computed + n],
                         computed,
-                        req.page_ids,
+                        pages,
                         req.adapter_uid,
                         req.lora_slot,
                         n == left,
@@ -422,7 +425,8 @@ class Scheduler:
 
     # --- after the executor ran ---
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> StepUpdate:
-        new_tokens: list[tuple[Request, int]] = []
+        sampled: list[Request] = []
+        tokens: list[int] = []
         finished: list[Request] = []
         requests, kv = self.requests, self.kv
         ps, RUNNING = kv.page_size, RequestStatus.RUNNING
@@ -439,17 +443,18 @@ class Scheduler:
                 assert token is not None, f"{req!r}: executor sampled nothing"
                 ids = req.token_ids
                 ids.append(token)
-                new_tokens.append((req, token))
+                sampled.append(req)
+                tokens.append(token)
                 if len(ids) >= req.end_len or (
                     token in req.stop_ids and len(ids) - len(req.prompt_token_ids) >= req.min_tokens
                 ):
                     self._finish(req, self._stop_status(req, token))
                     finished.append(req)
-        if new_tokens:
-            self.policy.on_output_tokens([r for r, _ in new_tokens])
+        if sampled:
+            self.policy.on_output_tokens(sampled)
         if finished:
             self.running = [r for r in self.running if r.status is RUNNING]
-        return StepUpdate(new_tokens, finished)
+        return StepUpdate(list(zip(sampled, tokens, strict=True)), finished)
 
     @staticmethod
     def _stop_status(req: Request, token: int) -> RequestStatus:

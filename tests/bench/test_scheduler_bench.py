@@ -19,6 +19,8 @@ def test_trace_mode_reports_every_configuration_and_skew():
             "--quick",
             "--policies",
             "fcfs",
+            "--repeat",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -34,3 +36,8 @@ def test_trace_mode_reports_every_configuration_and_skew():
     col = [c.strip() for c in header].index("not work-conserving")
     assert all(r[col].strip() == "0" for r in body)
     assert all(float(r[3]) > 0 for r in body)
+    # --repeat 2: the time is the best of two runs' medians, with their range
+    for r in body:
+        best, spread = r[-1].split(" (")
+        lo, hi = (float(x) for x in spread.rstrip(") ").split("-"))
+        assert float(best) == lo <= hi
