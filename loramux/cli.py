@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loramux import __version__
 from loramux.config import CacheConfig, EngineConfig, KVEventsConfig, LoRAConfig, ModelConfig, SchedulerConfig
@@ -186,6 +188,23 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="longest prompt plus output; default: the model's own limit",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for sampling without a per-request seed")
+    g = p.add_argument_group("scale-out on Ray Serve (pip install 'loramux[ray]'; docs/scale-out.md)")
+    g.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="run this many engines behind one endpoint on Ray Serve, requests routed to a replica "
+        "that holds their adapter; unset: one engine, no Ray",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (e.g. ray://head:10001 or auto); unset: start a local Ray",
+    )
+    g.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica asks for"
+    )
+    g.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs each replica asks for")
 
 
 _VLLM_KV_EVENT_KEYS = {"endpoint", "replay_endpoint", "topic", "buffer_steps", "max_queue_size"}
@@ -250,27 +269,45 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
     )
 
 
-def serve(args: argparse.Namespace) -> None:
-    import uvicorn
+@dataclass
+class Built:
+    """What `loramux serve` runs: the engine on its thread and the FastAPI app in front of it."""
 
-    from loramux.engine.llm_engine import LLMEngine
-    from loramux.server.api import ServerConfig, build_app
-    from loramux.server.async_engine import AsyncEngine
-    from loramux.server.metrics import Metrics
+    app: Any
+    aengine: Any
+    name: str  # the base model's `model` id
+    loras: list[tuple[str, str]]  # adapters named at start (registered unless told not to)
+    metrics: Any  # the app's Prometheus metrics (loramux.server.metrics.Metrics)
 
+
+def base_model(args: argparse.Namespace, build: bool = True) -> tuple[str, str, list[tuple[str, str]]]:
+    """(model directory, served name, adapters named at start); the demo when no model is given
+    (built first unless `build` is False)."""
     loras = list(args.lora_modules)
     model, name = args.model, args.served_model_name
     if model is None:
         from loramux import demo
 
-        model_dir, adapters = demo.ensure_demo()
+        model_dir, adapters = demo.ensure_demo() if build else demo.demo_paths()
         model, name = str(model_dir), name or demo.BASE_NAME
         loras = [(n, str(p)) for n, p in adapters.items()] + loras
-    name = name or Path(model).name
+    return model, name or Path(model).name, loras
+
+
+def build_server(args: argparse.Namespace, register_loras: bool = True) -> Built:
+    """The engine, its thread (started) and the app, from `serve`'s flags. One Ray replica builds
+    the same, with `register_loras=False`: its adapters load on demand."""
+    from loramux.engine.llm_engine import LLMEngine
+    from loramux.server.api import ServerConfig, build_app
+    from loramux.server.async_engine import AsyncEngine
+    from loramux.server.metrics import Metrics
+
+    model, name, loras = base_model(args)
     engine = LLMEngine(engine_config(args, model))
-    for lora_name, path in loras:
-        info = engine.add_lora(lora_name, path)
-        logger.info("adapter %s: rank %d from %s", lora_name, info.rank, path)
+    if register_loras:
+        for lora_name, path in loras:
+            info = engine.add_lora(lora_name, path)
+            logger.info("adapter %s: rank %d from %s", lora_name, info.rank, path)
     metrics = Metrics(_config_info(engine))
     aengine = AsyncEngine(engine)
     cfg = ServerConfig(
@@ -281,13 +318,25 @@ def serve(args: argparse.Namespace) -> None:
     )
     app = build_app(aengine, cfg, metrics)
     aengine.start()
-    rt = engine.runtime
+    return Built(app, aengine, name, loras, metrics)
+
+
+def serve(args: argparse.Namespace) -> None:
+    if args.replicas is not None:
+        from loramux.ray import run_cluster
+
+        run_cluster(args)
+        return
+    import uvicorn
+
+    built = build_server(args)
+    rt = built.aengine.engine.runtime
     logger.info(
         "serving %s (%s, %s) with %d adapters on http://%s:%d: %d KV pages of %d tokens, max_model_len %d",
-        name,
+        built.name,
         rt.device,
         rt.dtype,
-        len(loras),
+        len(built.loras),
         args.host,
         args.port,
         rt.num_pages,
@@ -295,9 +344,9 @@ def serve(args: argparse.Namespace) -> None:
         rt.max_model_len,
     )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+        uvicorn.run(built.app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     finally:
-        aengine.shutdown()
+        built.aengine.shutdown()
 
 
 def _config_info(engine: object) -> dict[str, str]:

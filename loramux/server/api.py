@@ -140,6 +140,26 @@ def _to_api_error(e: Exception, model: str) -> APIError:
     raise e
 
 
+def allowed_path(raw: str, allowed: list[Path]) -> Path:
+    """`raw` resolved (symlinks and '..' followed); APIError 403 unless it lies in an allowed folder."""
+    if not allowed:
+        raise APIError(
+            403,
+            "runtime adapter loading is off; start the server with --allowed-lora-dirs DIR",
+            type_="permission_error",
+            param="lora_path",
+        )
+    path = Path(raw).resolve()
+    if not any(path.is_relative_to(d) for d in allowed):
+        raise APIError(
+            403,
+            f"lora_path {raw!r} is outside the allowed adapter folders",
+            type_="permission_error",
+            param="lora_path",
+        )
+    return path
+
+
 class _API:
     def __init__(self, aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> None:
         self.aengine = aengine
@@ -209,22 +229,7 @@ class _API:
         }
 
     def _allowed_path(self, raw: str) -> Path:
-        if not self.allowed:
-            raise APIError(
-                403,
-                "runtime adapter loading is off; start the server with --allowed-lora-dirs DIR",
-                type_="permission_error",
-                param="lora_path",
-            )
-        path = Path(raw).resolve()  # follows symlinks and '..'
-        if not any(path.is_relative_to(d) for d in self.allowed):
-            raise APIError(
-                403,
-                f"lora_path {raw!r} is outside the allowed adapter folders",
-                type_="permission_error",
-                param="lora_path",
-            )
-        return path
+        return allowed_path(raw, self.allowed)
 
     async def unload_lora(self, body: UnloadLoRARequest) -> dict[str, Any]:
         try:

@@ -166,6 +166,18 @@ class AsyncEngine:
             else:
                 self.abort(request_id)
 
+    def submit(self, fn: Callable[[], Any]) -> None:
+        """Run `fn()` on the engine thread between steps, from any thread, without waiting for it;
+        an error it raises is logged."""
+
+        def command() -> None:
+            try:
+                fn()
+            except Exception:
+                logger.exception("engine command %s failed", getattr(fn, "__qualname__", fn))
+
+        self._commands.put(command)
+
     def abort(self, request_id: str) -> None:
         """Abort a request (from any thread); its pages return to the pool at the next command drain."""
         self._streams.pop(request_id, None)

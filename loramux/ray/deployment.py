@@ -1,0 +1,380 @@
+"""loramux on Ray Serve: many engines behind one OpenAI endpoint, routed by adapter.
+
+Boundary: Ray Serve wiring. Two deployments:
+
+- `Replica`: one loramux engine and the very FastAPI app `loramux serve` runs
+  (built by `loramux.cli.build_server`), answering forwarded HTTP requests
+  in-process (`loramux.ray.asgi`). Its adapters are Ray Serve *multiplexed
+  models*: the first request for an adapter registers it through the engine's
+  own load path (`LLMEngine.add_lora`), at most `max_cpu_loras` stay
+  registered (the engine's host adapter capacity), and Ray's LRU eviction of one
+  unregisters it (in-flight requests finish first, as with
+  /v1/unload_lora_adapter).
+- `Router`: the HTTP ingress. It reads the `model` field of a request and
+  forwards the raw request to a replica with that model as the multiplexed
+  model id, so Ray's router prefers a replica that already holds the adapter
+  and loads it elsewhere only when those are busy or gone. It answers
+  /v1/models from the catalog, /health, and /metrics (every replica's
+  loramux metrics, labelled `replica`, pushed to it once a second).
+
+A replica that dies mid-request turns into a 503 (code `replica_failed`, in
+OpenAI's shape; a stream ends with that error event); Ray Serve restarts it.
+Runtime loading and unloading (/v1/load_lora_adapter) is per server, so on a
+cluster it is refused with the fix: name adapters with --lora-modules or put
+them in an --allowed-lora-dirs folder; they load where they are used.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
+# after Ray Serve has re-wrapped them, so they must be real objects, not strings.
+import argparse
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+
+from loramux.ray.asgi import call_asgi
+from loramux.ray.catalog import Catalog
+from loramux.server.protocol import APIError
+
+logger = logging.getLogger("loramux.ray")
+APP_NAME = "loramux"
+REPLICA_HEADER = "x-loramux-replica"
+REPORT_EVERY_S = 1.0
+STALE_AFTER_S = 15.0
+
+
+def _catalog(args: argparse.Namespace) -> Catalog:
+    from loramux.cli import base_model
+
+    _, name, loras = base_model(args, build=False)
+    return Catalog.create(name, loras, args.allowed_lora_dirs)
+
+
+class _Held:
+    """One adapter a replica holds for Ray's multiplexer; Ray calls __del__ when it evicts it."""
+
+    def __init__(self, replica: "Replica", name: str) -> None:
+        self.replica, self.name, self.released = replica, name, False
+
+    def __del__(self) -> None:
+        if not self.released:  # Ray's eviction calls it, then the garbage collector may again
+            self.released = True
+            self.replica.release(self)
+
+
+class Replica:
+    """One engine and its app; see the module docstring."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from loramux.cli import build_server
+
+        self.args = args
+        self.built = build_server(args, register_loras=False)
+        self.engine = self.built.aengine.engine
+        self.catalog = _catalog(args)
+        self.id = serve.get_replica_context().replica_id.unique_id
+        self.held: dict[str, _Held] = {}  # adapters registered here, by name
+        self.requests: Counter[str] = Counter()  # adapter requests: "hit" (held on arrival) or "load"
+        capacity = self.engine.scheduler.adapters.max_cpu_loras
+
+        async def load(name: str) -> _Held:
+            return await self._load(name)
+
+        self._adapter = serve.multiplexed(max_num_models_per_replica=capacity)(load)
+        self._reporter: asyncio.Task[None] | None = None
+
+    def _start_reporting(self) -> None:
+        if self._reporter is None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
+
+    async def _load(self, name: str) -> _Held:
+        path = self.catalog.path(name)
+        held = _Held(self, name)
+        await self.built.aengine.call(self._register, held, path)
+        logger.info("replica %s registered adapter %s from %s", self.id, name, path)
+        return held
+
+    def _register(self, held: _Held, path: str) -> None:  # on the engine thread
+        if held.name in self.engine.scheduler.adapters:  # an earlier holder's registration is still there
+            self.engine.remove_lora(held.name)
+        self.engine.add_lora(held.name, path)
+        self.held[held.name] = held
+
+    def release(self, held: _Held) -> None:
+        """Unregister the adapter `held` stands for, unless it was registered again since."""
+
+        def unregister() -> None:  # on the engine thread, between steps
+            if self.held.get(held.name) is held:
+                del self.held[held.name]
+                self.engine.remove_lora(held.name)
+                logger.info("replica %s unregistered adapter %s", self.id, held.name)
+
+        self.built.aengine.submit(unregister)
+
+    async def answer(
+        self, method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes
+    ) -> AsyncIterator[Any]:
+        """Answer one forwarded HTTP request: (status, headers), then body chunks."""
+        self._start_reporting()
+        model = serve.get_multiplexed_model_id()
+        if model:
+            held = model in self.held
+            try:
+                await self._adapter(model)
+                self.requests["hit" if held else "load"] += 1
+            except APIError as e:
+                yield e.status, [("content-type", "application/json")]
+                yield json.dumps(e.body()).encode()
+                return
+            except ValueError as e:
+                err = APIError(400, f"cannot load adapter {model!r}: {e}", param="model")
+                yield err.status, [("content-type", "application/json")]
+                yield json.dumps(err.body()).encode()
+                return
+        first = True
+        async for item in call_asgi(self.built.app, method, path, query, headers, body):
+            if first:
+                status, head = item
+                item, first = (status, [*head, (REPLICA_HEADER, self.id)]), False
+            yield item
+
+    async def metrics_text(self) -> str:
+        """This replica's loramux metrics (Prometheus text) and its adapter routing counts."""
+        from loramux.server.metrics import take_snapshot
+
+        snap = await self.built.aengine.call(take_snapshot, self.engine, self.built.name)
+        lines = [
+            "# HELP loramux_ray_adapter_requests_total Adapter requests this replica got, by whether it "
+            "already held the adapter (hit) or registered it for the request (load).",
+            "# TYPE loramux_ray_adapter_requests_total counter",
+        ]
+        lines += [
+            f'loramux_ray_adapter_requests_total{{outcome="{k}"}} {self.requests[k]}' for k in ("hit", "load")
+        ]
+        return self.built.metrics.render(snap).decode() + "\n".join(lines) + "\n"
+
+    async def _report_forever(self) -> None:
+        router = serve.get_deployment_handle("Router", app_name=serve.get_replica_context().app_name)
+        while True:
+            try:
+                await router.report.remote(self.id, await self.metrics_text())
+            except Exception as e:  # the router restarts, or the app is going down
+                logger.debug("metrics report failed: %s", e)
+            await asyncio.sleep(REPORT_EVERY_S)
+
+    async def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose engine stopped is restarted."""
+        self._start_reporting()
+        if not self.built.aengine.alive:
+            raise RuntimeError(f"engine stopped: {self.engine.dead}")
+
+    def __del__(self) -> None:
+        self.built.aengine.shutdown()
+
+
+class Router:
+    """The ingress; see the module docstring. Its routes are in `_router_app`."""
+
+    def __init__(self, replica: Any, args: argparse.Namespace) -> None:
+        self.replica = replica
+        self.catalog = _catalog(args)
+        self.api_key = args.api_key
+        self.created = int(time.time())
+        self.reports: dict[str, tuple[float, str]] = {}
+
+    def report(self, replica_id: str, text: str) -> None:
+        """A replica's metrics, pushed every REPORT_EVERY_S."""
+        self.reports[replica_id] = (time.monotonic(), text)
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is not None and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise APIError(
+                401, "missing or wrong API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        base = {"id": self.catalog.base, "object": "model", "created": self.created, "owned_by": "loramux"}
+        return [{**base, "parent": None}] + [
+            {**base, "id": n, "parent": self.catalog.base} for n in self.catalog.names()
+        ]
+
+    def metrics_text(self) -> str:
+        now = time.monotonic()
+        return _merge_metrics({r: text for r, (t, text) in self.reports.items() if now - t < STALE_AFTER_S})
+
+    async def forward(self, request: Request) -> Response:
+        """Send the request to a replica, preferring one that holds its adapter; stream the answer."""
+        body = await request.body()
+        model = _model_of(body)
+        handle = self.replica.options(stream=True)
+        if model is not None and model != self.catalog.base:
+            handle = handle.options(multiplexed_model_id=model)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
+        gen = handle.answer.remote(request.method, request.url.path, request.url.query, headers, body)
+        try:
+            status, head = await gen.__anext__()
+        except ray.exceptions.RayError as e:
+            return _replica_failed(e)
+        media = dict(head).get("content-type", "")
+        return StreamingResponse(
+            _body(gen, "text/event-stream" in media),
+            status_code=status,
+            headers={k: v for k, v in head if k.lower() not in ("content-length", "content-type")},
+            media_type=media or None,
+        )
+
+
+def _router_app() -> FastAPI:
+    """The router's HTTP routes, built in its replica (Ray Serve calls this at start)."""
+    app = FastAPI(title="loramux on Ray Serve")
+
+    def router() -> Router:
+        return serve.get_replica_context().servable_object  # type: ignore[return-value]
+
+    def error(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(router().metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            router().check_key(request)
+        except APIError as e:
+            return error(e)
+        return JSONResponse({"object": "list", "data": router().model_cards()})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> Response:
+        try:
+            router().check_key(request)
+        except APIError as e:
+            return error(e)
+        for card in router().model_cards():
+            if card["id"] == model_id:
+                return JSONResponse(card)
+        return error(
+            APIError(404, f"the model {model_id!r} does not exist", code="model_not_found", param="model")
+        )
+
+    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/unload_lora_adapter")
+    async def no_runtime_loads() -> Response:
+        return error(
+            APIError(
+                400,
+                "on a Ray Serve cluster adapters are not loaded by hand: name them with --lora-modules or "
+                "put their folders in an --allowed-lora-dirs folder, and each replica loads one where it "
+                "is used",
+                param="lora_name",
+            )
+        )
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+    async def forward(path: str, request: Request) -> Response:
+        return await router().forward(request)
+
+    return app
+
+
+async def _body(gen: Any, sse: bool) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in gen:
+            yield chunk
+    except ray.exceptions.RayError as e:
+        logger.warning("replica failed mid-answer: %s", e)
+        if sse:
+            err = json.dumps(_failure(e).body())
+            yield f"data: {err}\n\ndata: [DONE]\n\n".encode()
+
+
+def _failure(e: Exception) -> APIError:
+    return APIError(
+        503,
+        f"the replica serving this request stopped ({type(e).__name__}); Ray Serve restarts it: retry the "
+        f"request",
+        type_="server_error",
+        code="replica_failed",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _replica_failed(e: Exception) -> Response:
+    err = _failure(e)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _model_of(body: bytes) -> str | None:
+    """The `model` field of a JSON body, if it has one."""
+    if not body:
+        return None
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None  # the replica's app answers the bad body in OpenAI's shape
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _merge_metrics(texts: dict[str, str]) -> str:
+    """Prometheus texts of several replicas as one exposition, each sample labelled `replica`."""
+    families: dict[str, tuple[str, str, list[str]]] = {}
+    for replica, text in sorted(texts.items()):
+        for fam in text_string_to_metric_families(text):
+            _, _, samples = families.setdefault(fam.name, (fam.type, fam.documentation, []))
+            for s in fam.samples:
+                labels = {**s.labels, "replica": replica}
+                rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                samples.append(f"{s.name}{{{rendered}}} {s.value}")
+    out = []
+    for name, (kind, doc, samples) in families.items():
+        out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", *samples]
+    return "\n".join(out) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    """The Ray Serve application for `loramux serve`'s flags (`args`), with `args.replicas` engines."""
+    n = args.replicas or 1
+    replica = serve.deployment(
+        Replica,
+        name="Replica",
+        num_replicas=n,
+        max_ongoing_requests=max(args.max_num_seqs, 8) * 4,
+        ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
+        health_check_period_s=5,
+    ).bind(args)
+    router = serve.deployment(
+        serve.ingress(_router_app)(Router),
+        name="Router",
+        max_ongoing_requests=10_000,
+        logging_config={"enable_access_log": False},  # a line per metrics report otherwise
+    )
+    return router.options(ray_actor_options={"num_cpus": 0}).bind(replica, args)
+
+
+def run_cluster(args: argparse.Namespace) -> None:
+    """`loramux serve --replicas N`: start (or join) Ray, run the app on host:port, block until Ctrl-C."""
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    ray.init(address=args.ray_address, namespace="loramux")
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=True)
