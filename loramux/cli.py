@@ -201,9 +201,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="join this Ray cluster (e.g. ray://head:10001 or auto); unset: start a local Ray",
     )
-    g.add_argument(
-        "--cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica asks for"
-    )
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica asks for")
     g.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs each replica asks for")
 
 

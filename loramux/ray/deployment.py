@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -84,7 +85,7 @@ class Replica:
         self.id = serve.get_replica_context().replica_id.unique_id
         self.held: dict[str, _Held] = {}  # adapters registered here, by name
         self.requests: Counter[str] = Counter()  # adapter requests: "hit" (held on arrival) or "load"
-        capacity = self.engine.scheduler.adapters.max_cpu_loras
+        self.capacity = capacity = self.engine.scheduler.adapters.max_cpu_loras
 
         async def load(name: str) -> _Held:
             return await self._load(name)
@@ -159,6 +160,14 @@ class Replica:
         ]
         lines += [
             f'loramux_ray_adapter_requests_total{{outcome="{k}"}} {self.requests[k]}' for k in ("hit", "load")
+        ]
+        lines += [
+            "# HELP loramux_ray_adapters_held Adapters registered on this replica (Ray multiplexed models).",
+            "# TYPE loramux_ray_adapters_held gauge",
+            f"loramux_ray_adapters_held {len(self.held)}",
+            "# HELP loramux_ray_adapters_capacity Adapters this replica holds at most (max_cpu_loras).",
+            "# TYPE loramux_ray_adapters_capacity gauge",
+            f"loramux_ray_adapters_capacity {self.capacity}",
         ]
         return self.built.metrics.render(snap).decode() + "\n".join(lines) + "\n"
 
@@ -371,10 +380,45 @@ def build_app(args: argparse.Namespace) -> Any:
     return router.options(ray_actor_options={"num_cpus": 0}).bind(replica, args)
 
 
-def run_cluster(args: argparse.Namespace) -> None:
-    """`loramux serve --replicas N`: start (or join) Ray, run the app on host:port, block until Ctrl-C."""
+def app_builder(config: dict[str, Any]) -> Any:
+    """Ray Serve's application builder, for `serve run` / `serve deploy` config files:
+    `import_path: loramux.ray:app_builder`, `args: {argv: [MODEL, --lora-modules, ..., --replicas, N]}`
+    (the flags of `loramux serve`)."""
+    from loramux.cli import add_serve_args
+
+    parser = argparse.ArgumentParser(prog="loramux.ray:app_builder")
+    add_serve_args(parser)
+    args = parser.parse_args([str(a) for a in config.get("argv", [])])
+    if args.replicas is None:
+        args.replicas = 1
     if args.replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
-    ray.init(address=args.ray_address, namespace="loramux")
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=True)
+    return build_app(args)
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the cluster app as Ctrl-C does
+
+
+def run_cluster(args: argparse.Namespace) -> None:
+    """`loramux serve --replicas N`: start (or join) Ray, run the app on host:port, block until
+    Ctrl-C or SIGTERM, then take the app down (and the local Ray, if this process started it)."""
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    ctx = ray.init(address=args.ray_address, namespace="loramux")
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler that aborts
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        logger.info(
+            "serving on http://%s:%d with %d replicas; Ray dashboard: %s",
+            args.host,
+            args.port,
+            args.replicas,
+            ctx.dashboard_url or "not running (pip install 'ray[default]' for it)",
+        )
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        logger.info("stopping")
+    finally:
+        serve.delete(APP_NAME)
+        ray.shutdown()

@@ -1,0 +1,126 @@
+"""`loramux serve --replicas N` starts a local Ray, serves the same API, and stops cleanly (issue 14).
+
+A module of its own so that it runs after test_ray_serve.py's Ray instance is gone (2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+pytest.importorskip("ray", reason="install the ray extra: pip install 'loramux[ray]'")
+
+from tests.server.conftest import free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def test_S6_1_serve_replicas_holds_at_most_max_cpu_loras_and_stops_on_sigterm(tiny_models, tmp_path):
+    tm = tiny_models["llama"]
+    port = free_port()
+    log = tmp_path / "serve.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "loramux.cli",
+        "serve",
+        str(tm.path),
+        "--served-model-name",
+        "llama",
+        "--lora-modules",
+        f"a={tm.adapters['r8_all']}",
+        f"b={tm.adapters['r1_qv']}",
+        f"c={tm.adapters['rs4_attn']}",
+        "--max-loras",
+        "1",
+        "--max-cpu-loras",
+        "2",
+        "--num-pages",
+        "128",
+        "--replicas",
+        "1",
+        "--cpus-per-replica",
+        "0.5",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 150
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert {m.id for m in client.models.list().data} == {"llama", "a", "b", "c"}
+        for model in ("a", "b", "c", "a"):
+            out = client.completions.create(model=model, prompt="hello world", max_tokens=4, temperature=0)
+            assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens >= 1
+        # The replica holds at most --max-cpu-loras adapters (Ray's own default would be 3): loading
+        # c evicted a, so a was loaded again.
+        deadline = time.time() + 30
+        while True:
+            m = _samples(f"http://127.0.0.1:{port}/metrics")
+            if (
+                m.get(("loramux_ray_adapter_requests_total", "load"), 0)
+                + m.get(("loramux_ray_adapter_requests_total", "hit"), 0)
+                >= 4
+            ):
+                break
+            assert time.time() < deadline, m
+            time.sleep(0.5)
+        assert m[("loramux_ray_adapters_capacity", "")] == 2
+        assert m[("loramux_ray_adapters_held", "")] == 2
+        assert m[("loramux_ray_adapter_requests_total", "load")] == 4
+    finally:
+        proc.terminate()
+        rc = proc.wait(timeout=90)
+    assert rc == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+
+
+def _samples(url: str) -> dict[tuple[str, str], float]:
+    """(sample name, outcome label) -> value, from real Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url, timeout=30).text):
+        for s in fam.samples:
+            out[(s.name, s.labels.get("outcome", ""))] = s.value
+    return out
+
+
+def test_S6_1_replicas_below_one_are_refused_with_the_reason():
+    r = subprocess.run(
+        [sys.executable, "-m", "loramux.cli", "serve", "--replicas", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "--replicas must be at least 1" in r.stderr
+
+
+def test_S6_1_the_serve_config_builder_takes_serves_flags(tiny_models):
+    from ray import serve
+
+    from loramux.ray import app_builder
+
+    app = app_builder({"argv": [str(tiny_models["llama"].path), "--replicas", "3", "--max-cpu-loras", "8"]})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ValueError, match="--replicas must be at least 1"):
+        app_builder({"argv": ["model", "--replicas", "0"]})
