@@ -66,6 +66,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="folders runtime adapter loads may come from; none: runtime loading is off",
     )
     p.add_argument("--log-prompts", action="store_true", help="write prompt text to the log (off by default)")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=8 << 20,
+        help="request bodies larger than this are refused (413) before they are read",
+    )
     p.add_argument("--log-level", default="info", help="log level: debug, info, warning, error")
     g = p.add_argument_group("adapters")
     g.add_argument(
@@ -313,6 +319,7 @@ def build_server(args: argparse.Namespace, register_loras: bool = True) -> Built
         api_key=args.api_key,
         allowed_lora_dirs=tuple(args.allowed_lora_dirs),
         log_prompts=args.log_prompts,
+        max_request_bytes=args.max_request_bytes,
     )
     app = build_app(aengine, cfg, metrics)
     aengine.start()

@@ -126,6 +126,14 @@ class AdapterManager:
     ) -> AdapterInfo:
         if not name:
             raise ValueError("an adapter needs a non-empty name")
+        bad = [c for c in ("/", "\\") if c in name] + (
+            ["a control character"] if not name.isprintable() else []
+        )
+        if bad or name.startswith(".") or name != name.strip():
+            raise ValueError(
+                f"adapter name {name!r} is not allowed ({', '.join(bad) or 'leading dot or space'}): "
+                f"names are model ids, not paths; use letters, digits, '-', '_', '.' and ':'"
+            )
         if name in self._by_name:
             raise ValueError(f"adapter {name!r} is already loaded; unload it first to replace it")
         if not 1 <= rank <= self.max_lora_rank:
@@ -193,6 +201,11 @@ class AdapterManager:
 
     def by_uid(self, uid: int) -> AdapterInfo:
         return self._by_uid[uid]
+
+    def references(self) -> dict[str, int]:
+        """Unfinished requests per adapter still known here (unloading ones included): all zero
+        once every request has ended, or a reference leaked."""
+        return {a.name: a.num_requests for a in self._by_uid.values()}
 
     def names(self) -> list[str]:
         return list(self._by_name)

@@ -234,12 +234,14 @@ class Router:
         except ray.exceptions.RayError as e:
             return _replica_failed(e)
         media = dict(head).get("content-type", "")
-        return StreamingResponse(
-            _body(gen, "text/event-stream" in media),
-            status_code=status,
-            headers={k: v for k, v in head if k.lower() not in ("content-length", "content-type")},
-            media_type=media or None,
-        )
+        headers = {k: v for k, v in head if k.lower() not in ("content-length", "content-type")}
+        if "text/event-stream" not in media:  # a plain answer: whole, or a 503 if the replica dies
+            try:
+                body = b"".join([chunk async for chunk in gen])
+            except ray.exceptions.RayError as e:
+                return _replica_failed(e)
+            return Response(body, status_code=status, headers=headers, media_type=media or None)
+        return StreamingResponse(_sse_body(gen), status_code=status, headers=headers, media_type=media)
 
 
 def _router_app() -> FastAPI:
@@ -301,15 +303,14 @@ def _router_app() -> FastAPI:
     return app
 
 
-async def _body(gen: Any, sse: bool) -> AsyncIterator[bytes]:
+async def _sse_body(gen: Any) -> AsyncIterator[bytes]:
+    """A stream's events as the replica sends them; if it dies, an error event and [DONE]."""
     try:
         async for chunk in gen:
             yield chunk
     except ray.exceptions.RayError as e:
-        logger.warning("replica failed mid-answer: %s", e)
-        if sse:
-            err = json.dumps(_failure(e).body())
-            yield f"data: {err}\n\ndata: [DONE]\n\n".encode()
+        logger.warning("replica failed mid-stream: %s", e)
+        yield f"data: {json.dumps(_failure(e).body())}\n\ndata: [DONE]\n\n".encode()
 
 
 def _failure(e: Exception) -> APIError:

@@ -43,6 +43,7 @@ from loramux.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     LoadLoRARequest,
     TokenizeRequest,
     UnloadLoRARequest,
@@ -63,21 +64,39 @@ class ServerConfig:
     """Runtime adapter loads must resolve inside one of these; none: runtime loading is off."""
     log_prompts: bool = False
     """Write prompt text to the log (off: only ids and lengths)."""
+    max_request_bytes: int = 8 << 20
+    """Larger request bodies are refused with 413 before they are read whole."""
 
 
 class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
 
+# Declared in the OpenAPI document: every error comes in OpenAI's shape; streams are SSE.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": why}
+    for status, why in (
+        (400, "invalid request"),
+        (401, "missing or wrong API key"),
+        (403, "not allowed (adapter folder)"),
+        (404, "unknown model or adapter"),
+        (413, "request body too large"),
+        (503, "busy (queue full) or engine stopped"),
+    )
+}
+_STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"}}
+
+
 def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
-    app = FastAPI(title="loramux", version=__version__, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="loramux", version=__version__, docs_url="/docs", redoc_url=None, responses=_ERRORS)
     _install_error_handlers(app)
+    app.add_middleware(_BodyLimit, limit=cfg.max_request_bytes)
     api = _API(aengine, cfg, metrics)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(api.check_key)])
     v1.add_api_route("/models", api.models, methods=["GET"])
     v1.add_api_route("/models/{model_id:path}", api.model, methods=["GET"])
-    v1.add_api_route("/completions", api.completions, methods=["POST"])
-    v1.add_api_route("/chat/completions", api.chat, methods=["POST"])
+    v1.add_api_route("/completions", api.completions, methods=["POST"], responses=_STREAMS)
+    v1.add_api_route("/chat/completions", api.chat, methods=["POST"], responses=_STREAMS)
     v1.add_api_route("/load_lora_adapter", api.load_lora, methods=["POST"])
     v1.add_api_route("/unload_lora_adapter", api.unload_lora, methods=["POST"])
     app.include_router(v1)
@@ -87,8 +106,51 @@ def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> Fast
     app.add_api_route("/version", api.version, methods=["GET"])
     app.add_api_route("/ping", api.health, methods=["GET", "POST"])
     app.add_api_route("/health", api.health, methods=["GET"])
-    app.add_api_route("/metrics", api.prometheus, methods=["GET"])
+    app.add_api_route(
+        "/metrics", api.prometheus, methods=["GET"], responses={200: {"content": {"text/plain": {}}}}
+    )
     return app
+
+
+class _BodyLimit:
+    """Refuse request bodies over `limit` bytes (413, OpenAI's shape) without reading them whole."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(int(declared), send)
+        seen = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge as e:
+            await self._refuse(e.size, send)
+
+    async def _refuse(self, size: int, send: Any) -> None:
+        err = APIError(
+            413,
+            f"the request body of {size} bytes or more exceeds the server's limit of {self.limit} bytes; "
+            f"send less per request, or start the server with a larger --max-request-bytes",
+        )
+        await JSONResponse(err.body(), status_code=413)({"type": "http"}, None, send)  # type: ignore[arg-type]
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -110,7 +172,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return render(APIError(e.status_code, str(e.detail), code=None))
+        detail = str(e.detail)
+        if e.status_code == 400 and "parsing the body" in detail:  # FastAPI could not decode it
+            detail = "the request body is not valid JSON in UTF-8; send a UTF-8 encoded JSON object"
+        return render(APIError(e.status_code, detail, code=None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:

@@ -41,6 +41,7 @@ class EngineSnapshot:
     counters: dict[str, float] = field(default_factory=dict)
     finished: dict[str, int] = field(default_factory=dict)  # requests the scheduler ended, by reason
     load_seconds: list[float] = field(default_factory=list)
+    references: dict[str, int] = field(default_factory=dict)  # unfinished requests per adapter
 
 
 def take_snapshot(engine: LLMEngine, base_name: str) -> EngineSnapshot:
@@ -80,6 +81,7 @@ def take_snapshot(engine: LLMEngine, base_name: str) -> EngineSnapshot:
         },
         finished=dict(s.counters.num_finished),
         load_seconds=stats.take_recent() if stats is not None else [],
+        references=adapters.references(),
     )
 
 
@@ -141,6 +143,12 @@ class Metrics:
         self.pages_free = Gauge(p + "kv_pages_free", "KV pages free", registry=r)
         self.pages_cached = Gauge(p + "kv_pages_cached", "KV pages held only by the prefix cache", registry=r)
         self.pages_used = Gauge(p + "kv_pages_in_use", "KV pages held by requests", registry=r)
+        self.references = Gauge(
+            p + "adapter_requests_active",
+            "Unfinished requests holding each adapter (0 for all once idle)",
+            ["adapter"],
+            registry=r,
+        )
         self.steps = Counter(p + "engine_steps", "Engine steps", registry=r)
         self.kv_offloaded = Counter(p + "kv_offloaded_pages", "Prefix pages moved to host memory", registry=r)
         self.kv_onloaded = Counter(
@@ -228,5 +236,8 @@ class Metrics:
         self.pages_free.set(snap.pages_free)
         self.pages_cached.set(snap.pages_cached)
         self.pages_used.set(snap.pages_total - snap.pages_free - snap.pages_cached)
+        self.references.clear()
+        for name, n in snap.references.items():
+            self.references.labels(name).set(n)
         self.max_adapters.set(c["max_adapters_per_step"])
         return generate_latest(self.registry)

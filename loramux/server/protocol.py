@@ -32,6 +32,19 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: every 4xx and 5xx answer has it."""
+
+    error: ErrorDetail
+
+
 # Fields OpenAI or vLLM define that loramux does not implement: refused by name, never ignored.
 UNSUPPORTED_FIELDS = (
     "min_p",
@@ -52,10 +65,16 @@ UNSUPPORTED_FIELDS = (
 )
 
 
-class _Sampling(BaseModel):
+class _Request(BaseModel):
+    """Request bodies are validated strictly: `true` is not a token id, `"5"` is not a count."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class _Sampling(_Request):
     """Fields completions and chat share (OpenAI's, plus vLLM's common extras)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     temperature: float | None = None
@@ -142,8 +161,8 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(_Request):
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -171,7 +190,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Request):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
 
     model: str | None = None
@@ -182,16 +201,16 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
 
 
-class LoadLoRARequest(BaseModel):
+class LoadLoRARequest(_Request):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
     pinned: bool = False
 
 
-class UnloadLoRARequest(BaseModel):
+class UnloadLoRARequest(_Request):
     lora_name: str = Field(min_length=1)
