@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="folders runtime adapter loads may come from; none: runtime loading is off",
     )
     p.add_argument("--log-prompts", action="store_true", help="write prompt text to the log (off by default)")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds running requests may take to finish before they are aborted",
+    )
     p.add_argument(
         "--max-request-bytes",
         type=int,
@@ -348,8 +355,19 @@ def serve(args: argparse.Namespace) -> None:
         args.page_size,
         rt.max_model_len,
     )
+    # SIGTERM: uvicorn stops accepting, lets running requests finish for up to --shutdown-timeout,
+    # then cancels them (their requests are aborted) and re-raises the signal to the handler that
+    # was there before it: this one, so the process ends normally, with exit status 0.
+    signal.signal(signal.SIGTERM, lambda *_: logger.info("stopped on SIGTERM"))
     try:
-        uvicorn.run(built.app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+        uvicorn.run(
+            built.app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
     finally:
         built.aengine.shutdown()
 

@@ -43,6 +43,9 @@ class SamplingParams:
     """HF/vLLM's: logits of tokens in the prompt or output are divided by it (multiplied if negative)."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits; a dict is accepted and stored as pairs."""
+    max_queue_time: float | None = None
+    """Seconds the request may wait before it is first scheduled; past that it ends with
+    finish_reason "timeout" and no tokens (the server answers 503, code queue_timeout)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -71,6 +74,8 @@ class SamplingParams:
             raise ValueError(f"logprobs={self.logprobs}; it must lie in [0, 20]")
         if not isinstance(self.n, int) or not 1 <= self.n <= 128:
             raise ValueError(f"n={self.n!r}; it must be an integer in [1, 128]")
+        if self.max_queue_time is not None and not self.max_queue_time > 0:
+            raise ValueError(f"max_queue_time={self.max_queue_time}; it must be a number of seconds > 0")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         for name in ("presence_penalty", "frequency_penalty"):

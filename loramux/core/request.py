@@ -7,6 +7,7 @@ counters; everything else reads them. `repr` shows lengths, never tokens.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3  # eos or a stop token id
     FINISHED_LENGTH = 4  # max_tokens or the model's length limit
     FINISHED_ABORTED = 5  # aborted by the caller (or a disconnected client)
+    FINISHED_TIMEOUT = 6  # waited longer than its queue deadline before it was first scheduled
 
     @property
     def is_finished(self) -> bool:
@@ -34,6 +36,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_TIMEOUT: "timeout",
 }
 
 
@@ -58,6 +61,7 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     min_tokens: int = 0
+    queue_deadline: float = math.inf  # clock time by which it must have been scheduled once
     # Opaque to the control plane: the executor's sampling parameters.
     sampling: Any = None
 

@@ -26,7 +26,9 @@ reserved one has its slot, and keeps admitting everything else.
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -82,6 +84,7 @@ class Scheduler:
         self.policy = make_policy(config.policy, config.starvation_timeout_s)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self._deadlines: list[tuple[float, int, Request]] = []  # (queue deadline, arrival, request)
         self.counters = SchedulerCounters()
         self._arrivals = itertools.count()
         self._finished_ids: list[str] = []
@@ -134,6 +137,18 @@ class Scheduler:
             self.adapters.add_request(info)
             self._count_naive_switch(info.uid)
         self.policy.add(req)
+        if req.queue_deadline != math.inf:
+            heapq.heappush(self._deadlines, (req.queue_deadline, req.arrival_seq, req))
+
+    def _expire_queued(self, now: float) -> None:
+        """End the requests still waiting for their first step past their queue deadline."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, req = heapq.heappop(heap)
+            if req.status is RequestStatus.WAITING and req.first_scheduled_time is None:
+                removed = self.policy.remove(req)
+                assert removed, f"{req!r} waiting but not queued"
+                self._finish(req, RequestStatus.FINISHED_TIMEOUT)
 
     def _count_naive_switch(self, uid: int) -> None:
         """Switches an arrival-order schedule with `max_loras` LRU slots would make (S1.3)."""
@@ -231,6 +246,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
         self.counters.num_steps += 1
+        if self._deadlines:
+            self._expire_queued(self.clock())
         step = self._last_step = _StepBudget(cfg.max_num_batched_tokens, cfg.prefill_budget)
         preempted = self._schedule_running(step)
         n_running = len(step.seqs)

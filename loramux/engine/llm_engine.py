@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -217,6 +218,7 @@ class LLMEngine:
             stop_token_ids=frozenset(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             min_tokens=params.min_tokens,
+            queue_deadline=math.inf if params.max_queue_time is None else now + params.max_queue_time,
             sampling=params,
         )
         if after is not None and after in self._followers:
@@ -323,6 +325,10 @@ class LLMEngine:
             pairs = zip(out.seqs, result.logprobs, strict=True)
             lps = {s.request_id: lp for s, lp in pairs if lp is not None}
         touched: dict[str, list[int]] = {}
+        for rid in out.finished_ids:  # ended in schedule(): past their queue deadline
+            st = self._states.get(rid)
+            if st is not None and st.req.status is RequestStatus.FINISHED_TIMEOUT:
+                touched[rid] = []
         for req, token in update.new_tokens:
             st = self._states.get(req.request_id)
             if st is None:

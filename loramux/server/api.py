@@ -436,6 +436,8 @@ class _API:
                 await s.aclose()  # type: ignore[attr-defined]
         for out in outs:
             self.metrics.finished(model, out)
+        for out in outs:
+            _raise_if_timed_out(out)
         return outs
 
     async def _unless_gone(self, request: Request, work: Awaitable[T], model: str, n: int) -> T:
@@ -530,6 +532,7 @@ class _API:
         async with self._closing(streams, finals, body.model):
             async for i, out in _merge(streams):
                 comp = out.outputs[0]
+                _raise_if_timed_out(out)
                 head = ""
                 if body.echo and i not in echoed:  # the prompt goes first, once per choice
                     echoed.add(i)
@@ -642,6 +645,7 @@ class _API:
         async with self._closing(streams, finals, body.model):
             async for i, out in _merge(streams):
                 comp = out.outputs[0]
+                _raise_if_timed_out(out)
                 if not comp.delta_text and not out.finished:
                     continue  # a partial character is held back: nothing to send yet
                 yield chunk(
@@ -705,6 +709,22 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _raise_if_timed_out(out: RequestOutput) -> None:
+    """A request that waited past its max_queue_time ends with no tokens: answer it as an error."""
+    if out.finished and out.outputs[0].finish_reason == "timeout":
+        m = out.metrics
+        waited = f"{(m.finished_time or m.arrival_time) - m.arrival_time:.2f} s " if m is not None else ""
+        raise APIError(
+            503,
+            f"the request waited {waited}in the queue without starting, longer than its "
+            f"max_queue_time; the server is busy: retry later or allow a longer max_queue_time",
+            type_="server_error",
+            code="queue_timeout",
+            param="max_queue_time",
+            headers={"Retry-After": "1"},
+        )
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:

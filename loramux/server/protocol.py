@@ -96,6 +96,7 @@ class _Sampling(_Request):
     min_tokens: int = 0
     user: str | None = None
     return_token_ids: bool = False
+    max_queue_time: float | None = None  # loramux: seconds it may wait to start; then 503 queue_timeout
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         extra = self.model_extra or {}
@@ -135,6 +136,7 @@ class _Sampling(_Request):
                 frequency_penalty=self.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 logit_bias=bias,
+                max_queue_time=self.max_queue_time,
             )
         except ValueError as e:
             raise APIError(400, str(e)) from e
