@@ -1,9 +1,11 @@
-"""loramux on a real local Ray Serve: 2 replicas behind one OpenAI endpoint (issue 14; S6.1, S6.3).
+"""loramux on a real local Ray Serve: 2 replicas of the demo behind one OpenAI endpoint (issue 14;
+S6.1, S6.3).
 
-One Ray instance (loopback, 2 CPUs, no dashboard) for the module. Adapters are tiny PEFT
-adapters of the test fixtures' Llama (the demo would need minutes to build here); six adapter
-names, each replica holding at most three (`--max-cpu-loras 3`), so routing decides whether an
-adapter must be loaded again. Every loop is bounded in count and time.
+One Ray instance (loopback, 2 CPUs, no dashboard) for the module. The replicas serve the built-in
+demo (its build comes from the session fixture `demo_first_start`, which test_demo.py checks):
+the base model `demo`, its three adapters and three more names for the same adapter folders, so
+six adapters, each replica holding at most three (`--max-cpu-loras 3`): routing decides whether
+an adapter must be loaded again. Every loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -23,59 +25,52 @@ from ray import serve  # noqa: E402
 
 from tests.server.conftest import free_port  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]  # the first test may wait for the demo build
 
-PROMPTS = ["hello world", "the quick brown fox", "page batch token", "a b c d"]
-MAX_TOKENS = 6
+PROMPTS = ["say: hello world\n", "say: good night\n", "say: fast fair cache\n", "say: blue river\n"]
+MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_models, tmp_path_factory):
-    """(endpoint URL, single-engine answers, adapter folder for late adds, model name)."""
+def cluster(demo_first_start, tmp_path_factory):
+    """(endpoint URL, single-engine answers, allowed folder for late adds, the demo's adapters)."""
+    from loramux import demo
     from loramux.cli import add_serve_args
     from loramux.engine.llm import LLM
     from loramux.lora_request import LoRARequest
     from loramux.ray import APP_NAME, build_app
     from loramux.sampling_params import SamplingParams
 
-    tm = tiny_models["llama"]
-    root = tmp_path_factory.mktemp("ray-adapters")
-    modules = {}
-    for i, src in enumerate([*tm.adapters.values(), tm.adapters["r8_all"], tm.adapters["r1_qv"]]):
-        dst = root / "named" / f"ad{i}"
-        shutil.copytree(src, dst)
-        modules[f"ad{i}"] = str(dst)
-    late = root / "allowed"
-    late.mkdir()
+    _, cache = demo_first_start
+    model_dir, demo_adapters = demo.demo_paths(cache)
+    names = {name: str(path) for name, path in demo_adapters.items()}
+    extra = {f"{name[:3]}2": path for name, path in names.items()}  # same folders, other names
+    late = tmp_path_factory.mktemp("ray-allowed")
 
     # The single-engine answers every replica's answer must equal (greedy).
-    llm = LLM(str(tm.path), max_loras=2, max_cpu_loras=3, num_pages=256)
+    llm = LLM(str(model_dir), max_loras=2, max_cpu_loras=3)
     sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     expected = {}
-    for k, (name, path) in enumerate([*modules.items(), ("late", str(tm.adapters["rs4_attn"]))]):
+    every = {**names, **extra, "late": names["upper"]}
+    for k, (name, path) in enumerate(every.items()):
         outs = llm.generate(PROMPTS, sp, LoRARequest(name, k + 1, path), use_tqdm=False)
         expected.update({(name, p): o.outputs[0].text for p, o in zip(PROMPTS, outs, strict=True)})
     outs = llm.generate(PROMPTS, sp, use_tqdm=False)
-    expected.update({("llama", p): o.outputs[0].text for p, o in zip(PROMPTS, outs, strict=True)})
+    expected.update({(demo.BASE_NAME, p): o.outputs[0].text for p, o in zip(PROMPTS, outs, strict=True)})
     del llm
 
     p = argparse.ArgumentParser()
     add_serve_args(p)
     args = p.parse_args(
         [
-            str(tm.path),
-            "--served-model-name",
-            "llama",
             "--lora-modules",
-            *(f"{n}={d}" for n, d in modules.items()),
+            *(f"{n}={d}" for n, d in extra.items()),
             "--allowed-lora-dirs",
             str(late),
             "--max-loras",
             "2",
             "--max-cpu-loras",
             "3",
-            "--num-pages",
-            "256",
             "--replicas",
             "2",
             "--cpus-per-replica",
@@ -83,15 +78,17 @@ def cluster(tiny_models, tmp_path_factory):
         ]
     )
     os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 would write a token under $HOME
+    os.environ["LORAMUX_CACHE_DIR"] = str(cache)  # the replicas (Ray's workers inherit it) find the demo
     ray.init(num_cpus=2, include_dashboard=False, namespace="loramux-test", logging_level="ERROR")
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}", expected, late, tm
+        yield f"http://127.0.0.1:{port}", expected, late, names
     finally:
         serve.shutdown()
         ray.shutdown()
+        del os.environ["LORAMUX_CACHE_DIR"]
 
 
 def _ask(url: str, model: str, prompt: str, stream: bool = False) -> tuple[str, str]:
@@ -133,10 +130,11 @@ def _wait_reported(url: str, n_replicas: int, total: float) -> dict[str, dict[st
 
 
 def test_S6_1_two_replicas_answer_like_one_engine_and_route_to_the_adapters_holder(cluster):
-    url, expected, late, tm = cluster
-    names = sorted({m for m, _ in expected} - {"llama", "late"})
+    url, expected, late, demo_adapters = cluster
+    names = sorted({m for m, _ in expected} - {"demo", "late"})
+    assert len(names) == 6
     models = {m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
-    assert models == {"llama", *names}
+    assert models == {"demo", *names}
 
     # Warm-up: each adapter once (loads), then the base model.
     replicas = set()
@@ -144,7 +142,7 @@ def test_S6_1_two_replicas_answer_like_one_engine_and_route_to_the_adapters_hold
         text, rep = _ask(url, name, PROMPTS[0])
         assert text == expected[(name, PROMPTS[0])]
         replicas.add(rep)
-    assert _ask(url, "llama", PROMPTS[0])[0] == expected[("llama", PROMPTS[0])]
+    assert _ask(url, "demo", PROMPTS[0])[0] == expected[("demo", PROMPTS[0])]
     before = _wait_reported(url, 2, len(names))
 
     # A mixed, concurrent workload: 8 requests per adapter, a third of them streamed.
@@ -163,7 +161,7 @@ def test_S6_1_two_replicas_answer_like_one_engine_and_route_to_the_adapters_hold
     assert hits / len(jobs) >= 0.9, f"only {hits} of {len(jobs)} requests found their adapter held"
 
     # A new adapter folder in an allowed folder is served on demand; no replica restarts for it.
-    shutil.copytree(tm.adapters["rs4_attn"], late / "late")
+    shutil.copytree(demo_adapters["upper"], late / "late")
     for prompt in PROMPTS[:2]:
         text, rep = _ask(url, "late", prompt)
         assert text == expected[("late", prompt)]
@@ -174,7 +172,7 @@ def test_S6_1_two_replicas_answer_like_one_engine_and_route_to_the_adapters_hold
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
-        client.completions.create(model="../named/ad0", prompt="x", max_tokens=2)
+        client.completions.create(model="../upper", prompt="x", max_tokens=2)
     r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(late)}, timeout=30)
     assert r.status_code == 400 and "--lora-modules" in r.json()["error"]["message"]
 
@@ -189,7 +187,7 @@ def _replica_actors() -> list[str]:
 
 def test_S6_3_a_killed_replica_fails_clearly_the_other_serves_and_ray_restarts_it(cluster):
     url, expected, _, _ = cluster
-    names = sorted({m for m, _ in expected} - {"llama", "late"})
+    names = sorted({m for m, _ in expected} - {"demo", "late"})
     actors = _replica_actors()
     assert len(actors) == 2, actors
     victim = actors[0]
@@ -240,7 +238,7 @@ def test_S6_3_a_killed_replica_fails_clearly_the_other_serves_and_ray_restarts_i
     while len(seen - {survivor_id}) == 0:
         assert time.time() < deadline, f"the new replica never answered; replicas seen {seen}"
         prompt = PROMPTS[i % len(PROMPTS)]
-        text, rep = _ask(url, "llama", prompt)
-        assert text == expected[("llama", prompt)]
+        text, rep = _ask(url, "demo", prompt)
+        assert text == expected[("demo", prompt)]
         seen.add(rep)
         i += 1

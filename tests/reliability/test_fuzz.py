@@ -134,6 +134,8 @@ def _hostile(folders) -> list[tuple[str, dict | bytes, str]]:
         ("/v1/load_lora_adapter", {"lora_name": "a/b", "lora_path": str(allowed / "r1_qv")}, "name"),
         ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(allowed / "missing")}, "x"),
         ("/v1/unload_lora_adapter", {"lora_name": "../a"}, "not loaded"),
+        ("/detokenize", {"tokens": [True, 5]}, "tokens"),  # found by the fuzzer: was read as 1
+        ("/v1/completions", {"model": "a", "prompt": "hi", "max_tokens": "5"}, "max_tokens"),
     ]
 
 
