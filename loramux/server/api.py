@@ -214,7 +214,10 @@ def allowed_path(raw: str, allowed: list[Path]) -> Path:
             type_="permission_error",
             param="lora_path",
         )
-    path = Path(raw).resolve()
+    try:
+        path = Path(raw).resolve()  # follows symlinks and '..'
+    except (ValueError, OSError) as e:  # a NUL byte, a symlink loop, ...
+        raise APIError(400, f"lora_path {raw!r} is not a usable path: {e}", param="lora_path") from e
     if not any(path.is_relative_to(d) for d in allowed):
         raise APIError(
             403,
