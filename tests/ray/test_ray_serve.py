@@ -25,7 +25,7 @@ from ray import serve  # noqa: E402
 
 from tests.server.conftest import free_port  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]  # the first test may wait for the demo build
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]  # alone (-k), the first one builds the demo
 
 PROMPTS = ["say: hello world\n", "say: good night\n", "say: fast fair cache\n", "say: blue river\n"]
 MAX_TOKENS = 12
