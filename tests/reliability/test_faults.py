@@ -51,16 +51,22 @@ def busy(tiny_models, folders, tmp_path_factory):
     s.stop()
 
 
-def _hold_the_seats(url: str, max_tokens: int = 480) -> list[threading.Thread]:
-    threads = [threading.Thread(target=_complete, args=(url, "a", max_tokens), daemon=True) for _ in range(2)]
+def _hold_the_seats(server, max_tokens: int = 480) -> list[threading.Thread]:
+    """Two long requests, returned once both run (polled from /metrics, bounded)."""
+    threads = [
+        threading.Thread(target=_complete, args=(server.url, "a", max_tokens), daemon=True) for _ in range(2)
+    ]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    deadline = time.time() + 60
+    while accounting(server)["running"] < 2:
+        assert time.time() < deadline, "the two long requests never ran"
+        time.sleep(0.02)
     return threads
 
 
 def test_a_queue_deadline_answers_503_queue_timeout_streamed_or_not(busy):
-    seats = _hold_the_seats(busy.url)
+    seats = _hold_the_seats(busy)
     r = _complete(busy.url, "b", 4, max_queue_time=0.2)
     assert r.status_code == 503, r.text
     err = r.json()["error"]
@@ -82,7 +88,7 @@ def test_a_queue_deadline_answers_503_queue_timeout_streamed_or_not(busy):
 
 
 def test_a_queue_over_max_queue_len_answers_503_and_the_rest_finish(busy):
-    seats = _hold_the_seats(busy.url)
+    seats = _hold_the_seats(busy)
     results: list[httpx.Response] = []
     threads = [threading.Thread(target=lambda: results.append(_complete(busy.url, "b", 3))) for _ in range(6)]
     for t in threads:
