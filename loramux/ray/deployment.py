@@ -132,12 +132,12 @@ class Replica:
             try:
                 await self._adapter(model)
                 self.requests["hit" if held else "load"] += 1
-            except APIError as e:
-                yield e.status, [("content-type", "application/json")]
-                yield json.dumps(e.body()).encode()
-                return
-            except ValueError as e:
-                err = APIError(400, f"cannot load adapter {model!r}: {e}", param="model")
+            except (APIError, ValueError) as e:
+                err = (
+                    e
+                    if isinstance(e, APIError)
+                    else APIError(400, f"cannot load adapter {model!r}: {e}", param="model")
+                )
                 yield err.status, [("content-type", "application/json")]
                 yield json.dumps(err.body()).encode()
                 return
@@ -361,9 +361,17 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _replicas(args: argparse.Namespace) -> int:
+    """--replicas (1 when unset); ValueError naming the fix below 1."""
+    n = 1 if args.replicas is None else args.replicas
+    if n < 1:
+        raise ValueError(f"--replicas must be at least 1, got {n}")
+    return n
+
+
 def build_app(args: argparse.Namespace) -> Any:
     """The Ray Serve application for `loramux serve`'s flags (`args`), with `args.replicas` engines."""
-    n = args.replicas or 1
+    n = _replicas(args)
     replica = serve.deployment(
         Replica,
         name="Replica",
@@ -390,10 +398,6 @@ def app_builder(config: dict[str, Any]) -> Any:
     parser = argparse.ArgumentParser(prog="loramux.ray:app_builder")
     add_serve_args(parser)
     args = parser.parse_args([str(a) for a in config.get("argv", [])])
-    if args.replicas is None:
-        args.replicas = 1
-    if args.replicas < 1:
-        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
     return build_app(args)
 
 
@@ -404,8 +408,7 @@ def _interrupt(*_: Any) -> None:
 def run_cluster(args: argparse.Namespace) -> None:
     """`loramux serve --replicas N`: start (or join) Ray, run the app on host:port, block until
     Ctrl-C or SIGTERM, then take the app down (and the local Ray, if this process started it)."""
-    if args.replicas < 1:
-        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    _replicas(args)  # refuse a bad count before starting Ray
     ctx = ray.init(address=args.ray_address, namespace="loramux")
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler that aborts
     try:
