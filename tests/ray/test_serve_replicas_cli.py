@@ -21,10 +21,9 @@ from tests.server.conftest import free_port
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
-def test_S6_1_serve_replicas_holds_at_most_max_cpu_loras_and_stops_on_sigterm(tiny_models, tmp_path):
-    tm = tiny_models["llama"]
+def _start(tm, log, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`loramux serve --replicas 1 ...` on a free port; returns once /v1/models answers (bounded)."""
     port = free_port()
-    log = tmp_path / "serve.log"
     cmd = [
         sys.executable,
         "-m",
@@ -33,14 +32,6 @@ def test_S6_1_serve_replicas_holds_at_most_max_cpu_loras_and_stops_on_sigterm(ti
         str(tm.path),
         "--served-model-name",
         "llama",
-        "--lora-modules",
-        f"a={tm.adapters['r8_all']}",
-        f"b={tm.adapters['r1_qv']}",
-        f"c={tm.adapters['rs4_attn']}",
-        "--max-loras",
-        "1",
-        "--max-cpu-loras",
-        "2",
         "--num-pages",
         "128",
         "--replicas",
@@ -51,22 +42,39 @@ def test_S6_1_serve_replicas_holds_at_most_max_cpu_loras_and_stops_on_sigterm(ti
         "127.0.0.1",
         "--port",
         str(port),
+        *extra,
     ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 150
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen, log) -> None:
+    """SIGTERM: exit status 0 and no traceback."""
+    proc.terminate()
+    rc = proc.wait(timeout=90)
+    assert rc == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+
+
+def test_S6_1_serve_replicas_holds_at_most_max_cpu_loras_and_stops_on_sigterm(tiny_models, tmp_path):
+    tm = tiny_models["llama"]
+    log = tmp_path / "serve.log"
+    modules = [f"a={tm.adapters['r8_all']}", f"b={tm.adapters['r1_qv']}", f"c={tm.adapters['rs4_attn']}"]
+    proc, url = _start(tm, log, "--lora-modules", *modules, "--max-loras", "1", "--max-cpu-loras", "2")
     try:
-        deadline = time.time() + 150
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"llama", "a", "b", "c"}
         for model in ("a", "b", "c", "a"):
             out = client.completions.create(model=model, prompt="hello world", max_tokens=4, temperature=0)
@@ -75,7 +83,7 @@ def test_S6_1_serve_replicas_holds_at_most_max_cpu_loras_and_stops_on_sigterm(ti
         # c evicted a, so a was loaded again.
         deadline = time.time() + 30
         while True:
-            m = _samples(f"http://127.0.0.1:{port}/metrics")
+            m = _samples(url + "/metrics")
             if (
                 m.get(("loramux_ray_adapter_requests_total", "load"), 0)
                 + m.get(("loramux_ray_adapter_requests_total", "hit"), 0)
@@ -88,10 +96,33 @@ def test_S6_1_serve_replicas_holds_at_most_max_cpu_loras_and_stops_on_sigterm(ti
         assert m[("loramux_ray_adapters_held", "")] == 2
         assert m[("loramux_ray_adapter_requests_total", "load")] == 4
     finally:
-        proc.terminate()
-        rc = proc.wait(timeout=90)
-    assert rc == 0, log.read_text()[-3000:]
-    assert "Traceback" not in log.read_text()
+        _stop(proc, log)
+
+
+def test_S6_1_serve_replicas_joins_a_running_ray_cluster_given_by_ray_address(tiny_models, tmp_path):
+    import ray
+    from ray import serve
+
+    tm = tiny_models["llama"]
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        address = ray.get_runtime_context().gcs_address
+        log = tmp_path / "join.log"
+        proc, url = _start(tm, log, "--ray-address", address)
+        try:
+            out = httpx.post(
+                url + "/v1/completions", json={"model": "llama", "prompt": "hi", "max_tokens": 3}, timeout=60
+            )
+            assert out.status_code == 200
+            assert "loramux" in serve.status().applications  # it runs on the cluster this test started
+        finally:
+            _stop(proc, log)
+        assert ray.cluster_resources()["CPU"] == 2  # the cluster outlives the process that joined it
+        assert "loramux" not in serve.status().applications  # which took its app down
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def _samples(url: str) -> dict[tuple[str, str], float]:
