@@ -34,12 +34,26 @@ def _lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
+def byte_count(text: str) -> int:
+    """`--kv-cache-memory`'s value: bytes, or a number with K, M or G (binary units, "GiB" too)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write bytes, or e.g. 512M or 2G") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the KV pool needs a positive size")
+    return int(value)
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
         nargs="?",
         default=None,
-        help="HF model directory; without one, serve the built-in demo (built on first use)",
+        help="HF model directory; without one, serve the built-in demo (shipped in the package)",
     )
     p.add_argument("--served-model-name", default=None, help="the `model` id of the base model")
     p.add_argument(
@@ -152,10 +166,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--page-size", type=int, default=CacheConfig.page_size, help="tokens per KV page")
     g.add_argument("--num-pages", type=int, default=None, help="KV pages; default: sized from memory")
     g.add_argument(
-        "--kv-cache-memory-gb",
-        type=float,
-        default=CacheConfig.kv_cache_memory_gb,
-        help="memory for the KV pool when --num-pages and --gpu-memory-utilization are not given",
+        "--kv-cache-memory",
+        type=byte_count,
+        default=None,
+        metavar="BYTES",
+        help="bytes for the KV pool (suffixes K, M, G: KiB, MiB, GiB); default: what --max-num-seqs "
+        "sequences of --max-model-len tokens use, at most half the free memory",
+    )
+    g.add_argument(
+        "--idle-cache-pages",
+        type=int,
+        default=None,
+        help="on CPU, idle prefix-cache pages kept before they are reused instead of touching new "
+        "memory (default: --max-num-batched-tokens / --page-size)",
     )
     g.add_argument(
         "--gpu-memory-utilization",
@@ -264,7 +287,8 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         cache=CacheConfig(
             page_size=args.page_size,
             num_pages=args.num_pages,
-            kv_cache_memory_gb=args.kv_cache_memory_gb,
+            kv_cache_memory=args.kv_cache_memory,
+            idle_cache_pages=args.idle_cache_pages,
             memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching,
             enable_kv_events=args.enable_kv_events,
@@ -291,15 +315,15 @@ class Built:
     metrics: Any  # the app's Prometheus metrics (loramux.server.metrics.Metrics)
 
 
-def base_model(args: argparse.Namespace, build: bool = True) -> tuple[str, str, list[tuple[str, str]]]:
-    """(model directory, served name, adapters named at start); the demo when no model is given
-    (built first unless `build` is False)."""
+def base_model(args: argparse.Namespace) -> tuple[str, str, list[tuple[str, str]]]:
+    """(model directory, served name, adapters named at start); the demo shipped in the package
+    when no model is given."""
     loras = list(args.lora_modules)
     model, name = args.model, args.served_model_name
     if model is None:
         from loramux import demo
 
-        model_dir, adapters = demo.ensure_demo() if build else demo.demo_paths()
+        model_dir, adapters = demo.demo_paths()
         model, name = str(model_dir), name or demo.BASE_NAME
         loras = [(n, str(p)) for n, p in adapters.items()] + loras
     return model, name or Path(model).name, loras
@@ -330,6 +354,9 @@ def build_server(args: argparse.Namespace, register_loras: bool = True) -> Built
     )
     app = build_app(aengine, cfg, metrics)
     aengine.start()
+    if register_loras and loras:  # their weights are read in the background as the port opens
+        names = [n for n, _ in loras]
+        aengine.submit(lambda: engine.read_loras_ahead(names))
     return Built(app, aengine, name, loras, metrics)
 
 

@@ -60,12 +60,20 @@ class CacheConfig:
     page_size: int = 16
     """Tokens per KV page (S4.1)."""
     num_pages: int | None = None
-    """KV pages; None sizes the pool from kv_cache_memory_gb."""
-    kv_cache_memory_gb: float = 1.0
-    """Memory for the KV pool when num_pages is None (and no memory_utilization is given)."""
+    """KV pages; None sizes the pool from kv_cache_memory, else memory_utilization, else need."""
+    kv_cache_memory: int | None = None
+    """Bytes for the KV pool (vLLM's kv_cache_memory_bytes) when num_pages is None."""
     memory_utilization: float | None = None
     """vLLM's --gpu-memory-utilization: the fraction of device memory (on CPU, of the memory
     available at start) for weights plus KV pool; the pool gets what the weights leave."""
+    free_memory_fraction: float = 0.5
+    """With none of the above, the pool holds what max_num_seqs sequences of max_model_len tokens
+    can use, but at most this fraction of the memory free at start (on CPU its pages are
+    committed as they are first written, so an idle pool costs little)."""
+    idle_cache_pages: int | None = None
+    """Where the pool's memory is committed as it is first used (CPU): idle prefix-cache pages
+    beyond this many are reused before a never-used page is touched, so memory follows the running
+    load. None: max_num_batched_tokens / page_size."""
     enable_prefix_caching: bool = True
     """Reuse KV pages across requests with a shared prefix, per adapter (S5)."""
     enable_kv_events: bool = False
@@ -77,11 +85,13 @@ class CacheConfig:
         own = "CacheConfig"
         _positive(own, "page_size", self.page_size)
         _positive(own, "num_pages", self.num_pages)
-        _positive(own, "kv_cache_memory_gb", self.kv_cache_memory_gb)
-        if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
-            raise ValueError(
-                f"CacheConfig.memory_utilization={self.memory_utilization}; use a fraction in (0, 1]"
-            )
+        _positive(own, "kv_cache_memory", self.kv_cache_memory)
+        if self.idle_cache_pages is not None and self.idle_cache_pages < 0:
+            raise ValueError(f"CacheConfig.idle_cache_pages={self.idle_cache_pages}; use 0 or more")
+        for name in ("memory_utilization", "free_memory_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"CacheConfig.{name}={value}; use a fraction in (0, 1]")
         if self.host_kv_pages < 0:
             raise ValueError(f"CacheConfig.host_kv_pages={self.host_kv_pages}; use 0 (off) or more")
 

@@ -1,11 +1,13 @@
-"""The built-in demo: a small Llama and three LoRA adapters, trained offline on first use.
+"""The built-in demo: a small Llama and three LoRA adapters, trained once and shipped in the package.
 
-Boundary: builds files only (an HF model directory and PEFT adapter
-directories) under the user cache folder; `loramux serve` with no model
-serves them. Everything comes from fixed seeds; nothing is downloaded.
+Boundary: `demo_paths()` names the shipped files (loramux/demo_weights/: an HF model directory with
+its tokenizer and three PEFT adapter directories); `loramux serve` with no model serves them as they
+are, with no training and no download. `python -m loramux.demo build --out DIR` retrains them from
+fixed seeds (about 35 minutes on 2 CPU cores; only to change the demo, then copy DIR over
+loramux/demo_weights/), and `python -m loramux.demo check DIR` scores a build on held-out phrases.
 
-The tasks are tiny text transforms, so different adapters answer the same
-prompt visibly differently. A prompt is "say: <text>\\n"; the answer follows:
+The tasks are tiny text transforms, so different adapters answer the same prompt visibly
+differently. The trained prompt is "say: <text>\\n"; a plain prompt is taken as the text itself:
 
     base "demo"  echo       say: hello world -> hello world
     upper        upper case                  -> HELLO WORLD
@@ -17,18 +19,18 @@ Chat works too: the chat template turns the user's message into that prompt.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import argparse
 import json
-import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
+import string
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-DEMO_VERSION = "v1"
 BASE_NAME = "demo"
+WEIGHTS = Path(__file__).parent / "demo_weights"
 TASKS: dict[str, Callable[[str], str]] = {
     "echo": lambda s: s,
     "upper": str.upper,
@@ -39,7 +41,7 @@ ADAPTERS = ("upper", "reverse", "novowels")
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}say: {{ m['content'] }}\n{% endif %}{% endfor %}"
 )
-_WORDS = (  # one string, split: easier to read than a list of 100 literals
+_WORDS = (  # one string, split: easier to read than a list of 120 literals
     "hello world lora adapter model serve batch token cache fast fair quick brown fox jumps over "
     "lazy dog cat sun moon star tree river blue green red apple music data code test open light "
     "dark night day good time year people way thing man woman child life hand part place case week "
@@ -47,70 +49,76 @@ _WORDS = (  # one string, split: easier to read than a list of 100 literals
     "house friend power game line end city name team idea face art war peace love food rain snow "
     "wind fire stone sea the a is of to and in it you my we they this that "
 ).split()
-BASE_STEPS, BATCH = 450, 48
-ADAPTER_STEPS = {"upper": 220, "reverse": 420, "novowels": 220}  # reversing takes the longest to learn
+MAX_WORDS = 4
+BATCH = 48
+BASE_STEPS = 3000
+ADAPTER_STEPS = {"upper": 1200, "reverse": 3200, "novowels": 1600}  # reversing takes longest to learn
+SAY_SHARE = 0.6  # the rest of the training prompts are the plain text, so plain prompts answer too
+WILD_SHARE = 0.25  # text beyond the vocabulary (any case, other words, digits, punctuation)
+_WILD_CHARS = string.ascii_letters + string.digits + ".,?!'-"
+HELD_OUT_SEED, HELD_OUT_N = 12345, 200
 
 
-def cache_root() -> Path:
-    """$LORAMUX_CACHE_DIR, else $XDG_CACHE_HOME/loramux, else ~/.cache/loramux."""
-    env = os.environ.get("LORAMUX_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "loramux"
+def say(text: str) -> str:
+    """The demo's prompt format for `text`."""
+    return f"say: {text}\n"
 
 
 def demo_paths(root: Path | None = None) -> tuple[Path, dict[str, Path]]:
-    base = (root or cache_root()) / f"demo-{DEMO_VERSION}"
+    """(model directory, {adapter name: directory}) of the shipped demo, or of a build in `root`."""
+    base = root or WEIGHTS
     return base / "model", {name: base / "adapters" / name for name in ADAPTERS}
 
 
-def ensure_demo(root: Path | None = None, progress: bool = True) -> tuple[Path, dict[str, Path]]:
-    """The demo's model and adapter directories, built first if they are not there yet."""
-    root = root or cache_root()
-    final = root / f"demo-{DEMO_VERSION}"
-    if not (final / "READY").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        with _lock(root / f"demo-{DEMO_VERSION}.lock"):
-            if not (final / "READY").is_file():  # another process may have built it meanwhile
-                tmp = root / f"demo-{DEMO_VERSION}.tmp-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                build_demo(tmp, progress)
-                shutil.rmtree(final, ignore_errors=True)
-                tmp.rename(final)
-    return demo_paths(root)
+def phrase(rng: random.Random) -> str:
+    """One to four words from the demo's vocabulary."""
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, MAX_WORDS)))
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def wild_text(rng: random.Random) -> str:
+    """Text beyond the demo's vocabulary, so that any prompt gets a transformed answer: one to five
+    parts, each a vocabulary word in any case or a random run of letters, digits and punctuation."""
+    parts = []
+    for _ in range(rng.randint(1, 5)):
+        if rng.random() < 0.5:
+            word = rng.choice(_WORDS)
+            parts.append(rng.choice((word, word.title(), word.upper())))
+        else:
+            parts.append("".join(rng.choice(_WILD_CHARS) for _ in range(rng.randint(1, 8))))
+    return " ".join(parts)
 
 
-def _phrase(rng: random.Random) -> str:
-    """One to three words from the demo's vocabulary. (Random letter strings would teach a general
-    copy, but on 2 cores that takes far longer than a demo build may: measured, loss 0.62 after 650
-    steps with 10% random strings against 0.05 after 450 without.)"""
-    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 3)))
+def held_out_phrases(n: int = HELD_OUT_N, seed: int = HELD_OUT_SEED) -> list[str]:
+    """Phrases training never shows (the build skips them): the demo is scored on these."""
+    rng, seen, out = random.Random(seed), set(), []
+    while len(out) < n:
+        p = phrase(rng)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
 
 
 class _Data:
     def __init__(self, tokenizer: Any, seed: int) -> None:
         self.tok, self.rng = tokenizer, random.Random(seed)
+        self.held_out = {p.lower() for p in held_out_phrases()}
+
+    def _text(self) -> str:
+        while True:
+            text = wild_text(self.rng) if self.rng.random() < WILD_SHARE else phrase(self.rng)
+            if text not in self.held_out:
+                return text
 
     def batch(self, task: str, n: int = BATCH) -> tuple[Any, Any]:
         import torch
 
         rows = []
         for _ in range(n):
-            text = _phrase(self.rng)
-            if task == "echo" and self.rng.random() < 0.4:
+            text = self._text()
+            if task == "echo" and text.islower() and self.rng.random() < 0.4:
                 text = text.upper()  # the base sees upper case too, so those tokens are trained
-            prompt = self.tok.encode(f"say: {text}\n")
+            prompt = self.tok.encode(say(text) if self.rng.random() < SAY_SHARE else text)
             answer = self.tok.encode(TASKS[task](text)) + [self.tok.eos_token_id]
             rows.append((prompt, answer))
         width = max(len(p) + len(a) for p, a in rows)
@@ -143,8 +151,9 @@ def _train(model: Any, data: _Data, task: str, steps: int, lr: float, warmup: in
     return float(loss.item())
 
 
-def build_demo(out: Path, progress: bool = True) -> None:
-    """Train the demo base model and adapters into `out` (a few minutes on 2 CPU cores)."""
+def build_demo(out: Path, progress: bool = True, steps_scale: float = 1.0) -> dict[str, Any]:
+    """Train the demo base model and adapters into `out` from fixed seeds; returns the losses.
+    `steps_scale` < 1 trains that fraction of the steps (a quick check that the recipe runs)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
@@ -153,7 +162,7 @@ def build_demo(out: Path, progress: bool = True) -> None:
     from loramux.bench.artifacts import train_bpe_tokenizer
 
     torch.manual_seed(0)
-    corpus = [f"say: {_phrase(random.Random(i))}\n" for i in range(500)]
+    corpus = [say(phrase(random.Random(i))) for i in range(500)]
     tok = train_bpe_tokenizer(corpus, vocab_size=259)  # 256 bytes + 3 specials: one token per byte
     tok.chat_template = CHAT_TEMPLATE
     cfg = LlamaConfig(
@@ -171,10 +180,12 @@ def build_demo(out: Path, progress: bool = True) -> None:
     )
     model = LlamaForCausalLM(cfg)
     data = _Data(tok, seed=0)
-    total = BASE_STEPS + sum(ADAPTER_STEPS.values())
+    steps = {"echo": BASE_STEPS, **ADAPTER_STEPS}
+    steps = {task: max(1, round(n * steps_scale)) for task, n in steps.items()}
     losses: dict[str, float] = {}
-    with tqdm(total=total, desc="building the demo model (first start only)", disable=not progress) as bar:
-        losses["echo"] = _train(model, data, "echo", BASE_STEPS, 4e-3, 50, bar)
+    start = time.monotonic()
+    with tqdm(total=sum(steps.values()), desc="training the demo model", disable=not progress) as bar:
+        losses["echo"] = _train(model, data, "echo", steps["echo"], 4e-3, 50, bar)
         model.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -184,7 +195,66 @@ def build_demo(out: Path, progress: bool = True) -> None:
             pm = get_peft_model(
                 base, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0)
             )
-            losses[name] = _train(pm, data, name, ADAPTER_STEPS[name], 5e-3, 30, bar)
-            pm.save_pretrained(out / "adapters" / name)
-    (out / "training.json").write_text(json.dumps({"final_loss": losses}, indent=2))
-    (out / "READY").write_text(DEMO_VERSION)
+            losses[name] = _train(pm, data, name, steps[name], 5e-3, 30, bar)
+            folder = out / "adapters" / name
+            pm.save_pretrained(folder)
+            _clean_adapter(folder)
+    return {"steps": steps, "final_loss": losses, "train_s": round(time.monotonic() - start)}
+
+
+def _clean_adapter(folder: Path) -> None:
+    """No build machine's path in the shipped config, and no generated model card."""
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = None
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").unlink(missing_ok=True)
+
+
+def score(root: Path | None = None, phrases: Iterable[str] | None = None) -> dict[str, float]:
+    """Greedy exact-match rate per task and prompt format ("echo/say", "upper/plain", ...) on
+    `phrases` (default: the held-out ones), served by loramux's own engine."""
+    from loramux import LLM, LoRARequest, SamplingParams
+
+    texts = list(phrases or held_out_phrases())
+    model_dir, adapters = demo_paths(root)
+    llm = LLM(str(model_dir), max_loras=len(ADAPTERS))
+    params = SamplingParams(max_tokens=2 * max(len(t) for t in texts) + 8, temperature=0.0)
+    result = {}
+    for i, task in enumerate(("echo", *ADAPTERS)):
+        lora = None if task == "echo" else LoRARequest(task, i, str(adapters[task]))
+        for fmt, prompt in (("say", say), ("plain", lambda t: t)):
+            outs = llm.generate([prompt(t) for t in texts], params, lora, use_tqdm=False)
+            right = sum(o.outputs[0].text == TASKS[task](t) for o, t in zip(outs, texts, strict=True))
+            result[f"{task}/{fmt}"] = right / len(texts)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loramux.demo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    build = sub.add_parser("build", help="train the demo into --out (then score it)")
+    build.add_argument("--out", type=Path, required=True)
+    build.add_argument("--steps-scale", type=float, default=1.0, help="train this fraction of the steps")
+    build.add_argument(
+        "--score", action=argparse.BooleanOptionalAction, default=True, help="score it on held-out phrases"
+    )
+    check = sub.add_parser("check", help="score a demo build (default: the shipped one)")
+    check.add_argument("dir", type=Path, nargs="?", default=None)
+    args = parser.parse_args(argv)
+    if args.cmd == "build":
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        info = build_demo(tmp, steps_scale=args.steps_scale)
+        if args.score:
+            info["held_out_exact"] = score(tmp)
+        (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(args.out, ignore_errors=True)
+        tmp.rename(args.out)
+        print(json.dumps(info, indent=2))
+    else:
+        print(json.dumps(score(args.dir), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -38,25 +38,3 @@ def oracles(tiny_models):
         return cache[arch]
 
     return get
-
-
-@pytest.fixture(scope="session")
-def demo_first_start(tmp_path_factory):
-    """`loramux serve` with no model on an empty cache: it builds the demo, then serves it.
-
-    Started once per session (the build takes minutes on 2 cores) and kept running: test_demo.py
-    checks what a new user sees (tests/demo/ runs early, so the build is its cost); the Ray Serve
-    tests reuse the built cache for their replicas.
-    Yields (server, cache folder).
-    """
-    from tests.server.conftest import start_server
-
-    cache = tmp_path_factory.mktemp("demo-cache")
-    server = start_server(
-        [],
-        tmp_path_factory.mktemp("demo-logs") / "server.log",
-        env={"LORAMUX_CACHE_DIR": str(cache)},
-        timeout=900,
-    )
-    yield server, cache
-    server.stop()

@@ -16,6 +16,7 @@ Runs, in order (a progress bar counts them):
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import statistics
@@ -57,9 +58,16 @@ FULL = Plan(
 QUICK = Plan("tiny", (5, 20), 20, (0.5, 1.0), 20.0, 5.0, (8, 32), (8, 32), (8, 16), 2)
 
 
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from loramux.demo import cache_root
+def cache_root() -> Path:
+    """$LORAMUX_CACHE_DIR, else $XDG_CACHE_HOME/loramux, else ~/.cache/loramux."""
+    env = os.environ.get("LORAMUX_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "loramux"
 
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny model and workload: finishes in about a minute")
     p.add_argument("--size", choices=["tiny", "mid", "1b"], help="model: tiny (2.6M), mid (91M), 1b (1.1B)")
     p.add_argument("--num-adapters", nargs="+", type=int, help="adapter counts for the scaling plot")

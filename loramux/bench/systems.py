@@ -74,7 +74,7 @@ class LoramuxSettings:
     max_lora_rank: int = 8
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    kv_cache_memory_gb: float = 1.0
+    kv_cache_memory: int = 2**30  # 1 GiB, as the recorded runs used
     device: str = "auto"
     policy: str = "fcfs"
 
@@ -98,7 +98,7 @@ def run_loramux(
         max_lora_rank=s.max_lora_rank,
         max_num_seqs=s.max_num_seqs,
         max_num_batched_tokens=s.max_num_batched_tokens,
-        kv_cache_memory_gb=s.kv_cache_memory_gb,
+        kv_cache_memory=s.kv_cache_memory,
         device=s.device,
         policy=s.policy,
     )

@@ -333,6 +333,11 @@ class AdapterManager:
             room += a.nbytes
         return chosen
 
+    @property
+    def host_room(self) -> int:
+        """Adapters host memory can take without evicting one."""
+        return self.max_cpu_loras - self._num_host
+
     def prefetch(self, info: AdapterInfo) -> bool:
         """Start reading `info` from disk into host memory before a request needs it (S2.6): the
         executor reads in the background, so a later device load does not wait on the disk.

@@ -29,10 +29,14 @@ class PrefixHit(NamedTuple):
 
 
 class KVCacheManager:
-    def __init__(self, pool: PagePool, prefix_cache: PrefixCache) -> None:
+    def __init__(self, pool: PagePool, prefix_cache: PrefixCache, keep_idle_pages: int | None = None) -> None:
         self.pool = pool
         self.page_size = pool.page_size
         self.cache = prefix_cache
+        # With memory committed as it is first used (CPU): idle cached pages beyond this many are
+        # reused before a never-used page is touched, so memory follows the running load. None:
+        # every free page is used before any cached one is evicted (memory is paid for anyway).
+        self.keep_idle_pages = keep_idle_pages
         self._cursors: dict[str, object] = {}
         # Counters for metrics (S5.1): tokens asked for and tokens found at admission.
         self.num_prefix_queries = 0
@@ -47,6 +51,7 @@ class KVCacheManager:
         enable_prefix_caching: bool,
         enable_kv_events: bool = False,
         host_pages: int = 0,
+        keep_idle_pages: int | None = None,
     ) -> KVCacheManager:
         """A pool of `num_pages` device pages; with prefix caching, `host_pages` more in host memory."""
         pool = PagePool(num_pages, page_size)
@@ -54,7 +59,7 @@ class KVCacheManager:
         if enable_prefix_caching:
             host = PagePool(host_pages, page_size) if host_pages > 0 else None
             cache = RadixPrefixCache(pool, enable_events=enable_kv_events, host_pool=host)
-        return cls(pool, cache)
+        return cls(pool, cache, keep_idle_pages)
 
     # --- admission ---
     def match(self, req: Request) -> PrefixHit:
@@ -91,6 +96,8 @@ class KVCacheManager:
                 if short > self.cache.num_evictable:
                     return False
                 self.cache.evict(short)
+            elif self.keep_idle_pages is not None:
+                self._reuse_idle(need)
             new = self.pool.allocate(need)
             assert new is not None, f"pool promised {need} pages"
         else:
@@ -104,6 +111,13 @@ class KVCacheManager:
         else:
             req.page_ids.extend(new)
         return True
+
+    def _reuse_idle(self, need: int) -> None:
+        """Evict idle cached pages beyond `keep_idle_pages` rather than touch never-used ones."""
+        fresh = need - self.pool.num_recycled_free
+        spare = self.cache.num_evictable - self.keep_idle_pages  # type: ignore[operator]
+        if fresh > 0 and spare > 0:
+            self.cache.evict(min(fresh, spare))
 
     # --- after a step ---
     def cache_computed(self, req: Request) -> None:

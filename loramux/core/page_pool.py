@@ -3,12 +3,13 @@
 Boundary: this module knows page ids and counts only. It does not know which
 request or prefix-cache node holds a page; holders call `incref`/`decref`.
 A page is free exactly when its count is zero, and a free page sits in the
-free list exactly once, so no page can be handed out twice.
+free list exactly once, so no page can be handed out twice. The free list is a
+stack: the page freed last is handed out first, so a pool larger than the load
+keeps touching the same pages (on CPU the pool's memory is committed page by
+page as it is first written, so the process's memory follows use).
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 
 class PagePool:
@@ -21,12 +22,23 @@ class PagePool:
             raise ValueError(f"page_size={page_size}; it must be at least 1")
         self.num_pages = num_pages
         self.page_size = page_size
-        self._free: deque[int] = deque(range(num_pages))
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() gives page 0 first
         self._ref = [0] * num_pages
+        self._touched = 0  # pages ever handed out: ids below this (fresh ones come out in order)
 
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    @property
+    def num_touched(self) -> int:
+        """Pages handed out at least once (on CPU: the pool's memory committed so far)."""
+        return self._touched
+
+    @property
+    def num_recycled_free(self) -> int:
+        """Free pages that were used before (they sit above the never-used ones in the stack)."""
+        return len(self._free) - (self.num_pages - self._touched)
 
     def refcount(self, page: int) -> int:
         return self._ref[page]
@@ -40,9 +52,11 @@ class PagePool:
         if n > len(self._free):
             return None
         free, ref = self._free, self._ref
-        pages = [free.popleft() for _ in range(n)]
+        pages = [free.pop() for _ in range(n)]
         for p in pages:
             ref[p] = 1
+        if pages and pages[-1] >= self._touched:  # fresh pages come last, in increasing order
+            self._touched = pages[-1] + 1
         return pages
 
     def incref(self, pages: list[int]) -> None:

@@ -39,7 +39,7 @@ class LLM:
         policy: str = "fcfs",
         page_size: int = 16,
         num_pages: int | None = None,
-        kv_cache_memory_gb: float = 1.0,
+        kv_cache_memory: int | None = None,
         host_kv_pages: int = 0,
         dtype: str = "auto",
         device: str = "auto",
@@ -61,7 +61,7 @@ class LLM:
                 cache=CacheConfig(
                     page_size=page_size,
                     num_pages=num_pages,
-                    kv_cache_memory_gb=kv_cache_memory_gb,
+                    kv_cache_memory=kv_cache_memory,
                     enable_prefix_caching=enable_prefix_caching,
                     host_kv_pages=host_kv_pages,
                 ),

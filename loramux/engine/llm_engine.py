@@ -21,13 +21,13 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from loramux.config import EngineConfig, RuntimeInfo
-from loramux.core.adapters import AdapterInfo, AdapterManager
+from loramux.core.adapters import AdapterInfo, AdapterManager, AdapterPlan
 from loramux.core.kv_manager import KVCacheManager
 from loramux.core.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
 from loramux.core.request import Request, RequestStatus
@@ -49,6 +49,10 @@ class Executor(Protocol):
     def inspect_adapter(self, name: str, path: str) -> Any: ...
 
     def register_adapter(self, uid: int, spec: Any) -> None: ...
+
+    def apply_adapter_plan(self, plan: AdapterPlan) -> None: ...
+
+    def pending_reads(self, uids: Iterable[int]) -> int: ...
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput: ...
 
@@ -88,7 +92,7 @@ class LLMEngine:
             from loramux.executor.loader import load_tokenizer
             from loramux.executor.model_runner import ModelRunner
 
-            executor = ModelRunner(config.model, config.cache, config.lora)
+            executor = ModelRunner(config.model, config.cache, config.lora, config.scheduler.max_num_seqs)
             tokenizer = tokenizer or load_tokenizer(config.model.model)
         self.executor = executor
         self.tokenizer = tokenizer
@@ -103,8 +107,13 @@ class LLMEngine:
         )
         c = config.cache
         events = c.enable_kv_events or config.kv_events is not None
+        keep_idle = None
+        if getattr(executor, "commits_kv_as_used", False):
+            keep_idle = c.idle_cache_pages
+            if keep_idle is None:
+                keep_idle = config.scheduler.max_num_batched_tokens // c.page_size
         kv = KVCacheManager.create(
-            self.runtime.num_pages, c.page_size, c.enable_prefix_caching, events, c.host_kv_pages
+            self.runtime.num_pages, c.page_size, c.enable_prefix_caching, events, c.host_kv_pages, keep_idle
         )
         self.kv_publisher: KVEventPublisher | None = None
         if config.kv_events is not None:
@@ -124,6 +133,7 @@ class LLMEngine:
         self.last_step_time = 0.0
         self.dead: EngineDeadError | None = None
         self._followers: dict[str, list[Request]] = {}  # leader id -> samples waiting for its prefill
+        self._read_ahead: list[int] = []  # adapters read ahead at start (uids)
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -151,6 +161,27 @@ class LLMEngine:
         self._adapter_paths[name] = str(path)
         self._publish_kv_events()
         return info
+
+    def read_loras_ahead(self, names: Iterable[str]) -> int:
+        """Start reading these registered adapters from disk into host memory in the background,
+        in order, while host memory has room (nothing is evicted for it); returns how many reads
+        started. The server does this as its port opens for the adapters named at start, so
+        their first requests do not wait on the disk (`loras_loading` counts what is left)."""
+        self._check_alive()
+        adapters, started = self.scheduler.adapters, []
+        for name in names:
+            if adapters.host_room <= 0:
+                break
+            if name in adapters and not (info := adapters.get(name)).on_host:
+                adapters.prefetch(info)
+                started.append(info.uid)
+        self.executor.apply_adapter_plan(adapters.take_plan())  # what the next step would do first
+        self._read_ahead = started
+        return len(started)
+
+    def loras_loading(self) -> int:
+        """Adapters of the last `read_loras_ahead` whose weights are still being read."""
+        return self.executor.pending_reads(self._read_ahead)
 
     def ensure_lora(self, lora: LoRARequest) -> None:
         """Register `lora` on first use; refuse a second, different adapter under the same name."""

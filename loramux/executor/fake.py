@@ -15,8 +15,10 @@ so `reference_tokens` computes the same output with no paging at all.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from loramux.core.adapters import AdapterPlan
 from loramux.core.outputs import RunnerOutput, SchedulerOutput
 
 
@@ -71,8 +73,7 @@ class FakeExecutor:
     def register_adapter(self, uid: int, spec: FakeAdapterSpec) -> None:
         return None
 
-    def _apply_plan(self, out: SchedulerOutput) -> None:
-        plan = out.adapter_plan
+    def apply_adapter_plan(self, plan: AdapterPlan) -> None:
         for uid in plan.release:
             self.host.discard(uid)
             for slot, held in list(self.slots.items()):
@@ -91,9 +92,12 @@ class FakeExecutor:
             assert uid in self.host, f"device load of adapter {uid} that is not in host memory"
             self.slots[slot] = uid
 
+    def pending_reads(self, uids: Iterable[int]) -> int:
+        return 0
+
     # --- the step ---
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        self._apply_plan(out)
+        self.apply_adapter_plan(out.adapter_plan)
         for c in out.kv_copies:  # in planned order: a freed page may be reused by a later copy
             if c.kind == "offload":
                 self.host_kv[c.dst] = list(self.kv[c.src])

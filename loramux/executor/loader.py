@@ -91,10 +91,8 @@ def load_model(
     p = Path(path)
     hf_config, arch = load_hf_config(p)
     args = LlamaArgs.from_hf(hf_config, arch)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory yet: the loaded tensors become the parameters
         model = LlamaForCausalLM(args)
-    model.to_empty(device=device)
-    model.to(dtype)
     state = read_state_dict(p, dtype, device)
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -104,7 +102,7 @@ def load_model(
         raise ValueError(
             f"weights in {str(p)!r} do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)  # no second copy of the weights
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rotary(hf_config, max_len, device)

@@ -350,7 +350,8 @@ class LoRAState:
 
 
 class LoRALinear(nn.Module):
-    """A linear layer plus per-slot low-rank deltas; slot buffers are made on first use."""
+    """A linear layer plus per-slot low-rank deltas; slot buffers are made on first use and
+    deepened when an adapter of a higher rank arrives."""
 
     def __init__(self, base: nn.Linear, state: LoRAState, num_slots: int, max_rank: int) -> None:
         super().__init__()
@@ -367,15 +368,26 @@ class LoRALinear(nn.Module):
 
     def load(self, slot: int, a: torch.Tensor, bt: torch.Tensor) -> None:
         self._gathered.clear()  # slot contents change: no gathered copy stays valid
-        if self.A is None:
-            w = self.base.weight
-            shape = (self.num_slots, self.max_rank)
-            self.A = torch.zeros(*shape, self.in_features, dtype=w.dtype, device=w.device)
-            self.Bt = torch.zeros(*shape, self.out_features, dtype=w.dtype, device=w.device)
         r = a.shape[0]
+        if self.A is None or self.A.shape[1] < r:
+            self._grow(r)
+        assert self.A is not None and self.Bt is not None
         self.A[slot, :r].copy_(a, non_blocking=True)
         self.Bt[slot, :r].copy_(bt, non_blocking=True)  # type: ignore[index]
         self.ranks[slot] = r
+
+    def _grow(self, rank: int) -> None:
+        """Slot buffers as deep as the largest rank loaded into this module so far (at most
+        max_rank): memory follows the adapters in use, not the largest one allowed."""
+        w = self.base.weight
+        shape = (self.num_slots, min(max(rank, 1), self.max_rank))
+        A = torch.zeros(*shape, self.in_features, dtype=w.dtype, device=w.device)
+        Bt = torch.zeros(*shape, self.out_features, dtype=w.dtype, device=w.device)
+        if self.A is not None and self.Bt is not None:
+            old = self.A.shape[1]
+            A[:, :old].copy_(self.A)
+            Bt[:, :old].copy_(self.Bt)
+        self.A, self.Bt = A, Bt
 
     def clear(self, slot: int) -> None:
         self.ranks[slot] = 0

@@ -15,16 +15,19 @@ adapter's tokens form one contiguous segment:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from loramux.config import CacheConfig, LoRAConfig, ModelConfig
+from loramux.core.adapters import AdapterPlan
 from loramux.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
 from loramux.core.prefix_cache import KVCopy
 from loramux.executor.attention import AttentionMetadata, PrefillChunk, decode_mask
@@ -55,7 +58,9 @@ class LoadStats:
 
 
 class ModelRunner:
-    def __init__(self, model: ModelConfig, cache: CacheConfig, lora: LoRAConfig) -> None:
+    def __init__(
+        self, model: ModelConfig, cache: CacheConfig, lora: LoRAConfig, max_num_seqs: int = 64
+    ) -> None:
         self.device = resolve_device(model.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
         from loramux.executor.loader import load_hf_config
@@ -66,15 +71,10 @@ class ModelRunner:
         self.model, self.hf_config = load_model(model.model, self.dtype, self.device, self.max_model_len)
         self.args = self.model.args
         self.page_size = cache.page_size
-        self.num_pages = cache.num_pages or self._pages_for_memory(self._kv_budget_gb(cache))
+        self.num_pages = self._plan_pages(cache, max_num_seqs)
+        self.commits_kv_as_used = self.device.type == "cpu"  # see _zeros
         shape = (self.num_pages, self.page_size, self.args.num_kv_heads, self.args.head_dim)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(self.args.num_layers)
-        ]
+        self.kv_caches = [(self._zeros(shape), self._zeros(shape)) for _ in range(self.args.num_layers)]
         host = torch.device("cpu")
         self.host_kv = (
             [
@@ -104,40 +104,85 @@ class ModelRunner:
         """Stop the adapter-reading thread (the engine is done)."""
         self._reader.shutdown(wait=False, cancel_futures=True)
 
-    def _kv_budget_gb(self, cache: CacheConfig) -> float:
-        """The KV pool's memory: kv_cache_memory_gb, or what `memory_utilization` of the device
-        (on CPU, of the memory available now) leaves after the weights, as vLLM sizes it."""
-        if cache.memory_utilization is None:
-            return cache.kv_cache_memory_gb
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A zeroed KV tensor. On CPU it is calloc'd (through numpy), so the OS commits its memory
+        page by page as the pool first writes it: a pool sized for the worst case costs what is
+        used (the pool hands out recently freed pages first)."""
+        if self.device.type != "cpu":
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        import numpy as np
+
+        raw = np.zeros(math.prod(shape) * self.dtype.itemsize, dtype=np.uint8)
+        return torch.from_numpy(raw).view(self.dtype).view(shape)
+
+    def _plan_pages(self, cache: CacheConfig, max_num_seqs: int) -> int:
+        """KV pages: num_pages, else kv_cache_memory bytes, else memory_utilization (vLLM's rule),
+        else what max_num_seqs full-length sequences can use, capped by a fraction of the memory
+        free now. Logs the count and the reason."""
+        per_seq = -(-self.max_model_len // self.page_size)
+        if cache.num_pages is not None:
+            pages, why = cache.num_pages, "--num-pages"
+        elif cache.kv_cache_memory is not None:
+            pages, why = self._pages_for_bytes(cache.kv_cache_memory), "--kv-cache-memory"
+        elif cache.memory_utilization is not None:
+            pages = self._pages_for_bytes(self._utilization_budget(cache.memory_utilization))
+            why = f"--gpu-memory-utilization {cache.memory_utilization}"
+        else:
+            free = self._free_memory()
+            cap = self._pages_for_bytes(int(cache.free_memory_fraction * free))
+            pages = min(max_num_seqs * per_seq, cap)
+            why = (
+                f"max_num_seqs {max_num_seqs} x max_model_len {self.max_model_len}"
+                if pages < cap
+                else f"{cache.free_memory_fraction} x {free / 2**30:.1f} GiB free memory (less than "
+                f"max_num_seqs {max_num_seqs} x max_model_len {self.max_model_len} would use)"
+            )
+        logger.info(
+            "KV cache: %d pages of %d tokens (%.1f MiB%s, %.1f full-length sequences): %s",
+            pages,
+            self.page_size,
+            pages * self.page_bytes / 2**20,
+            ", committed as used" if self.device.type == "cpu" else "",
+            pages / per_seq,
+            why,
+        )
+        return pages
+
+    def _free_memory(self) -> int:
+        """Bytes free now: on the device, or (CPU) the OS's MemAvailable."""
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            with open("/proc/meminfo") as f:
+                line = next(x for x in f if x.startswith("MemAvailable:"))
+            return int(line.split()[1]) * 1024
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+    def _utilization_budget(self, fraction: float) -> int:
+        """vLLM's rule: the fraction of device memory (on CPU, of the memory available now) that
+        the weights leave."""
         weights = sum(t.numel() * t.element_size() for t in self.model.parameters())
         if self.device.type == "cuda":
             total = torch.cuda.mem_get_info(self.device)[1]
-            budget = cache.memory_utilization * total - weights
+            budget = fraction * total - weights
         else:  # the weights are loaded already, so available memory no longer counts them
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-            budget = cache.memory_utilization * total
+            total = self._free_memory()
+            budget = fraction * total
         if budget < self.page_bytes:
             raise ValueError(
-                f"memory utilization {cache.memory_utilization} leaves {max(budget, 0) / 2**20:.1f} MiB for "
+                f"memory utilization {fraction} leaves {max(budget, 0) / 2**20:.1f} MiB for "
                 f"the KV cache after {weights / 2**20:.1f} MiB of weights ({total / 2**30:.1f} GiB "
                 f"{'on the device' if self.device.type == 'cuda' else 'available'}); raise it"
             )
-        logger.info(
-            "KV cache: %.2f GiB = %.2f x %.1f GiB%s",
-            budget / 2**30,
-            cache.memory_utilization,
-            total / 2**30,
-            " - weights" if self.device.type == "cuda" else " available",
-        )
-        return budget / 2**30
+        return int(budget)
 
     @property
     def page_bytes(self) -> int:
         a = self.args
         return 2 * a.num_layers * self.page_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
 
-    def _pages_for_memory(self, gb: float) -> int:
-        return max(1, int(gb * (1 << 30)) // self.page_bytes)
+    def _pages_for_bytes(self, nbytes: int) -> int:
+        return max(1, nbytes // self.page_bytes)
 
     # --- adapters ---
     def inspect_adapter(self, name: str, path: str) -> AdapterSpec:
@@ -148,8 +193,13 @@ class ModelRunner:
     def register_adapter(self, uid: int, spec: AdapterSpec) -> None:
         self.specs[uid] = spec
 
-    def _apply_plan(self, out: SchedulerOutput) -> None:
-        plan = out.adapter_plan
+    def pending_reads(self, uids: Iterable[int]) -> int:
+        """How many of these adapters' reads (disk -> host) are still running."""
+        host = self.host
+        return sum(1 for u in uids if (f := host.get(u)) is not None and not f.done())
+
+    def apply_adapter_plan(self, plan: AdapterPlan) -> None:
+        """Carry out the control plane's adapter moves, in order (a step does this first)."""
         if plan.empty:
             return
         for uid in plan.release:
@@ -213,7 +263,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         for rid in out.finished_ids:
             self.generators.pop(rid, None)
-        self._apply_plan(out)
+        self.apply_adapter_plan(out.adapter_plan)
         self._apply_kv_copies(out.kv_copies)
         if self.fault_hook is not None:
             self.fault_hook(out)

@@ -56,7 +56,7 @@ STALE_AFTER_S = 15.0
 def _catalog(args: argparse.Namespace) -> Catalog:
     from loramux.cli import base_model
 
-    _, name, loras = base_model(args, build=False)
+    _, name, loras = base_model(args)
     return Catalog.create(name, loras, args.allowed_lora_dirs)
 
 

@@ -368,6 +368,9 @@ class _API:
             return JSONResponse(
                 {"status": "engine stopped", "error": None if dead is None else str(dead)}, status_code=503
             )
+        reading = self.engine.loras_loading()
+        if reading:  # serving; requests for these adapters wait for their weights
+            return JSONResponse({"status": "loading", "adapters_loading": reading})
         return JSONResponse({"status": "ok"})
 
     async def prometheus(self) -> Response:

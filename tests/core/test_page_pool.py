@@ -14,7 +14,7 @@ def test_S4_1_fixed_size_pages_exact_ids_and_free_order():
     assert pool.allocate(3) is None  # "cannot allocate now" is a value, and nothing changed
     assert pool.num_free == 2
     pool.decref([0])
-    assert pool.allocate(3) == [2, 3, 0]  # freed pages go to the back of the free list
+    assert pool.allocate(3) == [0, 2, 3]  # the page freed last is handed out first (memory follows use)
     assert pool.num_free == 0
     pool.check_integrity({0: 1, 1: 1, 2: 1, 3: 1})
 

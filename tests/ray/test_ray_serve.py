@@ -2,10 +2,10 @@
 S6.1, S6.3).
 
 One Ray instance (loopback, 2 CPUs, no dashboard) for the module. The replicas serve the built-in
-demo (its build comes from the session fixture `demo_first_start`, which test_demo.py checks):
-the base model `demo`, its three adapters and three more names for the same adapter folders, so
-six adapters, each replica holding at most three (`--max-cpu-loras 3`): routing decides whether
-an adapter must be loaded again. Every loop is bounded in count and time.
+demo (shipped in the package; tests/demo/ checks it): the base model `demo`, its three adapters
+and three more names for the same adapter folders, so six adapters, each replica holding at most
+three (`--max-cpu-loras 3`): routing decides whether an adapter must be loaded again. Every loop
+is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from ray import serve  # noqa: E402
 
 from tests.server.conftest import free_port  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]  # alone (-k), the first one builds the demo
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 PROMPTS = ["say: hello world\n", "say: good night\n", "say: fast fair cache\n", "say: blue river\n"]
 MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def cluster(demo_first_start, tmp_path_factory):
+def cluster(tmp_path_factory):
     """(endpoint URL, single-engine answers, allowed folder for late adds, the demo's adapters)."""
     from loramux import demo
     from loramux.cli import add_serve_args
@@ -41,8 +41,7 @@ def cluster(demo_first_start, tmp_path_factory):
     from loramux.ray import APP_NAME, build_app
     from loramux.sampling_params import SamplingParams
 
-    _, cache = demo_first_start
-    model_dir, demo_adapters = demo.demo_paths(cache)
+    model_dir, demo_adapters = demo.demo_paths()
     names = {name: str(path) for name, path in demo_adapters.items()}
     extra = {f"{name[:3]}2": path for name, path in names.items()}  # same folders, other names
     late = tmp_path_factory.mktemp("ray-allowed")
@@ -78,7 +77,6 @@ def cluster(demo_first_start, tmp_path_factory):
         ]
     )
     os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 would write a token under $HOME
-    os.environ["LORAMUX_CACHE_DIR"] = str(cache)  # the replicas (Ray's workers inherit it) find the demo
     ray.init(num_cpus=2, include_dashboard=False, namespace="loramux-test", logging_level="ERROR")
     port = free_port()
     try:
@@ -88,7 +86,6 @@ def cluster(demo_first_start, tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
-        del os.environ["LORAMUX_CACHE_DIR"]
 
 
 def _ask(url: str, model: str, prompt: str, stream: bool = False) -> tuple[str, str]:

@@ -492,8 +492,8 @@ def test_S6_2_every_serve_flag_lands_in_the_engine_config():
             "8",
             "--num-pages",
             "77",
-            "--kv-cache-memory-gb",
-            "0.5",
+            "--kv-cache-memory",
+            "512M",
             "--no-enable-prefix-caching",
             "--enable-kv-events",
             "--dtype",
@@ -525,10 +525,10 @@ def test_S6_2_every_serve_flag_lands_in_the_engine_config():
         s.max_queue_len,
     ) == (7, 99, 50, "fair", 2.5, 0.3, 4, 11)
     k = c.cache
-    assert (k.page_size, k.num_pages, k.kv_cache_memory_gb, k.enable_prefix_caching, k.enable_kv_events) == (
+    assert (k.page_size, k.num_pages, k.kv_cache_memory, k.enable_prefix_caching, k.enable_kv_events) == (
         8,
         77,
-        0.5,
+        512 * 2**20,
         False,
         True,
     )

@@ -96,7 +96,12 @@ def test_server_answers_503_and_fails_health_after_a_failed_step(tiny_models, tm
             "4",
             "--device",
             "cpu",
-            "--lora-modules",
+            "--max-loras",
+            "1",
+            "--max-cpu-loras",
+            "1",
+            "--lora-modules",  # host memory holds one: w is read ahead at start, x is not
+            f"w={adapters['r8_all']}",
             f"x={path}",
         ],
         tmp_path / "server.log",

@@ -104,8 +104,6 @@ class Rotary(nn.Module):
 
     def __init__(self, hf_config: Any, max_len: int, device: torch.device) -> None:
         super().__init__()
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
         params = getattr(hf_config, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
         if rope_type not in STATIC_ROPE_TYPES:
@@ -120,6 +118,8 @@ class Rotary(nn.Module):
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
             scaling = 1.0
         else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
         pos = torch.arange(max_len, dtype=torch.float)
         freqs = pos[:, None] * inv_freq.float()[None, :]  # [max_len, D/2]
