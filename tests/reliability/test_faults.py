@@ -153,8 +153,13 @@ def test_adapter_files_broken_after_registration_stop_the_engine_cleanly(
 ):
     path = tmp_path / "x"
     shutil.copytree(tiny_models["llama"].adapters["r1_qv"], path)
-    s = serve_tiny(
-        tiny_models, folders, tmp_path / "server.log", "--lora-modules", f"x={path}", "--num-pages", "64"
+    ad = tiny_models["llama"].adapters
+    s = serve_tiny(  # host memory holds two: a and b are read ahead at start, x is not
+        tiny_models,
+        folders,
+        tmp_path / "server.log",
+        *("--lora-modules", f"a={ad['r8_all']}", f"b={ad['r1_qv']}", f"x={path}"),
+        *("--num-pages", "64", "--max-cpu-loras", "2"),
     )
     try:
         assert _complete(s.url, "base", 3).status_code == 200
