@@ -10,7 +10,7 @@ Not a test. Two scenarios, each started --starts times as a new process, on 127.
   parameters, random weights, fp32) with 100 rank-8 adapters on q_proj and v_proj, all other flags
   default. Seconds to the first answer (a request to ad0), then 256 mixed requests (16 concurrent
   clients; ad0..ad99 and the base model drawn uniformly; prompts of 24 words; 8-64 tokens each,
-  ignore_eos), then the server's resident memory (VmRSS) and its peak (VmHWM).
+  ignore_eos; --requests), then the server's resident memory (VmRSS) and its peak (VmHWM).
 With --baseline CHECKOUT, every start alternates with the same command run from that checkout
 (PYTHONPATH=CHECKOUT, e.g. `git worktree add /tmp/base <rev>`), so both see the same machine load.
 Prints a Markdown table for docs/benchmarks.md.
@@ -69,7 +69,8 @@ class Started:
         cmd = [sys.executable, "-m", "loramux.cli", "serve", *args, "--port", str(self.port)]
         self.t0 = time.monotonic()
         self.log = open(log, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        cwd = checkout or Path(__file__).resolve().parents[1]  # `-m` puts the cwd first on sys.path
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
 
     def first_answer(self, model: str, timeout: float = 600) -> float:
         import httpx
@@ -97,7 +98,7 @@ class Started:
         self.log.close()
 
 
-def mixed(url: str, seed: int) -> None:
+def mixed(url: str, seed: int, n: int) -> None:
     import httpx
 
     rng = random.Random(seed)
@@ -110,7 +111,7 @@ def mixed(url: str, seed: int) -> None:
             "ignore_eos": True,
             "temperature": 0,
         }
-        for _ in range(N_REQUESTS)
+        for _ in range(n)
     ]
 
     def one(body: dict) -> None:
@@ -125,6 +126,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "loramux" / "bench")
     p.add_argument("--starts", type=int, default=3)
+    p.add_argument("--requests", type=int, default=N_REQUESTS, help="mixed requests before RSS is read")
     p.add_argument("--baseline", type=Path, help="another checkout to alternate with (PYTHONPATH)")
     p.add_argument("--scenarios", nargs="+", choices=["demo", "adapters"], default=["demo", "adapters"])
     a = p.parse_args()
@@ -155,7 +157,7 @@ def main() -> None:
                 )
                 try:
                     first = s.first_answer("ad0")
-                    mixed(s.url, seed=k)
+                    mixed(s.url, k, a.requests)
                     rss = status_kb(s.proc.pid, "VmRSS") / 1024
                     rows.setdefault(("100 adapters", side), []).append(
                         (first, rss, status_kb(s.proc.pid, "VmHWM") / 1024)

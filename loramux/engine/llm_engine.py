@@ -164,14 +164,14 @@ class LLMEngine:
 
     def read_loras_ahead(self, names: Iterable[str]) -> int:
         """Start reading these registered adapters from disk into host memory in the background,
-        in order, while host memory has room (nothing is evicted for it); returns how many reads
-        started. The server does this as its port opens for the adapters named at start, so
+        in order, up to max_loras and while host memory has room (nothing is evicted for it);
+        returns how many reads started. The server does this as its port opens for the adapters named at start, so
         their first requests do not wait on the disk (`loras_loading` counts what is left)."""
         self._check_alive()
         adapters, started = self.scheduler.adapters, []
         for name in names:
-            if adapters.host_room <= 0:
-                break
+            if adapters.host_room <= 0 or len(started) >= adapters.max_loras:
+                break  # as many as one step can use: more would compete with the first requests
             if name in adapters and not (info := adapters.get(name)).on_host:
                 adapters.prefetch(info)
                 started.append(info.uid)

@@ -202,7 +202,10 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        # An explicit weight skips the random init: the loader replaces it anyway, and on the meta
+        # device normal_() would import torch._dynamo (about a second of start-up).
+        weight = torch.empty(a.vocab_size, a.hidden_size)
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(a, i) for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
