@@ -165,8 +165,9 @@ class LLMEngine:
     def read_loras_ahead(self, names: Iterable[str]) -> int:
         """Start reading these registered adapters from disk into host memory in the background,
         in order, up to max_loras and while host memory has room (nothing is evicted for it);
-        returns how many reads started. The server does this as its port opens for the adapters named at start, so
-        their first requests do not wait on the disk (`loras_loading` counts what is left)."""
+        returns how many reads started. The server does this as its port opens for the adapters
+        named at start, so their first requests do not wait on the disk (`loras_loading` counts
+        what is left)."""
         self._check_alive()
         adapters, started = self.scheduler.adapters, []
         for name in names:

@@ -3,8 +3,10 @@
 Boundary: disk to a ready `LlamaForCausalLM` on the target device and dtype.
 Configs are read with transformers' AutoConfig, so both the old key style
 (`rope_theta`, `torch_dtype`) and the transformers-5 style (`rope_parameters`,
-`dtype`) work. Anything that is not a supported architecture, or weights that
-are not safetensors, is refused with an error that says what would work.
+`dtype`) work; a config.json that states every key the model reads, with the
+default rope, is read as plain JSON instead (a second faster to start). Anything
+that is not a supported architecture, or weights that are not safetensors, is
+refused with an error that says what would work.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,17 +39,34 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+_CONFIG_KEYS = (  # what the model code reads; transformers 5 writes them all into config.json
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "rms_norm_eps",
+    "max_position_embeddings",
+)
+
+
 def load_hf_config(path: str | os.PathLike) -> tuple[Any, str]:
-    """The HF config of a model directory and its architecture, or a ValueError saying why not."""
+    """The HF config of a model directory and its architecture, or a ValueError saying why not.
+
+    A config.json that states every key the model code reads, with the default rope, is read as
+    plain JSON (importing transformers' config classes costs about a second at start); anything
+    else goes through transformers' AutoConfig, which knows every key style and default."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ValueError(f"{str(p)!r} is not a model directory: config.json is missing")
-    from transformers import AutoConfig
+    cfg = _plain_config(p / "config.json")
+    if cfg is None:
+        from transformers import AutoConfig
 
-    try:
-        cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except Exception as e:  # transformers raises many types for a bad config
-        raise ValueError(f"cannot read {p / 'config.json'}: {e}") from e
+        try:
+            cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
+        except Exception as e:  # transformers raises many types for a bad config
+            raise ValueError(f"cannot read {p / 'config.json'}: {e}") from e
     archs = list(getattr(cfg, "architectures", None) or [])
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
@@ -55,6 +75,28 @@ def load_hf_config(path: str | os.PathLike) -> tuple[Any, str]:
             f"loramux runs {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return cfg, arch
+
+
+def _plain_config(file: Path) -> SimpleNamespace | None:
+    """config.json as attributes when it needs no transformers defaults; None otherwise."""
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None  # AutoConfig reports it
+    archs = raw.get("architectures") or []
+    rope = raw.get("rope_parameters") or {}
+    windowed = any(a in ("MistralForCausalLM", "Qwen2ForCausalLM") for a in archs)
+    plain = (
+        isinstance(raw, dict)
+        and any(a in SUPPORTED_ARCHITECTURES for a in archs)
+        and all(k in raw for k in _CONFIG_KEYS)
+        and isinstance(rope, dict)
+        and rope.get("rope_type", "default") == "default"
+        and not raw.get("rope_scaling")
+        and (not windowed or "sliding_window" in raw)
+        and ("Qwen2ForCausalLM" not in archs or "use_sliding_window" in raw)
+    )
+    return SimpleNamespace(**raw) if plain else None
 
 
 def _weight_files(p: Path) -> list[Path]:
@@ -111,9 +153,28 @@ def load_model(
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    from transformers import AutoTokenizer
-
+    """The tokenizer class tokenizer_config.json names, else AutoTokenizer's choice (which reads
+    the model config through transformers' config classes: about a second more at start)."""
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return _named_tokenizer(Path(path)) or _auto_tokenizer(Path(path))
     except Exception as e:
         raise ValueError(f"cannot load a tokenizer from {str(path)!r}: {e}") from e
+
+
+def _named_tokenizer(p: Path) -> Any:
+    try:
+        name = json.loads((p / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(name, str):
+        return None
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    cls = tokenizer_class_from_name(name)
+    return None if cls is None else cls.from_pretrained(str(p), local_files_only=True)
+
+
+def _auto_tokenizer(p: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
