@@ -83,12 +83,13 @@ def _plain_config(file: Path) -> SimpleNamespace | None:
         raw = json.loads(file.read_text())
     except (OSError, ValueError):
         return None  # AutoConfig reports it
+    if not isinstance(raw, dict):
+        return None
     archs = raw.get("architectures") or []
     rope = raw.get("rope_parameters") or {}
     windowed = any(a in ("MistralForCausalLM", "Qwen2ForCausalLM") for a in archs)
     plain = (
-        isinstance(raw, dict)
-        and any(a in SUPPORTED_ARCHITECTURES for a in archs)
+        any(a in SUPPORTED_ARCHITECTURES for a in archs)
         and all(k in raw for k in _CONFIG_KEYS)
         and isinstance(rope, dict)
         and rope.get("rope_type", "default") == "default"
@@ -127,11 +128,13 @@ def read_state_dict(p: Path, dtype: torch.dtype, device: torch.device) -> dict[s
 
 
 def load_model(
-    path: str | os.PathLike, dtype: torch.dtype, device: torch.device, max_len: int
-) -> tuple[LlamaForCausalLM, Any]:
-    """Build the model with its weights from `path`; returns (model, hf_config)."""
+    path: str | os.PathLike, dtype: torch.dtype, device: torch.device, max_len: int | None
+) -> tuple[LlamaForCausalLM, Any, int]:
+    """Build the model with its weights from `path`, with rotary tables for `max_len` positions
+    (None: the config's max_position_embeddings, else 4096); returns (model, hf_config, max_len)."""
     p = Path(path)
     hf_config, arch = load_hf_config(p)
+    max_len = max_len or getattr(hf_config, "max_position_embeddings", None) or 4096
     args = LlamaArgs.from_hf(hf_config, arch)
     with torch.device("meta"):  # no memory yet: the loaded tensors become the parameters
         model = LlamaForCausalLM(args)
@@ -149,7 +152,7 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rotary(hf_config, max_len, device)
     model.eval()
-    return model, hf_config
+    return model, hf_config, max_len
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:

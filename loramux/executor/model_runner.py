@@ -63,16 +63,13 @@ class ModelRunner:
     ) -> None:
         self.device = resolve_device(model.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
-        from loramux.executor.loader import load_hf_config
-
-        hf_config, _ = load_hf_config(model.model)
-        limit = getattr(hf_config, "max_position_embeddings", None) or 4096
-        self.max_model_len = model.max_model_len or limit
-        self.model, self.hf_config = load_model(model.model, self.dtype, self.device, self.max_model_len)
+        self.model, self.hf_config, self.max_model_len = load_model(
+            model.model, self.dtype, self.device, model.max_model_len
+        )
         self.args = self.model.args
         self.page_size = cache.page_size
-        self.num_pages = self._plan_pages(cache, max_num_seqs)
         self.commits_kv_as_used = self.device.type == "cpu"  # see _zeros
+        self.num_pages = self._plan_pages(cache, max_num_seqs)
         shape = (self.num_pages, self.page_size, self.args.num_kv_heads, self.args.head_dim)
         self.kv_caches = [(self._zeros(shape), self._zeros(shape)) for _ in range(self.args.num_layers)]
         host = torch.device("cpu")
@@ -108,7 +105,7 @@ class ModelRunner:
         """A zeroed KV tensor. On CPU it is calloc'd (through numpy), so the OS commits its memory
         page by page as the pool first writes it: a pool sized for the worst case costs what is
         used (the pool hands out recently freed pages first)."""
-        if self.device.type != "cpu":
+        if not self.commits_kv_as_used:
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
         import numpy as np
 
@@ -142,7 +139,7 @@ class ModelRunner:
             pages,
             self.page_size,
             pages * self.page_bytes / 2**20,
-            ", committed as used" if self.device.type == "cpu" else "",
+            ", committed as used" if self.commits_kv_as_used else "",
             pages / per_seq,
             why,
         )

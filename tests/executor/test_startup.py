@@ -63,3 +63,9 @@ def test_an_incomplete_config_goes_through_autoconfig(tiny_models, tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     got, name = load_hf_config(dst)
     assert type(got).__name__ != "SimpleNamespace" and got.rms_norm_eps > 0 and name == "LlamaForCausalLM"
+
+
+def test_a_config_that_is_not_an_object_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"config\.json"):
+        load_hf_config(tmp_path)
