@@ -1,4 +1,4 @@
-"""Command line: `loramux serve` and `loramux bench`.
+"""Command line: `loramux serve`, `loramux bench` and `loramux simulate`.
 
 Boundary: parses flags into the frozen configs and hands them on; every flag
 of `serve` lands in `EngineConfig` or `ServerConfig` (S6.2). Flag names follow
@@ -436,12 +436,22 @@ def main(argv: list[str] | None = None) -> None:
     from loramux.bench.cli import add_bench_args
 
     add_bench_args(bench)
+    simulate = sub.add_parser(
+        "simulate", help="the real scheduler on a virtual clock: policies, rates and workloads, in seconds"
+    )
+    from loramux.sim.cli import add_simulate_args
+
+    add_simulate_args(simulate)
     args = parser.parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
             serve(args)
+        elif args.command == "simulate":
+            from loramux.sim.cli import run_simulate
+
+            run_simulate(args)
         else:
             from loramux.bench.cli import run_bench
 

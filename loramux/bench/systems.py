@@ -77,6 +77,7 @@ class LoramuxSettings:
     kv_cache_memory: int = 2**30  # 1 GiB, as the recorded runs used
     device: str = "auto"
     policy: str = "fcfs"
+    tenant_per_adapter: bool = False  # each adapter its own tenant (what `fair` shares between)
 
 
 def run_loramux(
@@ -119,6 +120,7 @@ def run_loramux(
                 prompts[r.index],
                 SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0),
                 lora_name=None if base_only else adapter_name(r.adapter),
+                tenant=adapter_name(r.adapter) if s.tenant_per_adapter else "",
             )
         if not eng.has_unfinished_requests():
             time.sleep(max(0.0, min(pending[0].arrival - now, 0.05)))

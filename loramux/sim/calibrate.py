@@ -1,0 +1,316 @@
+"""`loramux simulate calibrate MODEL_DIR`: measure a profile on this machine's real executor.
+
+Boundary: runs the real engine (`LLM`, the PyTorch executor) on a mixed load
+it generates from a seed, times every `step()` as the benchmark does, reads
+each step's features off its `SchedulerOutput` (profile.step_features, the
+same function the simulator uses) and fits the profile's roofline (a floor,
+then linear terms) by least squares, every term >= 0 (a term that would come
+out negative is dropped and the rest refitted). Time spent loading adapters inside a step is
+taken out of the step and fitted apart: disk reads and slot copies, seconds
+per byte, from the executor's load counters.
+
+The load comes in phases: B requests (B log-uniform from 1 to max_num_seqs)
+arrive over 24 steps, so prefills land among decodes, and run until all have
+finished, so every batch size down to one row is measured, small ones as
+often as large; each phase draws its requests' adapters from a new set
+(none, 1, 2, 4, max_loras or all of them), so batch size and adapter count
+vary apart; prompt lengths are log-uniform in [8, 512], outputs U[4, 64]
+(`--prompt-range`, `--output-range`: measure where your traffic lies); the
+adapters have two ranks. Plain (not relative) least squares: the predicted
+total time is unbiased, which is what latency and throughput add up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loramux.sampling_params import SamplingParams
+from loramux.sim.profile import COST_TERMS, Profile, StepFeatures, step_features
+
+
+def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: drop the most negative term and refit."""
+    active = list(range(x.shape[1]))
+    while True:
+        coef = np.zeros(x.shape[1])
+        sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        coef[active] = sol
+        neg = [(coef[i], i) for i in active if coef[i] < 0]
+        if not neg:
+            return coef
+        active.remove(min(neg)[1])
+
+
+def roofline(x: np.ndarray, coef: np.ndarray, floor: float) -> np.ndarray:
+    """Profile.step_seconds for rows of features (columns in COST_TERMS order)."""
+    compute = coef[1] * x[:, 1] + coef[3] * x[:, 3]
+    rest = x @ coef - compute
+    return rest + np.maximum(compute, floor)
+
+
+def fit_roofline(x: np.ndarray, y: np.ndarray, grid: int = 60) -> tuple[np.ndarray, float]:
+    """The profile's terms and floor_s: for each floor on a grid, alternate between sorting steps
+    into floor-bound and compute-bound and a non-negative fit; keep the floor with the least squared
+    error (floor 0 is the plain linear model)."""
+    best: tuple[float, np.ndarray, float] | None = None
+    for floor in np.linspace(0.0, float(np.percentile(y, 90)), grid):
+        bound = np.zeros(len(y), dtype=bool)  # floor-bound steps
+        for _ in range(20):
+            xs = x.copy()
+            xs[bound, 1] = 0.0
+            xs[bound, 3] = 0.0
+            coef = fit_nonnegative(xs, y - np.where(bound, floor, 0.0))
+            now = coef[1] * x[:, 1] + coef[3] * x[:, 3] < floor
+            if (now == bound).all():
+                break
+            bound = now
+        sse = float(((roofline(x, coef, floor) - y) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, coef, float(floor))
+    assert best is not None
+    return best[1], best[2]
+
+
+class Calibrator:
+    """The real engine of `model_dir` with these adapters, measured in as many slices as wanted
+    (`measure`), then fitted (`profile`). Slices can be interleaved with other work, e.g. the real
+    runs a simulation is compared with, so the profile sees the machine as they did."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        adapter_dirs: Sequence[str | Path],
+        *,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        kv_cache_memory: int = 2**30,
+        max_loras: int = 8,
+        device: str = "auto",
+        seed: int = 0,
+        prompt_range: tuple[int, int] = (8, 512),
+        output_range: tuple[int, int] = (4, 64),
+    ) -> None:
+        from loramux import LLM
+
+        self.model_dir = Path(model_dir)
+        self.settings = (max_num_seqs, max_num_batched_tokens, kv_cache_memory, max_loras)
+        self.prompt_range, self.output_range = prompt_range, output_range
+        self.llm = LLM(
+            str(model_dir),
+            max_loras=max_loras,
+            max_cpu_loras=max(len(adapter_dirs), max_loras),
+            max_lora_rank=64,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_memory=kv_cache_memory,
+            device=device,
+        )
+        self.eng = self.llm.engine
+        self.ex: Any = self.eng.executor
+        self.names = [f"cal{i}" for i in range(len(adapter_dirs))]
+        self.ranks: dict[int, int] = {}
+        self.nbytes: dict[str, int] = {}
+        for n, d in zip(self.names, adapter_dirs, strict=True):
+            info = self.eng.add_lora(n, str(d))
+            self.ranks[info.uid] = info.rank
+            self.nbytes[n] = info.nbytes
+        self._captured: list[Any] = []
+        self._execute = self.ex.execute
+        self.rng = random.Random(seed)
+        self.rows: list[StepFeatures] = []
+        self.times: list[float] = []
+        self.seconds = 0.0
+        self._sent = 0
+        self._pool: list[str | None] = [None]
+        self._warm_up()
+
+    def _add(self) -> None:
+        rng, (lo, hi) = self.rng, self.prompt_range
+        hi = max(lo, min(hi, self.ex.max_model_len - self.output_range[1]))  # fits the model's limit
+        n = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        prompt = [rng.randrange(3, self.ex.vocab_size) for _ in range(n)]
+        params = SamplingParams(max_tokens=rng.randint(*self.output_range), ignore_eos=True, temperature=0.0)
+        self.eng.add_request(f"c{self._sent}", prompt, params, lora_name=rng.choice(self._pool))
+        self._sent += 1
+
+    def _warm_up(self) -> None:
+        """Three requests through every path, not measured."""
+        for _ in range(3):
+            self._add()
+        while self.eng.has_unfinished_requests():
+            self.eng.step()
+
+    def measure(self, requests: int, progress: bool = True) -> None:
+        """Run `requests` more requests in phases and keep every step's features and time."""
+        import torch
+        from tqdm import tqdm
+
+        eng, ex, rng, stats = self.eng, self.ex, self.rng, self.ex.load_stats
+        max_num_seqs, max_loras = self.settings[0], self.settings[3]
+
+        def spy(out: Any) -> Any:
+            self._captured.append(out)
+            return self._execute(out)
+
+        ex.execute = spy
+        left = requests
+        bar = tqdm(total=requests, desc="calibrate", unit="req", disable=not progress)
+        t_start = time.perf_counter()
+        while left > 0:  # one phase: a batch of B requests arriving over 24 steps, then drained
+            b = min(int(math.exp(rng.uniform(0.0, math.log(max_num_seqs + 1)))), left)
+            left -= b
+            k = rng.choice([0, 1, 2, 4, max_loras, len(self.names)])
+            self._pool = [None] if k == 0 else list(rng.sample(self.names, min(k, len(self.names))))
+            due = sorted(rng.randrange(24) for _ in range(b))
+            step = 0
+            while due or eng.has_unfinished_requests():
+                while due and due[0] <= step:
+                    due.pop(0)
+                    self._add()
+                step += 1
+                if not eng.has_unfinished_requests():
+                    continue
+                self._captured.clear()
+                loads0 = stats.device_seconds + stats.wait_seconds
+                t0 = time.perf_counter()
+                outs = eng.step()
+                if getattr(ex.device, "type", "cpu") == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0 - (stats.device_seconds + stats.wait_seconds - loads0)
+                bar.update(sum(1 for o in outs if o.finished))
+                if self._captured and self._captured[0].seqs:
+                    self.rows.append(step_features(self._captured[0], self.ranks))
+                    self.times.append(dt)
+        bar.close()
+        ex.execute = self._execute
+        self.seconds += time.perf_counter() - t_start
+
+    def profile(self, name: str, save_steps: str | Path | None = None) -> tuple[Profile, dict[str, float]]:
+        """Fit every step measured so far; returns the profile and fit-quality numbers."""
+        ex, stats = self.ex, self.ex.load_stats
+        x = np.array(self.rows, dtype=float)
+        y = np.array(self.times)
+        if save_steps is not None:  # the measured steps, for a look at the fit (np.load: x, y)
+            np.savez(save_steps, x=x, y=y)
+        coef, floor = fit_roofline(x, y)
+        pred = roofline(x, coef, floor)
+        quality = {
+            "steps": float(len(y)),
+            "seconds": self.seconds,
+            "r2": float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()),
+            "median_rel_error": float(np.median(np.abs(pred - y) / y)),
+            "total_rel_error": float(abs(pred.sum() - y.sum()) / y.sum()),
+        }
+        mean_bytes = float(np.mean(list(self.nbytes.values())))
+        read_rate = mean_bytes * stats.host_loads / stats.host_seconds if stats.host_seconds > 0 else 1e9
+        copy_rate = (
+            mean_bytes * stats.device_loads / stats.device_seconds if stats.device_seconds > 0 else 1e10
+        )
+        max_num_seqs, max_num_batched_tokens, kv_cache_memory, max_loras = self.settings
+        profile = Profile(
+            name=name,
+            source=(
+                f"measured by `loramux simulate calibrate` on {_machine()} on {time.strftime('%Y-%m-%d')}: "
+                f"{len(y)} steps, R^2 {quality['r2']:.3f}, "
+                f"median step error {quality['median_rel_error']:.1%}"
+            ),
+            **{t: float(c) for t, c in zip(COST_TERMS, coef, strict=True)},
+            floor_s=floor,
+            jitter=float(np.std(np.log(y / np.maximum(pred, 1e-9)))),
+            read_base_s=0.0,
+            read_bytes_per_s=float(read_rate),
+            copy_base_s=0.0,
+            copy_bytes_per_s=float(copy_rate),
+            num_pages=int(ex.num_pages),
+            page_size=int(ex.page_size),
+            max_model_len=int(ex.max_model_len),
+            commits_kv_as_used=bool(getattr(ex, "commits_kv_as_used", False)),
+            adapter_bytes_per_rank=int(sum(self.nbytes.values()) / sum(self.ranks.values())),
+            engine={
+                "model": self.model_dir.name,
+                "max_num_seqs": max_num_seqs,
+                "max_num_batched_tokens": max_num_batched_tokens,
+                "kv_cache_memory": kv_cache_memory,
+                "max_loras": max_loras,
+                "prompt_range": list(self.prompt_range),
+                "output_range": list(self.output_range),
+                "device": str(ex.device),
+                "dtype": str(ex.dtype).replace("torch.", ""),
+            },
+            notes="Step time excludes adapter loads (fitted apart, per byte). Adapter bytes scale with rank "
+            "for the calibration adapters' target modules.",
+        )
+        return profile, quality
+
+    def close(self) -> None:
+        if hasattr(self.ex, "close"):
+            self.ex.close()
+
+
+def calibrate_profile(
+    model_dir: str | Path,
+    adapter_dirs: Sequence[str | Path],
+    name: str,
+    *,
+    requests: int = 240,
+    progress: bool = True,
+    save_steps: str | Path | None = None,
+    **settings: Any,
+) -> tuple[Profile, dict[str, float]]:
+    """Measure `model_dir` with these adapters in one go (settings: Calibrator's keywords)."""
+    cal = Calibrator(model_dir, adapter_dirs, **settings)
+    try:
+        cal.measure(requests, progress)
+        return cal.profile(name, save_steps)
+    finally:
+        cal.close()
+
+
+def _machine() -> str:
+    from loramux.bench.report import machine
+
+    return machine()
+
+
+def calibrate(a: argparse.Namespace) -> Profile:
+    """The CLI: random adapters of rank r and 2r on q_proj and v_proj, unless the model has them."""
+    from loramux.bench.artifacts import write_random_adapter
+
+    model_dir = Path(a.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} has no config.json; give a Hugging Face model directory")
+    with tempfile.TemporaryDirectory(prefix="loramux-cal-") as tmp:
+        dirs = [
+            write_random_adapter(
+                Path(tmp) / f"a{i}", model_dir, a.rank * (1 + i % 2), ("q_proj", "v_proj"), seed=i
+            )
+            for i in range(16)
+        ]
+        profile, q = calibrate_profile(
+            model_dir,
+            dirs,
+            a.name or f"{model_dir.name}-calibrated",
+            max_num_seqs=a.cal_max_num_seqs,
+            max_num_batched_tokens=a.cal_max_num_batched_tokens,
+            kv_cache_memory=a.kv_cache_memory,
+            requests=a.requests,
+            device=a.device,
+            prompt_range=tuple(a.prompt_range),
+            output_range=tuple(a.output_range),
+            max_loras=a.max_loras_cal,
+        )
+    path = profile.save(a.profile_out)
+    print(
+        f"wrote {path}: {q['steps']:.0f} steps in {q['seconds']:.0f} s, R^2 {q['r2']:.3f}, median step error "
+        f"{q['median_rel_error']:.1%}, total {q['total_rel_error']:.1%}"
+    )
+    return profile

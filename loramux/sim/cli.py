@@ -1,0 +1,196 @@
+"""`loramux simulate`: a named workload (or a trace) under one or more policies, on a profile.
+
+Boundary: flags in, a report folder out (report.md, results.json, PNG plots).
+`loramux simulate calibrate MODEL_DIR` measures a profile on this machine
+(calibrate.py). Engine flags keep `loramux serve`'s names; a flag given here
+overrides what the workload names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from loramux.bench.workload import WorkloadConfig
+from loramux.sim.profile import Profile, shipped_profiles
+from loramux.sim.report import write_report
+from loramux.sim.run import SimResult, SimSettings, simulate
+from loramux.sim.workloads import S1_RANKS, S2_RANKS, SUITES, Workload, load_trace, slora
+
+ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_cpu_loras", "num_pages")
+
+
+def add_simulate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workload",
+        default=None,
+        help=f"a named workload ({', '.join(SUITES)}) or 'slora' (S-LoRA's generator with "
+        "--rates, --num-adapters, ...)",
+    )
+    p.add_argument(
+        "--trace",
+        default=None,
+        help="replay a CSV or JSONL trace (arrival, adapter, tenant, prompt_len, output_len)",
+    )
+    p.add_argument(
+        "--profile", default=None, help=f"a profile JSON file or a shipped one: {shipped_profiles()}"
+    )
+    p.add_argument("--policies", default="fcfs", help="comma-separated: fcfs,affinity,completion,fair")
+    p.add_argument("--points", nargs="+", default=None, help="the sweep's points (default: the workload's)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--slo", type=float, default=6.0, help="TTFT target in seconds")
+    p.add_argument(
+        "--abort-after",
+        type=float,
+        default=None,
+        help="S-LoRA's early abort: drop a request that waited this long (W3 uses 5.5)",
+    )
+    p.add_argument("--no-abort", action="store_true", help="turn off the workload's early abort")
+    p.add_argument("--out", default=None, help="report folder (default sim_out/<workload>)")
+    p.add_argument("--list", action="store_true", help="list the named workloads and shipped profiles")
+    g = p.add_argument_group("S-LoRA generator (--workload slora)")
+    g.add_argument("--rates", nargs="+", type=float, default=[2.0])
+    g.add_argument("--num-adapters", type=int, default=200)
+    g.add_argument("--alpha", type=float, default=1.0)
+    g.add_argument("--cv", type=float, default=1.0)
+    g.add_argument("--duration", type=float, default=300.0)
+    g.add_argument("--input-range", nargs=2, type=int, default=[8, 512])
+    g.add_argument("--output-range", nargs=2, type=int, default=[8, 512])
+    g.add_argument("--ranks", choices=["s1", "s2"], default="s2", help="s1: all 8; s2: [64, 32, 16, 8]")
+    e = p.add_argument_group("engine (as `loramux serve`)")
+    e.add_argument("--max-num-seqs", type=int)
+    e.add_argument("--max-num-batched-tokens", type=int)
+    e.add_argument("--max-loras", type=int)
+    e.add_argument("--max-cpu-loras", type=int)
+    e.add_argument("--num-pages", type=int, help="KV pages (default: the profile's pool)")
+    e.add_argument("--starvation-timeout", type=float, default=5.0)
+    sub = p.add_subparsers(dest="sim_command")
+    cal = sub.add_parser("calibrate", help="measure a profile of MODEL_DIR on this machine's executor")
+    cal.add_argument("model_dir")
+    cal.add_argument("--out", dest="profile_out", required=True, help="where to write the profile JSON")
+    cal.add_argument("--name", default=None)
+    cal.add_argument("--max-num-seqs", dest="cal_max_num_seqs", type=int, default=64)
+    cal.add_argument("--max-num-batched-tokens", dest="cal_max_num_batched_tokens", type=int, default=2048)
+    cal.add_argument(
+        "--kv-cache-memory", type=int, default=2**30, help="bytes of KV pool (the bench's 1 GiB)"
+    )
+    cal.add_argument("--rank", type=int, default=8)
+    cal.add_argument("--requests", type=int, default=240, help="requests in the measured mix")
+    cal.add_argument("--device", default="auto")
+    cal.add_argument("--max-loras", dest="max_loras_cal", type=int, default=8)
+    cal.add_argument(
+        "--prompt-range",
+        nargs=2,
+        type=int,
+        default=[8, 512],
+        metavar=("LO", "HI"),
+        help="prompt lengths, log-uniform between LO and HI",
+    )
+    cal.add_argument("--output-range", nargs=2, type=int, default=[4, 64], metavar=("LO", "HI"))
+
+
+def _settings(
+    a: argparse.Namespace, engine: dict[str, object], policy: str, abort: float | None
+) -> SimSettings:
+    over = {k: getattr(a, k) for k in ENGINE_FLAGS if getattr(a, k) is not None}
+    known = {f.name for f in fields(SimSettings)}
+    cfg = {k: v for k, v in {**engine, **over}.items() if k in known}
+    return SimSettings(
+        policy=policy, abort_after=abort, starvation_timeout_s=a.starvation_timeout, seed=a.seed, **cfg
+    )  # type: ignore[arg-type]
+
+
+def plan(a: argparse.Namespace) -> tuple[str, str, str, list[tuple[str, Workload]], float | None]:
+    """(title, default profile, sweep name, [(point, workload)], abort) for the flags."""
+    if a.trace:
+        wl = load_trace(a.trace)
+        return f"trace {Path(a.trace).name}", "cpu-mid", "trace", [(wl.name, wl)], None
+    name = a.workload or "slora"
+    if name == "slora":
+        ranks = S1_RANKS if a.ranks == "s1" else S2_RANKS
+        points = [float(x) for x in (a.points or a.rates)]
+        wls = [
+            (
+                f"{r:g}",
+                slora(
+                    WorkloadConfig(
+                        a.num_adapters,
+                        a.alpha,
+                        r,
+                        a.cv,
+                        a.duration,
+                        tuple(a.input_range),
+                        tuple(a.output_range),
+                        a.seed,
+                    ),
+                    ranks,
+                    f"slora-rate{r:g}",
+                ),
+            )
+            for r in points
+        ]
+        return "S-LoRA generator", "cpu-mid", "rate", wls, None
+    suite = SUITES.get(name)
+    if suite is None:
+        raise SystemExit(
+            f"unknown workload {name!r}; choose one of {['slora', *SUITES]} or give --trace FILE"
+        )
+    points = a.points or [str(p) for p in suite.points]
+    wls = [(str(p), suite.workload(_cast(p, suite.points), a.seed)) for p in points]
+    return f"{suite.name}: {suite.description}", suite.profile, suite.sweep, wls, suite.abort_after
+
+
+def _cast(p: object, like: tuple[object, ...]) -> object:
+    kind = type(like[0])
+    try:
+        return kind(p) if kind in (int, float) else str(p)
+    except ValueError:
+        raise SystemExit(f"point {p!r}: this workload's points are {like}") from None
+
+
+def run_simulate(a: argparse.Namespace) -> Path | None:
+    if a.sim_command == "calibrate":
+        from loramux.sim.calibrate import calibrate
+
+        calibrate(a)
+        return None
+    if a.list:
+        for s in SUITES.values():
+            print(f"{s.name:22s} {s.description} (profile {s.profile}; {s.sweep}: {list(s.points)})")
+        print(f"{'slora':22s} S-LoRA's generator with --rates, --num-adapters, --alpha, --cv, --duration")
+        print(f"profiles: {', '.join(shipped_profiles())}")
+        return None
+    title, default_profile, sweep, wls, abort = plan(a)
+    profile = Profile.load(a.profile or default_profile)
+    abort = None if a.no_abort else (a.abort_after if a.abort_after is not None else abort)
+    policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    results: list[tuple[str, SimResult]] = []
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    for point, wl in tqdm(wls, desc="simulate", unit="point", leave=False):
+        for pol in policies:
+            results.append((point, simulate(wl, profile, _settings(a, wl.engine, pol, abort))))
+    first = results[0][1]
+    out = Path(a.out or f"sim_out/{a.workload or (Path(a.trace).stem if a.trace else 'slora')}")
+    command = "loramux simulate " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["simulate"] else ""
+    s = _settings(a, wls[0][1].engine, policies[0], abort)
+    intro = [
+        f"Command: `{command}`" if command else "",
+        f"Profile: `{profile.name}` ({profile.source}). Engine: max_num_seqs {s.max_num_seqs}, "
+        f"max_num_batched_tokens {s.max_num_batched_tokens}, max_loras {s.max_loras}, KV pages "
+        f"{s.num_pages or profile.num_pages} of {profile.page_size} tokens"
+        + (f", early abort after {abort:g} s of waiting" if abort else "")
+        + f". Seed {a.seed}. SLO: TTFT < {a.slo:g} s.",
+        f"Simulated {sum(len(r.records) for _, r in results)} requests in "
+        f"{time.perf_counter() - t0:.1f} s of wall time ({len(results)} runs; first run: "
+        f"{len(first.records)} requests, {first.steps} steps, {first.wall_seconds:.1f} s).",
+    ]
+    fairness = any(len({r.tenant for r in res.records}) <= 32 for _, res in results) or sweep == "scenario"
+    path, _ = write_report(out, title, intro, sweep, results, a.slo, fairness)
+    print(path.read_text())
+    return path

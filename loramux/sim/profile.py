@@ -1,0 +1,184 @@
+"""A hardware profile: what a step and an adapter load cost, and the engine's sizes (issue 11).
+
+Boundary: numbers in, seconds out; no torch, no engine. The step-time model
+is linear in features that `step_features` reads off a `SchedulerOutput`:
+
+    step_s = base_s
+           + per_prefill_token_s  * prefill tokens        (rows computing more than one token)
+           + per_prefill_seq_s    * prefill rows          (each has its own set-up and sampling)
+           + per_decode_row_s     * decode rows           (rows computing one token)
+           + per_context_token_s  * attended context      (sum over rows of start_pos + tokens)
+           + per_adapter_s        * distinct adapters in the step
+           + per_adapter_rank_s   * sum of the distinct adapters' ranks   (their weights are read)
+           + per_lora_rank_token_s * sum over rows of tokens x adapter rank
+
+Measured steps scatter around the model (this CPU: about 10 % at the
+median); `jitter` is the standard deviation of log(measured / modelled) and
+the simulator multiplies each step's cost by a seeded lognormal factor of
+mean 1 with that spread, so that a request arriving mid-step waits the
+residual of a step as variable as the real ones. 0 makes every step exact.
+
+An adapter costs `read_base_s + bytes / read_bytes_per_s` to read from disk
+into host memory (on the reader thread, one read at a time) and
+`copy_base_s + bytes / copy_bytes_per_s` to copy into a device slot (inside
+the step that needs it). A profile is a small JSON file; `source` says
+whether it was measured (`loramux simulate calibrate`) or derived from
+published figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from loramux.core.outputs import SchedulerOutput
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+COST_TERMS = (
+    "base_s",
+    "per_prefill_token_s",
+    "per_prefill_seq_s",
+    "per_decode_row_s",
+    "per_context_token_s",
+    "per_adapter_s",
+    "per_adapter_rank_s",
+    "per_lora_rank_token_s",
+)
+
+
+class StepFeatures(NamedTuple):
+    """What a step's cost depends on (the order of COST_TERMS)."""
+
+    one: float
+    prefill_tokens: int
+    prefill_rows: int
+    decode_rows: int
+    context_tokens: int
+    adapters: int
+    adapter_ranks: int
+    lora_rank_tokens: int
+
+
+def step_features(out: SchedulerOutput, rank_of: dict[int, int]) -> StepFeatures:
+    """The cost features of one step; `rank_of` maps adapter uid to rank."""
+    prefill = prefill_rows = decode = context = rank_tokens = 0
+    uids: set[int] = set()
+    rank_of_get = rank_of.get
+    for seq in out.seqs:
+        n = len(seq.token_ids)
+        if n == 1:
+            decode += 1
+        else:
+            prefill += n
+            prefill_rows += 1
+        context += seq.start_pos + n
+        uid = seq.adapter_uid
+        if uid is not None:
+            uids.add(uid)
+            rank_tokens += n * rank_of_get(uid, 0)
+    ranks = sum(rank_of_get(u, 0) for u in uids)
+    return StepFeatures(1.0, prefill, prefill_rows, decode, context, len(uids), ranks, rank_tokens)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One machine and model: step cost terms, adapter load rates, and the engine sizes."""
+
+    name: str
+    source: str  # "measured ..." or "derived ...": where the numbers come from
+    base_s: float
+    per_prefill_token_s: float
+    per_decode_row_s: float
+    per_prefill_seq_s: float = 0.0
+    floor_s: float = 0.0
+    jitter: float = 0.0  # std of log(measured / modelled step time)
+    per_context_token_s: float = 0.0
+    per_adapter_s: float = 0.0
+    per_adapter_rank_s: float = 0.0
+    per_lora_rank_token_s: float = 0.0
+    read_base_s: float = 0.0
+    read_bytes_per_s: float = 1e9
+    copy_base_s: float = 0.0
+    copy_bytes_per_s: float = 1e10
+    num_pages: int = 1024  # KV pool, in pages of page_size tokens
+    page_size: int = 16
+    max_model_len: int = 4096
+    commits_kv_as_used: bool = False  # CPU: the engine keeps few idle prefix pages (issue 15)
+    adapter_bytes_per_rank: int = 0  # bytes of a rank-1 adapter (ranks scale it linearly)
+    engine: dict[str, Any] = field(default_factory=dict)  # engine settings the profile was made with
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        for name in (*COST_TERMS, "floor_s", "jitter", "read_base_s", "copy_base_s"):
+            v = getattr(self, name)
+            if not v >= 0:
+                raise ValueError(f"profile {self.name!r}: {name}={v}; cost terms must be >= 0")
+        for name in ("read_bytes_per_s", "copy_bytes_per_s", "num_pages", "page_size", "max_model_len"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"profile {self.name!r}: {name} must be positive")
+        if self.base_s + self.per_decode_row_s + self.per_prefill_token_s <= 0:
+            raise ValueError(f"profile {self.name!r}: a step must cost something (all step terms are 0)")
+
+    # --- costs ---
+    def step_seconds(self, f: StepFeatures) -> float:
+        compute = self.per_prefill_token_s * f.prefill_tokens + self.per_decode_row_s * f.decode_rows
+        return (
+            self.base_s
+            + (compute if compute > self.floor_s else self.floor_s)
+            + self.per_prefill_seq_s * f.prefill_rows
+            + self.per_context_token_s * f.context_tokens
+            + self.per_adapter_s * f.adapters
+            + self.per_adapter_rank_s * f.adapter_ranks
+            + self.per_lora_rank_token_s * f.lora_rank_tokens
+        )
+
+    def read_seconds(self, nbytes: int) -> float:
+        return self.read_base_s + nbytes / self.read_bytes_per_s
+
+    def copy_seconds(self, nbytes: int) -> float:
+        return self.copy_base_s + nbytes / self.copy_bytes_per_s
+
+    def adapter_bytes(self, rank: int) -> int:
+        return self.adapter_bytes_per_rank * rank
+
+    # --- files ---
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(self.to_json())
+        return p
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> Profile:
+        """A profile file, or the name of a shipped one (`loramux simulate --list-profiles`)."""
+        p = Path(name_or_path)
+        if not p.is_file():
+            shipped = PROFILES_DIR / f"{name_or_path}.json"
+            if not shipped.is_file():
+                raise ValueError(
+                    f"no profile {str(name_or_path)!r}: give a JSON file or one of {shipped_profiles()}"
+                )
+            p = shipped
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"profile {p}: not valid JSON ({e})") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"profile {p}: unknown keys {unknown}; known keys are {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ValueError(f"profile {p}: {e}") from None
+
+
+def shipped_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
