@@ -190,7 +190,7 @@ def run_simulate(a: argparse.Namespace) -> Path | None:
         f"{time.perf_counter() - t0:.1f} s of wall time ({len(results)} runs; first run: "
         f"{len(first.records)} requests, {first.steps} steps, {first.wall_seconds:.1f} s).",
     ]
-    fairness = any(len({r.tenant for r in res.records}) <= 32 for _, res in results) or sweep == "scenario"
+    fairness = all(len({r.tenant for r in res.records}) <= 32 for _, res in results) or sweep == "scenario"
     path, _ = write_report(out, title, intro, sweep, results, a.slo, fairness)
     print(path.read_text())
     return path

@@ -8,13 +8,15 @@ Boundary: records in, numbers out; no engine.
     throughput    = completed / (last completion - first arrival)       (S-LoRA's; capped by load)
     capacity      = the highest rate whose attainment is >= 0.9
     per-token     = mean over completed of e2e latency / output tokens    (dLoRA, vLLM)
+    decode per token = mean over completed of (finish - first token) / (output tokens - 1)   (Punica)
     adapter loads per second = swap-ins into a device slot / (last completion - first arrival)
     longest wait  = max over requests of (first scheduled, else abort or end) - arrival
     VTC service   = each request's in + 2 x out spread evenly over [first token, finish]
     service_diff  = per window: sum_j min(max_k s_k - s_j, |demand_j - s_j|), s and demand in
                     tokens/s over a 60 s window (VTC artifact; ticks i*T/n, window shifted by the
                     warm-up); max, mean and variance over the ticks
-    acc_diff      = max_j S_j - min_j S_j, S_j = client j's service over [warm-up, last finish]
+    acc_diff      = max_j S_j - min_j S_j, S_j = client j's service from the warm-up to the last
+                    tick (the artifact's final accumulated difference: the drain is not in it)
 """
 
 from __future__ import annotations
@@ -111,6 +113,16 @@ def per_token_latency(records: Sequence[Record]) -> float:
     return float(np.mean(done)) if done else math.nan
 
 
+def decode_per_token(records: Sequence[Record]) -> float:
+    """Punica's decode latency per token: the decode phase only, queueing and prefill left out."""
+    done = [
+        (r.finish - r.first_token) / (r.output_tokens - 1)
+        for r in records
+        if r.finish is not None and r.first_token is not None and not r.aborted and r.output_tokens > 1
+    ]
+    return float(np.mean(done)) if done else math.nan
+
+
 def loads_per_second(adapter_loads: int, records: Sequence[Record]) -> float:
     span = _span(records)
     return adapter_loads / span if span > 0 else 0.0
@@ -188,14 +200,14 @@ class Fairness:
     max_diff: float
     avg_diff: float
     var_diff: float
-    acc_diff: float  # final accumulated absolute difference, in tokens
+    acc_diff: float  # accumulated absolute difference at the last tick, in tokens
     tokens_per_s: float  # (in + out) of every request / the run's span (VTC's throughput)
 
 
-def fairness(records: Sequence[Record], horizon: float, warmup: float = 30.0) -> Fairness:
-    diffs = service_diff(records, horizon, warmup=warmup)
+def fairness(records: Sequence[Record], horizon: float, warmup: float = 30.0, ticks: int = 20) -> Fairness:
+    diffs = service_diff(records, horizon, ticks, warmup=warmup)
     end = max((r.finish for r in records if r.finish is not None), default=0.0)
-    acc = accumulated_service(records, warmup, end)
+    acc = accumulated_service(records, warmup, horizon * (ticks - 1) / ticks + warmup)  # at the last tick
     span = end - min((r.arrival for r in records), default=0.0)
     total = sum(r.input_len + r.output_len for r in records if r.finish is not None and not r.aborted)
     return Fairness(

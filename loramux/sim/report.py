@@ -34,6 +34,7 @@ class Row:
     attainment: float
     satisfaction: float
     per_token_latency: float
+    decode_per_token: float
     adapter_loads: int
     loads_per_s: float
     longest_wait: float
@@ -59,6 +60,7 @@ def summarize(point: object, res: SimResult, slo: float, fairness: bool = False)
         m.attainment(recs, slo),
         m.satisfaction(recs, slo),
         m.per_token_latency(recs),
+        m.decode_per_token(recs),
         res.adapter_loads,
         m.loads_per_second(res.adapter_loads, recs),
         m.longest_wait(recs, res.end_time),
@@ -245,7 +247,7 @@ def write_report(
                 }
                 for r, (_, res) in zip(rows, results, strict=True)
             ],
-            indent=1,
+            separators=(",", ":"),
             default=float,
         )
     )

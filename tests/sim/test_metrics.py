@@ -72,6 +72,8 @@ def test_per_token_latency_and_loads_per_second():
     rs = [rec(0, 0.0, 1.0, 4.0, out=4), rec(1, 2.0, 3.0, 10.0, out=2)]
     assert m.per_token_latency(rs) == pytest.approx((4 / 4 + 8 / 2) / 2)
     assert m.loads_per_second(5, rs) == pytest.approx(5 / 10)
+    # decode only: (4 - 1) / (4 - 1) and (10 - 3) / (2 - 1)
+    assert m.decode_per_token(rs) == pytest.approx((1.0 + 7.0) / 2)
 
 
 def test_longest_wait_includes_requests_never_served():
@@ -102,7 +104,9 @@ def test_service_difference_two_tenants_by_hand():
     b = rec(1, 0.0, 10.0, 50.0, inp=60, out=60, tenant="B")
     assert m.service_diff([a, b], horizon=60.0, ticks=1, window=60.0, warmup=0.0) == [pytest.approx(1.5)]
     f = m.fairness([a, b], horizon=60.0, warmup=0.0)
-    assert f.acc_diff == pytest.approx(300 - 180)  # accumulated over [0, last finish]
+    assert f.acc_diff == pytest.approx(300 - 180)  # over [0, 57]: the last of 20 ticks over 60 s
+    f2 = m.fairness([a, b], horizon=40.0, warmup=0.0)  # last tick at 38: A 300, B 180 x 28/40
+    assert f2.acc_diff == pytest.approx(300 - 126)
     assert f.tokens_per_s == pytest.approx((200 + 120) / 50)
     acc = m.accumulated_service([a, b], 0.0, 20.0)
     assert acc == {"A": pytest.approx(200.0), "B": pytest.approx(45.0)}
