@@ -16,8 +16,9 @@ often as large; each phase draws its requests' adapters from a new set
 (none, 1, 2, 4, max_loras or all of them), so batch size and adapter count
 vary apart; prompt lengths are log-uniform in [8, 512], outputs U[4, 64]
 (`--prompt-range`, `--output-range`: measure where your traffic lies); the
-adapters have two ranks. Plain (not relative) least squares: the predicted
-total time is unbiased, which is what latency and throughput add up.
+CLI's adapters have ranks r, 2r, 4r and 8r (8 to 64 by default). Plain (not
+relative) least squares: the predicted total time is unbiased, which is what
+latency and throughput add up.
 """
 
 from __future__ import annotations
@@ -282,7 +283,8 @@ def _machine() -> str:
 
 
 def calibrate(a: argparse.Namespace) -> Profile:
-    """The CLI: random adapters of rank r and 2r on q_proj and v_proj, unless the model has them."""
+    """The CLI: 16 random adapters on q_proj and v_proj of ranks r, 2r, 4r and 8r (at most 64), so the
+    rank terms are measured over the range a workload uses, not extrapolated."""
     from loramux.bench.artifacts import write_random_adapter
 
     model_dir = Path(a.model_dir)
@@ -291,7 +293,7 @@ def calibrate(a: argparse.Namespace) -> Profile:
     with tempfile.TemporaryDirectory(prefix="loramux-cal-") as tmp:
         dirs = [
             write_random_adapter(
-                Path(tmp) / f"a{i}", model_dir, a.rank * (1 + i % 2), ("q_proj", "v_proj"), seed=i
+                Path(tmp) / f"a{i}", model_dir, min(64, a.rank << (i % 4)), ("q_proj", "v_proj"), seed=i
             )
             for i in range(16)
         ]

@@ -60,3 +60,67 @@ def test_calibrate_on_the_real_executor(tiny_models):
     )
     assert profile.commits_kv_as_used and profile.engine["max_num_seqs"] == 8
     assert all(getattr(profile, t) >= 0 for t in COST_TERMS)
+
+
+def test_calibrate_command_writes_a_profile_the_simulator_loads(tiny_models, tmp_path):
+    """`loramux simulate calibrate MODEL_DIR --out FILE`: random adapters of ranks 8 to 64 on the real
+    executor, a profile file that `loramux simulate --profile FILE` then runs on."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny.json"
+    base = [sys.executable, "-m", "loramux.cli", "simulate"]
+    proc = subprocess.run(
+        [
+            *base,
+            "calibrate",
+            str(tiny_models["llama"].path),
+            "--out",
+            str(out),
+            "--requests",
+            "24",
+            "--max-num-seqs",
+            "8",
+            "--device",
+            "cpu",
+            "--kv-cache-memory",
+            str(2**24),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {out}" in proc.stdout
+    profile = Profile.load(out)
+    assert profile.source.startswith("measured") and profile.engine["max_num_seqs"] == 8
+    proc = subprocess.run(
+        [
+            *base,
+            "--workload",
+            "slora",
+            "--rates",
+            "2",
+            "--num-adapters",
+            "4",
+            "--duration",
+            "5",
+            "--input-range",
+            "8",
+            "32",
+            "--output-range",
+            "4",
+            "16",
+            "--profile",
+            str(out),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results[0]["completed"] == results[0]["requests"] == 10
