@@ -103,7 +103,13 @@ class Calibrator:
         from loramux import LLM
 
         self.model_dir = Path(model_dir)
-        self.settings = (max_num_seqs, max_num_batched_tokens, kv_cache_memory, max_loras)
+        self.max_num_seqs, self.max_loras = max_num_seqs, max_loras
+        self.engine_settings = {  # recorded in the profile
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "kv_cache_memory": kv_cache_memory,
+            "max_loras": max_loras,
+        }
         self.prompt_range, self.output_range = prompt_range, output_range
         self.llm = LLM(
             str(model_dir),
@@ -156,7 +162,7 @@ class Calibrator:
         from tqdm import tqdm
 
         eng, ex, rng, stats = self.eng, self.ex, self.rng, self.ex.load_stats
-        max_num_seqs, max_loras = self.settings[0], self.settings[3]
+        max_num_seqs, max_loras = self.max_num_seqs, self.max_loras
 
         def spy(out: Any) -> Any:
             self._captured.append(out)
@@ -216,7 +222,6 @@ class Calibrator:
         copy_rate = (
             mean_bytes * stats.device_loads / stats.device_seconds if stats.device_seconds > 0 else 1e10
         )
-        max_num_seqs, max_num_batched_tokens, kv_cache_memory, max_loras = self.settings
         profile = Profile(
             name=name,
             source=(
@@ -238,10 +243,7 @@ class Calibrator:
             adapter_bytes_per_rank=int(sum(self.nbytes.values()) / sum(self.ranks.values())),
             engine={
                 "model": self.model_dir.name,
-                "max_num_seqs": max_num_seqs,
-                "max_num_batched_tokens": max_num_batched_tokens,
-                "kv_cache_memory": kv_cache_memory,
-                "max_loras": max_loras,
+                **self.engine_settings,
                 "prompt_range": list(self.prompt_range),
                 "output_range": list(self.output_range),
                 "device": str(ex.device),

@@ -46,12 +46,9 @@ class SimAdapterSpec:
 
 @dataclass
 class SimLoadStats:
-    host_loads: int = 0
-    device_loads: int = 0
     host_seconds: float = 0.0
     device_seconds: float = 0.0
     wait_seconds: float = 0.0
-    busy_seconds: float = 0.0  # steps' own cost (no load waits or copies)
 
 
 class CostModelExecutor:
@@ -106,7 +103,6 @@ class CostModelExecutor:
             dt = p.read_seconds(self._by_uid[uid].nbytes)
             start = max(self._reader_free, now)
             self._reader_free = self._read_done[uid] = start + dt
-            stats.host_loads += 1
             stats.host_seconds += dt
         t = now
         for uid, _ in plan.load_device:
@@ -116,7 +112,6 @@ class CostModelExecutor:
                 t = ready
             dt = p.copy_seconds(self._by_uid[uid].nbytes)
             t += dt
-            stats.device_loads += 1
             stats.device_seconds += dt
         return t
 
@@ -128,7 +123,6 @@ class CostModelExecutor:
             cost = self.profile.step_seconds(step_features(out, self._rank))
             if self._sigma:
                 cost *= math.exp(self._rng.gauss(-0.5 * self._sigma**2, self._sigma))  # mean 1
-            self.load_stats.busy_seconds += cost
             t += cost
         self.clock.advance_to(t)
         tok = self.token_id
