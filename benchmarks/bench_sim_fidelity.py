@@ -13,17 +13,20 @@ Not a test. In one process, in this order:
    (seed 42, alpha 1, cv 1, --duration s, input and output U[8, 48), max_num_seqs 64,
    max_num_batched_tokens 2048, 1 GiB KV, --max-loras slots, each adapter its own tenant): the
    real engine in real time (`loramux.bench.systems.run_loramux`), --repeats times (the table
-   shows the median: this machine's speed drifts), then the simulator on the same requests.
+   shows the median: this machine's speed drifts), then the simulator on the same requests as
+   many times, with jitter seeds 0, 1, ... (the table shows their median too).
 Prints a Markdown table: throughput, TTFT p50, e2e p50 and adapter loads, real and simulated, and
-the simulated / real ratio. The real run's load count includes its warm-up request's load; the
-simulator has no warm-up, so its first request for that adapter loads it instead: the totals
-compare like with like.
+the simulated / real ratio; then the machine's speed in each calibration slice against the
+fitted profile (how far it drifted during the run). The real run's load count includes its
+warm-up request's load; the simulator has no warm-up, so its first request for that adapter
+loads it instead: the totals compare like with like.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import statistics
 import sys
 import time
@@ -34,6 +37,7 @@ from loramux.bench.systems import LoramuxSettings, make_prompts, run_loramux
 from loramux.bench.workload import WorkloadConfig, generate_requests
 from loramux.sim import metrics
 from loramux.sim.calibrate import Calibrator
+from loramux.sim.profile import StepFeatures
 from loramux.sim.run import SimSettings, simulate
 from loramux.sim.workloads import S1_RANKS, slora
 
@@ -44,7 +48,7 @@ def main() -> None:
     p.add_argument("--rates", nargs="+", type=float, default=[2.0, 3.0])
     p.add_argument("--policies", nargs="+", default=["fcfs", "fair"])
     p.add_argument(
-        "--repeats", type=int, default=2, help="real runs per setting; the table shows their median"
+        "--repeats", type=int, default=3, help="real runs per setting; the table shows their median"
     )
     p.add_argument("--duration", type=float, default=40.0)
     p.add_argument("--max-loras", type=int, default=16)
@@ -71,6 +75,7 @@ def main() -> None:
     setups = [(rate, policy) for rate in a.rates for policy in a.policies]
     slice_n = -(-a.calibration_requests // (len(setups) * a.repeats + 1))
     cal.measure(slice_n, progress=False)
+    bounds = [0, len(cal.times)]  # the steps of each calibration slice
     reals: dict[tuple[float, str], list] = {}
     for rate, policy in setups:  # real runs, each after a slice of calibration: same machine, same minutes
         cfg = WorkloadConfig(100, 1.0, rate, 1.0, a.duration, (8, 48), (8, 48), 42)
@@ -84,7 +89,12 @@ def main() -> None:
                 run_loramux(model, adapters, reqs, prompts, "online", settings)
             )
             cal.measure(slice_n, progress=False)
+            bounds.append(len(cal.times))
     profile, q = cal.profile("cpu-mid")
+    drift = []  # the machine's speed in each slice: measured / the profile's prediction, summed
+    for lo, hi in itertools.pairwise(bounds):
+        pred = sum(profile.step_seconds(StepFeatures(*f)) for f in cal.rows[lo:hi])
+        drift.append(sum(cal.times[lo:hi]) / pred)
     cal.close()
     cal_s = q["seconds"]
     if a.save_profile:
@@ -103,28 +113,31 @@ def main() -> None:
             e2e_p50=statistics.median(s.e2e_p50 for s in sums),
         )
         loads = round(statistics.median(r.adapter_loads for r in reals[(rate, policy)]))
-        sim = simulate(
-            wl,
-            profile,
-            SimSettings(
-                policy=policy,
-                max_num_seqs=64,
-                max_num_batched_tokens=2048,
-                max_loras=a.max_loras,
-                max_cpu_loras=256,
-            ),
-        )
-        recs = sim.records
+        sims = [  # as many simulated runs as real ones, each with its own jitter seed; their median
+            simulate(
+                wl,
+                profile,
+                SimSettings(
+                    policy=policy,
+                    max_num_seqs=64,
+                    max_num_batched_tokens=2048,
+                    max_loras=a.max_loras,
+                    max_cpu_loras=256,
+                    seed=seed,
+                ),
+            )
+            for seed in range(a.repeats)
+        ]
         rows.append(
             (
                 rate,
                 policy,
                 rs,
                 loads,
-                sim,
-                metrics.throughput(recs),
-                metrics.ttft_stats(recs).p50,
-                metrics.e2e_stats(recs).p50,
+                sims,
+                statistics.median(metrics.throughput(x.records) for x in sims),
+                statistics.median(metrics.ttft_stats(x.records).p50 for x in sims),
+                statistics.median(metrics.e2e_stats(x.records).p50 for x in sims),
             )
         )
     lines = [
@@ -140,17 +153,13 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     worst = []
-    for rate, policy, rs, rl, sim, thr, ttft, e2e in rows:
-        ratios = (
-            thr / rs.requests_per_s,
-            ttft / rs.ttft_p50,
-            e2e / rs.e2e_p50,
-            sim.adapter_loads / max(rl, 1),
-        )
+    for rate, policy, rs, rl, sims, thr, ttft, e2e in rows:
+        sim_loads = round(statistics.median(x.adapter_loads for x in sims))
+        ratios = (thr / rs.requests_per_s, ttft / rs.ttft_p50, e2e / rs.e2e_p50, sim_loads / max(rl, 1))
         worst.append(ratios)
         lines.append(
             f"| {rate:g} | {policy} | {rs.requests_per_s:.2f} / {thr:.2f} | {rs.ttft_p50:.3f} / {ttft:.3f} | "
-            f"{rs.e2e_p50:.3f} / {e2e:.3f} | {rl} / {sim.adapter_loads} | "
+            f"{rs.e2e_p50:.3f} / {e2e:.3f} | {rl} / {sim_loads} | "
             + ", ".join(f"{x:.3f}" for x in ratios)
             + " |"
         )
@@ -161,13 +170,17 @@ def main() -> None:
             f"{rate:g} {pol}: " + ", ".join(f"({x:.2f}, {y:.3f}, {z:.3f})" for x, y, z in sp)
             for (rate, pol, *_), sp in zip(rows, spread, strict=True)
         ),
+        "",
+        "The machine's speed in each calibration slice (measured step time / the profile's, in run "
+        "order; a slice before the first real run and one after each): "
+        + ", ".join(f"{d:.3f}" for d in drift),
     ]
     err = [max(abs(r[i] - 1) for r in worst) for i in range(4)]
     lines += [
         "",
         f"Largest error: throughput {err[0]:.1%}, TTFT p50 {err[1]:.1%}, e2e p50 {err[2]:.1%}, "
         f"adapter loads {err[3]:.1%} (targets 15 %, 15 %, 15 %, 10 %). Median simulation wall time "
-        f"{statistics.median(r[4].wall_seconds for r in rows):.2f} s per run.",
+        f"{statistics.median(x.wall_seconds for r in rows for x in r[4]):.2f} s per run.",
     ]
     print("\n".join(lines))
 

@@ -3,11 +3,16 @@
 Boundary: runs the real engine (`LLM`, the PyTorch executor) on a mixed load
 it generates from a seed, times every `step()` as the benchmark does, reads
 each step's features off its `SchedulerOutput` (profile.step_features, the
-same function the simulator uses) and fits the profile's roofline (a floor,
-then linear terms) by least squares, every term >= 0 (a term that would come
-out negative is dropped and the rest refitted). Time spent loading adapters inside a step is
-taken out of the step and fitted apart: disk reads and slot copies, seconds
-per byte, from the executor's load counters.
+same function the simulator uses) and fits the profile's measured step
+model: a table of cost by tokens in the step (points at every count up to 8,
+then a quarter apart) plus linear terms for rows, context and adapters, by
+least squares, every term >= 0 (a term that would come out negative is
+dropped and the rest refitted). A table, not a line, because the BLAS picks
+kernels by shape: here a one-token step costs half a two-token one and three
+tokens cost more than four; a line through them is 20-50 % off exactly at the
+1-4 rows an online load at a moderate rate is made of. Time spent loading
+adapters inside a step is taken out of the step and fitted apart: disk reads
+and slot copies, seconds per byte, from the executor's load counters.
 
 The load comes in phases: B requests (B log-uniform from 1 to max_num_seqs)
 arrive over 24 steps, so prefills land among decodes, and run until all have
@@ -51,34 +56,70 @@ def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         active.remove(min(neg)[1])
 
 
-def roofline(x: np.ndarray, coef: np.ndarray, floor: float) -> np.ndarray:
-    """Profile.step_seconds for rows of features (columns in COST_TERMS order)."""
-    compute = coef[1] * x[:, 1] + coef[3] * x[:, 3]
-    rest = x @ coef - compute
-    return rest + np.maximum(compute, floor)
+# The table's points: every token count up to 8 (BLAS kernels change with each small shape), then
+# a quarter apart. Points with too few steps near them are dropped.
+def _knot_candidates(top: float) -> list[float]:
+    ks, k = [float(i) for i in range(1, 9)], 8.0
+    while k < top:
+        k = float(round(k * 1.25))
+        ks.append(k)
+    return ks
 
 
-def fit_roofline(x: np.ndarray, y: np.ndarray, grid: int = 60) -> tuple[np.ndarray, float]:
-    """The profile's terms and floor_s: for each floor on a grid, alternate between sorting steps
-    into floor-bound and compute-bound and a non-negative fit; keep the floor with the least squared
-    error (floor 0 is the plain linear model)."""
-    best: tuple[float, np.ndarray, float] | None = None
-    for floor in np.linspace(0.0, float(np.percentile(y, 90)), grid):
-        bound = np.zeros(len(y), dtype=bool)  # floor-bound steps
-        for _ in range(20):
-            xs = x.copy()
-            xs[bound, 1] = 0.0
-            xs[bound, 3] = 0.0
-            coef = fit_nonnegative(xs, y - np.where(bound, floor, 0.0))
-            now = coef[1] * x[:, 1] + coef[3] * x[:, 3] < floor
-            if (now == bound).all():
-                break
-            bound = now
-        sse = float(((roofline(x, coef, floor) - y) ** 2).sum())
-        if best is None or sse < best[0]:
-            best = (sse, coef, float(floor))
-    assert best is not None
-    return best[1], best[2]
+def table_knots(tokens: np.ndarray, min_support: float = 4.0) -> list[float]:
+    """Points for the tokens table: the candidates below the largest step measured, and that
+    step; an inner point whose hat holds fewer than `min_support` steps is dropped."""
+    top = float(tokens.max())
+    knots = [k for k in _knot_candidates(top) if k < top] + [top]
+    while len(knots) > 2:
+        support = hat_basis(tokens, knots).sum(axis=0)
+        weak = min(range(1, len(knots) - 1), key=lambda i: support[i], default=None)
+        if weak is None or support[weak] >= min_support:
+            break
+        knots.pop(weak)
+    return knots
+
+
+def hat_basis(tokens: np.ndarray, knots: Sequence[float]) -> np.ndarray:
+    """Columns whose combination with the table's values is Profile.table_seconds at `tokens`
+    (for tokens up to the last point: linear between points, flat before the first)."""
+    k = np.asarray(knots, dtype=float)
+    t = np.clip(tokens, k[0], k[-1])
+    out = np.zeros((len(t), len(k)))
+    if len(k) == 1:
+        out[:, 0] = 1.0
+        return out
+    i = np.clip(np.searchsorted(k, t, side="right") - 1, 0, len(k) - 2)
+    w = (t - k[i]) / (k[i + 1] - k[i])
+    rows = np.arange(len(t))
+    out[rows, i] = 1.0 - w
+    out[rows, i + 1] += w
+    return out
+
+
+# The terms fitted next to the table (base_s and per_prefill_token_s are in the table).
+LINEAR_TERMS = tuple(t for t in COST_TERMS if t not in ("base_s", "per_prefill_token_s"))
+_LINEAR_COLS = [COST_TERMS.index(t) for t in LINEAR_TERMS]  # COST_TERMS follow StepFeatures' order
+
+
+def fit_step_model(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], list[tuple[float, float]]]:
+    """The measured step model: the tokens table (tokens = prefill tokens + decode rows) plus the
+    linear terms, all >= 0, by least squares. A table point that would come out negative is
+    dropped and the rest refitted, so the table never dips to 0 between measured points."""
+    tokens = x[:, 1] + x[:, 3]
+    cols = _LINEAR_COLS
+    knots = table_knots(tokens)
+    while True:
+        design = np.hstack([x[:, cols], hat_basis(tokens, knots)])
+        coef = fit_nonnegative(design, y)
+        values = coef[len(cols) :]
+        zero = [i for i, v in enumerate(values) if v <= 0]
+        if not zero or len(knots) == 1:
+            break
+        knots = [k for i, k in enumerate(knots) if i not in zero] or knots[:1]
+    terms = {t: 0.0 for t in COST_TERMS}
+    terms.update({t: float(c) for t, c in zip(LINEAR_TERMS, coef, strict=False)})
+    return terms, [(float(k), float(v)) for k, v in zip(knots, values, strict=True)]
 
 
 class Calibrator:
@@ -208,8 +249,9 @@ class Calibrator:
         y = np.array(self.times)
         if save_steps is not None:  # the measured steps, for a look at the fit (np.load: x, y)
             np.savez(save_steps, x=x, y=y)
-        coef, floor = fit_roofline(x, y)
-        pred = roofline(x, coef, floor)
+        terms, table = fit_step_model(x, y)
+        model = Profile("fit", "fit", **terms, tokens_table=tuple(table))
+        pred = np.array([model.step_seconds(StepFeatures(*row)) for row in self.rows])
         quality = {
             "steps": float(len(y)),
             "seconds": self.seconds,
@@ -229,8 +271,8 @@ class Calibrator:
                 f"{len(y)} steps, R^2 {quality['r2']:.3f}, "
                 f"median step error {quality['median_rel_error']:.1%}"
             ),
-            **{t: float(c) for t, c in zip(COST_TERMS, coef, strict=True)},
-            floor_s=floor,
+            **terms,
+            tokens_table=tuple(table),
             jitter=float(np.std(np.log(y / np.maximum(pred, 1e-9)))),
             read_base_s=0.0,
             read_bytes_per_s=float(read_rate),

@@ -1,16 +1,27 @@
 """A hardware profile: what a step and an adapter load cost, and the engine's sizes (issue 11).
 
 Boundary: numbers in, seconds out; no torch, no engine. The step-time model
-is linear in features that `step_features` reads off a `SchedulerOutput`:
+is a sum of terms in features that `step_features` reads off a `SchedulerOutput`:
 
     step_s = base_s
-           + per_prefill_token_s  * prefill tokens        (rows computing more than one token)
+           + max(floor_s, per_prefill_token_s * prefill tokens + per_decode_row_s * decode rows)
+           + tokens_table(prefill tokens + decode rows)   (measured curve, see below)
            + per_prefill_seq_s    * prefill rows          (each has its own set-up and sampling)
-           + per_decode_row_s     * decode rows           (rows computing one token)
            + per_context_token_s  * attended context      (sum over rows of start_pos + tokens)
            + per_adapter_s        * distinct adapters in the step
            + per_adapter_rank_s   * sum of the distinct adapters' ranks   (their weights are read)
            + per_lora_rank_token_s * sum over rows of tokens x adapter rank
+
+Prefill tokens are those of rows computing more than one token, decode rows
+those computing one. A profile derived from published figures gives a
+roofline: the floor is the weights read once per step, the slopes the FLOPs
+per token. A measured profile (`loramux simulate calibrate`) gives
+`tokens_table` instead: the step's cost by the number of tokens it computes,
+as (tokens, seconds) points, linear between them and along the last segment
+past the end. It is measured, not a straight line, because BLAS libraries
+choose kernels by matrix shape: on this CPU a one-token step (matrix-vector)
+costs 31 ms and a two-token one 58 ms, three tokens 77 ms and four 58 ms;
+GPUs have the same kind of steps at their tile and CUDA-graph sizes.
 
 Measured steps scatter around the model (this CPU: about 10 % at the
 median); `jitter` is the standard deviation of log(measured / modelled) and
@@ -28,7 +39,9 @@ published figures.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +108,7 @@ class Profile:
     per_decode_row_s: float
     per_prefill_seq_s: float = 0.0
     floor_s: float = 0.0
+    tokens_table: tuple[tuple[float, float], ...] = ()  # (tokens in the step, seconds), measured
     jitter: float = 0.0  # std of log(measured / modelled step time)
     per_context_token_s: float = 0.0
     per_adapter_s: float = 0.0
@@ -120,7 +134,17 @@ class Profile:
         for name in ("read_bytes_per_s", "copy_bytes_per_s", "num_pages", "page_size", "max_model_len"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"profile {self.name!r}: {name} must be positive")
-        if self.base_s + self.per_decode_row_s + self.per_prefill_token_s <= 0:
+        table = tuple((float(t), float(v)) for t, v in self.tokens_table)
+        if any(t < 1 or not v >= 0 for t, v in table) or any(
+            b[0] <= a[0] for a, b in itertools.pairwise(table)
+        ):
+            raise ValueError(
+                f"profile {self.name!r}: tokens_table must be [tokens, seconds] points with tokens >= 1 "
+                "increasing and seconds >= 0"
+            )
+        object.__setattr__(self, "tokens_table", table)
+        object.__setattr__(self, "_table_x", tuple(t for t, _ in table))
+        if self.base_s + self.per_decode_row_s + self.per_prefill_token_s + sum(v for _, v in table) <= 0:
             raise ValueError(f"profile {self.name!r}: a step must cost something (all step terms are 0)")
 
     # --- costs ---
@@ -129,12 +153,30 @@ class Profile:
         return (
             self.base_s
             + (compute if compute > self.floor_s else self.floor_s)
+            + (self.table_seconds(f.prefill_tokens + f.decode_rows) if self.tokens_table else 0.0)
             + self.per_prefill_seq_s * f.prefill_rows
             + self.per_context_token_s * f.context_tokens
             + self.per_adapter_s * f.adapters
             + self.per_adapter_rank_s * f.adapter_ranks
             + self.per_lora_rank_token_s * f.lora_rank_tokens
         )
+
+    def table_seconds(self, tokens: float) -> float:
+        """tokens_table at `tokens`: linear between points, flat before the first, along the last
+        segment (never downwards) past the last."""
+        table, xs = self.tokens_table, self._table_x  # type: ignore[attr-defined]
+        i = bisect.bisect_left(xs, tokens)
+        if i < len(xs) and xs[i] == tokens:
+            return table[i][1]
+        if i == 0:
+            return table[0][1]
+        if i == len(xs):
+            if i == 1:
+                return table[0][1]
+            (x0, y0), (x1, y1) = table[-2], table[-1]
+            return y1 + max(0.0, (y1 - y0) / (x1 - x0)) * (tokens - x1)
+        (x0, y0), (x1, y1) = table[i - 1], table[i]
+        return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
 
     def read_seconds(self, nbytes: int) -> float:
         return self.read_base_s + nbytes / self.read_bytes_per_s

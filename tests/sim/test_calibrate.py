@@ -1,9 +1,12 @@
 """Issue 11: the profile fit, and `calibrate_profile` on the real executor of a tiny model."""
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from loramux.sim.calibrate import calibrate_profile, fit_nonnegative, fit_roofline, roofline
+from loramux.sim.calibrate import calibrate_profile, fit_nonnegative, fit_step_model, hat_basis
 from loramux.sim.profile import COST_TERMS, Profile, StepFeatures
 
 
@@ -17,23 +20,66 @@ def test_nonnegative_fit_recovers_terms_and_drops_a_negative_one():
     assert coef[1] == pytest.approx(0.002, rel=0.05)
 
 
-def test_roofline_fit_finds_the_floor():
-    """Steps cost 10 ms + max(30 ms, 1 ms per token): small batches sit on the floor."""
+def test_step_model_fit_recovers_a_curve_no_line_fits():
+    """Steps cost a BLAS-like curve by tokens (one token 30 ms, two 58, three 77, four 58, then
+    +1 ms per token) plus 0.4 ms per distinct adapter (decode-only steps and steps with a prefill,
+    so the table and the per-row terms are told apart): the fit gives the curve's points and the
+    adapter term, and the profile built from them predicts what the fit does."""
     rng = np.random.default_rng(1)
-    n = 400
+    n = 1500
+    curve = {1: 0.030, 2: 0.058, 3: 0.077, 4: 0.058}
     x = np.zeros((n, len(COST_TERMS)))
     x[:, 0] = 1.0
-    x[:, 3] = rng.integers(1, 80, n)  # decode rows
-    y = 0.010 + np.maximum(0.030, 0.001 * x[:, 3]) + rng.normal(0, 2e-4, n)
-    coef, floor = fit_roofline(x, y, grid=121)
-    assert floor == pytest.approx(0.030, abs=0.002)
-    assert coef[0] == pytest.approx(0.010, abs=0.002) and coef[3] == pytest.approx(0.001, rel=0.05)
+    x[:, 3] = rng.integers(1, 48, n)  # decode rows
+    pre = rng.random(n) < 0.3  # a third of the steps also prefill one prompt
+    x[pre, 1], x[pre, 2] = rng.integers(2, 40, pre.sum()), 1
+    x[:, 5] = rng.integers(1, 9, n)  # distinct adapters
+    tokens = x[:, 1] + x[:, 3]
+    true = np.array([curve.get(int(t), 0.058 + 0.001 * (t - 4)) for t in tokens]) + 0.0004 * x[:, 5]
+    y = true + rng.normal(0, 2e-4, n)
+    terms, table = fit_step_model(x, y)
+    points = dict(table)
+    for t, v in curve.items():
+        assert points[float(t)] == pytest.approx(v, abs=0.001)
+    assert terms["per_adapter_s"] == pytest.approx(0.0004, rel=0.1)
+    assert all(v >= 0 for v in terms.values()) and terms["base_s"] == terms["per_prefill_token_s"] == 0
+    p = Profile("t", "t", **terms, tokens_table=tuple(table))
+    pred = np.array([p.step_seconds(StepFeatures(*row)) for row in x])
+    assert np.abs(pred - true).max() < 0.002
+    # the best line through the same steps misses the small batches by far more
+    line = fit_nonnegative(x, y)
+    small = tokens <= 4
+    assert np.abs(x[small] @ line - true[small]).mean() > 5 * np.abs(pred[small] - true[small]).mean()
+
+
+def test_tokens_table_interpolates_and_extends_along_the_last_segment():
     p = Profile(
-        "r", "t", base_s=coef[0], per_prefill_token_s=coef[1], per_decode_row_s=coef[3], floor_s=floor
+        "t",
+        "t",
+        base_s=0.001,
+        per_prefill_token_s=0.0,
+        per_decode_row_s=0.0,
+        tokens_table=((1, 0.030), (2, 0.058), (4, 0.058), (8, 0.066)),
     )
-    f = StepFeatures(1.0, 0, 0, 5, 0, 0, 0, 0)
-    assert p.step_seconds(f) == pytest.approx(roofline(np.array([f], dtype=float), coef, floor)[0])
-    assert p.step_seconds(f) == pytest.approx(0.040, abs=0.003)  # five rows: on the floor
+    assert p.table_seconds(1) == 0.030 and p.table_seconds(3) == pytest.approx(0.058)
+    assert p.table_seconds(6) == pytest.approx(0.062) and p.table_seconds(16) == pytest.approx(0.082)
+    assert p.step_seconds(StepFeatures(1.0, 12, 1, 3, 0, 0, 0, 0)) == pytest.approx(
+        0.001 + 0.080
+    )  # 15 tokens
+    assert hat_basis(np.array([1.0, 3.0, 6.0]), [1, 2, 4, 8]) @ np.array([0.030, 0.058, 0.058, 0.066]) == (
+        pytest.approx([p.table_seconds(1), p.table_seconds(3), p.table_seconds(6)])
+    )
+    with pytest.raises(ValueError, match="tokens_table"):
+        Profile(
+            "t",
+            "t",
+            base_s=0.0,
+            per_prefill_token_s=0.0,
+            per_decode_row_s=0.0,
+            tokens_table=((2, 0.03), (1, 0.05)),
+        )
+    loaded = Profile.load(p.save(Path(tempfile.mkdtemp()) / "p.json"))
+    assert loaded == p and loaded.table_seconds(6) == pytest.approx(0.062)
 
 
 def test_calibrate_on_the_real_executor(tiny_models):
@@ -54,7 +100,7 @@ def test_calibrate_on_the_real_executor(tiny_models):
         progress=False,
     )
     assert q["steps"] >= 20 and q["r2"] > 0.0
-    assert profile.base_s + profile.floor_s > 0 and profile.source.startswith("measured")
+    assert profile.tokens_table and profile.tokens_table[0][1] > 0 and profile.source.startswith("measured")
     assert (
         profile.read_bytes_per_s > 0 and profile.copy_bytes_per_s > 0 and profile.adapter_bytes_per_rank > 0
     )
