@@ -17,8 +17,8 @@ those computing one. A profile derived from published figures gives a
 roofline: the floor is the weights read once per step, the slopes the FLOPs
 per token. A measured profile (`loramux simulate calibrate`) gives
 `tokens_table` instead: the step's cost by the number of tokens it computes,
-as (tokens, seconds) points, linear between them and along the last segment
-past the end. It is measured, not a straight line, because BLAS libraries
+as (tokens, seconds) points, linear between them and past the end along the
+slope of its upper half. It is measured, not a straight line, because BLAS libraries
 choose kernels by matrix shape: on this CPU a one-token step (matrix-vector)
 costs 31 ms and a two-token one 58 ms, three tokens 77 ms and four 58 ms;
 GPUs have the same kind of steps at their tile and CUDA-graph sizes.
@@ -162,8 +162,9 @@ class Profile:
         )
 
     def table_seconds(self, tokens: float) -> float:
-        """tokens_table at `tokens`: linear between points, flat before the first, along the last
-        segment (never downwards) past the last."""
+        """tokens_table at `tokens`: linear between points, flat before the first; past the last,
+        along the slope from the point at half its tokens or below to the last (never downwards;
+        the upper half, not one segment, so a kink at the end does not set the slope)."""
         table, xs = self.tokens_table, self._table_x  # type: ignore[attr-defined]
         i = bisect.bisect_left(xs, tokens)
         if i < len(xs) and xs[i] == tokens:
@@ -173,7 +174,8 @@ class Profile:
         if i == len(xs):
             if i == 1:
                 return table[0][1]
-            (x0, y0), (x1, y1) = table[-2], table[-1]
+            x1, y1 = table[-1]
+            x0, y0 = next(p for p in reversed(table[:-1]) if p[0] <= x1 / 2 or p is table[0])
             return y1 + max(0.0, (y1 - y0) / (x1 - x0)) * (tokens - x1)
         (x0, y0), (x1, y1) = table[i - 1], table[i]
         return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)

@@ -69,6 +69,15 @@ def test_tokens_table_interpolates_and_extends_along_the_last_segment():
     assert hat_basis(np.array([1.0, 3.0, 6.0]), [1, 2, 4, 8]) @ np.array([0.030, 0.058, 0.058, 0.066]) == (
         pytest.approx([p.table_seconds(1), p.table_seconds(3), p.table_seconds(6)])
     )
+    kink = Profile(
+        "k",
+        "t",
+        base_s=0.0,
+        per_prefill_token_s=0.0,
+        per_decode_row_s=0.0,
+        tokens_table=((1, 0.010), (10, 0.020), (20, 0.030), (21, 0.0301)),
+    )  # past the end: the slope from (10, 0.020), not the last segment's 0.1 ms per token
+    assert kink.table_seconds(32) == pytest.approx(0.0301 + 11 * 0.0101 / 11)
     with pytest.raises(ValueError, match="tokens_table"):
         Profile(
             "t",
