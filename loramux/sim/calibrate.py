@@ -107,12 +107,11 @@ def fit_step_model(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], list
     linear terms, all >= 0, by least squares. A table point that would come out negative is
     dropped and the rest refitted, so the table never dips to 0 between measured points."""
     tokens = x[:, 1] + x[:, 3]
-    cols = _LINEAR_COLS
     knots = table_knots(tokens)
     while True:
-        design = np.hstack([x[:, cols], hat_basis(tokens, knots)])
+        design = np.hstack([x[:, _LINEAR_COLS], hat_basis(tokens, knots)])
         coef = fit_nonnegative(design, y)
-        values = coef[len(cols) :]
+        values = coef[len(_LINEAR_COLS) :]
         zero = [i for i, v in enumerate(values) if v <= 0]
         if not zero or len(knots) == 1:
             break

@@ -143,7 +143,6 @@ class Profile:
                 "increasing and seconds >= 0"
             )
         object.__setattr__(self, "tokens_table", table)
-        object.__setattr__(self, "_table_x", tuple(t for t, _ in table))
         if self.base_s + self.per_decode_row_s + self.per_prefill_token_s + sum(v for _, v in table) <= 0:
             raise ValueError(f"profile {self.name!r}: a step must cost something (all step terms are 0)")
 
@@ -165,13 +164,11 @@ class Profile:
         """tokens_table at `tokens`: linear between points, flat before the first; past the last,
         along the slope from the point at half its tokens or below to the last (never downwards;
         the upper half, not one segment, so a kink at the end does not set the slope)."""
-        table, xs = self.tokens_table, self._table_x  # type: ignore[attr-defined]
-        i = bisect.bisect_left(xs, tokens)
-        if i < len(xs) and xs[i] == tokens:
-            return table[i][1]
+        table = self.tokens_table
+        i = bisect.bisect_left(table, tokens, key=lambda p: p[0])
         if i == 0:
             return table[0][1]
-        if i == len(xs):
+        if i == len(table):
             if i == 1:
                 return table[0][1]
             x1, y1 = table[-1]
