@@ -52,7 +52,7 @@ def test_step_model_fit_recovers_a_curve_no_line_fits():
     assert np.abs(x[small] @ line - true[small]).mean() > 5 * np.abs(pred[small] - true[small]).mean()
 
 
-def test_tokens_table_interpolates_and_extends_along_the_last_segment():
+def test_tokens_table_interpolates_and_extends_along_its_upper_half():
     p = Profile(
         "t",
         "t",
