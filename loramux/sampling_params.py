@@ -8,19 +8,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit generator seed (torch's and vLLM's range)
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily, as vLLM's _SAMPLING_EPS
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     """Most tokens to generate."""
     temperature: float = 1.0
-    """0 means greedy."""
+    """0 means greedy (so does anything below 1e-5, where logits / temperature would overflow)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int = 0
     """Keep the k most likely tokens; 0 or -1 keeps all."""
     seed: int | None = None
-    """Per-request seed: the same seed gives the same tokens."""
+    """Per-request seed: the same seed gives the same tokens. A 64-bit signed integer; sample i
+    of n uses seed + i, so seed + n - 1 must fit too."""
     min_tokens: int = 0
     """Do not stop on eos or stop ids before this many tokens."""
     stop: tuple[str, ...] = ()
@@ -40,7 +44,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     """OpenAI's: subtracted once per occurrence of a token in the output."""
     repetition_penalty: float = 1.0
-    """HF/vLLM's: logits of tokens in the prompt or output are divided by it (multiplied if negative)."""
+    """HF/vLLM's: logits of tokens in the prompt or output are divided by it (multiplied if negative).
+    At least 1e-6: below that the division overflows float32."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits; a dict is accepted and stored as pairs."""
     max_queue_time: float | None = None
@@ -74,6 +79,15 @@ class SamplingParams:
             raise ValueError(f"logprobs={self.logprobs}; it must lie in [0, 20]")
         if not isinstance(self.n, int) or not 1 <= self.n <= 128:
             raise ValueError(f"n={self.n!r}; it must be an integer in [1, 128]")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1):
+            top = "2**63 - 1" if self.n == 1 else f"2**63 - 1 - (n - 1) = {SEED_MAX - self.n + 1}"
+            raise ValueError(
+                f"seed={self.seed}; it must be a 64-bit integer in [-2**63, {top}] (sample i of n "
+                f"uses seed + i); pick a smaller seed"
+            )
+        if any(t < 0 for t in self.stop_token_ids):
+            bad = next(t for t in self.stop_token_ids if t < 0)
+            raise ValueError(f"stop_token_ids holds {bad}; token ids are integers >= 0")
         if self.max_queue_time is not None and not self.max_queue_time > 0:
             raise ValueError(f"max_queue_time={self.max_queue_time}; it must be a number of seconds > 0")
         if any(not s for s in self.stop):
@@ -81,10 +95,11 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name}={getattr(self, name)}; it must lie in [-2, 2]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty}; it must lie in (0, 2]")
-        if any(t < 0 or not -100.0 <= b <= 100.0 for t, b in self.logit_bias):
-            raise ValueError("logit_bias maps token ids (>= 0) to biases in [-100, 100]")
+        if not 1e-6 <= self.repetition_penalty <= 2.0:  # logits are divided by it, in float32
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}; it must lie in [1e-6, 2]")
+        for t, b in self.logit_bias:
+            if t < 0 or not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias maps token ids (>= 0) to biases in [-100, 100]; got {t}: {b}")
 
     @property
     def penalized(self) -> bool:
@@ -93,4 +108,23 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError naming the field and the id if a token id lies outside [0, vocab_size):
+        the sampler indexes the logits with these, so one out of range would fail the step."""
+        for field, ids in (
+            ("logit_bias", [t for t, _ in self.logit_bias]),
+            ("stop_token_ids", self.stop_token_ids),
+        ):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{field} names token id {bad[0]}, outside this model's vocabulary [0, {vocab_size}); "
+                    f"use ids below {vocab_size} (POST /tokenize shows a text's ids)"
+                )
+        if self.logprobs is not None and self.logprobs > vocab_size:
+            raise ValueError(
+                f"logprobs={self.logprobs} asks for more alternatives than the vocabulary's "
+                f"{vocab_size} tokens; ask for at most {vocab_size}"
+            )

@@ -34,10 +34,10 @@ def lora_nbytes(rank: int, shapes: list[tuple[int, int]], dtype: str = "float32"
 class AdapterNotFoundError(LookupError):
     """A request or an unload named an adapter that is not registered (S1.2)."""
 
-    def __init__(self, name: str, known: list[str]) -> None:
+    def __init__(self, name: str, known: list[str], why: str = "is not loaded") -> None:
         shown = ", ".join(sorted(known)[:10]) or "none"
         super().__init__(
-            f"adapter {name!r} is not loaded; loaded adapters: {shown}. "
+            f"adapter {name!r} {why}; loaded adapters: {shown}. "
             f"Load it first (POST /v1/load_lora_adapter or --lora-modules {name}=PATH)."
         )
         self.name = name

@@ -59,7 +59,12 @@ class SampleLogprobs(NamedTuple):
 
 
 class RunnerOutput(NamedTuple):
-    """What the executor returns: one sampled token per sampling seq (None elsewhere)."""
+    """What the executor returns: one sampled token per sampling seq (None elsewhere).
+
+    `errors` names the requests whose own sampling failed (request id -> why): they sampled
+    nothing and end alone; every other row of the step is good.
+    """
 
     sampled_token_ids: list[int | None]
     logprobs: list[SampleLogprobs | None] | None = None
+    errors: dict[str, str] | None = None

@@ -22,6 +22,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = 4  # max_tokens or the model's length limit
     FINISHED_ABORTED = 5  # aborted by the caller (or a disconnected client)
     FINISHED_TIMEOUT = 6  # waited longer than its queue deadline before it was first scheduled
+    FINISHED_ERROR = 7  # a fault pinned on this request alone (its sampling, its text); the rest go on
 
     @property
     def is_finished(self) -> bool:
@@ -37,6 +38,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_TIMEOUT: "timeout",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 

@@ -109,8 +109,11 @@ class Scheduler:
         return info
 
     # --- requests ---
-    def add_request(self, req: Request) -> None:
-        """Queue `req`, or raise (at once) if it names an unknown adapter or can never fit."""
+    def add_request(self, req: Request, bounded: bool = True) -> None:
+        """Queue `req`, or raise (at once) if it names an unknown adapter or can never fit.
+
+        `bounded=False` skips the `max_queue_len` check: for the later samples of a request
+        whose first sample was admitted under it (they are part of that request)."""
         info = self.adapters.get(req.lora_name) if req.lora_name is not None else None  # S1.2: first
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use; use a unique id")
@@ -127,7 +130,7 @@ class Scheduler:
                 f"{self.kv.pool.num_pages}; lower max_tokens or give the KV cache more memory"
             )
         bound = self.config.max_queue_len
-        if bound is not None and len(self.policy) >= bound:
+        if bounded and bound is not None and len(self.policy) >= bound:
             raise QueueFullError(f"{len(self.policy)} requests are waiting (bound {bound}); retry later")
         req.adapter_uid = info.uid if info else None
         req.arrival_seq = next(self._arrivals)
@@ -141,8 +144,16 @@ class Scheduler:
             heapq.heappush(self._deadlines, (req.queue_deadline, req.arrival_seq, req))
 
     def _expire_queued(self, now: float) -> None:
-        """End the requests still waiting for their first step past their queue deadline."""
+        """End the requests still waiting for their first step past their queue deadline.
+
+        Entries of requests that started or finished stay in the heap until their deadline
+        (lazy deletion), but never more than about twice the live requests: past that bound the
+        heap is rebuilt from the entries still waiting, so finished requests (and their token
+        lists) are not kept alive for max_queue_time."""
         heap = self._deadlines
+        if len(heap) > 2 * len(self.requests) + 64:
+            heap[:] = [e for e in heap if e[2].first_scheduled_time is None and not e[2].is_finished]
+            heapq.heapify(heap)
         while heap and heap[0][0] <= now:
             _, _, req = heapq.heappop(heap)
             if req.status is RequestStatus.WAITING and req.first_scheduled_time is None:
@@ -447,12 +458,17 @@ class Scheduler:
         finished: list[Request] = []
         requests, kv = self.requests, self.kv
         ps, RUNNING = kv.page_size, RequestStatus.RUNNING
+        errors = result.errors or {}
         for (rid, computing, _, _, _, _, sample, _, _, _, _), token in zip(
             out.seqs, result.sampled_token_ids, strict=True
         ):
             req = requests.get(rid)
             if req is None or req.status is not RUNNING:
                 continue  # finished from outside while the step ran
+            if rid in errors:  # its own sampling failed: it ends alone, its KV is freed
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                finished.append(req)
+                continue
             computed = req.num_computed_tokens = req.num_computed_tokens + len(computing)
             if computed // ps > req.num_inserted_pages:
                 kv.cache_computed(req)

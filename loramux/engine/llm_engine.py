@@ -12,6 +12,12 @@ KV copies that may or may not have happened, so no later step could trust the
 weights in a slot or the KV in a page. The engine ends every request and then
 refuses all work with `EngineDeadError`, naming the cause; the server answers
 503 and fails its health check until it is restarted.
+
+A fault that belongs to one request is not fatal: values the sampler indexes
+or converts are checked against the vocabulary at admission, and what still
+fails for one request alone (its sampling row, its detokenizing or stop
+strings) ends that request with finish_reason "error" and a
+`RequestFailedError` in its output; the other requests go on.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loramux.config import EngineConfig, RuntimeInfo
-from loramux.core.adapters import AdapterInfo, AdapterManager, AdapterPlan
+from loramux.core.adapters import AdapterInfo, AdapterManager, AdapterNotFoundError, AdapterPlan
 from loramux.core.kv_manager import KVCacheManager
 from loramux.core.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
 from loramux.core.request import Request, RequestStatus
@@ -66,6 +72,10 @@ class EngineDeadError(RuntimeError):
     """A step failed and the engine stopped; restart it."""
 
 
+class RequestFailedError(RuntimeError):
+    """One request failed on its own (its sampling, its text); the engine serves the others on."""
+
+
 @dataclass
 class _State:
     """What the engine keeps per request beside the control plane's counters."""
@@ -77,6 +87,7 @@ class _State:
     metrics: RequestMetrics
     logprobs: list[SampleLogprobs] | None
     stop_reason: int | str | None = None
+    error: Exception | None = None  # why it ended with finish_reason "error"
 
 
 class LLMEngine:
@@ -133,22 +144,27 @@ class LLMEngine:
         self.last_step_time = 0.0
         self.dead: EngineDeadError | None = None
         self._followers: dict[str, list[Request]] = {}  # leader id -> samples waiting for its prefill
+        self._pending: list[RequestOutput] = []  # outputs made between steps, returned by the next one
         self._read_ahead: list[int] = []  # adapters read ahead at start (uids)
 
     def _check_alive(self) -> None:
         if self.dead is not None:
             raise self.dead
 
-    def _die(self, cause: Exception) -> EngineDeadError:
-        """Stop for good after a failed step: end every request, refuse everything after."""
+    def die(self, cause: BaseException, where: str = "a failed step") -> EngineDeadError:
+        """Stop for good: end every request, refuse everything after (also called by the server's
+        engine thread for an error outside a step). Idempotent: the first cause stays."""
+        if self.dead is not None:
+            return self.dead
         self.dead = EngineDeadError(
-            f"the engine stopped after a failed step ({type(cause).__name__}: {cause}); adapter slots "
+            f"the engine stopped after {where} ({type(cause).__name__}: {cause}); adapter slots "
             f"and KV pages can no longer be trusted, so it serves nothing more: restart the server"
         )
         for rid in list(self.scheduler.requests):
             self.scheduler.abort_request(rid)
         self._states.clear()
         self._followers.clear()
+        self._pending.clear()
         return self.dead
 
     # --- adapters ---
@@ -228,8 +244,11 @@ class LLMEngine:
             raise ValueError("add_request takes n=1; use add_request_n for several samples of a prompt")
         rid = request_id or uuid.uuid4().hex
         text, ids = self._tokenize(prompt)
-        if any(not 0 <= t < self.runtime.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must lie in [0, {self.runtime.vocab_size})")
+        vocab = self.runtime.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"the prompt holds token id {bad}; prompt token ids must lie in [0, {vocab})")
+        params.check_vocab(vocab)
         if fill_max_tokens:
             room = self.runtime.max_model_len - len(ids)
             if room < 1:
@@ -281,19 +300,43 @@ class LLMEngine:
         ids = sample_ids(request_id, params.n)
         if params.n == 1:
             return [self.add_request(request_id, prompt, params, lora_name, None, tenant, fill_max_tokens)]
-        for i, rid in enumerate(ids):
-            p = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-            if i == 0:
-                self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens)
-                self._followers[rid] = []
-            else:
-                self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after=ids[0])
+        params.check_vocab(self.runtime.vocab_size)
+        try:
+            for i, rid in enumerate(ids):
+                p = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+                if i == 0:
+                    self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens)
+                    self._followers[rid] = []
+                else:
+                    self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after=ids[0])
+        except Exception:
+            for rid in reversed(ids):  # nothing half-admitted
+                if rid in self._states:
+                    self.abort_request(rid)
+            self._pending = [o for o in self._pending if o.request_id not in ids]
+            raise
         return ids
 
     def _release_followers(self, leader: str) -> None:
+        """Queue the samples that waited for `leader`'s first token. One that can no longer be
+        queued (its adapter was unloaded meanwhile) ends with that error; none is left waiting."""
         for req in self._followers.pop(leader, []):
-            if req.request_id in self._states:  # not aborted meanwhile
-                self.scheduler.add_request(req)
+            if req.request_id not in self._states:
+                continue  # aborted meanwhile
+            try:
+                self.scheduler.add_request(req, bounded=False)  # the request was admitted as a whole
+            except AdapterNotFoundError:
+                why = "was unloaded before this sample of the request started"
+                err = AdapterNotFoundError(req.lora_name or "", self.scheduler.adapters.names(), why)
+                self._end_unstarted(req.request_id, RequestStatus.FINISHED_ERROR, err)
+            except ValueError as e:
+                self._end_unstarted(req.request_id, RequestStatus.FINISHED_ERROR, e)
+
+    def _end_unstarted(self, rid: str, status: RequestStatus, error: Exception | None = None) -> None:
+        """End a sample that never reached the scheduler; its output goes out with the next step."""
+        st = self._states[rid]
+        st.req.status, st.error = status, error
+        self._pending.append(self._make_output(rid, [], self.clock()))
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -312,7 +355,7 @@ class LLMEngine:
         return self.scheduler.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     # --- the step ---
     def step(self) -> list[RequestOutput]:
@@ -322,10 +365,13 @@ class LLMEngine:
         try:
             result = self._execute(out)
         except Exception as e:
-            raise self._die(e) from e
+            raise self.die(e) from e
         update = self.scheduler.update_from_output(out, result)
         self._publish_kv_events()
-        return self._outputs(out, result, update)
+        outputs = self._outputs(out, result, update)
+        if self._pending:
+            outputs, self._pending = self._pending + outputs, []
+        return outputs
 
     def _publish_kv_events(self) -> None:
         """Hand the prefix cache's events to the publisher (or drop them: nobody listens)."""
@@ -361,45 +407,84 @@ class LLMEngine:
             st = self._states.get(rid)
             if st is not None and st.req.status is RequestStatus.FINISHED_TIMEOUT:
                 touched[rid] = []
+                for f in self._followers.pop(rid, []):  # its other samples waited just as long
+                    if f.request_id in self._states:
+                        self._end_unstarted(f.request_id, RequestStatus.FINISHED_TIMEOUT)
+        for req in update.finished:  # the executor could not sample for these alone
+            rid = req.request_id
+            if req.status is RequestStatus.FINISHED_ERROR and (st := self._states.get(rid)) is not None:
+                why = (result.errors or {}).get(rid, "failed")
+                st.error = RequestFailedError(f"request {rid}: {why}; the other requests are served on")
+                touched[rid] = []
+                self._release_followers(rid)
         for req, token in update.new_tokens:
             st = self._states.get(req.request_id)
             if st is None:
                 continue
-            if st.metrics.first_token_time is None:
-                st.metrics.first_token_time = now
-                st.metrics.first_scheduled_time = req.first_scheduled_time
-                if req.request_id in self._followers:  # its prompt's pages are cached now
-                    self._release_followers(req.request_id)
-            if st.logprobs is not None and req.request_id in lps:
-                st.logprobs.append(lps[req.request_id])
-            _, stop_str = st.detok.add(token)
             touched.setdefault(req.request_id, []).append(token)
-            if stop_str is not None:
-                st.stop_reason = stop_str
-                if req.is_finished:  # it also hit max_tokens this step: the stop string wins
-                    req.status = RequestStatus.FINISHED_STOPPED
-                else:
-                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
-            elif req.status is RequestStatus.FINISHED_STOPPED and token in req.stop_token_ids:
-                st.stop_reason = token
+            try:
+                self._take_token(st, req, token, lps.get(req.request_id), now)
+            except Exception as e:
+                self._fail(st, e, "turning its tokens into text")
         outputs = []
         for rid, delta_ids in touched.items():
             outputs.append(self._make_output(rid, delta_ids, now))
         return outputs
 
+    def _take_token(
+        self, st: _State, req: Request, token: int, lp: SampleLogprobs | None, now: float
+    ) -> None:
+        """One sampled token of one request: first-token bookkeeping, logprobs, text, stop strings."""
+        if st.metrics.first_token_time is None:
+            st.metrics.first_token_time = now
+            st.metrics.first_scheduled_time = req.first_scheduled_time
+            if req.request_id in self._followers:  # its prompt's pages are cached now
+                self._release_followers(req.request_id)
+        if st.logprobs is not None and lp is not None:
+            st.logprobs.append(lp)
+        _, stop_str = st.detok.add(token)
+        if stop_str is not None:
+            st.stop_reason = stop_str
+            if req.is_finished:  # it also hit max_tokens this step: the stop string wins
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+        elif req.status is RequestStatus.FINISHED_STOPPED and token in req.stop_token_ids:
+            st.stop_reason = token
+
+    def _fail(self, st: _State, cause: Exception, what: str) -> None:
+        """End one request for a fault of its own (call from an except block); the rest go on."""
+        rid = st.req.request_id
+        logger.exception("request %s failed while %s; it ends, the others go on", rid, what)
+        st.error = RequestFailedError(
+            f"request {rid} failed while {what} ({type(cause).__name__}: {cause}); "
+            f"the other requests are served on"
+        )
+        if st.req.is_finished:
+            st.req.status = RequestStatus.FINISHED_ERROR
+        else:
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ERROR)
+
     def _make_output(self, rid: str, delta_ids: list[int], now: float) -> RequestOutput:
         st = self._states[rid]
         req = st.req
+        text, delta_text = "", ""
+        if st.error is None:
+            try:
+                if req.is_finished and (st.stop_reason is None or isinstance(st.stop_reason, int)):
+                    st.detok.flush()  # no stop string cut the text: decode held-back bytes
+                delta_text = st.detok.take_delta(final=req.is_finished)
+                text = st.detok.text
+            except Exception as e:
+                self._fail(st, e, "turning its tokens into text")
+                text, delta_text = "", ""
         finished = req.is_finished
         if finished:
-            if st.stop_reason is None or isinstance(st.stop_reason, int):
-                st.detok.flush()  # no stop string cut the text: decode held-back bytes
             st.metrics.finished_time = now
             del self._states[rid]
-        delta_text = st.detok.take_delta(final=finished)
         completion = CompletionOutput(
             index=0,
-            text=st.detok.text,
+            text=text,
             token_ids=req.output_token_ids,
             finish_reason=req.status.finish_reason if finished else None,
             stop_reason=st.stop_reason,
@@ -416,6 +501,7 @@ class LLMEngine:
             req.lora_name,
             max(req.num_cached_tokens, 0),
             st.metrics,
+            st.error,
         )
 
 

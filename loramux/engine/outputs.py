@@ -16,7 +16,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort", "timeout", "error"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     logprobs: list[SampleLogprobs] | None = None
     delta_text: str = ""
@@ -45,3 +45,6 @@ class RequestOutput:
     lora_name: str | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    error: Exception | None = None
+    """Why it ended with finish_reason "error": a fault of this request alone (RequestFailedError),
+    or what stopped a later sample of n from starting (its adapter was unloaded, ...)."""

@@ -33,7 +33,7 @@ from loramux.core.prefix_cache import KVCopy
 from loramux.executor.attention import AttentionMetadata, PrefillChunk, decode_mask
 from loramux.executor.loader import load_model, resolve_device, resolve_dtype
 from loramux.executor.lora import AdapterSpec, HostAdapter, LoRASlots, inspect_adapter, read_adapter
-from loramux.executor.sampler import sample
+from loramux.executor.sampler import sample, sample_each
 from loramux.sampling_params import SamplingParams
 
 logger = logging.getLogger("loramux.executor")
@@ -278,7 +278,7 @@ class ModelRunner:
         if self.logits_hook is not None:
             for s, row in zip(seqs, logits, strict=True):
                 self.logits_hook(s.request_id, row)
-        tokens, logprobs = sample(
+        args = (
             logits,
             params,
             [self._generator(s, p) for s, p in zip(seqs, params, strict=True)],
@@ -289,12 +289,21 @@ class ModelRunner:
                 for s, p in zip(seqs, params, strict=True)
             ],
         )
+        failed: dict[int, str] = {}
+        try:
+            tokens, logprobs = sample(*args)
+        except Exception:  # pin it on the rows whose own parameters fail; the rest get tokens
+            logger.exception(
+                "sampling step %d failed; sampling its %d rows one at a time", out.step, len(seqs)
+            )
+            tokens, logprobs, failed = sample_each(*args)  # type: ignore[assignment]
         sampled: list[int | None] = [None] * len(out.seqs)
         lps: list = [None] * len(out.seqs)
         for i, tok, lp in zip(batch.sample_seqs, tokens, logprobs, strict=True):
             sampled[i] = tok
             lps[i] = lp
-        return RunnerOutput(sampled, lps)
+        errors = {seqs[j].request_id: f"sampling failed ({why})" for j, why in failed.items()}
+        return RunnerOutput(sampled, lps, errors or None)
 
     def _generator(self, seq: ScheduledSeq, p: SamplingParams) -> torch.Generator | None:
         if p.seed is None or p.greedy:

@@ -9,6 +9,10 @@ each request's token history, which the runner keeps); the min_tokens mask
 (eos and stop ids the control plane names until enough outputs exist, -inf in
 one indexed write); then temperature, top-k and top-p. Logprobs are those of
 the model's raw distribution, as vLLM reports by default.
+
+`sample_each` is the fallback when a batch fails: it samples the rows one at a
+time, so a fault that belongs to one request's parameters (a distribution its
+own masks emptied, say) is pinned on that row and the others still get tokens.
 """
 
 from __future__ import annotations
@@ -58,6 +62,37 @@ def sample(
                 tokens[i] = torch.multinomial(probs[j], 1, generator=g)[0]
     token_list = tokens.tolist()
     return token_list, _logprobs(raw, token_list, params)
+
+
+def sample_each(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator,
+    suppress: list[frozenset[int]],
+    histories: list[tuple[list[int], int] | None],
+) -> tuple[list[int | None], list[SampleLogprobs | None], dict[int, str]]:
+    """`sample` one row at a time: (tokens, logprobs, {row: why it failed}); a failed row's token
+    is None. Slower than one batch, so only used after the batch raised."""
+    tokens: list[int | None] = []
+    lps: list[SampleLogprobs | None] = []
+    errors: dict[int, str] = {}
+    for i in range(logits.shape[0]):
+        try:
+            t, lp = sample(
+                logits[i : i + 1],
+                [params[i]],
+                [generators[i]],
+                default_generator,
+                [suppress[i]],
+                [histories[i]],
+            )
+        except Exception as e:
+            errors[i] = f"{type(e).__name__}: {e}"
+            t, lp = [None], [None]  # type: ignore[list-item]
+        tokens.append(t[0])
+        lps.append(lp[0])
+    return tokens, lps, errors
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -110,7 +145,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     temps = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
     logits = logits / temps.unsqueeze(1)
     vocab = logits.shape[1]
-    ks = [p.top_k if p.top_k > 0 else vocab for p in params]
+    ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     ps = [p.top_p for p in params]
     if min(ks) < vocab or min(ps) < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)

@@ -33,7 +33,7 @@ from loramux import __version__
 from loramux.core.adapters import AdapterNotFoundError
 from loramux.core.scheduler import QueueFullError
 from loramux.engine.chat import render_chat
-from loramux.engine.llm_engine import EngineDeadError
+from loramux.engine.llm_engine import EngineDeadError, RequestFailedError
 from loramux.engine.outputs import RequestOutput
 from loramux.sampling_params import SamplingParams
 from loramux.server.async_engine import AsyncEngine
@@ -202,6 +202,8 @@ def _to_api_error(e: Exception, model: str) -> APIError:
         return APIError(400, str(e))
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), type_="server_error", code="engine_dead")
+    if isinstance(e, RequestFailedError):
+        return APIError(500, str(e), type_="server_error", code="request_failed")
     raise e
 
 
@@ -443,7 +445,7 @@ class _API:
         for out in outs:
             self.metrics.finished(model, out)
         for out in outs:
-            _raise_if_timed_out(out)
+            _raise_if_ended_badly(out, model)
         return outs
 
     async def _unless_gone(self, request: Request, work: Awaitable[T], model: str, n: int) -> T:
@@ -538,7 +540,7 @@ class _API:
         async with self._closing(streams, finals, body.model):
             async for i, out in _merge(streams):
                 comp = out.outputs[0]
-                _raise_if_timed_out(out)
+                _raise_if_ended_badly(out, body.model)
                 head = ""
                 if body.echo and i not in echoed:  # the prompt goes first, once per choice
                     echoed.add(i)
@@ -651,7 +653,7 @@ class _API:
         async with self._closing(streams, finals, body.model):
             async for i, out in _merge(streams):
                 comp = out.outputs[0]
-                _raise_if_timed_out(out)
+                _raise_if_ended_badly(out, body.model)
                 if not comp.delta_text and not out.finished:
                     continue  # a partial character is held back: nothing to send yet
                 yield chunk(
@@ -717,8 +719,11 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
             t.cancel()
 
 
-def _raise_if_timed_out(out: RequestOutput) -> None:
-    """A request that waited past its max_queue_time ends with no tokens: answer it as an error."""
+def _raise_if_ended_badly(out: RequestOutput, model: str) -> None:
+    """A request that failed on its own (finish_reason "error") or waited past its
+    max_queue_time (no tokens) is answered as an error, not as a short completion."""
+    if out.finished and out.error is not None:
+        raise _to_api_error(out.error, model)
     if out.finished and out.outputs[0].finish_reason == "timeout":
         m = out.metrics
         waited = f"{(m.finished_time or m.arrival_time) - m.arrival_time:.2f} s " if m is not None else ""

@@ -6,6 +6,13 @@ an adapter, taking a metrics snapshot) is a command run on the engine thread
 between steps; results come back through futures the event loop awaits, and
 outputs through one asyncio queue per request. The event loop never blocks on
 a step, and a step never waits for a slow client.
+
+The thread cannot die silently: an exception anywhere on it (a step, a
+command, the per-step callback) stops the engine as a failed step does
+(`LLMEngine.die`): every request ends, every stream gets the error, and the
+thread stays up to answer commands (refusing new work with the cause), so
+nothing awaiting it hangs. `shutdown` fails every call and stream still
+pending.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from loramux.engine.llm_engine import EngineDeadError, LLMEngine, sample_ids
@@ -33,6 +40,7 @@ class AsyncEngine:
         self.engine = engine
         self.on_step = on_step
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._calls: set[concurrent.futures.Future[Any]] = set()  # awaited, not yet run
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
@@ -47,9 +55,17 @@ class AsyncEngine:
         return self._thread.is_alive() and self.engine.dead is None
 
     def shutdown(self) -> None:
+        """Stop the thread; every call and stream still pending fails with EngineDeadError."""
         self._stop.set()
         self._commands.put(lambda: None)  # wake the thread
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        gone = EngineDeadError("the engine was shut down (the server is stopping); retry elsewhere")
+        for fut in list(self._calls):
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(gone)
+        self._calls.clear()
+        self._end_streams(gone)
         if self.engine.kv_publisher is not None:
             self.engine.kv_publisher.close()
 
@@ -57,34 +73,42 @@ class AsyncEngine:
     def _run(self) -> None:
         engine = self.engine
         while not self._stop.is_set():
-            idle = not engine.has_unfinished_requests()
             try:
-                cmd = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
-            except queue.Empty:
-                cmd = None
-            while cmd is not None:
-                cmd()
+                idle = not engine.has_unfinished_requests()
                 try:
-                    cmd = self._commands.get_nowait()
+                    cmd = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
                 except queue.Empty:
                     cmd = None
-            if engine.has_unfinished_requests():
-                self._step()
+                while cmd is not None:
+                    cmd()
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if engine.has_unfinished_requests():
+                    self._step()
+            except Exception as e:  # a bug outside the step: stop as a failed step does, loudly
+                logger.exception("error on the engine thread")
+                self._stop_engine(engine.die(e, "an error on the engine thread"))
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
         except EngineDeadError as err:  # the engine ended every request; tell their streams why
-            logger.error(
-                "engine stopped; ending %d streams: %s", len(self._streams), err, exc_info=err.__cause__
-            )
-            for rid in list(self._streams):
-                self._deliver(rid, err)
+            self._stop_engine(err)
             return
         if self.on_step is not None:
             self.on_step(outputs)
         for out in outputs:
             self._deliver(out.request_id, out)
+
+    def _stop_engine(self, err: EngineDeadError) -> None:
+        logger.error("engine stopped; ending %d streams: %s", len(self._streams), err, exc_info=err.__cause__)
+        self._end_streams(err)
+
+    def _end_streams(self, err: BaseException) -> None:
+        for rid in list(self._streams):
+            self._deliver(rid, err)
 
     def _deliver(self, rid: str, item: Any) -> None:
         target = self._streams.get(rid)
@@ -95,9 +119,12 @@ class AsyncEngine:
     # --- the asyncio side ---
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(*args, **kwargs)` on the engine thread between steps and await its result."""
+        if self._stop.is_set():
+            raise EngineDeadError("the engine was shut down (the server is stopping); retry elsewhere")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def command() -> None:
+            self._calls.discard(fut)
             if not fut.set_running_or_notify_cancel():
                 return
             try:
@@ -105,6 +132,7 @@ class AsyncEngine:
             except BaseException as e:  # handed to the awaiting coroutine
                 fut.set_exception(e)
 
+        self._calls.add(fut)
         self._commands.put(command)
         return await asyncio.wrap_future(fut)
 
@@ -116,7 +144,7 @@ class AsyncEngine:
         lora_name: str | None = None,
         tenant: str = "",
         fill_max_tokens: bool = False,
-    ) -> list[AsyncIterator[RequestOutput]]:
+    ) -> list[RequestStream]:
         """Queue `params.n` samples of one prompt (LLMEngine.add_request_n); bad input raises here
         (ValueError, AdapterNotFoundError, QueueFullError, EngineDeadError).
 
@@ -138,33 +166,18 @@ class AsyncEngine:
             for rid in ids:
                 self._streams.pop(rid, None)
             raise
-        return [self._outputs(rid, q) for rid, q in zip(ids, queues, strict=True)]
+        return [RequestStream(self, rid, q) for rid, q in zip(ids, queues, strict=True)]
 
     async def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, *args: Any
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> RequestStream:
         """One request (n=1) and its stream; see add_request_n."""
         if params.n != 1:
             raise ValueError("add_request takes n=1; use add_request_n for several samples")
         return (await self.add_request_n(request_id, prompt, params, *args))[0]
 
-    async def _outputs(self, request_id: str, q: asyncio.Queue[Any]) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if finished:
-                self._streams.pop(request_id, None)
-            else:
-                self.abort(request_id)
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
 
     def submit(self, fn: Callable[[], Any]) -> None:
         """Run `fn()` on the engine thread between steps, from any thread, without waiting for it;
@@ -186,3 +199,34 @@ class AsyncEngine:
     @property
     def num_streams(self) -> int:
         return len(self._streams)
+
+
+class RequestStream:
+    """One request's outputs as the engine makes them, ending with the finished one (or raising
+    the error that ended it). `aclose()` before the end aborts the request and frees its pages at
+    once, also for a stream never read (an async generator's cleanup would not run then)."""
+
+    def __init__(self, aengine: AsyncEngine, request_id: str, q: asyncio.Queue[Any]) -> None:
+        self._aengine, self.request_id, self._q = aengine, request_id, q
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._q.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            self._aengine._forget(self.request_id)
+            raise item
+        if item.finished:
+            self._done = True
+            self._aengine._forget(self.request_id)
+        return item
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._aengine.abort(self.request_id)

@@ -1,0 +1,336 @@
+"""Semantic fuzzing of a real `loramux serve` (issue 24, points 1-4 and 8; S6.1, S6.3).
+
+The schema fuzzer (test_fuzz.py) draws bodies that fit the OpenAPI document, and a token id is
+schema-valid: it never found that `logit_bias: {"999999": 5}` stopped the engine for everyone.
+The strategies here know what each field means: token ids (prompt ids, logit_bias keys,
+stop_token_ids, /detokenize tokens) drawn around the vocabulary's edges (-1, 0, V-1, V, V+1, 2^31,
+2^63, 2^64, 2^70), lengths around max_model_len, seeds around 64 bits, probabilities and
+temperatures around their ranges (1e-300, NaN, infinity), adapter names that exist, do not, or look
+like paths; across completions, chat, /tokenize and /detokenize, combined with n, streaming,
+echo, logprobs, stop strings and penalties. Each example's answer must be a 2xx, a 4xx in OpenAI's
+error shape, or a documented 503 (server_busy, queue_timeout); never engine_dead, never another
+5xx, never a hang. After every example the server must still answer a plain request.
+
+CI runs LORAMUX_SEMFUZZ_EXAMPLES (default 120, derandomized). The long mode:
+
+    LORAMUX_SEMFUZZ_EXAMPLES=20000 LORAMUX_FUZZ_RANDOM=1 LORAMUX_SEMFUZZ_REPORT=semfuzz.json \\
+        .venv/bin/python -m pytest -q -s tests/reliability/test_semantic_fuzz.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.reliability.conftest import assert_whole, serve_tiny
+
+EXAMPLES = int(os.environ.get("LORAMUX_SEMFUZZ_EXAMPLES", "120"))
+DERANDOMIZE = os.environ.get("LORAMUX_FUZZ_RANDOM", "") != "1"
+REPORT = os.environ.get("LORAMUX_SEMFUZZ_REPORT")
+VOCAB = 512  # the tiny Llama's (tests/hf_factory.py)
+MAX_LEN = 128  # --max-model-len below
+ANSWER_S = 60  # an answer slower than this is a hang
+DOCUMENTED_503 = {"server_busy", "queue_timeout"}
+
+pytestmark = pytest.mark.timeout(max(600, EXAMPLES * 3))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, folders, tmp_path_factory):
+    s = serve_tiny(
+        tiny_models,
+        folders,
+        tmp_path_factory.mktemp("semfuzz") / "server.log",
+        "--num-pages",
+        "512",
+        "--max-num-seqs",
+        "16",
+        "--max-queue-len",
+        "64",
+        "--max-model-len",
+        str(MAX_LEN),
+    )
+    yield s
+    s.stop()
+
+
+# --- the issue's requests, one after another ----------------------------------------------------
+def _issue_requests() -> list[tuple[str, dict, int, str]]:
+    """(path, body, expected status, a phrase the error message must contain)."""
+    say = {"model": "a", "prompt": "say: hi\n", "max_tokens": 5}
+    chat = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    out = []
+    for bias in (VOCAB, VOCAB + 1, 999999, 2**64):
+        out += [
+            ("/v1/completions", {**say, "logit_bias": {str(bias): 5}}, 400, str(bias)),
+            ("/v1/chat/completions", {**chat, "logit_bias": {str(bias): 5}}, 400, str(bias)),
+            ("/v1/completions", {**say, "n": 3, "logit_bias": {str(bias): 5}}, 400, str(bias)),
+            ("/v1/completions", {**say, "stream": True, "logit_bias": {str(bias): 5}}, 400, str(bias)),
+        ]
+    out += [
+        ("/v1/completions", {**say, "logit_bias": {"-1": 5}}, 400, "logit_bias"),
+        ("/v1/completions", {**say, "stop_token_ids": [VOCAB]}, 400, "stop_token_ids"),
+        ("/v1/chat/completions", {**chat, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+        ("/v1/completions", {**say, "seed": 2**70, "temperature": 1}, 400, "seed"),
+        ("/v1/completions", {**say, "seed": -(2**63) - 1, "temperature": 1}, 400, "seed"),
+        ("/v1/completions", {**say, "n": 3, "seed": 2**63 - 1, "temperature": 1}, 400, "seed"),
+        ("/v1/completions", {**say, "n": 3, "max_tokens": 8, "max_queue_time": 1e-9}, 503, "max_queue_time"),
+        ("/v1/completions", {**say, "n": 3, "stream": True, "max_queue_time": 1e-9}, 200, "max_queue_time"),
+    ]
+    return out
+
+
+def test_S6_1_the_issues_hostile_requests_are_refused_and_the_server_serves_on(server):
+    """Issue 24's 22 requests and their kin: each was an outage (503 engine_dead for everyone
+    after it) or a hang (n=3 with a passed queue deadline)."""
+    with httpx.Client(timeout=30) as http:
+        for path, body, status, phrase in _issue_requests():
+            t0 = time.monotonic()
+            r = http.post(server.url + path, json=body)
+            assert time.monotonic() - t0 < 20, (body, "slow")
+            assert r.status_code == status, (body, r.status_code, r.text[:300])
+            if status != 200:
+                err = r.json()["error"]
+                assert phrase in err["message"], (body, err)
+            else:  # the stream carries the queue timeout as its error event, then [DONE]
+                events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+                assert events[-1] == "[DONE]"
+                errs = [json.loads(e)["error"] for e in events[:-1] if "error" in json.loads(e)]
+                assert errs and errs[0]["code"] == "queue_timeout", r.text[:300]
+            _plain_request_works(http, server)
+    assert_whole(server)
+
+
+def _plain_request_works(http: httpx.Client, server) -> None:
+    r = http.post(
+        server.url + "/v1/completions",
+        json={"model": "base", "prompt": "still here", "max_tokens": 2, "ignore_eos": True},
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text[:300]
+
+
+# --- strategies that know what the fields mean --------------------------------------------------
+# Each field has edge values that are valid (they reach the sampler and the kernels) and values
+# past the edges (they must be refused with a 4xx). Half the examples draw every field from its
+# valid edges, so they run; the other half mix in values past them.
+EDGE_IDS = [-(2**63) - 1, -1, 0, 1, VOCAB - 1, VOCAB, VOCAB + 1, 2**31, 2**63 - 1, 2**63, 2**64, 2**70]
+good_id = st.one_of(st.sampled_from([0, 1, 2, VOCAB - 1]), st.integers(0, VOCAB - 1))
+any_id = st.one_of(st.sampled_from(EDGE_IDS), st.integers(-3, VOCAB + 3), good_id)
+weird_float = st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0, 1e-300, 5e-324])
+
+
+def _field(valid: st.SearchStrategy, past: st.SearchStrategy) -> tuple[st.SearchStrategy, st.SearchStrategy]:
+    """(values at the field's valid edges, values past them)."""
+    return valid, past
+
+
+FIELDS = {
+    "temperature": _field(st.sampled_from([0.0, 5e-324, 1e-300, 1e-6, 1e-5, 0.7, 1.0, 2.0]), weird_float),
+    "top_p": _field(
+        st.sampled_from([5e-324, 1e-9, 0.5, 1.0]), st.sampled_from([0.0, 1.0001, -0.1, math.nan])
+    ),
+    "top_k": _field(
+        st.sampled_from([-1, 0, 1, 5, VOCAB - 1, VOCAB, VOCAB + 1, 2**31, 2**63 - 1, 2**70]),
+        st.sampled_from([-2, -(2**70)]),
+    ),
+    "seed": _field(
+        st.sampled_from([None, 0, -1, 2**63 - 200, -(2**63)]),
+        st.sampled_from([2**63 - 1, 2**63, -(2**63) - 1, 2**64, 2**70]),
+    ),
+    "n": _field(st.sampled_from([1, 2, 3, 8]), st.sampled_from([-1, 0, 128, 129])),
+    "stream": _field(st.booleans(), None),
+    "stream_options": _field(st.just({"include_usage": True}), None),
+    "stop": _field(
+        st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=3), max_size=4)),
+        st.sampled_from(["", [""], "x" * 2000, ["\x00", "🙂"]]),
+    ),
+    "stop_token_ids": _field(st.lists(good_id, max_size=4), st.lists(any_id, min_size=1, max_size=4)),
+    "include_stop_str_in_output": _field(st.booleans(), None),
+    "presence_penalty": _field(
+        st.sampled_from([-2.0, 0.0, 0.5, 2.0]), st.sampled_from([-2.1, 2.1, math.nan])
+    ),
+    "frequency_penalty": _field(st.sampled_from([-2.0, 0.0, 2.0]), st.sampled_from([-2.1, 2.1, math.inf])),
+    "repetition_penalty": _field(
+        st.sampled_from([1e-6, 0.01, 0.5, 1.0, 2.0]), st.sampled_from([0.0, 5e-324, 1e-300, 2.1, math.nan])
+    ),
+    "logit_bias": _field(
+        st.dictionaries(good_id.map(str), st.sampled_from([-100.0, -1.0, 0.0, 5.0, 100.0]), max_size=4),
+        st.dictionaries(
+            st.one_of(any_id.map(str), st.sampled_from(["", "abc", "1.5", " 3", "0x10", "1e3", "-0", "٣"])),
+            st.one_of(st.floats(-101, 101), weird_float),
+            min_size=1,
+            max_size=4,
+        ),
+    ),
+    "ignore_eos": _field(st.booleans(), None),
+    "min_tokens": _field(st.sampled_from([0, 1, 3]), st.sampled_from([-1, MAX_LEN + 1, 2**70])),
+    "max_queue_time": _field(
+        st.sampled_from([None, 1e-9, 0.5, 1e308, math.inf]), st.sampled_from([0.0, -1.0, math.nan, -math.inf])
+    ),
+    "return_token_ids": _field(st.booleans(), None),
+    "max_tokens": _field(
+        st.one_of(st.integers(1, 16), st.sampled_from([MAX_LEN - 24])),
+        st.sampled_from([-1, 0, MAX_LEN, MAX_LEN + 1, 2**31, 2**63, 2**70]),
+    ),
+}
+COMPLETION_ONLY = {
+    "echo": _field(st.booleans(), None),
+    "logprobs": _field(st.sampled_from([None, 0, 1, 5, 20]), st.sampled_from([21, -1, VOCAB, VOCAB + 1])),
+    "prompt": _field(
+        st.one_of(
+            st.text(min_size=1, max_size=40),
+            st.lists(good_id, min_size=1, max_size=12),
+            st.lists(st.lists(good_id, min_size=1, max_size=4), min_size=1, max_size=3),
+        ),
+        st.one_of(
+            st.lists(any_id, min_size=0, max_size=12),
+            st.lists(st.lists(any_id, max_size=4), min_size=1, max_size=3),
+            st.just("w " * (MAX_LEN + 5)),
+            st.just(""),
+        ),
+    ),
+}
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=20)}
+)
+CHAT_ONLY = {
+    "messages": _field(
+        st.lists(message, min_size=1, max_size=3),
+        st.one_of(
+            st.just([]),
+            st.just([{"role": "root", "content": "x"}]),
+            st.just([{"role": "user", "content": 5}]),
+        ),
+    ),
+    "max_completion_tokens": FIELDS["max_tokens"],
+    "logprobs": _field(st.booleans(), None),
+    "top_logprobs": _field(st.sampled_from([None, 0, 5, 20]), st.sampled_from([21, -1])),
+}
+MODELS = _field(st.sampled_from(["base", "a", "b"]), st.sampled_from(["nope", "", "../a", "a/b", "A", " a"]))
+REQUIRED = {"prompt", "messages"}
+
+
+def _body(path: str, fields: dict, hostile: bool) -> st.SearchStrategy[tuple[str, dict]]:
+    """Every field at its valid edges; `hostile`: then one or two fields pushed past them, so the
+    value reaches whatever checks (or fails to check) it, not a refusal of another field."""
+    required = {k: v[0] for k, v in fields.items() if k in REQUIRED}
+    optional = {k: v[0] for k, v in fields.items() if k not in REQUIRED}
+    valid = st.builds(
+        lambda m, body: {"model": m, **body}, MODELS[0], st.fixed_dictionaries(required, optional=optional)
+    )
+    if not hostile:
+        return valid.map(lambda b: (path, b))
+    pasts = [st.tuples(st.just(k), past) for k, (_, past) in {**fields, "model": MODELS}.items() if past is not None]
+    overrides = st.lists(st.one_of(pasts), min_size=1, max_size=2).map(dict)
+    return st.builds(lambda b, o: (path, {**b, **o}), valid, overrides)
+
+
+def _requests(hostile: bool) -> st.SearchStrategy[tuple[str, dict]]:
+    ids = any_id if hostile else good_id
+    return st.one_of(
+        _body("/v1/completions", {**FIELDS, **COMPLETION_ONLY}, hostile),
+        _body("/v1/completions", {**FIELDS, **COMPLETION_ONLY}, hostile),
+        _body("/v1/chat/completions", {**FIELDS, **CHAT_ONLY}, hostile),
+        st.builds(lambda t: ("/detokenize", {"tokens": t}), st.lists(ids, max_size=8)),
+        st.builds(lambda p: ("/tokenize", {"prompt": p}), st.text(max_size=30)),
+        st.builds(
+            lambda n, p: ("/v1/load_lora_adapter", {"lora_name": n, "lora_path": p}),
+            st.sampled_from(["a", "zz", "", "..", "x/y", "é"]),
+            st.text(max_size=20),
+        ),
+    )
+
+
+request = st.one_of(_requests(hostile=False), _requests(hostile=True))
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.status: Counter[str] = Counter()
+        self.bad: list[str] = []
+        self.examples = 0
+        self.slowest = 0.0
+
+
+def _check(http: httpx.Client, server, path: str, body: dict, tally: _Tally) -> None:
+    """Send one example and judge its answer; then a plain request must still work."""
+    t0 = time.monotonic()
+    content = json.dumps(body, allow_nan=True)  # NaN and Infinity are what a hostile client sends
+    try:
+        with http.stream(
+            "POST", server.url + path, content=content, headers={"content-type": "application/json"}
+        ) as r:
+            raw = r.read()
+    except httpx.TimeoutException:
+        tally.bad.append(f"hang: {path} {content[:300]}")
+        return
+    took = time.monotonic() - t0
+    tally.slowest = max(tally.slowest, took)
+    tally.examples += 1
+    code = r.status_code
+    if code >= 400:
+        err = json.loads(raw)["error"]
+        assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str), raw
+        tally.status[f"{code} {err.get('code') or ''}".strip()] += 1
+        if code >= 500 and not (code == 503 and err.get("code") in DOCUMENTED_503):
+            tally.bad.append(f"{code} {err}: {path} {content[:300]}")
+    else:
+        tally.status[str(code)] += 1
+        if "text/event-stream" in r.headers.get("content-type", ""):
+            for line in raw.decode().splitlines():
+                if line.startswith("data: {") and '"error"' in line:
+                    err = json.loads(line[6:])["error"]
+                    tally.status[f"stream error {err.get('code')}"] += 1
+                    if err.get("code") not in DOCUMENTED_503:
+                        tally.bad.append(f"stream {err}: {path} {content[:300]}")
+    try:
+        _plain_request_works(http, server)
+    except (AssertionError, httpx.HTTPError) as e:
+        tally.bad.append(f"server stopped serving after {path} {content[:300]}: {e}")
+
+
+def test_S6_1_semantic_fuzzing_never_stops_the_server_nor_hangs_it(server):
+    tally = _Tally()
+    t0 = time.monotonic()
+    with httpx.Client(timeout=ANSWER_S) as http:
+
+        @given(req=request)
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=DERANDOMIZE,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def run(req: tuple[str, dict]) -> None:
+            path, body = req
+            _check(http, server, path, body, tally)
+            assert not tally.bad, tally.bad[:3]  # stop at the first: hypothesis shrinks it
+
+        run()
+    health = httpx.get(server.url + "/health", timeout=10)
+    report = {
+        "examples": tally.examples,
+        "seconds": round(time.monotonic() - t0, 1),
+        "slowest_answer_s": round(tally.slowest, 2),
+        "answers": dict(sorted(tally.status.items())),
+        "engine_deaths": 0 if health.status_code == 200 else 1,
+        "bad": tally.bad[:20],
+    }
+    print(json.dumps(report, indent=1))
+    if REPORT:
+        Path(REPORT).write_text(json.dumps(report, indent=1))
+    assert health.status_code == 200, health.text
+    assert tally.examples >= min(EXAMPLES, 50)
+    assert sum(v for k, v in tally.status.items() if k.startswith("4")) > 0  # it did probe the limits
+    assert sum(v for k, v in tally.status.items() if k == "200") > 0  # and valid requests ran
+    assert_whole(server)
