@@ -50,6 +50,7 @@ class KVEvent:
     parent_block_hash: int | None  # None for the first page of a namespace
     token_ids: tuple[int, ...]  # empty for "removed"
     namespace: str  # the namespace's identity, e.g. "base" or "lora:sql:<version>"
+    on_host: bool = False  # the page's tier: the device pool, or host memory (the offload tier)
 
 
 class MatchResult(NamedTuple):
@@ -300,6 +301,7 @@ class RadixPrefixCache(PrefixCache):
         self.host_pool.decref([node.host])
         self._host_lru.pop(node, None)
         self._reserved.discard(node)
+        self._moved(node, to_host=False)
         node.host, node.page = -1, page
         self._by_page[page] = node
         self.pool.incref([page])  # the cache's own reference
@@ -338,6 +340,17 @@ class RadixPrefixCache(PrefixCache):
             parent_hash = parent.block_hash if parent.parent is not None else None
             self._events.append(KVEvent("stored", block_hash, parent_hash, key, space.identity))
         return node
+
+    def _moved(self, node: _Node, to_host: bool) -> None:
+        """A page changes tier: removed from the one it leaves, stored in the one it enters, as
+        vLLM's offloading reports it (a router must not count it where it no longer is)."""
+        if self.enable_events:
+            parent = node.parent
+            assert parent is not None and node.key is not None
+            parent_hash = parent.block_hash if parent.parent is not None else None
+            ident = node.ns.identity
+            self._events.append(KVEvent("removed", node.block_hash, None, (), ident, not to_host))
+            self._events.append(KVEvent("stored", node.block_hash, parent_hash, node.key, ident, to_host))
 
     # --- reference counting ---
     def _lock(self, pages: list[int]) -> None:
@@ -397,6 +410,7 @@ class RadixPrefixCache(PrefixCache):
             self._drop_subtree(node)
             return node.parent  # type: ignore[return-value]
         self._copies.append(KVCopy("offload", node.page, host))
+        self._moved(node, to_host=True)
         del self._by_page[node.page]
         self._num_idle -= 1
         self.pool.decref([node.page])
@@ -454,7 +468,8 @@ class RadixPrefixCache(PrefixCache):
         assert parent is not None
         del parent.children[node.key]  # type: ignore[arg-type]
         if self.enable_events:
-            self._events.append(KVEvent("removed", node.block_hash, None, (), node.ns.identity))
+            ident = node.ns.identity
+            self._events.append(KVEvent("removed", node.block_hash, None, (), ident, not node.on_device))
         return parent
 
     def _remove_chain(self, node: _Node) -> None:

@@ -21,9 +21,14 @@ Block hashes are loramux's per-namespace chain (a page's hash chains from its
 parent's, and a namespace's first page from `lora:<name>:<content digest>`),
 so two adapters, or two versions of one, never share a hash. Device pages
 are reported with medium "GPU" (vLLM's name for the serving tier, also on a
-CPU device). The engine thread never blocks on the network: batches wait in
-a bounded queue for the sending thread, and when a subscriber cannot keep up
-and the queue is full, the batch is dropped and counted (`num_dropped`).
+CPU device), host-tier pages with "CPU": a page offloaded to host memory is a
+`BlockRemoved` on "GPU" and a `BlockStored` on "CPU" (and the reverse when it
+comes back), as vLLM's offloading reports it. The engine thread never blocks
+on the network: batches wait in a bounded queue for the sending thread, and
+when a subscriber cannot keep up and the queue is full, the batch is dropped
+and counted (`num_dropped`). A transport error is logged and counted
+(`num_send_errors`) and the thread goes on with the next batch; `close` lets
+it finish what is queued and waits for it before closing the sockets.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ logger = logging.getLogger("loramux.kv_events")
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 MEDIUM_DEVICE = "GPU"
+MEDIUM_HOST = "CPU"
 
 
 def encode_event(e: KVEvent, page_size: int) -> dict[str, Any]:
@@ -54,11 +60,12 @@ def encode_event(e: KVEvent, page_size: int) -> dict[str, Any]:
             "token_ids": list(e.token_ids),
             "block_size": page_size,
             "lora_id": None,
-            "medium": MEDIUM_DEVICE,
+            "medium": MEDIUM_HOST if e.on_host else MEDIUM_DEVICE,
             "lora_name": _lora_name(e.namespace),
         }
     if e.kind == "removed":
-        return {"type": "BlockRemoved", "block_hashes": [e.block_hash], "medium": MEDIUM_DEVICE}
+        medium = MEDIUM_HOST if e.on_host else MEDIUM_DEVICE
+        return {"type": "BlockRemoved", "block_hashes": [e.block_hash], "medium": medium}
     raise ValueError(f"unknown KV event kind {e.kind!r}")
 
 
@@ -96,6 +103,8 @@ class KVEventPublisher:
         self._seq = 0
         self.num_published = 0  # events
         self.num_dropped = 0  # events dropped because the queue was full
+        self.num_send_errors = 0  # batches (or replay requests) the transport failed; the thread went on
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loramux-kv-events", daemon=True)
         self._thread.start()
 
@@ -109,32 +118,44 @@ class KVEventPublisher:
         except queue.Full:
             self.num_dropped += len(batch)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (for at most `timeout` seconds), stop the thread, close the sockets.
+        The sockets are closed only once the thread that uses them has ended."""
         try:
             self._queue.put(None, timeout=1)  # behind whatever is still queued
         except queue.Full:
             logger.warning("KV events: %d batches still queued at shutdown", self._queue.qsize())
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=timeout)
+        if self._thread.is_alive():  # stuck behind a full queue: stop after the batch in hand
+            self._closing.set()
+            self._thread.join()
         self._pub.close(linger=0)
         if self._replay is not None:
             self._replay.close(linger=0)
 
     def _run(self) -> None:
-        while True:
-            if self._replay is not None and self._replay.poll(0):
-                self._serve_replay()
+        while not self._closing.is_set():
             try:
-                batch = self._queue.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if batch is None:
-                return
-            payload = self._pack([time.time(), batch, 0])
-            seq = self._seq
-            self._seq += 1
-            self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))
-            self._buffer.append((seq, payload))
-            self.num_published += len(batch)
+                if self._replay is not None and self._replay.poll(0):
+                    self._serve_replay()
+                try:
+                    batch = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if batch is None:
+                    return
+                self._send(batch)
+            except Exception:  # a transport error: this batch is lost, the next ones are not
+                self.num_send_errors += 1
+                logger.exception("KV events: sending failed (%d so far); going on", self.num_send_errors)
+
+    def _send(self, batch: list[dict[str, Any]]) -> None:
+        payload = self._pack([time.time(), batch, 0])
+        seq = self._seq
+        self._seq += 1
+        self._buffer.append((seq, payload))  # a batch the transport lost can still be replayed
+        self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))
+        self.num_published += len(batch)
 
     def _serve_replay(self) -> None:
         assert self._replay is not None

@@ -78,6 +78,7 @@ def take_snapshot(engine: LLMEngine, base_name: str) -> EngineSnapshot:
             "max_adapters_per_step": s.counters.max_adapters_per_step,
             "kv_events_published": engine.kv_publisher.num_published if engine.kv_publisher else 0,
             "kv_events_dropped": engine.kv_publisher.num_dropped if engine.kv_publisher else 0,
+            "kv_events_send_errors": engine.kv_publisher.num_send_errors if engine.kv_publisher else 0,
         },
         finished=dict(s.counters.num_finished),
         load_seconds=stats.take_recent() if stats is not None else [],
@@ -155,7 +156,10 @@ class Metrics:
             p + "kv_onloaded_pages", "Prefix pages brought back from host memory", registry=r
         )
         self.kv_events = Counter(
-            p + "kv_events", "KV-cache events published, or dropped for a full queue", ["outcome"], registry=r
+            p + "kv_events",
+            "KV-cache events published, dropped (queue full), or batches lost to the transport (send_error)",
+            ["outcome"],
+            registry=r,
         )
         self.engine_finished = Counter(
             p + "engine_requests_finished",
@@ -224,6 +228,7 @@ class Metrics:
             ("kv_onloaded", self.kv_onloaded),
             ("kv_events_published", self.kv_events.labels("published")),
             ("kv_events_dropped", self.kv_events.labels("dropped")),
+            ("kv_events_send_errors", self.kv_events.labels("send_error")),
         ):
             self._advance(key, counter, c[key])
         for reason, n in snap.finished.items():

@@ -159,3 +159,99 @@ def test_kv_event_flags_and_vllm_json_form_reach_the_engine_config():
         parse("--kv-events-config", json.dumps({**vllm, "tpoic": "x"}))
     with pytest.raises(ValueError, match="tcp://HOST:PORT"):
         parse("--enable-kv-events", "--kv-events-endpoint", "127.0.0.1:5557")
+
+
+# --- issue 24, point 7 ----------------------------------------------------------------------------
+def test_S5_5_a_page_moved_to_host_memory_is_removed_from_gpu_and_stored_on_cpu_and_back():
+    """vLLM's offloading reports a tier change as BlockRemoved on the old medium and BlockStored on
+    the new one; a router that saw only the first store would count the page on the device."""
+    from loramux.engine.kv_events import encode_event
+    from tests.core.test_prefix_cache import finish_one, push_to_host
+    from tests.utils import fake_for, make_request, make_scheduler, step
+
+    s = make_scheduler(num_pages=8, page_size=4, adapters=("a",), host_pages=16, events=True)
+    ex = fake_for(s)
+    prompt = list(range(1, 14))  # three full pages
+    finish_one(s, ex, make_request(prompt, max_tokens=1, lora="a"))
+    stored = [e for e in s.kv.cache.take_events() if e.kind == "stored" and "lora:a" in e.namespace]
+    assert len(stored) == 3 and not any(e.on_host for e in stored)
+    push_to_host(s, ex)
+    moved = [encode_event(e, 4) for e in s.kv.cache.take_events() if "lora:a" in e.namespace]
+    for e in stored:  # each of a's pages: removed from the GPU, stored on the CPU, same hash and chain
+        h = e.block_hash
+        assert {"type": "BlockRemoved", "block_hashes": [h], "medium": "GPU"} in moved
+        on_cpu = [m for m in moved if m["type"] == "BlockStored" and m["block_hashes"] == [h]]
+        assert len(on_cpu) == 1 and on_cpu[0]["medium"] == "CPU", on_cpu
+        assert on_cpu[0]["parent_block_hash"] == e.parent_block_hash and on_cpu[0]["token_ids"] == list(
+            e.token_ids
+        )
+    s.add_request(make_request(prompt, max_tokens=2, lora="a"))
+    step(s, ex)  # the hit brings them back to the device
+    back = [encode_event(e, 4) for e in s.kv.cache.take_events() if "lora:a" in e.namespace]
+    for e in stored:
+        h = e.block_hash
+        assert {"type": "BlockRemoved", "block_hashes": [h], "medium": "CPU"} in back
+        assert any(
+            m["type"] == "BlockStored" and m["block_hashes"] == [h] and m["medium"] == "GPU" for m in back
+        )
+
+
+class _FlakySocket:
+    """A PUB socket whose sends fail (or crawl) on demand; everything else is the real socket's."""
+
+    def __init__(self, real, fail_on: set[int], delay: float = 0.0) -> None:
+        self.real, self.fail_on, self.delay, self.sends = real, fail_on, delay, 0
+
+    def send_multipart(self, frames):
+        self.sends += 1
+        time.sleep(self.delay)
+        if self.sends in self.fail_on:
+            raise zmq.ZMQError(zmq.EAGAIN, "injected transport error")
+        return self.real.send_multipart(frames)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_S5_5_the_sender_survives_a_transport_error_and_counts_it():
+    from loramux.config import KVEventsConfig
+    from loramux.core.prefix_cache import KVEvent
+    from loramux.engine.kv_events import KVEventPublisher
+
+    pub = KVEventPublisher(KVEventsConfig(endpoint="tcp://127.0.0.1:0"), page_size=4)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(pub.endpoint)
+    time.sleep(0.3)  # let the subscription reach the publisher
+    pub._pub = _FlakySocket(pub._pub, fail_on={2})
+    try:
+        for i in range(4):
+            pub.publish([KVEvent("stored", i, None, (i, i, i, i), "base")])
+        seqs = []
+        deadline = time.time() + 10
+        while len(seqs) < 3 and time.time() < deadline:
+            if sub.poll(200):
+                seqs.append(int.from_bytes(sub.recv_multipart()[1], "big"))
+        assert seqs == [0, 2, 3]  # batch 1 was lost to the transport; the ones after it were not
+        while pub.num_published < 3 and time.time() < deadline:
+            time.sleep(0.01)  # counted right after the send returns
+        assert pub.num_send_errors == 1 and pub.num_published == 3
+        assert pub._thread.is_alive()
+    finally:
+        sub.close(linger=0)
+        pub.close()
+
+
+def test_S5_5_close_waits_for_the_sender_before_closing_its_sockets():
+    from loramux.config import KVEventsConfig
+    from loramux.core.prefix_cache import KVEvent
+    from loramux.engine.kv_events import KVEventPublisher
+
+    pub = KVEventPublisher(KVEventsConfig(endpoint="tcp://127.0.0.1:0"), page_size=4)
+    flaky = pub._pub = _FlakySocket(pub._pub, fail_on=set(), delay=0.3)
+    for i in range(10):  # 3 s of sending queued
+        pub.publish([KVEvent("stored", i, None, (i, i, i, i), "base")])
+    time.sleep(0.1)
+    pub.close(timeout=0.5)
+    assert not pub._thread.is_alive()  # it stopped before the sockets were closed under it
+    assert pub.num_send_errors == 0 and flaky.sends < 10
