@@ -10,12 +10,20 @@ Boundary: Ray Serve wiring. Two deployments:
   registered (the engine's host adapter capacity), and Ray's LRU eviction of one
   unregisters it (in-flight requests finish first, as with
   /v1/unload_lora_adapter).
-- `Router`: the HTTP ingress. It reads the `model` field of a request and
+- `Router`: the HTTP ingress. It checks the API key first (401 in OpenAI's
+  shape for every keyed path, before any replica is asked or anything is
+  loaded, so an unknown name without a key tells nothing either), then
+  reads the `model` field of a request and
   forwards the raw request to a replica with that model as the multiplexed
   model id, so Ray's router prefers a replica that already holds the adapter
   and loads it elsewhere only when those are busy or gone. It answers
   /v1/models from the catalog, /health, and /metrics (every replica's
-  loramux metrics, labelled `replica`, pushed to it once a second).
+  loramux metrics, labelled `replica`, pushed to it once a second; a replica
+  that stopped reporting leaves them after STALE_AFTER_S).
+
+An adapter a request was routed to stays registered until that request is
+done: if Ray's LRU evicts it meanwhile (a concurrent request for another
+adapter), the replica unregisters it only when its last such request ends.
 
 A replica that dies mid-request turns into a 503 (code `replica_failed`, in
 OpenAI's shape; a stream ends with that error event); Ray Serve restarts it.
@@ -33,7 +41,7 @@ import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
@@ -51,6 +59,7 @@ APP_NAME = "loramux"
 REPLICA_HEADER = "x-loramux-replica"
 REPORT_EVERY_S = 1.0
 STALE_AFTER_S = 15.0
+OPEN_PATHS = frozenset({"/health", "/metrics", "/ping", "/version", "/docs", "/openapi.json"})  # no key
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:
@@ -72,6 +81,34 @@ class _Held:
             self.replica.release(self)
 
 
+class Pins:
+    """Adapters held by requests in flight on a replica. Ray's eviction of one (`release`) is
+    carried out at once when no request holds it, else when the last one that does ends."""
+
+    def __init__(self, unregister: Callable[["_Held"], None]) -> None:
+        self.unregister = unregister
+        self.count: Counter[str] = Counter()
+        self.evicted: dict[str, _Held] = {}  # evicted while held: unregistered on the last leave
+
+    def enter(self, name: str) -> None:
+        self.count[name] += 1
+
+    def leave(self, name: str) -> None:
+        self.count[name] -= 1
+        if self.count[name] <= 0:
+            del self.count[name]
+            held = self.evicted.pop(name, None)
+            if held is not None:
+                self.unregister(held)
+
+    def release(self, held: "_Held") -> None:
+        if self.count[held.name] > 0:
+            self.evicted[held.name] = held  # a later holder of the name replaces an earlier one
+        else:
+            self.count.pop(held.name, None)
+            self.unregister(held)
+
+
 class Replica:
     """One engine and its app; see the module docstring."""
 
@@ -85,6 +122,8 @@ class Replica:
         self.id = serve.get_replica_context().replica_id.unique_id
         self.held: dict[str, _Held] = {}  # adapters registered here, by name
         self.requests: Counter[str] = Counter()  # adapter requests: "hit" (held on arrival) or "load"
+        self.pins = Pins(self._unregister)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.capacity = capacity = self.engine.scheduler.adapters.max_cpu_loras
 
         async def load(name: str) -> _Held:
@@ -111,6 +150,15 @@ class Replica:
         self.held[held.name] = held
 
     def release(self, held: _Held) -> None:
+        """Ray evicted `held`: unregister it once no request in flight holds it (`Pins`). Called
+        from Ray's eviction or the garbage collector, so it hops onto the replica's event loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._unregister(held)
+        else:
+            loop.call_soon_threadsafe(self.pins.release, held)
+
+    def _unregister(self, held: _Held) -> None:
         """Unregister the adapter `held` stands for, unless it was registered again since."""
 
         def unregister() -> None:  # on the engine thread, between steps
@@ -126,27 +174,34 @@ class Replica:
     ) -> AsyncIterator[Any]:
         """Answer one forwarded HTTP request: (status, headers), then body chunks."""
         self._start_reporting()
+        self._loop = asyncio.get_running_loop()
         model = serve.get_multiplexed_model_id()
         if model:
-            held = model in self.held
-            try:
-                await self._adapter(model)
-                self.requests["hit" if held else "load"] += 1
-            except (APIError, ValueError) as e:
-                err = (
-                    e
-                    if isinstance(e, APIError)
-                    else APIError(400, f"cannot load adapter {model!r}: {e}", param="model")
-                )
-                yield err.status, [("content-type", "application/json")]
-                yield json.dumps(err.body()).encode()
-                return
-        first = True
-        async for item in call_asgi(self.built.app, method, path, query, headers, body):
-            if first:
-                status, head = item
-                item, first = (status, [*head, (REPLICA_HEADER, self.id)]), False
-            yield item
+            self.pins.enter(model)  # held from before its load until this answer is done
+        try:
+            if model:
+                held = model in self.held
+                try:
+                    await self._adapter(model)
+                    self.requests["hit" if held else "load"] += 1
+                except (APIError, ValueError) as e:
+                    err = (
+                        e
+                        if isinstance(e, APIError)
+                        else APIError(400, f"cannot load adapter {model!r}: {e}", param="model")
+                    )
+                    yield err.status, [("content-type", "application/json")]
+                    yield json.dumps(err.body()).encode()
+                    return
+            first = True
+            async for item in call_asgi(self.built.app, method, path, query, headers, body):
+                if first:
+                    status, head = item
+                    item, first = (status, [*head, (REPLICA_HEADER, self.id)]), False
+                yield item
+        finally:
+            if model:
+                self.pins.leave(model)
 
     async def metrics_text(self) -> str:
         """This replica's loramux metrics (Prometheus text) and its adapter routing counts."""
@@ -201,8 +256,15 @@ class Router:
         self.reports: dict[str, tuple[float, str]] = {}
 
     def report(self, replica_id: str, text: str) -> None:
-        """A replica's metrics, pushed every REPORT_EVERY_S."""
-        self.reports[replica_id] = (time.monotonic(), text)
+        """A replica's metrics, pushed every REPORT_EVERY_S; replicas silent for STALE_AFTER_S
+        (dead, or replaced) are dropped."""
+        now = time.monotonic()
+        self.reports[replica_id] = (now, text)
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        for r in [r for r, (t, _) in self.reports.items() if now - t >= STALE_AFTER_S]:
+            del self.reports[r]
 
     def check_key(self, request: Request) -> None:
         if self.api_key is not None and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
@@ -217,8 +279,8 @@ class Router:
         ]
 
     def metrics_text(self) -> str:
-        now = time.monotonic()
-        return _merge_metrics({r: text for r, (t, text) in self.reports.items() if now - t < STALE_AFTER_S})
+        self._prune(time.monotonic())
+        return _merge_metrics({r: text for r, (_, text) in self.reports.items()})
 
     async def forward(self, request: Request) -> Response:
         """Send the request to a replica, preferring one that holds its adapter; stream the answer."""
@@ -285,7 +347,11 @@ def _router_app() -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     @app.post("/v1/unload_lora_adapter")
-    async def no_runtime_loads() -> Response:
+    async def no_runtime_loads(request: Request) -> Response:
+        try:
+            router().check_key(request)
+        except APIError as e:
+            return error(e)
         return error(
             APIError(
                 400,
@@ -298,6 +364,11 @@ def _router_app() -> FastAPI:
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
     async def forward(path: str, request: Request) -> Response:
+        if request.url.path not in OPEN_PATHS:  # before routing: no replica is asked, nothing loads
+            try:
+                router().check_key(request)
+            except APIError as e:
+                return error(e)
         return await router().forward(request)
 
     return app

@@ -5,6 +5,7 @@ A module of its own so that it runs after test_ray_serve.py's Ray instance is go
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -68,13 +69,49 @@ def _stop(proc: subprocess.Popen, log) -> None:
     assert "Traceback" not in log.read_text()
 
 
+KEY = "sesame"
+
+
+def _no_key_is_refused_before_routing(url: str) -> None:
+    """Issue 24, point 6: every keyed path answers 401 in OpenAI's shape without a key, before a
+    replica is asked: an adapter's name or an unknown one, runtime loads, tokenize, chat."""
+    probes = [
+        ("POST", "/v1/completions", {"model": "b", "prompt": "hi", "max_tokens": 2}),
+        ("POST", "/v1/completions", {"model": "nope", "prompt": "hi", "max_tokens": 2}),
+        ("POST", "/v1/chat/completions", {"model": "c", "messages": [{"role": "user", "content": "hi"}]}),
+        ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"}),
+        ("POST", "/v1/unload_lora_adapter", {"lora_name": "a"}),
+        ("POST", "/tokenize", {"model": "a", "prompt": "hi"}),
+        ("POST", "/detokenize", {"tokens": [1, 2]}),
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/models/a", None),
+    ]
+    for method, path, body in probes:
+        for auth in ({}, {"authorization": "Bearer wrong"}):
+            r = httpx.request(method, url + path, json=body, headers=auth, timeout=30)
+            assert r.status_code == 401, (path, auth, r.status_code, r.text[:200])
+            assert r.json()["error"]["code"] == "invalid_api_key", r.text
+    assert httpx.get(url + "/health", timeout=30).status_code == 200  # probes need no key
+    assert httpx.get(url + "/metrics", timeout=30).status_code == 200
+
+
 def test_S6_1_serve_replicas_holds_at_most_max_cpu_loras_and_stops_on_sigterm(tiny_models, tmp_path):
     tm = tiny_models["llama"]
     log = tmp_path / "serve.log"
     modules = [f"a={tm.adapters['r8_all']}", f"b={tm.adapters['r1_qv']}", f"c={tm.adapters['rs4_attn']}"]
-    proc, url = _start(tm, log, "--lora-modules", *modules, "--max-loras", "1", "--max-cpu-loras", "2")
+    proc, url = _start(
+        tm, log, "--lora-modules", *modules, "--max-loras", "1", "--max-cpu-loras", "2", "--api-key", KEY
+    )
     try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        _no_key_is_refused_before_routing(url)
+        deadline = time.time() + 30  # the replica reports once its health check started it
+        while ("loramux_ray_adapters_held", "") not in (m := _samples(url + "/metrics")):
+            assert time.time() < deadline, m
+            time.sleep(0.5)
+        assert m[("loramux_ray_adapters_held", "")] == 0  # nothing was loaded for the keyless requests
+        assert m.get(("loramux_ray_adapter_requests_total", "load"), 0) == 0
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert {m.id for m in client.models.list().data} == {"llama", "a", "b", "c"}
         for model in ("a", "b", "c", "a"):
             out = client.completions.create(model=model, prompt="hello world", max_tokens=4, temperature=0)
@@ -95,6 +132,21 @@ def test_S6_1_serve_replicas_holds_at_most_max_cpu_loras_and_stops_on_sigterm(ti
         assert m[("loramux_ray_adapters_capacity", "")] == 2
         assert m[("loramux_ray_adapters_held", "")] == 2
         assert m[("loramux_ray_adapter_requests_total", "load")] == 4
+
+        # Three adapters, room for two, all at once: Ray evicts adapters that requests were just
+        # routed to; each stays until its request is done, so every request is answered.
+        def ask(i: int) -> int:
+            r = httpx.post(
+                url + "/v1/completions",
+                json={"model": "abc"[i % 3], "prompt": "hello", "max_tokens": 3, "stream": i % 2 == 0},
+                headers={"authorization": f"Bearer {KEY}"},
+                timeout=120,
+            )
+            return r.status_code if "error" not in r.text else 599
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(ask, range(24)))
+        assert codes == [200] * 24, codes
     finally:
         _stop(proc, log)
 
@@ -155,3 +207,48 @@ def test_S6_1_the_serve_config_builder_takes_serves_flags(tiny_models):
     assert isinstance(app, serve.Application)
     with pytest.raises(ValueError, match="--replicas must be at least 1"):
         app_builder({"argv": ["model", "--replicas", "0"]})
+
+
+def test_S6_1_an_adapter_evicted_while_a_request_holds_it_goes_when_that_request_is_done():
+    from loramux.ray.deployment import Pins
+
+    gone = []
+    pins = Pins(lambda held: gone.append(held.name))
+
+    class Held:
+        def __init__(self, name):
+            self.name = name
+
+    pins.enter("a")
+    pins.enter("a")
+    pins.release(Held("a"))  # Ray's LRU evicts a while two requests routed to it are in flight
+    pins.release(Held("b"))  # b is held by none: unregistered at once
+    assert gone == ["b"]
+    pins.leave("a")
+    assert gone == ["b"]
+    pins.leave("a")  # the last request holding a is done
+    assert gone == ["b", "a"] and not pins.count and not pins.evicted
+
+
+def test_S6_1_replicas_that_stop_reporting_leave_the_routers_metrics(tiny_models, monkeypatch):
+    import argparse
+
+    from loramux.cli import add_serve_args
+    from loramux.ray import deployment
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    router = deployment.Router(None, p.parse_args([str(tiny_models["llama"].path)]))
+    now = [1000.0]
+    monkeypatch.setattr(deployment.time, "monotonic", lambda: now[0])
+    text = "# TYPE loramux_x gauge\nloramux_x 1\n"
+    for replica in ("r1", "r2", "r3"):
+        router.report(replica, text)
+    for _ in range(40):  # r1 died: r2 and r3 go on reporting every second
+        now[0] += 1.0
+        router.report("r2", text)
+        router.report("r3", text)
+    assert set(router.reports) == {"r2", "r3"}
+    assert 'replica="r1"' not in router.metrics_text() and 'replica="r2"' in router.metrics_text()
+    now[0] += deployment.STALE_AFTER_S
+    assert router.metrics_text() == "\n" and not router.reports  # all gone quiet: nothing kept

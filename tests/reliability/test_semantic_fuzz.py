@@ -229,7 +229,11 @@ def _body(path: str, fields: dict, hostile: bool) -> st.SearchStrategy[tuple[str
     )
     if not hostile:
         return valid.map(lambda b: (path, b))
-    pasts = [st.tuples(st.just(k), past) for k, (_, past) in {**fields, "model": MODELS}.items() if past is not None]
+    pasts = [
+        st.tuples(st.just(k), past)
+        for k, (_, past) in {**fields, "model": MODELS}.items()
+        if past is not None
+    ]
     overrides = st.lists(st.one_of(pasts), min_size=1, max_size=2).map(dict)
     return st.builds(lambda b, o: (path, {**b, **o}), valid, overrides)
 

@@ -4,7 +4,12 @@ Mixed adapters (base, two named at start, two loaded and unloaded at runtime mea
 prompt and output lengths, some clients disconnecting mid-stream, some as soon as the answer
 starts. Every request must end as exactly one of: completed with exactly its max_tokens, given up
 by its own client, or refused with a clear error in OpenAI's shape (the adapter was unloaded at
-that moment, the queue was full). Anything else is "lost" and must be 0. Afterwards the server's
+that moment, the queue was full). Anything else is "lost" and must be 0. One request in ten is
+hostile (issue 24): a token id past the vocabulary in logit_bias, stop_token_ids or the prompt,
+a seed past 64 bits, a repetition penalty that would overflow, n=3 whose queue deadline has
+passed; each must get its own clear answer (400 naming the field, or the queue_timeout error),
+and the valid edge values among them (top_k past the vocabulary, a temperature of 1e-300) must
+complete like any other request. Afterwards the server's
 accounting is whole (every page free or held by the prefix cache, no adapter reference left),
 and its memory after a second identical round is within a few percent of after the first.
 
@@ -36,6 +41,19 @@ pytestmark = pytest.mark.timeout(max(300, int(SOAK_S * 3) + 300))
 CLIENTS = 64
 PER_CLIENT = 3  # short mode: requests per client per round
 WORDS = "hello world page batch token cache the quick brown fox jumps over lazy dog".split()
+HOSTILE_SHARE = 0.1
+# (fields added to a request, (status, phrase) of the clear refusal it must get; None: it runs)
+HOSTILE: list[tuple[dict, tuple[int, str] | None]] = [
+    ({"logit_bias": {"512": 5}}, (400, "logit_bias")),
+    ({"logit_bias": {"999999": 5}}, (400, "999999")),
+    ({"stop_token_ids": [600]}, (400, "stop_token_ids")),
+    ({"prompt": [5, 100000]}, (400, "100000")),
+    ({"seed": 2**70, "temperature": 1.0}, (400, "seed")),
+    ({"repetition_penalty": 1e-300, "temperature": 1.0}, (400, "repetition_penalty")),
+    ({"n": 3, "max_queue_time": 1e-9}, (503, "queue_timeout")),
+    ({"top_k": 2**70, "top_p": 0.5, "temperature": 1.0}, None),
+    ({"temperature": 1e-300}, None),
+]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +113,10 @@ class _Round:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        expect = None
+        if rng.random() < HOSTILE_SHARE:
+            extra, expect = rng.choice(HOSTILE)
+            body.update(extra)
         t0 = time.perf_counter()
         try:
             with http.stream("POST", self.url + "/v1/completions", json=body, timeout=120) as r:
@@ -104,6 +126,9 @@ class _Round:
                         (r.status_code == 404 and "does not exist" in err["message"])
                         or (r.status_code == 503 and err.get("code") == "server_busy")
                     )
+                    if expect is not None and r.status_code == expect[0] and expect[1] in err["message"]:
+                        self._record(f"hostile refused {r.status_code}")
+                        return
                     self._record(f"refused {r.status_code}" if clear else "lost", why=str(err))
                     return
                 if leave_after == -1:
@@ -115,7 +140,10 @@ class _Round:
                         continue
                     event = json.loads(line[6:])
                     if "error" in event:
-                        self._record("lost", why=str(event))
+                        if expect is not None and event["error"].get("code") == expect[1]:
+                            self._record("hostile refused 503")  # the stream's own error event
+                        else:
+                            self._record("lost", why=str(event))
                         return
                     if event.get("usage"):
                         usage = event["usage"]
@@ -125,7 +153,9 @@ class _Round:
                     if leave_after is not None and chunks > leave_after:
                         self._record("client left")  # closing the stream aborts the request
                         return
-            if finish == "length" and usage and usage["completion_tokens"] == max_tokens:
+            if expect is not None:
+                self._record("lost", why=f"hostile {body} was answered 200 without its error")
+            elif finish == "length" and usage and usage["completion_tokens"] == max_tokens:
                 self._record("completed", time.perf_counter() - t0)
             else:
                 self._record("lost", why=f"finish={finish} usage={usage} wanted {max_tokens}")
@@ -190,6 +220,7 @@ def test_soak_loses_nothing_leaks_no_page_or_reference_and_no_memory(server, fol
         rounds.append(rnd)
         assert rnd.lost == [], rnd.lost[:5]
         assert rnd.outcomes["completed"] > 0
+        assert rnd.outcomes["hostile refused 400"] > 0  # the hostile tenth was there and refused
     growth = rss[1] / rss[0] - 1
     report = {
         "mode": f"{SOAK_S:.0f} s per round" if SOAK_S else f"{CLIENTS * PER_CLIENT} requests per round",
