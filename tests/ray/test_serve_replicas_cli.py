@@ -53,7 +53,7 @@ def _start(tm, log, *extra: str) -> tuple[subprocess.Popen, str]:
     while True:
         assert proc.poll() is None, log.read_text()[-3000:]
         try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+            if httpx.get(url + "/v1/models", timeout=2).status_code in (200, 401):  # 401: --api-key
                 return proc, url
         except httpx.HTTPError:
             pass
