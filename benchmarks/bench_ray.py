@@ -119,8 +119,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from loramux.cli import add_serve_args
     from loramux.ray import APP_NAME, build_app
+    from loramux.server.serve_args import add_serve_args
 
     model, adapters = build(a.cache_dir)
     jobs = workload(a.requests)

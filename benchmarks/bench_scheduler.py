@@ -28,7 +28,7 @@ import random
 import statistics
 import time
 
-from loramux.config import SchedulerConfig
+from loramux.config import EngineConfig
 from loramux.core import AdapterManager, KVCacheManager, Request, RunnerOutput, Scheduler
 
 
@@ -45,16 +45,24 @@ class VirtualClock:
 def build(
     policy: str, n_adapters: int, running: int, waiting: int, max_loras: int, seed: int, clock: VirtualClock
 ):
-    cfg = SchedulerConfig(
+    cfg = EngineConfig.create(
+        "bench",
         max_num_seqs=running,
         max_num_batched_tokens=8192,
         max_prefill_tokens=4096,
         policy=policy,
         starvation_timeout_s=5.0,
+        num_pages=running * 80,
+        page_size=16,
+        enable_prefix_caching=True,
+        max_loras=max_loras,
+        max_cpu_loras=max(4 * max_loras, 128),
+        max_lora_rank=64,
     )
-    kv = KVCacheManager.create(num_pages=running * 80, page_size=16, enable_prefix_caching=True)
-    adapters = AdapterManager(max_loras, max_cpu_loras=max(4 * max_loras, 128), max_lora_rank=64)
-    s = Scheduler(cfg, kv, adapters, max_model_len=4096, clock=clock)
+    c, lc = cfg.cache, cfg.lora
+    kv = KVCacheManager.create(c.num_pages, c.page_size, c.enable_prefix_caching)  # type: ignore[arg-type]
+    adapters = AdapterManager(lc.max_loras, lc.cpu_slots, lc.max_lora_rank)
+    s = Scheduler(cfg.scheduler, kv, adapters, max_model_len=4096, clock=clock)
     for i in range(n_adapters):
         s.register_adapter(f"a{i}", version="v1", rank=8, nbytes=1 << 20)
     rng = random.Random(seed)

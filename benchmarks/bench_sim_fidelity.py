@@ -34,12 +34,12 @@ from pathlib import Path
 
 from loramux.bench.report import machine, summarize_run
 from loramux.bench.systems import LoramuxSettings, make_prompts, run_loramux
-from loramux.bench.workload import WorkloadConfig, generate_requests
 from loramux.sim import metrics
 from loramux.sim.calibrate import Calibrator
 from loramux.sim.profile import StepFeatures
 from loramux.sim.run import SimSettings, simulate
 from loramux.sim.workloads import S1_RANKS, slora
+from loramux.workload import WorkloadConfig, generate_requests
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ import argparse
 import statistics
 import time
 
-from loramux.bench.workload import WorkloadConfig
 from loramux.sim.profile import Profile
 from loramux.sim.run import SimSettings, simulate
 from loramux.sim.workloads import S2_RANKS, SUITES, slora
+from loramux.workload import WorkloadConfig
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ never written back here. Pure Python: the control plane imports it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 POLICY_NAMES = ("fcfs", "affinity", "completion", "fair")
 
@@ -177,6 +178,37 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     kv_events: KVEventsConfig | None = None
     """Publish KV-cache events over ZeroMQ; None: do not publish."""
+
+    @classmethod
+    def create(cls, model: str, *, kv_events: KVEventsConfig | None = None, **settings: Any) -> EngineConfig:
+        """The one way from flat settings to an EngineConfig, used by `loramux serve`, `LLM`, the
+        simulator and the benchmarks. Each keyword is a field of exactly one of ModelConfig,
+        SchedulerConfig, CacheConfig and LoRAConfig (`setting_names()`); an unknown one is a
+        TypeError naming it, so a new setting reaches every front end or fails loudly."""
+        parts: dict[type, dict[str, Any]] = {part: {} for part in _PARTS}
+        for name, value in settings.items():
+            part = _OWNER.get(name)
+            if part is None:
+                raise TypeError(
+                    f"{name!r} is not an engine setting; the settings are: {', '.join(sorted(_OWNER))}"
+                )
+            parts[part][name] = value
+        return cls(
+            ModelConfig(model, **parts[ModelConfig]),
+            SchedulerConfig(**parts[SchedulerConfig]),
+            CacheConfig(**parts[CacheConfig]),
+            LoRAConfig(**parts[LoRAConfig]),
+            kv_events,
+        )
+
+    @staticmethod
+    def setting_names() -> list[str]:
+        return list(_OWNER)
+
+
+_PARTS = (ModelConfig, SchedulerConfig, CacheConfig, LoRAConfig)
+_OWNER = {f.name: part for part in _PARTS for f in fields(part) if f.name != "model"}
+assert len(_OWNER) == sum(len(fields(p)) for p in _PARTS) - 1, "a setting name is used by two configs"
 
 
 @dataclass(frozen=True)

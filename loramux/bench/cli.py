@@ -35,7 +35,7 @@ from loramux.bench.systems import (
     run_loramux,
     run_peft,
 )
-from loramux.bench.workload import WorkloadConfig, generate_requests
+from loramux.workload import WorkloadConfig, generate_requests
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loramux.bench.workload import BenchRequest
+from loramux.workload import BenchRequest
 
 
 @dataclass
@@ -135,7 +135,7 @@ def run_loramux(
             if out.finished:
                 rec.finish, rec.output_tokens = t, len(out.outputs[0].token_ids)
     wall = max(rec.finish or 0.0 for rec in records.values()) - min(rec.arrival for rec in records.values())
-    sched = eng.scheduler
+    snap = eng.snapshot()
     loads = getattr(eng.executor, "load_stats", None)  # the fake executor has none
     if hasattr(eng.executor, "close"):
         eng.executor.close()
@@ -145,10 +145,10 @@ def run_loramux(
         mode,
         list(records.values()),
         wall,
-        sched.adapters.num_device_loads,
+        int(snap.counters["device_loads"]),
         {
-            "preemptions": sched.counters.num_preemptions,
-            "max_adapters_per_step": sched.counters.max_adapters_per_step,
+            "preemptions": int(snap.counters["preemptions"]),
+            "max_adapters_per_step": int(snap.counters["max_adapters_per_step"]),
             # seconds of adapter loading: disk -> host (reader thread), host -> slot, steps waiting
             "load_seconds": (loads.host_seconds, loads.device_seconds, loads.wait_seconds) if loads else None,
         },

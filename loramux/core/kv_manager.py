@@ -1,9 +1,12 @@
 """Per-request page tables over the page pool and the prefix cache (S4, S5.3).
 
-Boundary: the scheduler asks this module three things: how much of a request's
-prompt is cached, whether pages for N more tokens can be had, and to give a
-request's pages back. Every prefix-cache insert and match goes through here
-and always uses the request's own namespace (its adapter uid).
+Boundary: the only owner of the page pool and the prefix cache. The scheduler
+asks it how much of a request's prompt is cached, whether pages for N more
+tokens can be had, to allocate and to give a request's pages back, to open and
+close an adapter's namespace, and for the step's host copies and the cache's
+events; it never touches the pool or the cache itself. Every prefix-cache
+insert and match goes through here and always uses the request's own
+namespace (its adapter uid).
 
 Page-table arithmetic for one request (page_size = 4 in the drawing):
 
@@ -18,7 +21,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from loramux.core.page_pool import PagePool
-from loramux.core.prefix_cache import MatchResult, NullPrefixCache, PrefixCache, RadixPrefixCache
+from loramux.core.prefix_cache import (
+    KVCopy,
+    KVEvent,
+    MatchResult,
+    NullPrefixCache,
+    PrefixCache,
+    RadixPrefixCache,
+)
 from loramux.core.request import Request
 
 
@@ -26,6 +36,17 @@ class PrefixHit(NamedTuple):
     pages: list[int]  # cached device pages
     host: list[object]  # then cached pages in host memory, brought back on admission
     num_tokens: int
+
+
+class KVStats(NamedTuple):
+    pages_total: int
+    pages_free: int
+    pages_cached: int  # idle pages only the prefix cache holds (evictable)
+    prefix_caching: bool
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    offloaded: int  # pages moved to host memory
+    onloaded: int  # pages brought back from it
 
 
 class KVCacheManager:
@@ -78,8 +99,36 @@ class KVCacheManager:
     def can_allocate(self, num_pages: int) -> bool:
         return num_pages <= self.pool.num_free + self.cache.num_evictable
 
-    def pages_needed(self, req: Request, num_new_tokens: int) -> int:
-        return self.pool.pages_for(req.num_computed_tokens + num_new_tokens) - len(req.page_ids)
+    @property
+    def num_allocatable(self) -> int:
+        """Pages an allocation could get now: free ones and idle cached ones (evicted on demand)."""
+        return self.pool.num_free + self.cache.num_evictable
+
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
+    def pages_for(self, num_tokens: int) -> int:
+        return self.pool.pages_for(num_tokens)
+
+    def count_prefix_query(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """A request's first admission: how much of its prompt the cache held (S5.1 metrics)."""
+        self.num_prefix_queries += 1
+        self.num_prefix_query_tokens += prompt_tokens
+        self.num_prefix_hit_tokens += hit_tokens
+
+    # --- namespaces, copies, events (the prefix cache's, through here) ---
+    def open_namespace(self, ns: int | None, identity: str) -> None:
+        self.cache.open_namespace(ns, identity)
+
+    def close_namespace(self, ns: int | None) -> None:
+        self.cache.close_namespace(ns)
+
+    def take_copies(self) -> list[KVCopy]:
+        return self.cache.take_copies()
+
+    def take_events(self) -> list[KVEvent]:
+        return self.cache.take_events()
 
     def allocate(self, req: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Give `req` pages for `num_new_tokens` more tokens; False (nothing changed) if impossible.
@@ -146,6 +195,19 @@ class KVCacheManager:
         req.page_ids = []
         req.num_inserted_pages = 0
         self._cursors.pop(req.request_id, None)
+
+    def stats(self) -> KVStats:
+        cache = self.cache
+        return KVStats(
+            self.pool.num_pages,
+            self.pool.num_free,
+            cache.num_evictable,
+            isinstance(cache, RadixPrefixCache),
+            self.num_prefix_query_tokens,
+            self.num_prefix_hit_tokens,
+            getattr(cache, "num_offloaded", 0),
+            getattr(cache, "num_onloaded", 0),
+        )
 
     # --- checks ---
     def check_integrity(self, live: list[Request]) -> None:

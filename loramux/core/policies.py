@@ -240,6 +240,11 @@ class Policy:
         for q in self.groups.queues.values():
             yield from q
 
+    def heads(self) -> Iterator[Request]:
+        """The first request of every group (what could be admitted next from each)."""
+        for q in self.groups.queues.values():
+            yield q[0]
+
     def upcoming(self, limit: int) -> Iterator[Request]:
         """The head of up to `limit` groups in policy order (what will want a slot next)."""
         with closing(self.groups.walk()) as keys:

@@ -173,22 +173,22 @@ class _Node:
     __slots__ = ("block_hash", "children", "host", "key", "ns", "page", "parent")
 
     def __init__(
-        self, ns: _Space, key: tuple[int, ...] | None, page: int, parent: _Node | None, block_hash: int
+        self, ns: _Space, key: tuple[int, ...] | None, page: int | None, parent: _Node | None, block_hash: int
     ) -> None:
         self.ns = ns
         self.key = key
-        self.page = page  # device page, or -1 while the node lives in host memory
-        self.host = -1  # host page while the node lives in host memory
+        self.page = page  # device page; None while the node lives in host memory (and for a root)
+        self.host: int | None = None  # host page while the node lives in host memory
         self.parent = parent
         self.children: dict[tuple[int, ...], _Node] = {}
         self.block_hash = block_hash
 
     @property
     def on_device(self) -> bool:
-        return self.page >= 0
+        return self.page is not None
 
     def __repr__(self) -> str:
-        where = f"page={self.page}" if self.page >= 0 else f"host={self.host}"
+        where = f"page={self.page}" if self.page is not None else f"host={self.host}"
         return f"_Node({where}, children={len(self.children)})"
 
 
@@ -199,7 +199,44 @@ class _Space:
         self.key = key
         self.identity = identity
         self.closing = False
-        self.root = _Node(self, None, -1, None, namespace_seed(identity))
+        self.root = _Node(self, None, None, None, namespace_seed(identity))
+
+
+class _EventLog:
+    """The cache's changes, in order, for KV-aware routers (S5.5): each device or host page a
+    node gains or loses, with the node's chained hash."""
+
+    def __init__(self) -> None:
+        self._log: list[KVEvent] = []
+
+    def chain(self, parent_hash: int, key: tuple[int, ...]) -> int:
+        return chain_hash(parent_hash, key)
+
+    def stored(self, node: _Node, on_host: bool) -> None:
+        parent = node.parent
+        assert parent is not None and node.key is not None
+        parent_hash = parent.block_hash if parent.parent is not None else None
+        self._log.append(KVEvent("stored", node.block_hash, parent_hash, node.key, node.ns.identity, on_host))
+
+    def removed(self, node: _Node, on_host: bool) -> None:
+        self._log.append(KVEvent("removed", node.block_hash, None, (), node.ns.identity, on_host))
+
+    def take(self) -> list[KVEvent]:
+        log, self._log = self._log, []
+        return log
+
+
+class _NoEvents(_EventLog):
+    """Nobody listens: no hash is computed and nothing is recorded."""
+
+    def chain(self, parent_hash: int, key: tuple[int, ...]) -> int:
+        return 0
+
+    def stored(self, node: _Node, on_host: bool) -> None:
+        pass
+
+    def removed(self, node: _Node, on_host: bool) -> None:
+        pass
 
 
 class RadixPrefixCache(PrefixCache):
@@ -210,7 +247,6 @@ class RadixPrefixCache(PrefixCache):
     ) -> None:
         super().__init__(pool)
         self.page_size = pool.page_size
-        self.enable_events = enable_events
         self.host_pool = host_pool
         self._spaces: dict[Namespace, _Space] = {}
         self._by_page: dict[int, _Node] = {}
@@ -218,7 +254,7 @@ class RadixPrefixCache(PrefixCache):
         self._host_lru: OrderedDict[_Node, None] = OrderedDict()  # host nodes with no children, oldest first
         self._reserved: set[_Node] = set()  # host nodes matched by a request being admitted: not evictable
         self._num_idle = 0  # device pages in the tree whose only reference is the cache's
-        self._events: list[KVEvent] = []
+        self._events = _EventLog() if enable_events else _NoEvents()
         self._copies: list[KVCopy] = []
         # Counters for metrics.
         self.num_offloaded = 0
@@ -255,7 +291,7 @@ class RadixPrefixCache(PrefixCache):
 
     def host_pages_in(self, ns: Namespace) -> int:
         space = self._spaces.get(ns)
-        return 0 if space is None else sum(1 for n in _post_order(space.root) if n.host >= 0)
+        return 0 if space is None else sum(1 for n in _post_order(space.root) if n.host is not None)
 
     # --- lookups ---
     def match(self, ns: Namespace, token_ids: list[int], max_pages: int) -> MatchResult:
@@ -284,13 +320,13 @@ class RadixPrefixCache(PrefixCache):
         self.release(ns, hit.pages)
         for node in reversed(hit.host):  # type: ignore[assignment]
             self._reserved.discard(node)  # type: ignore[arg-type]
-            if not node.children and node.host >= 0:  # type: ignore[attr-defined]
+            if not node.children and node.host is not None:  # type: ignore[attr-defined]
                 self._host_lru[node] = None  # type: ignore[index]
 
     def onload(self, host: list[object], pages: list[int]) -> None:
         assert len(host) == len(pages), (len(host), len(pages))
         for node, page in zip(host, pages, strict=True):
-            assert isinstance(node, _Node) and node.host >= 0, node
+            assert isinstance(node, _Node) and node.host is not None, node
             self._copies.append(KVCopy("onload", node.host, page))
             self._promote(node, page)
             self.num_onloaded += 1
@@ -302,7 +338,7 @@ class RadixPrefixCache(PrefixCache):
         self._host_lru.pop(node, None)
         self._reserved.discard(node)
         self._moved(node, to_host=False)
-        node.host, node.page = -1, page
+        node.host, node.page = None, page
         self._by_page[page] = node
         self.pool.incref([page])  # the cache's own reference
 
@@ -330,27 +366,19 @@ class RadixPrefixCache(PrefixCache):
         return InsertResult(node, adopted)
 
     def _add(self, space: _Space, parent: _Node, key: tuple[int, ...], page: int) -> _Node:
-        block_hash = chain_hash(parent.block_hash, key) if self.enable_events else 0
-        node = _Node(space, key, page, parent, block_hash)
+        node = _Node(space, key, page, parent, self._events.chain(parent.block_hash, key))
         parent.children[key] = node
         self._host_lru.pop(parent, None)
         self._by_page[page] = node
         self.pool.incref([page])  # the cache's own reference
-        if self.enable_events:
-            parent_hash = parent.block_hash if parent.parent is not None else None
-            self._events.append(KVEvent("stored", block_hash, parent_hash, key, space.identity))
+        self._events.stored(node, on_host=False)
         return node
 
     def _moved(self, node: _Node, to_host: bool) -> None:
         """A page changes tier: removed from the one it leaves, stored in the one it enters, as
         vLLM's offloading reports it (a router must not count it where it no longer is)."""
-        if self.enable_events:
-            parent = node.parent
-            assert parent is not None and node.key is not None
-            parent_hash = parent.block_hash if parent.parent is not None else None
-            ident = node.ns.identity
-            self._events.append(KVEvent("removed", node.block_hash, None, (), ident, not to_host))
-            self._events.append(KVEvent("stored", node.block_hash, parent_hash, node.key, ident, to_host))
+        self._events.removed(node, on_host=not to_host)
+        self._events.stored(node, on_host=to_host)
 
     # --- reference counting ---
     def _lock(self, pages: list[int]) -> None:
@@ -414,7 +442,7 @@ class RadixPrefixCache(PrefixCache):
         del self._by_page[node.page]
         self._num_idle -= 1
         self.pool.decref([node.page])
-        node.page, node.host = -1, host
+        node.page, node.host = None, host
         if not node.children:
             self._host_lru[node] = None
         self.num_offloaded += 1
@@ -441,7 +469,7 @@ class RadixPrefixCache(PrefixCache):
 
     def _remove_host(self, node: _Node) -> _Node:
         """Drop a host node with no children and free its host page; return its parent."""
-        assert not node.children and node.host >= 0, node
+        assert not node.children and node.host is not None, node
         assert self.host_pool is not None
         parent = self._unlink(node)
         self._host_lru.pop(node, None)
@@ -467,9 +495,7 @@ class RadixPrefixCache(PrefixCache):
         parent = node.parent
         assert parent is not None
         del parent.children[node.key]  # type: ignore[arg-type]
-        if self.enable_events:
-            ident = node.ns.identity
-            self._events.append(KVEvent("removed", node.block_hash, None, (), ident, not node.on_device))
+        self._events.removed(node, on_host=not node.on_device)
         return parent
 
     def _remove_chain(self, node: _Node) -> None:
@@ -483,8 +509,7 @@ class RadixPrefixCache(PrefixCache):
 
     # --- events, copies and checks ---
     def take_events(self) -> list[KVEvent]:
-        events, self._events = self._events, []
-        return events
+        return self._events.take()
 
     def take_copies(self) -> list[KVCopy]:
         copies, self._copies = self._copies, []
@@ -503,12 +528,13 @@ class RadixPrefixCache(PrefixCache):
                     continue
                 assert node.parent is not None and node.parent.children[node.key] is node  # type: ignore[index]
                 if not node.on_device:
-                    assert node.host >= 0, f"{node} is neither on the device nor on the host"
+                    assert node.host is not None, f"{node} is neither on the device nor on the host"
                     host_refs[node.host] = host_refs.get(node.host, 0) + 1
                     assert (node in self._host_lru) == (not node.children), f"host LRU mismatch at {node}"
                     continue
                 seen += 1
-                assert node.host < 0 and self._by_page.get(node.page) is node, f"{node} missing from the map"
+                mapped = self._by_page.get(node.page)  # type: ignore[arg-type]
+                assert node.host is None and mapped is node, f"{node} missing from the map"
                 assert node.parent.parent is None or node.parent.on_device, f"device {node} under a host node"
                 ref = pool.refcount(node.page)
                 assert ref >= 1, f"tree page {node.page} has count {ref}"

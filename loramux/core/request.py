@@ -70,13 +70,13 @@ class Request:
     # --- counters, owned by the scheduler ---
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = field(default=0, init=False)
-    num_cached_tokens: int = field(default=-1, init=False)  # prefix hit at first admission
+    num_cached_tokens: int | None = field(default=None, init=False)  # prefix hit at first admission
     num_preemptions: int = field(default=0, init=False)
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     page_ids: list[int] = field(default_factory=list, init=False)
     # How many of `page_ids` have been offered to the prefix cache.
     num_inserted_pages: int = field(default=0, init=False)
-    arrival_seq: int = field(default=-1, init=False)
+    arrival_seq: int | None = field(default=None, init=False)  # set when the scheduler queues it
     lora_slot: int | None = field(default=None, init=False)  # its adapter's device slot while running
     # Fixed at construction, for the per-token stop check: the ids that stop it, the length that ends it.
     stop_ids: frozenset[int] = field(init=False)

@@ -37,9 +37,10 @@ from typing import NamedTuple
 
 from loramux.config import SchedulerConfig
 from loramux.core.adapters import AdapterInfo, AdapterManager
-from loramux.core.kv_manager import KVCacheManager
+from loramux.core.kv_manager import KVCacheManager, KVStats
 from loramux.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
 from loramux.core.policies import AdmitResult, make_policy
+from loramux.core.prefix_cache import KVEvent
 from loramux.core.request import Request, RequestStatus
 
 
@@ -92,20 +93,20 @@ class Scheduler:
         self._naive_slots: OrderedDict[int, None] = OrderedDict()
         self._reserved: Request | None = None  # its adapter gets the next slot that frees
         self._draining: frozenset[int] = frozenset()  # resident adapters taking no new work for it
-        kv.cache.open_namespace(None, base_identity)
+        kv.open_namespace(None, base_identity)
 
     # --- adapters ---
     def register_adapter(
         self, name: str, version: str, rank: int, nbytes: int, path: str | None = None, pinned: bool = False
     ) -> AdapterInfo:
         info = self.adapters.register(name, version, rank, nbytes, path, pinned)
-        self.kv.cache.open_namespace(info.uid, info.identity)
+        self.kv.open_namespace(info.uid, info.identity)
         return info
 
     def unregister_adapter(self, name: str) -> AdapterInfo:
         """Unload: the name goes now, its idle KV pages too; in-use pages and weights follow (S5.4)."""
         info = self.adapters.unregister(name)
-        self.kv.cache.close_namespace(info.uid)
+        self.kv.close_namespace(info.uid)
         return info
 
     # --- requests ---
@@ -123,11 +124,11 @@ class Scheduler:
                 f"max_tokens={req.max_tokens} exceeds the model's limit of {self.max_model_len} "
                 f"tokens; shorten the prompt or lower max_tokens"
             )
-        pages = self.kv.pool.pages_for(req.max_total_tokens)
-        if pages > self.kv.pool.num_pages:
+        pages = self.kv.pages_for(req.max_total_tokens)
+        if pages > self.kv.num_pages:
             raise ValueError(
                 f"request {req.request_id!r} may need {pages} KV pages but the pool has only "
-                f"{self.kv.pool.num_pages}; lower max_tokens or give the KV cache more memory"
+                f"{self.kv.num_pages}; lower max_tokens or give the KV cache more memory"
             )
         bound = self.config.max_queue_len
         if bounded and bound is not None and len(self.policy) >= bound:
@@ -282,7 +283,7 @@ class Scheduler:
             adapter_plan=self.adapters.take_plan(),
             finished_ids=finished,
             preempted_ids=[r.request_id for r in preempted],
-            kv_copies=self.kv.cache.take_copies(),
+            kv_copies=self.kv.take_copies(),
         )
 
     def _schedule_running(self, step: _StepBudget) -> list[Request]:
@@ -295,7 +296,7 @@ class Scheduler:
             (order if len(r.token_ids) - r.num_computed_tokens == 1 else prefills).append(r)
         order += prefills
         kv, preempted = self.kv, []
-        ps, pool, cache = kv.page_size, kv.pool, kv.cache
+        ps = kv.page_size
         seqs, RUNNING, new_seq, NONE = step.seqs, RequestStatus.RUNNING, tuple.__new__, frozenset()
         tokens, prefill = step.tokens, step.prefill
         append = seqs.append
@@ -317,7 +318,7 @@ class Scheduler:
             pages = req.page_ids
             if computed + n > len(pages) * ps:  # the new tokens need another page
                 need = -(-(computed + n) // ps) - len(pages)
-                if need > pool.num_free + cache.num_evictable:
+                if not kv.can_allocate(need):
                     self._preempt_for(req, need, order[order.index(req) :], preempted)
                     if req.status is not RUNNING:
                         if left > 1:
@@ -418,7 +419,7 @@ class Scheduler:
                         return AdmitResult.NEEDS_SLOT
             hit = kv.match(req)
             n = min(req.num_tokens - hit.num_tokens, step.tokens, step.prefill)
-            if not kv.can_allocate(kv.pool.pages_for(hit.num_tokens + n) - len(hit.pages)):
+            if not kv.can_allocate(kv.pages_for(hit.num_tokens + n) - len(hit.pages)):
                 kv.undo_match(req, hit)
                 step.out_of_pages = True
                 return AdmitResult.STOP
@@ -438,11 +439,9 @@ class Scheduler:
         return admit
 
     def _start(self, req: Request, num_cached: int, info: AdapterInfo | None) -> None:
-        if req.num_cached_tokens < 0:
+        if req.num_cached_tokens is None:
             req.num_cached_tokens = num_cached
-            self.kv.num_prefix_queries += 1
-            self.kv.num_prefix_query_tokens += req.num_prompt_tokens
-            self.kv.num_prefix_hit_tokens += num_cached
+            self.kv.count_prefix_query(req.num_prompt_tokens, num_cached)
         if req.first_scheduled_time is None:
             req.first_scheduled_time = self.clock()
         req.status = RequestStatus.RUNNING
@@ -499,6 +498,13 @@ class Scheduler:
         return RequestStatus.FINISHED_LENGTH
 
     # --- introspection ---
+    def kv_stats(self) -> KVStats:
+        return self.kv.stats()
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """The prefix cache's events since the last call (for KV-aware routers)."""
+        return self.kv.take_events()
+
     def waiting_by_adapter(self) -> Counter[str]:
         return Counter(r.lora_name or "" for r in self.policy)
 
@@ -514,10 +520,9 @@ class Scheduler:
             return  # no admissions on a preempting step; S3.3 holds prefills back on purpose
         if len(self.running) >= cfg.max_num_seqs or step.tokens <= 0 or step.prefill <= 0:
             return
-        free_pages = self.kv.pool.num_free + self.kv.cache.num_evictable
+        free_pages = self.kv.num_allocatable
         adapters, reserved = self.adapters, self._reserved
-        for q in self.policy.groups.queues.values():
-            req = q[0]
+        for req in self.policy.heads():
             info = self._info(req)
             if info is not None:
                 if info.uid in self._draining:
@@ -527,7 +532,7 @@ class Scheduler:
                     or not adapters.can_acquire(info)
                 ):
                     continue
-            pages = self.kv.pool.pages_for(min(req.num_tokens, step.tokens, step.prefill))
+            pages = self.kv.pages_for(min(req.num_tokens, step.tokens, step.prefill))
             assert pages > free_pages, (
                 f"step {out.step}: {req!r} could have run ({pages} pages of {free_pages} free, "
                 f"{cfg.max_num_seqs - len(self.running)} seats, {step.tokens} tokens left) but waits"

@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from loramux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from loramux.config import EngineConfig, KVEventsConfig
 from loramux.engine.chat import render_chat
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.outputs import RequestOutput
@@ -24,55 +24,21 @@ Prompt = str | list[int] | dict[str, Any]
 
 
 class LLM:
+    """Offline generation, vLLM's `LLM`: `LLM(model, **settings)`, where the settings are the
+    engine's (`EngineConfig.setting_names()`: max_loras, max_num_seqs, page_size, num_pages,
+    max_queue_len, dtype, device, ...) and `kv_events` a `KVEventsConfig`; an unknown one is a
+    TypeError naming it."""
+
     def __init__(
         self,
         model: str,
         *,
-        max_loras: int = 4,
-        max_cpu_loras: int | None = None,
-        max_lora_rank: int = 64,
-        max_lora_bytes: int | None = None,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        max_prefill_tokens: int | None = None,
-        policy: str = "fcfs",
-        page_size: int = 16,
-        num_pages: int | None = None,
-        kv_cache_memory: int | None = None,
-        host_kv_pages: int = 0,
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        seed: int = 0,
-        starvation_timeout_s: float = 5.0,
         engine: LLMEngine | None = None,
+        kv_events: KVEventsConfig | None = None,
+        **settings: Any,
     ) -> None:
         if engine is None:
-            config = EngineConfig(
-                model=ModelConfig(model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed),
-                scheduler=SchedulerConfig(
-                    max_num_seqs=max_num_seqs,
-                    max_num_batched_tokens=max_num_batched_tokens,
-                    max_prefill_tokens=max_prefill_tokens,
-                    policy=policy,
-                    starvation_timeout_s=starvation_timeout_s,
-                ),
-                cache=CacheConfig(
-                    page_size=page_size,
-                    num_pages=num_pages,
-                    kv_cache_memory=kv_cache_memory,
-                    enable_prefix_caching=enable_prefix_caching,
-                    host_kv_pages=host_kv_pages,
-                ),
-                lora=LoRAConfig(
-                    max_loras=max_loras,
-                    max_cpu_loras=max_cpu_loras,
-                    max_lora_rank=max_lora_rank,
-                    max_lora_bytes=max_lora_bytes,
-                ),
-            )
-            engine = LLMEngine(config)
+            engine = LLMEngine(EngineConfig.create(model, kv_events=kv_events, **settings))
         self.engine = engine
         self._counter = 0
 

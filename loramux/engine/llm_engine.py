@@ -41,6 +41,7 @@ from loramux.core.scheduler import Scheduler, StepUpdate
 from loramux.engine.detokenizer import IncrementalDetokenizer
 from loramux.engine.kv_events import KVEventPublisher
 from loramux.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from loramux.engine.stats import EngineLimits, EngineSnapshot
 from loramux.lora_request import LoRARequest
 from loramux.sampling_params import SamplingParams
 
@@ -220,6 +221,69 @@ class LLMEngine:
     def list_loras(self) -> list[AdapterInfo]:
         return [self.scheduler.adapters.get(n) for n in self.scheduler.adapters.names()]
 
+    def has_lora(self, name: str) -> bool:
+        return name in self.scheduler.adapters
+
+    def lora_names(self) -> list[str]:
+        return self.scheduler.adapters.names()
+
+    # --- what front ends may know (engine/stats.py) ---
+    def snapshot(self) -> EngineSnapshot:
+        """Queues, residency, KV pages and counters now; on the engine's thread, between steps."""
+        s = self.scheduler
+        adapters, kv, c = s.adapters, s.kv_stats(), s.counters
+        name = {a.uid: a.name for a in (adapters.by_uid(u) for u in adapters.host_uids)}
+        take_recent = getattr(getattr(self.executor, "load_stats", None), "take_recent", None)
+        pub = self.kv_publisher
+        return EngineSnapshot(
+            running=dict(s.running_by_adapter()),
+            waiting=dict(s.waiting_by_adapter()),
+            device=[name.get(u, str(u)) for u in adapters.resident_uids],
+            host=[name[u] for u in adapters.host_uids],
+            pages_total=kv.pages_total,
+            pages_free=kv.pages_free,
+            pages_cached=kv.pages_cached,
+            counters={
+                "preemptions": c.num_preemptions,
+                "switches": adapters.num_device_loads,
+                "naive_switches": c.naive_adapter_switches,
+                "device_loads": adapters.num_device_loads,
+                "host_loads": adapters.num_host_loads,
+                "device_evictions": adapters.num_device_evictions,
+                "host_evictions": adapters.num_host_evictions,
+                "prefix_query_tokens": kv.prefix_query_tokens,
+                "prefix_hit_tokens": kv.prefix_hit_tokens,
+                "steps": c.num_steps,
+                "kv_offloaded": kv.offloaded,
+                "kv_onloaded": kv.onloaded,
+                "max_adapters_per_step": c.max_adapters_per_step,
+                "kv_events_published": pub.num_published if pub else 0,
+                "kv_events_dropped": pub.num_dropped if pub else 0,
+                "kv_events_send_errors": pub.num_send_errors if pub else 0,
+            },
+            finished=dict(c.num_finished),
+            load_seconds=take_recent() if take_recent is not None else [],
+            references=adapters.references(),
+        )
+
+    def limits(self) -> EngineLimits:
+        """Frozen configuration and measured sizes only: safe from any thread."""
+        sc, lc, cc = self.config.scheduler, self.config.lora, self.config.cache
+        return EngineLimits(
+            max_loras=lc.max_loras,
+            max_cpu_loras=lc.cpu_slots,
+            max_lora_rank=lc.max_lora_rank,
+            max_num_seqs=sc.max_num_seqs,
+            max_num_batched_tokens=sc.max_num_batched_tokens,
+            prefill_budget=sc.prefill_budget,
+            max_queue_len=sc.max_queue_len,
+            num_pages=self.runtime.num_pages,
+            page_size=cc.page_size,
+            max_model_len=self.runtime.max_model_len,
+            prefix_caching=cc.enable_prefix_caching,
+            starvation_timeout_s=sc.starvation_timeout_s,
+        )
+
     # --- requests ---
     def add_request(
         self,
@@ -375,7 +439,7 @@ class LLMEngine:
 
     def _publish_kv_events(self) -> None:
         """Hand the prefix cache's events to the publisher (or drop them: nobody listens)."""
-        events = self.scheduler.kv.cache.take_events()
+        events = self.scheduler.take_kv_events()
         if events and self.kv_publisher is not None:
             self.kv_publisher.publish(events)
 
@@ -499,7 +563,7 @@ class LLMEngine:
             [completion],
             finished,
             req.lora_name,
-            max(req.num_cached_tokens, 0),
+            req.num_cached_tokens or 0,
             st.metrics,
             st.error,
         )

@@ -7,7 +7,7 @@ imported on first use of a name below, not by `catalog` or `asgi`.
     loramux serve MODEL --lora-modules a=/p/a b=/p/b --replicas 2
 
 or, in Python, `serve.run(loramux.ray.build_app(args))` with `args` parsed by
-`loramux.cli.add_serve_args`. See docs/scale-out.md.
+`loramux.server.serve_args.add_serve_args`. See docs/scale-out.md.
 """
 
 from __future__ import annotations

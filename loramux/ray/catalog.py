@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramux.server.api import allowed_path
+from loramux.server.paths import allowed_path
 from loramux.server.protocol import APIError
 
 

@@ -3,7 +3,7 @@
 Boundary: Ray Serve wiring. Two deployments:
 
 - `Replica`: one loramux engine and the very FastAPI app `loramux serve` runs
-  (built by `loramux.cli.build_server`), answering forwarded HTTP requests
+  (built by `loramux.server.builder.build_server`), answering forwarded HTTP requests
   in-process (`loramux.ray.asgi`). Its adapters are Ray Serve *multiplexed
   models*: the first request for an adapter registers it through the engine's
   own load path (`LLMEngine.add_lora`), at most `max_cpu_loras` stay
@@ -63,7 +63,7 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/ping", "/version", "/docs", "/o
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:
-    from loramux.cli import base_model
+    from loramux.server.builder import base_model
 
     _, name, loras = base_model(args)
     return Catalog.create(name, loras, args.allowed_lora_dirs)
@@ -113,7 +113,7 @@ class Replica:
     """One engine and its app; see the module docstring."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from loramux.cli import build_server
+        from loramux.server.builder import build_server
 
         self.args = args
         self.built = build_server(args, register_loras=False)
@@ -124,7 +124,7 @@ class Replica:
         self.requests: Counter[str] = Counter()  # adapter requests: "hit" (held on arrival) or "load"
         self.pins = Pins(self._unregister)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.capacity = capacity = self.engine.scheduler.adapters.max_cpu_loras
+        self.capacity = capacity = self.engine.limits().max_cpu_loras
 
         async def load(name: str) -> _Held:
             return await self._load(name)
@@ -144,7 +144,7 @@ class Replica:
         return held
 
     def _register(self, held: _Held, path: str) -> None:  # on the engine thread
-        if held.name in self.engine.scheduler.adapters:  # an earlier holder's registration is still there
+        if self.engine.has_lora(held.name):  # an earlier holder's registration is still there
             self.engine.remove_lora(held.name)
         self.engine.add_lora(held.name, path)
         self.held[held.name] = held
@@ -205,9 +205,7 @@ class Replica:
 
     async def metrics_text(self) -> str:
         """This replica's loramux metrics (Prometheus text) and its adapter routing counts."""
-        from loramux.server.metrics import take_snapshot
-
-        snap = await self.built.aengine.call(take_snapshot, self.engine, self.built.name)
+        snap = await self.built.aengine.call(self.engine.snapshot)
         lines = [
             "# HELP loramux_ray_adapter_requests_total Adapter requests this replica got, by whether it "
             "already held the adapter (hit) or registered it for the request (load).",
@@ -464,7 +462,7 @@ def app_builder(config: dict[str, Any]) -> Any:
     """Ray Serve's application builder, for `serve run` / `serve deploy` config files:
     `import_path: loramux.ray:app_builder`, `args: {argv: [MODEL, --lora-modules, ..., --replicas, N]}`
     (the flags of `loramux serve`)."""
-    from loramux.cli import add_serve_args
+    from loramux.server.serve_args import add_serve_args
 
     parser = argparse.ArgumentParser(prog="loramux.ray:app_builder")
     add_serve_args(parser)

@@ -37,7 +37,8 @@ from loramux.engine.llm_engine import EngineDeadError, RequestFailedError
 from loramux.engine.outputs import RequestOutput
 from loramux.sampling_params import SamplingParams
 from loramux.server.async_engine import AsyncEngine
-from loramux.server.metrics import Metrics, take_snapshot
+from loramux.server.metrics import Metrics
+from loramux.server.paths import allowed_path
 from loramux.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -207,29 +208,6 @@ def _to_api_error(e: Exception, model: str) -> APIError:
     raise e
 
 
-def allowed_path(raw: str, allowed: list[Path]) -> Path:
-    """`raw` resolved (symlinks and '..' followed); APIError 403 unless it lies in an allowed folder."""
-    if not allowed:
-        raise APIError(
-            403,
-            "runtime adapter loading is off; start the server with --allowed-lora-dirs DIR",
-            type_="permission_error",
-            param="lora_path",
-        )
-    try:
-        path = Path(raw).resolve()  # follows symlinks and '..'
-    except (ValueError, OSError) as e:  # a NUL byte, a symlink loop, ...
-        raise APIError(400, f"lora_path {raw!r} is not a usable path: {e}", param="lora_path") from e
-    if not any(path.is_relative_to(d) for d in allowed):
-        raise APIError(
-            403,
-            f"lora_path {raw!r} is outside the allowed adapter folders",
-            type_="permission_error",
-            param="lora_path",
-        )
-    return path
-
-
 class _API:
     def __init__(self, aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> None:
         self.aengine = aengine
@@ -305,7 +283,7 @@ class _API:
         try:
             await self.aengine.call(self.engine.remove_lora, body.lora_name)
         except AdapterNotFoundError as e:
-            known = ", ".join(sorted(await self.aengine.call(self.engine.scheduler.adapters.names))) or "none"
+            known = ", ".join(sorted(await self.aengine.call(self.engine.lora_names))) or "none"
             raise APIError(
                 404,
                 f"adapter {body.lora_name!r} is not loaded, so there is nothing to unload; "
@@ -321,12 +299,13 @@ class _API:
         }
 
     # --- tokenizer ---
-    def _tokenizer_for(self, model: str | None) -> Any:
-        """The tokenizer (shared by every adapter); `model`, if given, must name a served model."""
+    async def _tokenizer_for(self, model: str | None) -> Any:
+        """The tokenizer (shared by every adapter); `model`, if given, must name a served model
+        (asked on the engine thread: the adapters change there)."""
         if (
             model is not None
             and model != self.cfg.served_model_name
-            and model not in self.engine.scheduler.adapters
+            and not await self.aengine.call(self.engine.has_lora, model)
         ):
             raise APIError(404, f"the model {model!r} does not exist", code="model_not_found", param="model")
         tok = self.engine.tokenizer
@@ -335,7 +314,7 @@ class _API:
         return tok
 
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
-        tok = self._tokenizer_for(body.model)
+        tok = await self._tokenizer_for(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of `prompt` and `messages`", param="prompt")
         if body.messages is not None:
@@ -353,7 +332,7 @@ class _API:
         }
 
     async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
-        tok = self._tokenizer_for(body.model)
+        tok = await self._tokenizer_for(body.model)
         vocab = self.engine.runtime.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
@@ -376,7 +355,7 @@ class _API:
         return JSONResponse({"status": "ok"})
 
     async def prometheus(self) -> Response:
-        snap = await self.aengine.call(take_snapshot, self.engine, self.cfg.served_model_name)
+        snap = await self.aengine.call(self.engine.snapshot)
         return Response(self.metrics.render(snap), media_type=CONTENT_TYPE_LATEST)
 
     # --- generation ---

@@ -9,7 +9,7 @@ steps. Per-adapter queues are separate labelled series, not comma-joined labels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,74 +20,16 @@ from prometheus_client import (
     generate_latest,
 )
 
-from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.outputs import RequestOutput
+from loramux.engine.stats import EngineLimits, EngineSnapshot
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _LOAD = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
-@dataclass
-class EngineSnapshot:
-    """What /metrics needs from the engine, copied on the engine thread."""
-
-    running: dict[str, int]
-    waiting: dict[str, int]
-    device: list[str]
-    host: list[str]
-    pages_total: int
-    pages_free: int
-    pages_cached: int
-    counters: dict[str, float] = field(default_factory=dict)
-    finished: dict[str, int] = field(default_factory=dict)  # requests the scheduler ended, by reason
-    load_seconds: list[float] = field(default_factory=list)
-    references: dict[str, int] = field(default_factory=dict)  # unfinished requests per adapter
-
-
-def take_snapshot(engine: LLMEngine, base_name: str) -> EngineSnapshot:
-    """Run on the engine thread."""
-    s = engine.scheduler
-    adapters, kv = s.adapters, s.kv
-    name = {a.uid: a.name for a in (adapters.by_uid(u) for u in adapters.host_uids)}
-
-    def label(n: str) -> str:
-        return n or base_name
-
-    stats = getattr(engine.executor, "load_stats", None)
-    return EngineSnapshot(
-        running={label(k): v for k, v in s.running_by_adapter().items()},
-        waiting={label(k): v for k, v in s.waiting_by_adapter().items()},
-        device=[name.get(u, str(u)) for u in adapters.resident_uids],
-        host=[name[u] for u in adapters.host_uids],
-        pages_total=kv.pool.num_pages,
-        pages_free=kv.pool.num_free,
-        pages_cached=kv.cache.num_evictable,
-        counters={
-            "preemptions": s.counters.num_preemptions,
-            "switches": adapters.num_device_loads,
-            "naive_switches": s.counters.naive_adapter_switches,
-            "device_loads": adapters.num_device_loads,
-            "host_loads": adapters.num_host_loads,
-            "device_evictions": adapters.num_device_evictions,
-            "host_evictions": adapters.num_host_evictions,
-            "prefix_query_tokens": kv.num_prefix_query_tokens,
-            "prefix_hit_tokens": kv.num_prefix_hit_tokens,
-            "steps": s.counters.num_steps,
-            "kv_offloaded": getattr(kv.cache, "num_offloaded", 0),
-            "kv_onloaded": getattr(kv.cache, "num_onloaded", 0),
-            "max_adapters_per_step": s.counters.max_adapters_per_step,
-            "kv_events_published": engine.kv_publisher.num_published if engine.kv_publisher else 0,
-            "kv_events_dropped": engine.kv_publisher.num_dropped if engine.kv_publisher else 0,
-            "kv_events_send_errors": engine.kv_publisher.num_send_errors if engine.kv_publisher else 0,
-        },
-        finished=dict(s.counters.num_finished),
-        load_seconds=stats.take_recent() if stats is not None else [],
-        references=adapters.references(),
-    )
-
-
 class Metrics:
-    def __init__(self, config_info: dict[str, str]) -> None:
+    def __init__(self, limits: EngineLimits, base_name: str) -> None:
+        self.base_name = base_name  # the base model's label (the engine calls it "")
         disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
         r = self.registry = CollectorRegistry()
         p = "loramux_"
@@ -171,8 +113,8 @@ class Metrics:
             p + "max_adapters_per_step", "Most distinct adapters seen in one step", registry=r
         )
         self.config = Gauge(p + "config", "Engine limits in effect", ["name"], registry=r)
-        for k, v in config_info.items():
-            self.config.labels(k).set(float(v))
+        for f in dataclasses.fields(limits):
+            self.config.labels(f.name).set(float(getattr(limits, f.name) or 0))
         self._seen: dict[str, float] = {}  # engine counters already added to the Counters
 
     def _advance(self, key: str, counter: Counter, value: float) -> None:
@@ -206,7 +148,7 @@ class Metrics:
         for gauge, values in ((self.running, snap.running), (self.waiting, snap.waiting)):
             gauge.clear()
             for k, v in values.items():
-                gauge.labels(k).set(v)
+                gauge.labels(k or self.base_name).set(v)
         self.resident.clear()
         for tier, names in (("device", snap.device), ("host", snap.host)):
             self.resident_count.labels(tier).set(len(names))

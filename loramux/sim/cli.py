@@ -15,11 +15,11 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from loramux.bench.workload import WorkloadConfig
 from loramux.sim.profile import Profile, shipped_profiles
 from loramux.sim.report import write_report
 from loramux.sim.run import SimResult, SimSettings, simulate
 from loramux.sim.workloads import S1_RANKS, S2_RANKS, SUITES, Workload, load_trace, slora
+from loramux.workload import WorkloadConfig
 
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_cpu_loras", "num_pages")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loramux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from loramux.config import EngineConfig
 from loramux.core.request import RequestStatus
 from loramux.engine.llm_engine import LLMEngine
 from loramux.sampling_params import SamplingParams
@@ -91,20 +91,18 @@ def build_engine(
     executor = CostModelExecutor(profile, clock, VOCAB, seed=s.seed)
     if s.num_pages is not None:
         executor.num_pages = s.num_pages
-    config = EngineConfig(
-        ModelConfig(model=f"sim:{profile.name}"),
-        SchedulerConfig(
-            max_num_seqs=s.max_num_seqs,
-            max_num_batched_tokens=s.max_num_batched_tokens,
-            policy=s.policy,
-            starvation_timeout_s=s.starvation_timeout_s,
-        ),
-        CacheConfig(
-            page_size=profile.page_size,
-            num_pages=executor.num_pages,
-            enable_prefix_caching=s.enable_prefix_caching,
-        ),
-        LoRAConfig(max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras, max_lora_rank=s.max_lora_rank),
+    config = EngineConfig.create(
+        f"sim:{profile.name}",
+        max_num_seqs=s.max_num_seqs,
+        max_num_batched_tokens=s.max_num_batched_tokens,
+        policy=s.policy,
+        starvation_timeout_s=s.starvation_timeout_s,
+        page_size=profile.page_size,
+        num_pages=executor.num_pages,
+        enable_prefix_caching=s.enable_prefix_caching,
+        max_loras=s.max_loras,
+        max_cpu_loras=s.max_cpu_loras,
+        max_lora_rank=s.max_lora_rank,
     )
     engine = LLMEngine(config, executor=executor, tokenizer=None, clock=clock)
     return engine, executor, clock
@@ -171,7 +169,7 @@ def simulate(workload: Workload, profile: Profile, settings: SimSettings) -> Sim
                 rec.finish = t
                 rec.output_tokens = len(out.outputs[0].token_ids)
                 rec.aborted = out.outputs[0].finish_reason not in ("length", "stop")
-    sched = engine.scheduler
+    snap = engine.snapshot()
     st = executor.load_stats
     return SimResult(
         workload.name,
@@ -180,10 +178,10 @@ def simulate(workload: Workload, profile: Profile, settings: SimSettings) -> Sim
         list(records.values()),
         clock(),
         steps,
-        sched.adapters.num_device_loads,
-        sched.adapters.num_host_loads,
-        sched.counters.num_preemptions,
+        int(snap.counters["device_loads"]),
+        int(snap.counters["host_loads"]),
+        int(snap.counters["preemptions"]),
         time.perf_counter() - wall0,
         (st.host_seconds, st.device_seconds, st.wait_seconds),
-        {"timeouts": sched.counters.num_finished.get(RequestStatus.FINISHED_TIMEOUT.finish_reason or "", 0)},
+        {"timeouts": snap.finished.get(RequestStatus.FINISHED_TIMEOUT.finish_reason or "", 0)},
     )

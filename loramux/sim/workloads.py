@@ -4,7 +4,7 @@ Boundary: numbers only (arrival, adapter, tenant, prompt and output lengths);
 no engine. The generators follow the papers' code draw for draw, so a seed
 gives the papers' own traces:
 
-- S-LoRA (W1-W3): `loramux.bench.workload.generate_requests`, reused as is.
+- S-LoRA (W1-W3): `loramux.workload.generate_requests`, reused as is.
   Ranks by adapter index: S1 all 8, S2 [64, 32, 16, 8][i mod 4].
 - VTC (W4): numpy's legacy generator seeded once. "uniform": per client,
   input lengths, output lengths, then a phase U(0,1)/rate; arrival j is
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loramux.bench.workload import WorkloadConfig, generate_requests
+from loramux.workload import WorkloadConfig, generate_requests
 
 S1_RANKS = (8,)
 S2_RANKS = (64, 32, 16, 8)

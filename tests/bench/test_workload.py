@@ -2,7 +2,7 @@
 
 import pytest
 
-from loramux.bench.workload import WorkloadConfig, generate_requests, summarize
+from loramux.workload import WorkloadConfig, generate_requests, summarize
 
 # (n, alpha, rate, cv, T) -> N, distinct adapters, top-1 share, top-10 share, mean in, mean out, last arrival
 REFERENCE = [

@@ -13,10 +13,10 @@ import logging
 
 import pytest
 
-from loramux.cli import add_serve_args, byte_count, engine_config
 from loramux.config import CacheConfig, LoRAConfig, ModelConfig
 from loramux.core.page_pool import PagePool
 from loramux.executor.model_runner import ModelRunner
+from loramux.server.serve_args import add_serve_args, byte_count, engine_config
 
 
 def runner(tiny_models, cache: CacheConfig, max_num_seqs: int = 4, max_model_len: int = 128) -> ModelRunner:

@@ -35,11 +35,11 @@ MAX_TOKENS = 12
 def cluster(tmp_path_factory):
     """(endpoint URL, single-engine answers, allowed folder for late adds, the demo's adapters)."""
     from loramux import demo
-    from loramux.cli import add_serve_args
     from loramux.engine.llm import LLM
     from loramux.lora_request import LoRARequest
     from loramux.ray import APP_NAME, build_app
     from loramux.sampling_params import SamplingParams
+    from loramux.server.serve_args import add_serve_args
 
     model_dir, demo_adapters = demo.demo_paths()
     names = {name: str(path) for name, path in demo_adapters.items()}

@@ -233,8 +233,8 @@ def test_S6_1_an_adapter_evicted_while_a_request_holds_it_goes_when_that_request
 def test_S6_1_replicas_that_stop_reporting_leave_the_routers_metrics(tiny_models, monkeypatch):
     import argparse
 
-    from loramux.cli import add_serve_args
     from loramux.ray import deployment
+    from loramux.server.serve_args import add_serve_args
 
     p = argparse.ArgumentParser()
     add_serve_args(p)

@@ -457,7 +457,7 @@ def test_S6_2_command_line_limits_reach_the_engine(server):
 def test_S6_2_every_serve_flag_lands_in_the_engine_config():
     import argparse
 
-    from loramux.cli import add_serve_args, engine_config
+    from loramux.server.serve_args import add_serve_args, engine_config
 
     p = argparse.ArgumentParser()
     add_serve_args(p)

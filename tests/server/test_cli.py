@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from loramux import __version__
-from loramux.cli import add_serve_args, engine_config
 from loramux.config import CacheConfig, LoRAConfig, ModelConfig
 from loramux.executor.model_runner import ModelRunner
+from loramux.server.serve_args import add_serve_args, engine_config
 
 
 def serve_parser() -> argparse.ArgumentParser:

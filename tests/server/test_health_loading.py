@@ -10,7 +10,6 @@ import time
 
 import httpx
 
-from loramux.cli import _config_info
 from loramux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.server.api import ServerConfig, build_app
@@ -31,7 +30,7 @@ def test_health_says_loading_until_the_adapters_read_at_start_are_in_memory(tiny
     for name in names:
         engine.add_lora(name, str(tm.adapters[name]))
     aengine = AsyncEngine(engine)
-    app = build_app(aengine, ServerConfig(served_model_name="base"), Metrics(_config_info(engine)))
+    app = build_app(aengine, ServerConfig(served_model_name="base"), Metrics(engine.limits(), "base"))
     aengine.start()
     gate = threading.Event()
     engine.executor._reader.submit(gate.wait, 30)  # the reader thread is busy until the gate opens

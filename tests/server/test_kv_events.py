@@ -142,8 +142,8 @@ def test_kv_event_flags_and_vllm_json_form_reach_the_engine_config():
     import argparse
     import json
 
-    from loramux.cli import add_serve_args, engine_config
     from loramux.config import KVEventsConfig
+    from loramux.server.serve_args import add_serve_args, engine_config
 
     def parse(*extra):
         p = argparse.ArgumentParser()

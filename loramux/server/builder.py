@@ -1,0 +1,74 @@
+"""Build what `loramux serve` runs: the engine on its thread and the app in front of it.
+
+Boundary: from parsed `serve` flags to a started `AsyncEngine` and its FastAPI
+app. The CLI serves it with uvicorn; a Ray replica (loramux.ray) builds the
+same and answers forwarded requests with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loramux.server.serve_args import engine_config
+
+logger = logging.getLogger("loramux")
+
+
+@dataclass
+class Built:
+    """What `loramux serve` runs: the engine on its thread and the FastAPI app in front of it."""
+
+    app: Any
+    aengine: Any
+    name: str  # the base model's `model` id
+    loras: list[tuple[str, str]]  # adapters named at start (registered unless told not to)
+    metrics: Any  # the app's Prometheus metrics (loramux.server.metrics.Metrics)
+
+
+def base_model(args: argparse.Namespace) -> tuple[str, str, list[tuple[str, str]]]:
+    """(model directory, served name, adapters named at start); the demo shipped in the package
+    when no model is given."""
+    loras = list(args.lora_modules)
+    model, name = args.model, args.served_model_name
+    if model is None:
+        from loramux import demo
+
+        model_dir, adapters = demo.demo_paths()
+        model, name = str(model_dir), name or demo.BASE_NAME
+        loras = [(n, str(p)) for n, p in adapters.items()] + loras
+    return model, name or Path(model).name, loras
+
+
+def build_server(args: argparse.Namespace, register_loras: bool = True) -> Built:
+    """The engine, its thread (started) and the app, from `serve`'s flags. One Ray replica builds
+    the same, with `register_loras=False`: its adapters load on demand."""
+    from loramux.engine.llm_engine import LLMEngine
+    from loramux.server.api import ServerConfig, build_app
+    from loramux.server.async_engine import AsyncEngine
+    from loramux.server.metrics import Metrics
+
+    model, name, loras = base_model(args)
+    engine = LLMEngine(engine_config(args, model))
+    if register_loras:
+        for lora_name, path in loras:
+            info = engine.add_lora(lora_name, path)
+            logger.info("adapter %s: rank %d from %s", lora_name, info.rank, path)
+    metrics = Metrics(engine.limits(), name)
+    aengine = AsyncEngine(engine)
+    cfg = ServerConfig(
+        served_model_name=name,
+        api_key=args.api_key,
+        allowed_lora_dirs=tuple(args.allowed_lora_dirs),
+        log_prompts=args.log_prompts,
+        max_request_bytes=args.max_request_bytes,
+    )
+    app = build_app(aengine, cfg, metrics)
+    aengine.start()
+    if register_loras and loras:  # their weights are read in the background as the port opens
+        names = [n for n, _ in loras]
+        aengine.submit(lambda: engine.read_loras_ahead(names))
+    return Built(app, aengine, name, loras, metrics)

@@ -1,0 +1,293 @@
+"""The flags of `loramux serve` and how they become an `EngineConfig`.
+
+Boundary: argparse in, frozen configs out; no engine is built here. `loramux
+serve`, a Ray replica (loramux.ray) and the tests parse the same flags with
+`add_serve_args`. Flag names follow vLLM's where a vLLM user would look for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from loramux.config import CacheConfig, EngineConfig, KVEventsConfig, LoRAConfig, SchedulerConfig
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """NAME=PATH, or vLLM's JSON form {"name": ..., "path": ...}."""
+    if text.startswith("{"):
+        obj = json.loads(text)
+        return obj["name"], obj["path"]
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora-modules takes NAME=PATH, got {text!r}")
+    return name, path
+
+
+def byte_count(text: str) -> int:
+    """`--kv-cache-memory`'s value: bytes, or a number with K, M or G (binary units, "GiB" too)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write bytes, or e.g. 512M or 2G") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the KV pool needs a positive size")
+    return int(value)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """`loramux serve`'s flags, one function per group (a Ray replica and the tests parse the same)."""
+    _server_args(p)
+    _adapter_args(p.add_argument_group("adapters"))
+    _scheduling_args(p.add_argument_group("scheduling"))
+    _kv_cache_args(p.add_argument_group("KV cache"))
+    _model_args(p.add_argument_group("model"))
+    _cluster_args(
+        p.add_argument_group("scale-out on Ray Serve (pip install 'loramux[ray]'; docs/scale-out.md)")
+    )
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="HF model directory; without one, serve the built-in demo (shipped in the package)",
+    )
+    p.add_argument("--served-model-name", default=None, help="the `model` id of the base model")
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=_lora_module,
+        default=[],
+        metavar="NAME=PATH",
+        help="adapters to load at start",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (loopback unless you say otherwise)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAMUX_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (or set LORAMUX_API_KEY)",
+    )
+    p.add_argument(
+        "--allowed-lora-dirs",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="folders runtime adapter loads may come from; none: runtime loading is off",
+    )
+    p.add_argument("--log-prompts", action="store_true", help="write prompt text to the log (off by default)")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds running requests may take to finish before they are aborted",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=8 << 20,
+        help="request bodies larger than this are refused (413) before they are read",
+    )
+    p.add_argument("--log-level", default="info", help="log level: debug, info, warning, error")
+
+
+def _adapter_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="accepted for vLLM compatibility: LoRA is always on in loramux",
+    )
+    g.add_argument(
+        "--max-loras",
+        type=int,
+        default=LoRAConfig.max_loras,
+        help="device adapter slots: the most distinct adapters in one step",
+    )
+    g.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="adapters kept in host memory (LRU); default max(max_loras, 32)",
+    )
+    g.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=LoRAConfig.max_lora_rank,
+        help="largest adapter rank accepted; slot buffers are sized for it",
+    )
+    g.add_argument(
+        "--max-lora-bytes", type=int, default=None, help="optional byte budget for device-resident adapters"
+    )
+
+
+def _scheduling_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs, help="most requests in one step"
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=SchedulerConfig.max_num_batched_tokens,
+        help="most tokens (decodes plus prefill chunks) in one step",
+    )
+    g.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=None,
+        help="most prefill tokens in one step; default: --max-num-batched-tokens",
+    )
+    g.add_argument(
+        "--policy",
+        default=SchedulerConfig.policy,
+        choices=["fcfs", "affinity", "completion", "fair"],
+        help="waiting-queue order (docs/design.md); fcfs matches vLLM's decisions",
+    )
+    g.add_argument(
+        "--starvation-timeout",
+        type=float,
+        default=SchedulerConfig.starvation_timeout_s,
+        help="seconds after which a request held back by the adapter cap reserves the next slot",
+    )
+    g.add_argument(
+        "--waiting-served-ratio",
+        type=float,
+        default=SchedulerConfig.waiting_served_ratio,
+        help="while decodes run, admit prefills only if this many x running requests wait (0: always)",
+    )
+    g.add_argument(
+        "--max-waiting-steps",
+        type=int,
+        default=SchedulerConfig.max_waiting_steps,
+        help="... unless decodes ran this many steps without an admission",
+    )
+    g.add_argument("--max-queue-len", type=int, default=None, help="answer 503 while this many wait")
+
+
+def _kv_cache_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--page-size", type=int, default=CacheConfig.page_size, help="tokens per KV page")
+    g.add_argument("--num-pages", type=int, default=None, help="KV pages; default: sized from memory")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=byte_count,
+        default=None,
+        metavar="BYTES",
+        help="bytes for the KV pool (suffixes K, M, G: KiB, MiB, GiB); default: what --max-num-seqs "
+        "sequences of --max-model-len tokens use, at most half the free memory",
+    )
+    g.add_argument(
+        "--idle-cache-pages",
+        type=int,
+        default=None,
+        help="on CPU, idle prefix-cache pages kept before they are reused instead of touching new "
+        "memory (default: --max-num-batched-tokens / --page-size)",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vLLM's flag: fraction of device memory (on CPU, of the memory available at start) "
+        "for weights plus KV pool; the pool gets what the weights leave",
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse KV pages of shared prefixes, per adapter",
+    )
+    g.add_argument(
+        "--enable-kv-events",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="publish KV-cache events over ZeroMQ in vLLM's format (see --kv-events-endpoint)",
+    )
+    g.add_argument("--kv-events-endpoint", default=KVEventsConfig.endpoint, help="PUB socket address")
+    g.add_argument("--kv-events-replay-endpoint", default=None, help="ROUTER socket for replay requests")
+    g.add_argument("--kv-events-topic", default="", help="topic of every published batch")
+    g.add_argument(
+        "--kv-events-config",
+        type=json.loads,
+        default=None,
+        help='vLLM\'s JSON form, e.g. \'{"enable_kv_cache_events": true, "endpoint": "tcp://127.0.0.1:5557"}\'',
+    )
+    g.add_argument("--host-kv-pages", type=int, default=0, help="host-memory pages for evicted prefix pages")
+
+
+def _model_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV dtype; auto: float32 on CPU, bfloat16 on CUDA",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt plus output; default: the model's own limit",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling without a per-request seed")
+
+
+def _cluster_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="run this many engines behind one endpoint on Ray Serve, requests routed to a replica "
+        "that holds their adapter; unset: one engine, no Ray",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (e.g. ray://head:10001 or auto); unset: start a local Ray",
+    )
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica asks for")
+    g.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs each replica asks for")
+
+
+_VLLM_KV_EVENT_KEYS = {"endpoint", "replay_endpoint", "topic", "buffer_steps", "max_queue_size"}
+
+
+def kv_events_config(args: argparse.Namespace) -> KVEventsConfig | None:
+    """--enable-kv-events and its flags, or vLLM's --kv-events-config JSON (hwm is accepted and
+    ignored; publisher must be "zmq" or "null")."""
+    raw = args.kv_events_config
+    if raw is not None:
+        if not isinstance(raw, dict):
+            raise SystemExit("--kv-events-config takes a JSON object")
+        if not raw.get("enable_kv_cache_events", False) or raw.get("publisher", "zmq") == "null":
+            return None
+        if raw.get("publisher", "zmq") != "zmq":
+            raise SystemExit(f'--kv-events-config: publisher {raw["publisher"]!r}; use "zmq"')
+        known = _VLLM_KV_EVENT_KEYS | {"enable_kv_cache_events", "publisher", "hwm"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SystemExit(f"--kv-events-config: unknown keys {unknown}; known: {sorted(known)}")
+        return KVEventsConfig(**{k: v for k, v in raw.items() if k in _VLLM_KV_EVENT_KEYS})
+    if not args.enable_kv_events:
+        return None
+    return KVEventsConfig(
+        endpoint=args.kv_events_endpoint,
+        replay_endpoint=args.kv_events_replay_endpoint,
+        topic=args.kv_events_topic,
+    )
+
+
+_FLAG = {"starvation_timeout_s": "starvation_timeout", "memory_utilization": "gpu_memory_utilization"}
+_NO_FLAG = {"free_memory_fraction"}  # engine settings `serve` does not expose
+
+
+def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+    """Every engine setting from its flag (`_FLAG` names the ones spelled otherwise); a setting
+    with no flag and not in `_NO_FLAG` is an AttributeError here, not a silent default."""
+    settings = {s: getattr(args, _FLAG.get(s, s)) for s in EngineConfig.setting_names() if s not in _NO_FLAG}
+    return EngineConfig.create(model, kv_events=kv_events_config(args), **settings)
