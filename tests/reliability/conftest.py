@@ -55,6 +55,19 @@ def serve_tiny(tiny_models, folders, log: Path, *extra: str) -> Server:
     return start_server(args, log)
 
 
+FUZZ_MAX_MODEL_LEN = 128
+FUZZ_SERVER_FLAGS = (  # the fuzzers' server: room for many short requests, a bounded queue
+    "--num-pages",
+    "512",
+    "--max-num-seqs",
+    "16",
+    "--max-queue-len",
+    "64",
+    "--max-model-len",
+    str(FUZZ_MAX_MODEL_LEN),
+)
+
+
 def accounting(server: Server) -> dict[str, float]:
     """Pages and adapter references, read from /metrics (real Prometheus text)."""
     m = server.metrics()

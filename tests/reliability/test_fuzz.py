@@ -20,7 +20,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from tests.reliability.conftest import assert_whole, serve_tiny
+from tests.reliability.conftest import FUZZ_SERVER_FLAGS, assert_whole, serve_tiny
 
 # Per operation and mode: 40 (about half a minute for all of them on 2 cores), the same every run.
 # A longer, randomized hunt: LORAMUX_FUZZ_EXAMPLES=500 LORAMUX_FUZZ_RANDOM=1.
@@ -30,19 +30,7 @@ DERANDOMIZE = os.environ.get("LORAMUX_FUZZ_RANDOM", "") != "1"
 
 @pytest.fixture(scope="module")
 def server(tiny_models, folders, tmp_path_factory):
-    s = serve_tiny(
-        tiny_models,
-        folders,
-        tmp_path_factory.mktemp("fuzz") / "server.log",
-        "--num-pages",
-        "512",
-        "--max-num-seqs",
-        "16",
-        "--max-queue-len",
-        "64",
-        "--max-model-len",
-        "128",
-    )
+    s = serve_tiny(tiny_models, folders, tmp_path_factory.mktemp("fuzz") / "server.log", *FUZZ_SERVER_FLAGS)
     yield s
     s.stop()
 

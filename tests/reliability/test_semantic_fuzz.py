@@ -31,13 +31,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.reliability.conftest import assert_whole, serve_tiny
+from tests.reliability.conftest import FUZZ_MAX_MODEL_LEN, FUZZ_SERVER_FLAGS, assert_whole, serve_tiny
 
 EXAMPLES = int(os.environ.get("LORAMUX_SEMFUZZ_EXAMPLES", "120"))
 DERANDOMIZE = os.environ.get("LORAMUX_FUZZ_RANDOM", "") != "1"
 REPORT = os.environ.get("LORAMUX_SEMFUZZ_REPORT")
 VOCAB = 512  # the tiny Llama's (tests/hf_factory.py)
-MAX_LEN = 128  # --max-model-len below
+MAX_LEN = FUZZ_MAX_MODEL_LEN
 ANSWER_S = 60  # an answer slower than this is a hang
 DOCUMENTED_503 = {"server_busy", "queue_timeout"}
 
@@ -47,17 +47,7 @@ pytestmark = pytest.mark.timeout(max(600, EXAMPLES * 3))
 @pytest.fixture(scope="module")
 def server(tiny_models, folders, tmp_path_factory):
     s = serve_tiny(
-        tiny_models,
-        folders,
-        tmp_path_factory.mktemp("semfuzz") / "server.log",
-        "--num-pages",
-        "512",
-        "--max-num-seqs",
-        "16",
-        "--max-queue-len",
-        "64",
-        "--max-model-len",
-        str(MAX_LEN),
+        tiny_models, folders, tmp_path_factory.mktemp("semfuzz") / "server.log", *FUZZ_SERVER_FLAGS
     )
     yield s
     s.stop()
