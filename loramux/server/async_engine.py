@@ -114,6 +114,9 @@ class AsyncEngine:
         target = self._streams.get(rid)
         if target is not None:
             loop, q = target
+            if loop.is_closed():  # its server's loop is gone (shutdown): nobody is listening
+                self._streams.pop(rid, None)
+                return
             loop.call_soon_threadsafe(q.put_nowait, item)
 
     # --- the asyncio side ---

@@ -330,3 +330,22 @@ def test_S6_3_finished_requests_leave_the_deadline_heap(engine):
         assert len(sched._deadlines) <= 2 * (len(sched.requests) + 1) + 64, len(sched._deadlines)
     gc.collect()
     assert sum(r() is not None for r in refs) <= 64 + 2
+
+
+def test_S6_3_shutdown_after_the_servers_loop_closed_ends_quietly(engine):
+    """`loramux serve` shuts the engine down after uvicorn's loop is gone; a stream still
+    registered then must not make shutdown raise."""
+    aengine = AsyncEngine(engine)
+
+    async def register():
+        return await asyncio.wait_for(_start_unstarted(aengine), 5)
+
+    asyncio.run(register())  # the loop that owns the stream is closed when this returns
+    aengine.shutdown()
+    assert aengine.num_streams == 0
+
+
+async def _start_unstarted(aengine):
+    """Register a stream on the running loop without an engine thread to serve it."""
+    loop = asyncio.get_running_loop()
+    aengine._streams["orphan"] = (loop, asyncio.Queue())
