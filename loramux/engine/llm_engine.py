@@ -364,7 +364,6 @@ class LLMEngine:
         ids = sample_ids(request_id, params.n)
         if params.n == 1:
             return [self.add_request(request_id, prompt, params, lora_name, None, tenant, fill_max_tokens)]
-        params.check_vocab(self.runtime.vocab_size)
         try:
             for i, rid in enumerate(ids):
                 p = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
@@ -374,10 +373,9 @@ class LLMEngine:
                 else:
                     self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after=ids[0])
         except Exception:
-            for rid in reversed(ids):  # nothing half-admitted
+            for rid in reversed(ids):  # nothing half-admitted (the later samples first)
                 if rid in self._states:
                     self.abort_request(rid)
-            self._pending = [o for o in self._pending if o.request_id not in ids]
             raise
         return ids
 

@@ -105,7 +105,6 @@ class Pins:
         if self.count[held.name] > 0:
             self.evicted[held.name] = held  # a later holder of the name replaces an earlier one
         else:
-            self.count.pop(held.name, None)
             self.unregister(held)
 
 

@@ -252,3 +252,71 @@ def test_S6_1_replicas_that_stop_reporting_leave_the_routers_metrics(tiny_models
     assert 'replica="r1"' not in router.metrics_text() and 'replica="r2"' in router.metrics_text()
     now[0] += deployment.STALE_AFTER_S
     assert router.metrics_text() == "\n" and not router.reports  # all gone quiet: nothing kept
+
+
+def test_S6_1_an_adapter_evicted_between_routing_and_the_engine_still_serves_its_request(
+    tiny_models, monkeypatch
+):
+    """Issue 24, point 6, through the replica itself (its engine and app are real; only Ray Serve's
+    context functions stand in): Ray's LRU evicts the adapter right after loading it for this
+    request, before the request reaches the engine, as a concurrent load at capacity does. The
+    request is answered, and the adapter goes once it is done; without the pin the eviction's
+    unregister reaches the engine first and the request gets a 404."""
+    import argparse
+    import asyncio
+    import json
+    import types
+
+    from loramux.ray import deployment
+    from loramux.server.serve_args import add_serve_args
+
+    tm = tiny_models["llama"]
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(
+        [str(tm.path), "--lora-modules", f"a={tm.adapters['r8_all']}", "--num-pages", "64", "--device", "cpu"]
+    )
+    replicas: list = []
+
+    def multiplexed(max_num_models_per_replica):
+        def wrap(load):
+            async def adapter(name):
+                held = await load(name)
+                replicas[0].release(held)  # evicted at once by a concurrent load elsewhere
+                return held
+
+            return adapter
+
+        return wrap
+
+    ctx = types.SimpleNamespace(replica_id=types.SimpleNamespace(unique_id="r0"), app_name="loramux")
+    monkeypatch.setattr(deployment.serve, "get_replica_context", lambda: ctx)
+    monkeypatch.setattr(deployment.serve, "get_multiplexed_model_id", lambda: "a")
+    monkeypatch.setattr(deployment.serve, "multiplexed", multiplexed)
+    replica = deployment.Replica(args)
+    replicas.append(replica)
+    replica._reporter = object()  # no metrics reports to a router in this test
+    engine, aengine = replica.engine, replica.built.aengine
+    body = json.dumps({"model": "a", "prompt": "hello", "max_tokens": 3, "ignore_eos": True}).encode()
+
+    async def go():
+        items = [
+            x
+            async for x in replica.answer(
+                "POST", "/v1/completions", "", [("content-type", "application/json")], body
+            )
+        ]
+        for _ in range(100):  # the deferred unregister runs on the engine thread
+            if not await aengine.call(engine.has_lora, "a"):
+                break
+            await asyncio.sleep(0.05)
+        return items, await aengine.call(engine.has_lora, "a")
+
+    try:
+        items, still_there = asyncio.run(asyncio.wait_for(go(), 120))
+    finally:
+        aengine.shutdown()
+    status, answer = items[0][0], b"".join(x for x in items[1:] if isinstance(x, bytes))
+    assert status == 200, answer[:300]
+    assert json.loads(answer)["usage"]["completion_tokens"] == 3
+    assert not still_there and not replica.pins.count and not replica.pins.evicted

@@ -68,6 +68,16 @@ FUZZ_SERVER_FLAGS = (  # the fuzzers' server: room for many short requests, a bo
 )
 
 
+def plain_request_completes(server: Server, model: str = "base", max_tokens: int = 2) -> None:
+    """A plain request is answered with every token it asked for: the server still serves."""
+    r = httpx.post(
+        server.url + "/v1/completions",
+        json={"model": model, "prompt": "still here", "max_tokens": max_tokens, "ignore_eos": True},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == max_tokens, r.text[:300]
+
+
 def accounting(server: Server) -> dict[str, float]:
     """Pages and adapter references, read from /metrics (real Prometheus text)."""
     m = server.metrics()

@@ -20,7 +20,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from tests.reliability.conftest import FUZZ_SERVER_FLAGS, assert_whole, serve_tiny
+from tests.reliability.conftest import FUZZ_SERVER_FLAGS, assert_whole, plain_request_completes, serve_tiny
 
 # Per operation and mode: 40 (about half a minute for all of them on 2 cores), the same every run.
 # A longer, randomized hunt: LORAMUX_FUZZ_EXAMPLES=500 LORAMUX_FUZZ_RANDOM=1.
@@ -140,12 +140,7 @@ def test_schema_fuzzing_gives_no_5xx_and_only_declared_answers(server):
 
 def _still_serves(server, model: str, max_tokens: int) -> None:
     """A plain request completes with every token, and the accounting is whole."""
-    r = httpx.post(
-        server.url + "/v1/completions",
-        json={"model": model, "prompt": "still here", "max_tokens": max_tokens, "ignore_eos": True},
-        timeout=60,
-    )
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == max_tokens
+    plain_request_completes(server, model, max_tokens)
     assert_whole(server)
 
 

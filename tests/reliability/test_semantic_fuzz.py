@@ -31,7 +31,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.reliability.conftest import FUZZ_MAX_MODEL_LEN, FUZZ_SERVER_FLAGS, assert_whole, serve_tiny
+from tests.reliability.conftest import (
+    FUZZ_MAX_MODEL_LEN,
+    FUZZ_SERVER_FLAGS,
+    assert_whole,
+    plain_request_completes,
+    serve_tiny,
+)
 
 EXAMPLES = int(os.environ.get("LORAMUX_SEMFUZZ_EXAMPLES", "120"))
 DERANDOMIZE = os.environ.get("LORAMUX_FUZZ_RANDOM", "") != "1"
@@ -96,16 +102,8 @@ def test_S6_1_the_issues_hostile_requests_are_refused_and_the_server_serves_on(s
                 assert events[-1] == "[DONE]"
                 errs = [json.loads(e)["error"] for e in events[:-1] if "error" in json.loads(e)]
                 assert errs and errs[0]["code"] == "queue_timeout", r.text[:300]
-            _plain_request_works(http, server)
+            plain_request_completes(server)
     assert_whole(server)
-
-
-def _plain_request_works(http: httpx.Client, server) -> None:
-    r = http.post(
-        server.url + "/v1/completions",
-        json={"model": "base", "prompt": "still here", "max_tokens": 2, "ignore_eos": True},
-    )
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text[:300]
 
 
 # --- strategies that know what the fields mean --------------------------------------------------
@@ -287,7 +285,7 @@ def _check(http: httpx.Client, server, path: str, body: dict, tally: _Tally) -> 
                     if err.get("code") not in DOCUMENTED_503:
                         tally.bad.append(f"stream {err}: {path} {content[:300]}")
     try:
-        _plain_request_works(http, server)
+        plain_request_completes(server)
     except (AssertionError, httpx.HTTPError) as e:
         tally.bad.append(f"server stopped serving after {path} {content[:300]}: {e}")
 
