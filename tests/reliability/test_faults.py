@@ -107,14 +107,21 @@ def test_a_queue_over_max_queue_len_answers_503_and_the_rest_finish(busy):
 
 def test_a_full_kv_pool_with_only_long_requests_finishes_them_all(busy):
     # 140 pages of 4 tokens; each request needs up to 125 pages: two seats, room for one.
+    # The queue holds two, so the third starts once the first two run (three sent at once may
+    # all be waiting before the first step, and the third is then rightly refused as busy).
     results: list[httpx.Response] = []
 
     def long() -> None:
         results.append(_complete(busy.url, "a", 490))
 
     threads = [threading.Thread(target=long) for _ in range(3)]
-    for t in threads:
+    for t in threads[:2]:
         t.start()
+    deadline = time.time() + 60
+    while accounting(busy)["running"] < 2 and not results:
+        assert time.time() < deadline, "the first two long requests never ran"
+        time.sleep(0.02)
+    threads[2].start()
     for t in threads:
         t.join(timeout=240)
         assert not t.is_alive(), "a long request hung"
