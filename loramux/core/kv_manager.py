@@ -154,11 +154,11 @@ class KVCacheManager:
         if hit is not None:
             if hit.host:  # cached pages in host memory come back onto the first new device pages
                 self.cache.onload(hit.host, new[: len(hit.host)])
-            req.page_ids = hit.pages + new
+            req.page_ids = (*hit.pages, *new)
             req.num_computed_tokens = hit.num_tokens
             req.num_inserted_pages = len(hit.pages) + len(hit.host)
-        else:
-            req.page_ids.extend(new)
+        elif new:
+            req.page_ids += tuple(new)
         return True
 
     def _reuse_idle(self, need: int) -> None:
@@ -184,15 +184,18 @@ class KVCacheManager:
             full,
         )
         self._cursors[rid] = res.cursor
-        for index, page in res.adopted:
-            self.pool.decref([req.page_ids[index]])
-            req.page_ids[index] = page
+        if res.adopted:
+            pages = list(req.page_ids)
+            for index, page in res.adopted:
+                self.pool.decref([pages[index]])
+                pages[index] = page
+            req.page_ids = tuple(pages)
         req.num_inserted_pages = full
 
     def free(self, req: Request) -> None:
         """Release all of `req`'s pages (finish, abort or preemption)."""
         self.cache.release(req.adapter_uid, req.page_ids)
-        req.page_ids = []
+        req.page_ids = ()
         req.num_inserted_pages = 0
         self._cursors.pop(req.request_id, None)
 

@@ -7,6 +7,7 @@ a `RunnerOutput`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -15,21 +16,22 @@ from loramux.core.prefix_cache import KVCopy
 
 
 class ScheduledSeq(NamedTuple):
-    """One request's share of a step."""
+    """One request's share of a step: a snapshot, made only by the scheduler's `_hand_off`."""
 
     request_id: str
     token_ids: list[int]  # tokens to compute now
     start_pos: int  # position of token_ids[0]; tokens before it are in the KV pages
-    page_ids: list[int]  # the request's page table (read-only for the executor)
+    page_ids: tuple[int, ...]  # the request's page table at this step
     adapter_uid: int | None
     lora_slot: int | None  # device slot of the adapter; None for the base model
     sample: bool  # True when this step computes the last known token: sample the next one
     sampling: Any  # the executor's sampling parameters, opaque to the control plane
     # Token ids the sample must not be (eos and stop ids until the request has min_tokens outputs).
     suppress: frozenset[int] = frozenset()
-    # The request's whole token list (read-only; the request's own list, not a copy) and how many
-    # of its tokens are the prompt: what repetition, frequency and presence penalties count.
-    context: tuple[int, ...] | list[int] = ()
+    # The request's token list (its own, not a copy: it only grows, so its first
+    # start_pos + len(token_ids) entries, all an executor may read, are fixed) and how many of
+    # its tokens are the prompt: what repetition, frequency and presence penalties count.
+    context: Sequence[int] = ()
     num_prompt: int = 0
 
 

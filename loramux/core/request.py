@@ -73,7 +73,8 @@ class Request:
     num_cached_tokens: int | None = field(default=None, init=False)  # prefix hit at first admission
     num_preemptions: int = field(default=0, init=False)
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
-    page_ids: list[int] = field(default_factory=list, init=False)
+    # Its page table: a tuple the KV manager replaces (never edits), so a step's copy stays valid.
+    page_ids: tuple[int, ...] = field(default=(), init=False)
     # How many of `page_ids` have been offered to the prefix cache.
     num_inserted_pages: int = field(default=0, init=False)
     arrival_seq: int | None = field(default=None, init=False)  # set when the scheduler queues it

@@ -297,9 +297,8 @@ class Scheduler:
         order += prefills
         kv, preempted = self.kv, []
         ps = kv.page_size
-        seqs, RUNNING, new_seq, NONE = step.seqs, RequestStatus.RUNNING, tuple.__new__, frozenset()
+        RUNNING, append = RequestStatus.RUNNING, step.seqs.append
         tokens, prefill = step.tokens, step.prefill
-        append = seqs.append
         for req in order:
             if preempted and req.status is not RUNNING:
                 continue  # preempted for an earlier request of this step
@@ -315,9 +314,8 @@ class Scheduler:
                 if n <= 0:
                     continue  # a prefill with no prefill budget left
                 prefill -= n
-            pages = req.page_ids
-            if computed + n > len(pages) * ps:  # the new tokens need another page
-                need = -(-(computed + n) // ps) - len(pages)
+            if computed + n > len(req.page_ids) * ps:  # the new tokens need another page
+                need = -(-(computed + n) // ps) - len(req.page_ids)
                 if not kv.can_allocate(need):
                     self._preempt_for(req, need, order[order.index(req) :], preempted)
                     if req.status is not RUNNING:
@@ -326,26 +324,7 @@ class Scheduler:
                         continue
                 allocated = kv.allocate(req, n)
                 assert allocated, f"{req!r}: pages vanished between check and allocation"
-                pages = req.page_ids
-            n_prompt = len(req.prompt_token_ids)
-            append(
-                new_seq(  # tuple.__new__ directly: this loop runs for every running request
-                    ScheduledSeq,
-                    (
-                        req.request_id,
-                        ids[computed : computed + n],
-                        computed,
-                        pages,
-                        req.adapter_uid,
-                        req.lora_slot,
-                        n == left,
-                        req.sampling,
-                        req.stop_ids if req.min_tokens and len(ids) - n_prompt < req.min_tokens else NONE,
-                        ids,
-                        n_prompt,
-                    ),
-                )
-            )
+            append(_hand_off(req, computed, n))
             tokens -= n
         step.tokens, step.prefill = tokens, prefill
         if preempted:
@@ -568,22 +547,38 @@ class _StepBudget:
         self.out_of_pages = False  # admissions stopped because KV pages ran out
 
     def add(self, req: Request, n: int, is_prefill: bool) -> None:
-        start = req.num_computed_tokens
-        self.seqs.append(
-            ScheduledSeq(
-                req.request_id,
-                req.token_ids[start : start + n],
-                start,
-                req.page_ids,
-                req.adapter_uid,
-                req.lora_slot,
-                start + n == len(req.token_ids),
-                req.sampling,
-                req.stop_ids if req.num_output_tokens < req.min_tokens else frozenset(),
-                req.token_ids,
-                req.num_prompt_tokens,
-            )
-        )
+        self.seqs.append(_hand_off(req, req.num_computed_tokens, n))
         self.tokens -= n
         if is_prefill:
             self.prefill -= n
+
+
+_NO_IDS: frozenset[int] = frozenset()
+
+
+def _hand_off(req: Request, start: int, n: int, new: Callable = tuple.__new__) -> ScheduledSeq:
+    """The one place a `ScheduledSeq` is made: `req`'s tokens [start, start + n) this step.
+
+    Nothing in it changes after the step is scheduled: the page table is the request's current
+    tuple (the KV manager replaces it, never edits it), and of the token list, which only grows,
+    the executor reads the first start + n entries. `tuple.__new__` directly, as this runs for
+    every request of every step."""
+    ids = req.token_ids
+    num_prompt = len(req.prompt_token_ids)
+    min_tokens = req.min_tokens
+    return new(
+        ScheduledSeq,
+        (
+            req.request_id,
+            ids[start : start + n],
+            start,
+            req.page_ids,
+            req.adapter_uid,
+            req.lora_slot,
+            start + n == len(ids),
+            req.sampling,
+            req.stop_ids if min_tokens and len(ids) - num_prompt < min_tokens else _NO_IDS,
+            ids,
+            num_prompt,
+        ),
+    )

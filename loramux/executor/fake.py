@@ -15,7 +15,7 @@ so `reference_tokens` computes the same output with no paging at all.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from loramux.core.adapters import AdapterPlan
@@ -124,7 +124,7 @@ class FakeExecutor:
             sampled.append(self.next_token(seq.adapter_uid, h, seq.suppress) if seq.sample else None)
         return RunnerOutput(sampled)
 
-    def _read_context(self, rid: str, uid: int | None, pages: list[int], upto: int) -> int:
+    def _read_context(self, rid: str, uid: int | None, pages: Sequence[int], upto: int) -> int:
         h = _ns_seed(uid)
         for pos in range(upto):
             slot = self.kv[pages[pos // self.page_size]][pos % self.page_size]

@@ -285,7 +285,7 @@ class ModelRunner:
             self.default_generator,
             [s.suppress for s in seqs],
             [
-                (list(s.context), s.num_prompt) if p.penalized else None
+                (list(s.context[: s.start_pos + len(s.token_ids)]), s.num_prompt) if p.penalized else None
                 for s, p in zip(seqs, params, strict=True)
             ],
         )
@@ -355,7 +355,7 @@ class ModelRunner:
         meta = AttentionMetadata(mapping, None, None, None, prefills)
         if decode_rows:
             n_pages = -(-max(decode_lens) // ps)
-            table = [p[:n_pages] + [0] * (n_pages - len(p[:n_pages])) for p in decode_pages]
+            table = [[*p[:n_pages], *[0] * (n_pages - len(p))] for p in decode_pages]
             meta.decode_rows = torch.tensor(decode_rows, device=dev)
             meta.decode_pages = torch.tensor(table, device=dev)  # [B, P]
             meta.decode_mask = decode_mask(

@@ -23,7 +23,7 @@ def test_S2_4_a_request_past_its_queue_deadline_ends_as_timeout_and_frees_nothin
     out = step(s, ex)
     assert late.status is RequestStatus.FINISHED_TIMEOUT and late.status.finish_reason == "timeout"
     assert "late" in out.finished_ids and "late" not in s.requests
-    assert late.page_ids == [] and late.first_scheduled_time is None
+    assert not late.page_ids and late.first_scheduled_time is None
     assert patient.status is RequestStatus.WAITING and len(s.policy) == 1
     while s.has_unfinished():
         clock.advance(0.1)

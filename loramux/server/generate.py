@@ -1,0 +1,408 @@
+"""The generation routes: /v1/completions and /v1/chat/completions, as JSON or streamed.
+
+Boundary: a validated OpenAI body in; requests queued on the `AsyncEngine`
+(`n` samples of each prompt); their outputs rendered as OpenAI's JSON or as
+server-sent events. A client that leaves aborts its requests at once, and
+every request is counted in the metrics once, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from loramux.engine.chat import render_chat
+from loramux.engine.llm_engine import EngineDeadError
+from loramux.engine.outputs import RequestOutput
+from loramux.sampling_params import SamplingParams
+from loramux.server.async_engine import AsyncEngine
+from loramux.server.errors import raise_if_ended_badly, to_api_error
+from loramux.server.metrics import Metrics
+from loramux.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from loramux.server.token_text import TokenText
+
+logger = logging.getLogger("loramux.server")
+T = TypeVar("T")
+Body = CompletionRequest | ChatCompletionRequest
+Streams = list[AsyncIterator[RequestOutput]]
+# A choice of a streamed chunk from (choice index, output), or None when there is nothing to send.
+Render = Callable[[int, RequestOutput], dict[str, Any] | None]
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+class Generate:
+    def __init__(self, aengine: AsyncEngine, metrics: Metrics, base_name: str, log_prompts: bool) -> None:
+        self.aengine, self.engine, self.metrics = aengine, aengine.engine, metrics
+        self.base_name, self.log_prompts = base_name, log_prompts
+
+    # --- the routes ---
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        if body.echo and body.logprobs is not None:
+            raise APIError(
+                400,
+                "echo with logprobs needs the prompt's logprobs, which loramux does not compute; "
+                "drop one of them",
+                param="echo",
+            )
+        params = body.sampling_params(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams = await self._start_all(rid, body.prompts(), params, body.model, body.user or "")
+        if body.stream:
+            chunk = _Chunks(rid, "text_completion", body.model)
+            return _sse(self._stream(chunk, body, streams, self._completion_delta(body)))
+        return await self._answer(request, rid, "text_completion", body, streams, self._completion_choice)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        prompt = self._render_chat(body)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(limit or 1, k)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self._start_all(
+            rid, [prompt], params, body.model, body.user or "", fill=limit is None
+        )
+        if body.stream:
+            chunk = _Chunks(rid, "chat.completion.chunk", body.model)
+            roles = [_delta(i, {"role": "assistant", "content": ""}, None) for i in range(len(streams))]
+            return _sse(self._stream(chunk, body, streams, _chat_delta, roles))
+        return await self._answer(request, rid, "chat.completion", body, streams, self._chat_choice)
+
+    # --- starting and ending requests ---
+    async def _start(
+        self, rid: str, prompt: str | list[int], params: SamplingParams, model: str, tenant: str, fill: bool
+    ) -> Streams:
+        lora = None if model == self.base_name else model
+        if self.log_prompts:
+            logger.info("request %s model=%s prompt=%r", rid, model, prompt)
+        else:
+            logger.debug("request %s model=%s", rid, model)
+        try:
+            return await self.aengine.add_request_n(rid, prompt, params, lora, tenant, fill)
+        except Exception as e:
+            err = to_api_error(e, model)
+            self.metrics.ended(model if err.status != 404 else "unknown", "rejected")
+            raise err from e
+
+    async def _start_all(
+        self,
+        rid: str,
+        prompts: list[str | list[int]],
+        params: SamplingParams,
+        model: str,
+        tenant: str,
+        fill: bool = False,
+    ) -> Streams:
+        """One stream per (prompt, sample), prompt-major: stream k is choice k."""
+        streams: Streams = []
+        try:
+            for i, p in enumerate(prompts):
+                streams += await self._start(f"{rid}-{i}", p, params, model, tenant, fill)
+        except APIError:
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]  # aborts what was started
+            raise
+        return streams
+
+    async def _final(self, streams: Streams, model: str) -> list[RequestOutput]:
+        """Every stream's last output; closes (and so aborts) all of them if cancelled."""
+
+        async def last(s: AsyncIterator[RequestOutput]) -> RequestOutput:
+            final = None
+            async for out in s:
+                final = out
+            assert final is not None
+            return final
+
+        try:
+            outs = await asyncio.gather(*(last(s) for s in streams))
+        except EngineDeadError as e:
+            self.metrics.ended(model, "error")
+            raise to_api_error(e, model) from e
+        finally:
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]
+        for out in outs:
+            self.metrics.finished(model, out)
+        for out in outs:
+            raise_if_ended_badly(out, model)
+        return outs
+
+    async def _unless_gone(self, request: Request, work: Awaitable[T], model: str, n: int) -> T:
+        """Await `work`, but cancel it (aborting its requests) if the client disconnects."""
+        task = asyncio.ensure_future(work)
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(watch())
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            watcher.cancel()
+            return task.result()
+        task.cancel()
+        for _ in range(n):
+            self.metrics.ended(model, "abort")
+        raise ClientGone()
+
+    # --- answers ---
+    async def _answer(
+        self,
+        request: Request,
+        rid: str,
+        obj: str,
+        body: Body,
+        streams: Streams,
+        choice: Callable[[int, RequestOutput, Any], dict[str, Any]],
+    ) -> Response:
+        """The whole answer as one JSON object, once every choice is done."""
+        try:
+            outs = await self._unless_gone(
+                request, self._final(streams, body.model), body.model, len(streams)
+            )
+        except ClientGone:
+            return Response(status_code=499)
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": obj,
+                "created": int(time.time()),
+                "model": body.model,
+                "choices": [choice(i, o, body) for i, o in enumerate(outs)],
+                "usage": _usage(outs, body.n),
+            }
+        )
+
+    async def _stream(
+        self,
+        chunk: _Chunks,
+        body: Body,
+        streams: Streams,
+        render: Render,
+        opening: Sequence[dict[str, Any]] = (),
+    ) -> AsyncIterator[str]:
+        """The answer as server-sent events: `opening` choices, then each choice's deltas as they
+        come, then the usage if asked for. Closing it (the client left) aborts what is unfinished."""
+        finals: list[RequestOutput] = []
+        async with self._closing(streams, finals, body.model):
+            for c in opening:
+                yield chunk([c])
+            async for i, out in _merge(streams):
+                raise_if_ended_badly(out, body.model)
+                c = render(i, out)
+                if c is None:
+                    continue  # e.g. the detokenizer holds back a partial character
+                yield chunk([c])
+                if out.finished:
+                    finals.append(out)
+                    self.metrics.finished(body.model, out)
+        if body.include_usage:
+            yield chunk([], usage=_usage(finals, body.n))
+
+    @contextlib.asynccontextmanager
+    async def _closing(
+        self, streams: Streams, finals: list[RequestOutput], model: str
+    ) -> AsyncIterator[None]:
+        """Close every stream when a streaming response ends, aborting the unfinished ones."""
+        try:
+            yield
+        finally:
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]
+            for _ in range(len(streams) - len(finals)):
+                self.metrics.ended(model, "abort")
+
+    # --- completions ---
+    def _completion_choice(self, i: int, out: RequestOutput, body: CompletionRequest) -> dict[str, Any]:
+        comp = out.outputs[0]
+        choice: dict[str, Any] = {
+            "index": i,
+            "text": (self._prompt_text(out) if body.echo else "") + comp.text,
+            "logprobs": None,
+            "finish_reason": comp.finish_reason,
+        }
+        if body.logprobs is not None and comp.logprobs is not None:
+            choice["logprobs"] = self._completion_logprobs(comp.token_ids, comp.logprobs)
+        if body.return_token_ids:
+            choice["token_ids"] = comp.token_ids
+            choice["prompt_token_ids"] = out.prompt_token_ids
+        return choice
+
+    def _completion_delta(self, body: CompletionRequest) -> Render:
+        echoed: set[int] = set()
+
+        def render(i: int, out: RequestOutput) -> dict[str, Any] | None:
+            comp = out.outputs[0]
+            head = ""
+            if body.echo and i not in echoed:  # the prompt goes first, once per choice
+                echoed.add(i)
+                head = self._prompt_text(out)
+            if not head and not comp.delta_text and not out.finished and not body.return_token_ids:
+                return None
+            choice = {
+                "index": i,
+                "text": head + comp.delta_text,
+                "logprobs": None,
+                "finish_reason": comp.finish_reason,
+            }
+            if body.return_token_ids:
+                choice["token_ids"] = comp.delta_token_ids
+            return choice
+
+        return render
+
+    def _prompt_text(self, out: RequestOutput) -> str:
+        """The prompt as text, for echo (token-id prompts are decoded)."""
+        if out.prompt is not None:
+            return out.prompt
+        tok = self.engine.tokenizer
+        return tok.decode(out.prompt_token_ids) if tok is not None else ""
+
+    def _completion_logprobs(self, ids: list[int], lps: list[Any]) -> dict[str, Any]:
+        """OpenAI's legacy shape: tokens as decoded text, their offsets in the completion text."""
+        tt = TokenText(self.engine.tokenizer)
+        texts = [tt.text(t) for t in ids]
+        return {
+            "tokens": texts,
+            "token_logprobs": [lp.token_logprob for lp in lps],
+            "top_logprobs": [{tt.text(a): v for a, v in lp.top} for lp in lps],
+            "text_offset": tt.offsets(texts),
+        }
+
+    # --- chat ---
+    def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer, so chat is unavailable; use /v1/completions")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            return render_chat(tok, messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+
+    def _chat_choice(self, i: int, out: RequestOutput, body: ChatCompletionRequest) -> dict[str, Any]:
+        comp = out.outputs[0]
+        choice: dict[str, Any] = {
+            "index": i,
+            "message": {"role": "assistant", "content": comp.text},
+            "logprobs": self._chat_logprobs(comp) if body.logprobs else None,
+            "finish_reason": comp.finish_reason,
+        }
+        if body.return_token_ids:
+            choice["token_ids"] = comp.token_ids
+        return choice
+
+    def _chat_logprobs(self, comp: Any) -> dict[str, Any] | None:
+        if comp.logprobs is None:
+            return None
+        tt = TokenText(self.engine.tokenizer)
+
+        def entry(t: int, logprob: float) -> dict[str, Any]:
+            return {"token": tt.text(t), "logprob": logprob, "bytes": tt.raw_bytes(t)}
+
+        content = [
+            {**entry(t, lp.token_logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
+            for t, lp in zip(comp.token_ids, comp.logprobs, strict=False)
+        ]
+        return {"content": content}
+
+
+def _chat_delta(i: int, out: RequestOutput) -> dict[str, Any] | None:
+    comp = out.outputs[0]
+    if not comp.delta_text and not out.finished:
+        return None  # a partial character is held back: nothing to send yet
+    return _delta(i, {"content": comp.delta_text} if comp.delta_text else {}, comp.finish_reason)
+
+
+def _delta(i: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """Server-sent events of one streamed response: same id, object, creation time and model."""
+
+    rid: str
+    object: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __call__(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        obj: dict[str, Any] = {
+            "id": self.rid,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if usage is not None:
+            obj["usage"] = usage
+        return _event(obj)
+
+
+async def _merge(streams: Streams) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    q: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in s:
+                await q.put((i, out))
+        finally:
+            await q.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, out = await q.get()
+            if out is None:
+                remaining -= 1
+            else:
+                yield i, out
+        for t in tasks:
+            t.result()  # re-raise a stream's error
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for e in events:
+                yield e
+        except (APIError, EngineDeadError) as err:
+            yield _event(to_api_error(err, "").body())
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]  # a client that left: abort at once
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _usage(outs: list[RequestOutput], n: int = 1) -> dict[str, int]:
+    p = sum(len(o.prompt_token_ids) for o in outs) // n  # each prompt counts once, whatever n
+    c = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
