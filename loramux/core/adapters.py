@@ -248,9 +248,6 @@ class AdapterManager:
     def host_uids(self) -> list[int]:
         return [a.uid for a in self._by_uid.values() if a.on_host]
 
-    def slot_of(self, uid: int) -> int | None:
-        return self._by_uid[uid].slot
-
     def can_take_slot(self) -> bool:
         """Whether some non-resident adapter could get a slot this step (a cheap bound)."""
         return bool(self._free_slots or self._device_idle)

@@ -60,7 +60,6 @@ class KVCacheManager:
         self.keep_idle_pages = keep_idle_pages
         self._cursors: dict[str, object] = {}
         # Counters for metrics (S5.1): tokens asked for and tokens found at admission.
-        self.num_prefix_queries = 0
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
 
@@ -113,7 +112,6 @@ class KVCacheManager:
 
     def count_prefix_query(self, prompt_tokens: int, hit_tokens: int) -> None:
         """A request's first admission: how much of its prompt the cache held (S5.1 metrics)."""
-        self.num_prefix_queries += 1
         self.num_prefix_query_tokens += prompt_tokens
         self.num_prefix_hit_tokens += hit_tokens
 

@@ -47,10 +47,6 @@ class SchedulerOutput:
     kv_copies: list[KVCopy] = field(default_factory=list)
 
     @property
-    def is_empty(self) -> bool:
-        return not self.seqs
-
-    @property
     def adapter_uids(self) -> set[int]:
         return {s.adapter_uid for s in self.seqs if s.adapter_uid is not None}
 

@@ -124,10 +124,6 @@ class Request:
         return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
-    def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
-
-    @property
     def max_total_tokens(self) -> int:
         """The most tokens this request can ever hold: prompt plus max_tokens."""
         return len(self.prompt_token_ids) + self.max_tokens

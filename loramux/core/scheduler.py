@@ -62,7 +62,6 @@ class SchedulerCounters:
     num_reservations: int = 0
     naive_adapter_switches: int = 0
     max_adapters_per_step: int = 0
-    last_step_adapters: int = 0
     adapters_per_step: Counter[int] = field(default_factory=Counter)
     num_finished: Counter[str] = field(default_factory=Counter)
 
@@ -272,7 +271,6 @@ class Scheduler:
         uids = {s.adapter_uid for s in step.seqs if s.adapter_uid is not None}
         assert len(uids) <= self.adapters.max_loras, f"{len(uids)} adapters in one step"
         c = self.counters
-        c.last_step_adapters = len(uids)
         c.max_adapters_per_step = max(c.max_adapters_per_step, len(uids))
         c.adapters_per_step[len(uids)] += 1
         finished, self._finished_ids = self._finished_ids, []

@@ -142,7 +142,6 @@ class LLMEngine:
         )
         self._states: dict[str, _State] = {}
         self._adapter_paths: dict[str, str] = {}
-        self.last_step_time = 0.0
         self.dead: EngineDeadError | None = None
         self._followers: dict[str, list[Request]] = {}  # leader id -> samples waiting for its prefill
         self._pending: list[RequestOutput] = []  # outputs made between steps, returned by the next one
@@ -442,7 +441,6 @@ class LLMEngine:
             self.kv_publisher.publish(events)
 
     def _execute(self, out: SchedulerOutput) -> RunnerOutput:
-        t0 = time.perf_counter()
         try:
             return self.executor.execute(out)
         except Exception:
@@ -455,8 +453,6 @@ class LLMEngine:
                 out.adapter_plan,
             )
             raise
-        finally:
-            self.last_step_time = time.perf_counter() - t0
 
     def _outputs(self, out: SchedulerOutput, result: RunnerOutput, update: StepUpdate) -> list[RequestOutput]:
         now = self.clock()

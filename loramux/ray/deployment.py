@@ -291,14 +291,14 @@ class Router:
         try:
             status, head = await gen.__anext__()
         except ray.exceptions.RayError as e:
-            return _replica_failed(e)
+            raise _failure(e) from e
         media = dict(head).get("content-type", "")
         headers = {k: v for k, v in head if k.lower() not in ("content-length", "content-type")}
         if "text/event-stream" not in media:  # a plain answer: whole, or a 503 if the replica dies
             try:
                 body = b"".join([chunk async for chunk in gen])
             except ray.exceptions.RayError as e:
-                return _replica_failed(e)
+                raise _failure(e) from e
             return Response(body, status_code=status, headers=headers, media_type=media or None)
         return StreamingResponse(_sse_body(gen), status_code=status, headers=headers, media_type=media)
 
@@ -310,7 +310,8 @@ def _router_app() -> FastAPI:
     def router() -> Router:
         return serve.get_replica_context().servable_object  # type: ignore[return-value]
 
-    def error(e: APIError) -> JSONResponse:
+    @app.exception_handler(APIError)
+    async def error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.get("/health")
@@ -323,49 +324,33 @@ def _router_app() -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        try:
-            router().check_key(request)
-        except APIError as e:
-            return error(e)
+        router().check_key(request)
         return JSONResponse({"object": "list", "data": router().model_cards()})
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> Response:
-        try:
-            router().check_key(request)
-        except APIError as e:
-            return error(e)
+        router().check_key(request)
         for card in router().model_cards():
             if card["id"] == model_id:
                 return JSONResponse(card)
-        return error(
-            APIError(404, f"the model {model_id!r} does not exist", code="model_not_found", param="model")
-        )
+        raise APIError(404, f"the model {model_id!r} does not exist", code="model_not_found", param="model")
 
     @app.post("/v1/load_lora_adapter")
     @app.post("/v1/unload_lora_adapter")
     async def no_runtime_loads(request: Request) -> Response:
-        try:
-            router().check_key(request)
-        except APIError as e:
-            return error(e)
-        return error(
-            APIError(
-                400,
-                "on a Ray Serve cluster adapters are not loaded by hand: name them with --lora-modules or "
-                "put their folders in an --allowed-lora-dirs folder, and each replica loads one where it "
-                "is used",
-                param="lora_name",
-            )
+        router().check_key(request)
+        raise APIError(
+            400,
+            "on a Ray Serve cluster adapters are not loaded by hand: name them with --lora-modules or "
+            "put their folders in an --allowed-lora-dirs folder, and each replica loads one where it "
+            "is used",
+            param="lora_name",
         )
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
     async def forward(path: str, request: Request) -> Response:
         if request.url.path not in OPEN_PATHS:  # before routing: no replica is asked, nothing loads
-            try:
-                router().check_key(request)
-            except APIError as e:
-                return error(e)
+            router().check_key(request)
         return await router().forward(request)
 
     return app
@@ -390,11 +375,6 @@ def _failure(e: Exception) -> APIError:
         code="replica_failed",
         headers={"Retry-After": "1"},
     )
-
-
-def _replica_failed(e: Exception) -> Response:
-    err = _failure(e)
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def _model_of(body: bytes) -> str | None:

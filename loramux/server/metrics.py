@@ -32,87 +32,65 @@ class Metrics:
         self.base_name = base_name  # the base model's label (the engine calls it "")
         disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
         r = self.registry = CollectorRegistry()
-        p = "loramux_"
-        self.requests = Counter(
-            p + "requests", "Requests by adapter and outcome", ["adapter", "outcome"], registry=r
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter("loramux_" + name, doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge("loramux_" + name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
+            return Histogram("loramux_" + name, doc, labels, buckets=buckets, registry=r)
+
+        self.requests = counter("requests", "Requests by adapter and outcome", "adapter", "outcome")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests", "adapter")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens", "adapter")
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", _LATENCY, "adapter")
+        self.tpot = histogram(
+            "time_per_output_token_seconds", "Mean time per token after the first", _LATENCY, "adapter"
         )
-        self.prompt_tokens = Counter(
-            p + "prompt_tokens", "Prompt tokens of finished requests", ["adapter"], registry=r
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token", _LATENCY, "adapter")
+        self.running = gauge("requests_running", "Running requests", "adapter")
+        self.waiting = gauge("requests_waiting", "Waiting requests", "adapter")
+        self.resident = gauge("adapter_resident", "1 if the adapter sits in this tier", "adapter", "tier")
+        self.resident_count = gauge("adapters_resident", "Adapters resident per tier", "tier")
+        self.loads = counter("adapter_loads", "Adapter loads per tier", "tier")
+        self.evictions = counter("adapter_evictions", "Adapter evictions per tier", "tier")
+        self.load_seconds = histogram(
+            "adapter_load_seconds", "Seconds per adapter load (disk or slot)", _LOAD
         )
-        self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", ["adapter"], registry=r)
-        self.ttft = Histogram(
-            p + "time_to_first_token_seconds",
-            "Arrival to first token",
-            ["adapter"],
-            buckets=_LATENCY,
-            registry=r,
+        self.switches = counter("adapter_switches", "Adapter switches (device loads) made")
+        self.naive_switches = counter(
+            "adapter_switches_naive", "Switches an arrival-order schedule would have made"
         )
-        self.tpot = Histogram(
-            p + "time_per_output_token_seconds",
-            "Mean time per token after the first",
-            ["adapter"],
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            p + "e2e_request_latency_seconds",
-            "Arrival to last token",
-            ["adapter"],
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.running = Gauge(p + "requests_running", "Running requests", ["adapter"], registry=r)
-        self.waiting = Gauge(p + "requests_waiting", "Waiting requests", ["adapter"], registry=r)
-        self.resident = Gauge(
-            p + "adapter_resident", "1 if the adapter sits in this tier", ["adapter", "tier"], registry=r
-        )
-        self.resident_count = Gauge(
-            p + "adapters_resident", "Adapters resident per tier", ["tier"], registry=r
-        )
-        self.loads = Counter(p + "adapter_loads", "Adapter loads per tier", ["tier"], registry=r)
-        self.evictions = Counter(p + "adapter_evictions", "Adapter evictions per tier", ["tier"], registry=r)
-        self.load_seconds = Histogram(
-            p + "adapter_load_seconds", "Seconds per adapter load (disk or slot)", buckets=_LOAD, registry=r
-        )
-        self.switches = Counter(p + "adapter_switches", "Adapter switches (device loads) made", registry=r)
-        self.naive_switches = Counter(
-            p + "adapter_switches_naive", "Switches an arrival-order schedule would have made", registry=r
-        )
-        self.preemptions = Counter(p + "preemptions", "Requests preempted for KV memory", registry=r)
-        self.prefix_query = Counter(p + "prefix_cache_query_tokens", "Prompt tokens looked up", registry=r)
-        self.prefix_hit = Counter(p + "prefix_cache_hit_tokens", "Prompt tokens found cached", registry=r)
-        self.prefix_rate = Gauge(p + "prefix_cache_hit_rate", "Hit tokens / looked-up tokens", registry=r)
-        self.pages_total = Gauge(p + "kv_pages_total", "KV pages in the pool", registry=r)
-        self.pages_free = Gauge(p + "kv_pages_free", "KV pages free", registry=r)
-        self.pages_cached = Gauge(p + "kv_pages_cached", "KV pages held only by the prefix cache", registry=r)
-        self.pages_used = Gauge(p + "kv_pages_in_use", "KV pages held by requests", registry=r)
-        self.references = Gauge(
-            p + "adapter_requests_active",
+        self.preemptions = counter("preemptions", "Requests preempted for KV memory")
+        self.prefix_query = counter("prefix_cache_query_tokens", "Prompt tokens looked up")
+        self.prefix_hit = counter("prefix_cache_hit_tokens", "Prompt tokens found cached")
+        self.prefix_rate = gauge("prefix_cache_hit_rate", "Hit tokens / looked-up tokens")
+        self.pages_total = gauge("kv_pages_total", "KV pages in the pool")
+        self.pages_free = gauge("kv_pages_free", "KV pages free")
+        self.pages_cached = gauge("kv_pages_cached", "KV pages held only by the prefix cache")
+        self.pages_used = gauge("kv_pages_in_use", "KV pages held by requests")
+        self.references = gauge(
+            "adapter_requests_active",
             "Unfinished requests holding each adapter (0 for all once idle)",
-            ["adapter"],
-            registry=r,
+            "adapter",
         )
-        self.steps = Counter(p + "engine_steps", "Engine steps", registry=r)
-        self.kv_offloaded = Counter(p + "kv_offloaded_pages", "Prefix pages moved to host memory", registry=r)
-        self.kv_onloaded = Counter(
-            p + "kv_onloaded_pages", "Prefix pages brought back from host memory", registry=r
-        )
-        self.kv_events = Counter(
-            p + "kv_events",
+        self.steps = counter("engine_steps", "Engine steps")
+        self.kv_offloaded = counter("kv_offloaded_pages", "Prefix pages moved to host memory")
+        self.kv_onloaded = counter("kv_onloaded_pages", "Prefix pages brought back from host memory")
+        self.kv_events = counter(
+            "kv_events",
             "KV-cache events published, dropped (queue full), or batches lost to the transport (send_error)",
-            ["outcome"],
-            registry=r,
+            "outcome",
         )
-        self.engine_finished = Counter(
-            p + "engine_requests_finished",
+        self.engine_finished = counter(
+            "engine_requests_finished",
             "Requests the scheduler ended, by reason (stop, length, abort)",
-            ["reason"],
-            registry=r,
+            "reason",
         )
-        self.max_adapters = Gauge(
-            p + "max_adapters_per_step", "Most distinct adapters seen in one step", registry=r
-        )
-        self.config = Gauge(p + "config", "Engine limits in effect", ["name"], registry=r)
+        self.max_adapters = gauge("max_adapters_per_step", "Most distinct adapters seen in one step")
+        self.config = gauge("config", "Engine limits in effect", "name")
         for f in dataclasses.fields(limits):
             self.config.labels(f.name).set(float(getattr(limits, f.name) or 0))
         self._seen: dict[str, float] = {}  # engine counters already added to the Counters

@@ -112,27 +112,13 @@ def plan(a: argparse.Namespace) -> tuple[str, str, str, list[tuple[str, Workload
     name = a.workload or "slora"
     if name == "slora":
         ranks = S1_RANKS if a.ranks == "s1" else S2_RANKS
-        points = [float(x) for x in (a.points or a.rates)]
-        wls = [
-            (
-                f"{r:g}",
-                slora(
-                    WorkloadConfig(
-                        a.num_adapters,
-                        a.alpha,
-                        r,
-                        a.cv,
-                        a.duration,
-                        tuple(a.input_range),
-                        tuple(a.output_range),
-                        a.seed,
-                    ),
-                    ranks,
-                    f"slora-rate{r:g}",
-                ),
-            )
-            for r in points
-        ]
+        inp, out = tuple(a.input_range), tuple(a.output_range)
+
+        def point(r: float) -> tuple[str, Workload]:
+            cfg = WorkloadConfig(a.num_adapters, a.alpha, r, a.cv, a.duration, inp, out, a.seed)
+            return f"{r:g}", slora(cfg, ranks, f"slora-rate{r:g}")
+
+        wls = [point(float(x)) for x in (a.points or a.rates)]
         return "S-LoRA generator", "cpu-mid", "rate", wls, None
     suite = SUITES.get(name)
     if suite is None:
