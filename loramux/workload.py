@@ -53,6 +53,11 @@ class BenchRequest:
     arrival: float  # seconds after the start
 
 
+def adapter_name(i: int) -> str:
+    """The name of adapter `i` in every generated workload."""
+    return f"a{i}"
+
+
 def generate_requests(cfg: WorkloadConfig) -> list[BenchRequest]:
     np.random.seed(seed=cfg.seed)
     n = cfg.num_requests

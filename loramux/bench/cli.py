@@ -30,12 +30,11 @@ from loramux.bench.systems import (
     LoramuxSettings,
     PeftHarness,
     RunResult,
-    adapter_name,
     make_prompts,
     run_loramux,
     run_peft,
 )
-from loramux.workload import WorkloadConfig, generate_requests
+from loramux.workload import WorkloadConfig, adapter_name, generate_requests
 
 
 @dataclass(frozen=True)

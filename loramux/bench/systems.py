@@ -21,11 +21,11 @@ from __future__ import annotations
 import gc
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loramux.workload import BenchRequest
+from loramux.workload import BenchRequest, adapter_name
 
 
 @dataclass
@@ -51,10 +51,6 @@ def make_prompts(reqs: list[BenchRequest], vocab: int, seed: int = 0) -> list[li
     """Random token-id prompts of each request's input length (ids 3.. avoid the special tokens)."""
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(r.input_len)] for r in reqs]
-
-
-def adapter_name(i: int) -> str:
-    return f"a{i}"
 
 
 def _sync(device: Any) -> None:
@@ -91,19 +87,8 @@ def run_loramux(
 ) -> RunResult:
     from loramux import LLM, SamplingParams
 
-    s = settings
-    llm = LLM(
-        str(model_dir),
-        max_loras=s.max_loras,
-        max_cpu_loras=s.max_cpu_loras,
-        max_lora_rank=s.max_lora_rank,
-        max_num_seqs=s.max_num_seqs,
-        max_num_batched_tokens=s.max_num_batched_tokens,
-        kv_cache_memory=s.kv_cache_memory,
-        device=s.device,
-        policy=s.policy,
-    )
-    eng = llm.engine
+    engine_settings = {k: v for k, v in asdict(settings).items() if k != "tenant_per_adapter"}
+    eng = LLM(str(model_dir), **engine_settings).engine
     if not base_only:
         for i, d in enumerate(adapter_dirs):
             eng.add_lora(adapter_name(i), str(d))
@@ -120,7 +105,7 @@ def run_loramux(
                 prompts[r.index],
                 SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0),
                 lora_name=None if base_only else adapter_name(r.adapter),
-                tenant=adapter_name(r.adapter) if s.tenant_per_adapter else "",
+                tenant=adapter_name(r.adapter) if settings.tenant_per_adapter else "",
             )
         if not eng.has_unfinished_requests():
             time.sleep(max(0.0, min(pending[0].arrival - now, 0.05)))

@@ -364,13 +364,11 @@ class LLMEngine:
         if params.n == 1:
             return [self.add_request(request_id, prompt, params, lora_name, None, tenant, fill_max_tokens)]
         try:
-            for i, rid in enumerate(ids):
+            for i, rid in enumerate(ids):  # the later samples follow the first (`after`)
                 p = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-                if i == 0:
-                    self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens)
-                    self._followers[rid] = []
-                else:
-                    self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after=ids[0])
+                after = ids[0] if i else None
+                self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after)
+                self._followers.setdefault(ids[0], [])
         except Exception:
             for rid in reversed(ids):  # nothing half-admitted (the later samples first)
                 if rid in self._states:

@@ -112,29 +112,14 @@ class _API:
     async def models(self) -> dict[str, Any]:
         infos = await self.aengine.call(self.engine.list_loras)
         base = self.cfg.served_model_name
-        data = [
-            {
-                "id": base,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "loramux",
-                "root": self.engine.config.model.model,
-                "parent": None,
-                "max_model_len": self.engine.runtime.max_model_len,
-            }
-        ]
-        data += [
-            {
-                "id": a.name,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "loramux",
-                "root": a.path,
-                "parent": base,
-            }
-            for a in infos
-        ]
-        return {"object": "list", "data": data}
+
+        def card(name: str, root: str | None, parent: str | None, **extra: Any) -> dict[str, Any]:
+            common = {"object": "model", "created": self.created, "owned_by": "loramux"}
+            return {"id": name, **common, "root": root, "parent": parent, **extra}
+
+        limit = self.engine.runtime.max_model_len
+        data = [card(base, self.engine.config.model.model, None, max_model_len=limit)]
+        return {"object": "list", "data": data + [card(a.name, a.path, base) for a in infos]}
 
     async def load_lora(self, body: LoadLoRARequest) -> dict[str, Any]:
         path = allowed_path(body.lora_path, self.allowed)

@@ -75,16 +75,13 @@ class AsyncEngine:
         while not self._stop.is_set():
             try:
                 idle = not engine.has_unfinished_requests()
-                try:
+                try:  # every command waiting (while idle, wait a little for one), then a step
                     cmd = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
-                except queue.Empty:
-                    cmd = None
-                while cmd is not None:
-                    cmd()
-                    try:
+                    while True:
+                        cmd()
                         cmd = self._commands.get_nowait()
-                    except queue.Empty:
-                        cmd = None
+                except queue.Empty:
+                    pass
                 if engine.has_unfinished_requests():
                     self._step()
             except Exception as e:  # a bug outside the step: stop as a failed step does, loudly
@@ -220,13 +217,12 @@ class RequestStream:
         if self._done:
             raise StopAsyncIteration
         item = await self._q.get()
-        if isinstance(item, BaseException):
+        failed = isinstance(item, BaseException)
+        if failed or item.finished:
             self._done = True
             self._aengine._forget(self.request_id)
+        if failed:
             raise item
-        if item.finished:
-            self._done = True
-            self._aengine._forget(self.request_id)
         return item
 
     async def aclose(self) -> None:

@@ -81,21 +81,6 @@ class Generate:
         return await self._answer(request, rid, "chat.completion", body, streams, self._chat_choice)
 
     # --- starting and ending requests ---
-    async def _start(
-        self, rid: str, prompt: str | list[int], params: SamplingParams, model: str, tenant: str, fill: bool
-    ) -> Streams:
-        lora = None if model == self.base_name else model
-        if self.log_prompts:
-            logger.info("request %s model=%s prompt=%r", rid, model, prompt)
-        else:
-            logger.debug("request %s model=%s", rid, model)
-        try:
-            return await self.aengine.add_request_n(rid, prompt, params, lora, tenant, fill)
-        except Exception as e:
-            err = to_api_error(e, model)
-            self.metrics.ended(model if err.status != 404 else "unknown", "rejected")
-            raise err from e
-
     async def _start_all(
         self,
         rid: str,
@@ -105,15 +90,23 @@ class Generate:
         tenant: str,
         fill: bool = False,
     ) -> Streams:
-        """One stream per (prompt, sample), prompt-major: stream k is choice k."""
+        """One stream per (prompt, sample), prompt-major: stream k is choice k. A refused prompt
+        aborts the ones already started and answers for all."""
+        lora = None if model == self.base_name else model
         streams: Streams = []
         try:
-            for i, p in enumerate(prompts):
-                streams += await self._start(f"{rid}-{i}", p, params, model, tenant, fill)
-        except APIError:
+            for i, prompt in enumerate(prompts):
+                if self.log_prompts:
+                    logger.info("request %s-%d model=%s prompt=%r", rid, i, model, prompt)
+                else:
+                    logger.debug("request %s-%d model=%s", rid, i, model)
+                streams += await self.aengine.add_request_n(f"{rid}-{i}", prompt, params, lora, tenant, fill)
+        except Exception as e:
             for s in streams:
-                await s.aclose()  # type: ignore[attr-defined]  # aborts what was started
-            raise
+                await s.aclose()  # type: ignore[attr-defined]
+            err = to_api_error(e, model)
+            self.metrics.ended(model if err.status != 404 else "unknown", "rejected")
+            raise err from e
         return streams
 
     async def _final(self, streams: Streams, model: str) -> list[RequestOutput]:

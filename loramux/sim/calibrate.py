@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from loramux.bench.report import machine
 from loramux.sampling_params import SamplingParams
 from loramux.sim.profile import COST_TERMS, Profile, StepFeatures, step_features
 
@@ -151,15 +152,9 @@ class Calibrator:
             "max_loras": max_loras,
         }
         self.prompt_range, self.output_range = prompt_range, output_range
+        cpu_loras = max(len(adapter_dirs), max_loras)
         self.llm = LLM(
-            str(model_dir),
-            max_loras=max_loras,
-            max_cpu_loras=max(len(adapter_dirs), max_loras),
-            max_lora_rank=64,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            kv_cache_memory=kv_cache_memory,
-            device=device,
+            str(model_dir), **self.engine_settings, max_cpu_loras=cpu_loras, max_lora_rank=64, device=device
         )
         self.eng = self.llm.engine
         self.ex: Any = self.eng.executor
@@ -266,7 +261,7 @@ class Calibrator:
         profile = Profile(
             name=name,
             source=(
-                f"measured by `loramux simulate calibrate` on {_machine()} on {time.strftime('%Y-%m-%d')}: "
+                f"measured by `loramux simulate calibrate` on {machine()} on {time.strftime('%Y-%m-%d')}: "
                 f"{len(y)} steps, R^2 {quality['r2']:.3f}, "
                 f"median step error {quality['median_rel_error']:.1%}"
             ),
@@ -317,12 +312,6 @@ def calibrate_profile(
         return cal.profile(name, save_steps)
     finally:
         cal.close()
-
-
-def _machine() -> str:
-    from loramux.bench.report import machine
-
-    return machine()
 
 
 def calibrate(a: argparse.Namespace) -> Profile:

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from loramux.sim import metrics as m
 from loramux.sim.run import SimResult
@@ -143,7 +144,13 @@ def plot_all(
     policies = list(dict.fromkeys(r.policy for r in rows))
     xs = _numeric(points)
     pos = xs if xs is not None else list(range(len(points)))
-    paths = []
+    paths: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for pol in policies:
@@ -158,10 +165,7 @@ def plot_all(
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_ylim(-0.02, 1.02)
-    fig.tight_layout()
-    paths.append(out / "attainment_throughput.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    save(fig, "attainment_throughput.png")
 
     fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points) + 1, 3.4), squeeze=False)
     for ax, p in zip(axes[0], points, strict=True):
@@ -178,10 +182,7 @@ def plot_all(
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("share of requests")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "ttft_cdf.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    save(fig, "ttft_cdf.png")
 
     first = [res for point, res in results if point == points[0]]
     fig, axes = plt.subplots(1, len(first), figsize=(4.5 * len(first), 3.4), squeeze=False)
@@ -197,10 +198,7 @@ def plot_all(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("service (in + 2 out tokens/s, 60 s window)")
-    fig.tight_layout()
-    paths.append(out / "service.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    save(fig, "service.png")
     return paths
 
 

@@ -24,6 +24,7 @@ from loramux.sampling_params import SamplingParams
 from loramux.sim.executor import CostModelExecutor, SimAdapterSpec, VirtualClock
 from loramux.sim.profile import Profile
 from loramux.sim.workloads import Workload
+from loramux.workload import adapter_name
 
 VOCAB = 32000
 
@@ -106,10 +107,6 @@ def build_engine(
     )
     engine = LLMEngine(config, executor=executor, tokenizer=None, clock=clock)
     return engine, executor, clock
-
-
-def adapter_name(i: int) -> str:
-    return f"a{i}"
 
 
 def simulate(workload: Workload, profile: Profile, settings: SimSettings) -> SimResult:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loramux.workload import WorkloadConfig, generate_requests
+from loramux.workload import WorkloadConfig, adapter_name, generate_requests
 
 S1_RANKS = (8,)
 S2_RANKS = (64, 32, 16, 8)
@@ -252,15 +252,8 @@ def save_trace(workload: Workload, path: str | Path) -> Path:
         w = csv.writer(f)
         w.writerow(TRACE_FIELDS)
         for r in workload.requests:
-            w.writerow(
-                [
-                    f"{r.arrival:.6f}",
-                    "" if r.adapter is None else f"a{r.adapter}",
-                    r.tenant,
-                    r.input_len,
-                    r.output_len,
-                ]
-            )
+            adapter = "" if r.adapter is None else adapter_name(r.adapter)
+            w.writerow([f"{r.arrival:.6f}", adapter, r.tenant, r.input_len, r.output_len])
     return p
 
 
