@@ -41,6 +41,7 @@ from loramux.core.scheduler import Scheduler, StepUpdate
 from loramux.engine.detokenizer import IncrementalDetokenizer
 from loramux.engine.kv_events import KVEventPublisher
 from loramux.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from loramux.engine.request_stats import FINISH_REASONS, RequestStats
 from loramux.engine.stats import EngineLimits, EngineSnapshot
 from loramux.lora_request import LoRARequest
 from loramux.sampling_params import SamplingParams
@@ -89,6 +90,18 @@ class _State:
     logprobs: list[SampleLogprobs] | None
     stop_reason: int | str | None = None
     error: Exception | None = None  # why it ended with finish_reason "error"
+    group: _Group | None = None
+
+
+@dataclass
+class _Group:
+    """The samples of one request (n of them), for the per-request figures vLLM records when the
+    last one ends: n, max_tokens as asked (None when the engine filled it), the longest output."""
+
+    n: int
+    max_tokens: int | None
+    left: int = 0
+    longest: int = 0
 
 
 class LLMEngine:
@@ -146,6 +159,8 @@ class LLMEngine:
         self._followers: dict[str, list[Request]] = {}  # leader id -> samples waiting for its prefill
         self._pending: list[RequestOutput] = []  # outputs made between steps, returned by the next one
         self._read_ahead: list[int] = []  # adapters read ahead at start (uids)
+        self.request_stats = RequestStats(self.runtime.max_model_len)  # vLLM's figures (snapshot())
+        self._gaps: dict[float, int] = {}  # this step's gaps between tokens, and how many had each
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -263,6 +278,8 @@ class LLMEngine:
             finished=dict(c.num_finished),
             load_seconds=take_recent() if take_recent is not None else [],
             references=adapters.references(),
+            requests=self.request_stats.copy(),
+            time=time.time(),
         )
 
     def limits(self) -> EngineLimits:
@@ -294,13 +311,14 @@ class LLMEngine:
         tenant: str = "",
         fill_max_tokens: bool = False,
         after: str | None = None,
+        group: _Group | None = None,
     ) -> str:
         """Queue a prompt (text or token ids); raises ValueError for bad input, at once.
 
         With `fill_max_tokens`, max_tokens becomes whatever room the model's length limit leaves
         (the chat API's default when the client sets no limit). With `after`, the request waits
         until that one has produced its first token, so the prompt's KV is in the prefix cache
-        and this request reuses it (the n samples of one prompt).
+        and this request reuses it (the n samples of one prompt, which share one `group`).
         """
         self._check_alive()
         if params.n != 1:
@@ -342,8 +360,16 @@ class LLMEngine:
         detok = IncrementalDetokenizer(
             self.tokenizer, ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
         )
+        group = group or _Group(1, None if fill_max_tokens else params.max_tokens)
+        group.left += 1
         self._states[rid] = _State(
-            req, params, text, detok, RequestMetrics(now), [] if params.logprobs is not None else None
+            req,
+            params,
+            text,
+            detok,
+            RequestMetrics(now),
+            [] if params.logprobs is not None else None,
+            group=group,
         )
         return rid
 
@@ -363,15 +389,17 @@ class LLMEngine:
         ids = sample_ids(request_id, params.n)
         if params.n == 1:
             return [self.add_request(request_id, prompt, params, lora_name, None, tenant, fill_max_tokens)]
+        group = _Group(params.n, None if fill_max_tokens else params.max_tokens)
         try:
             for i, rid in enumerate(ids):  # the later samples follow the first (`after`)
                 p = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
                 after = ids[0] if i else None
-                self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after)
+                self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after, group)
                 self._followers.setdefault(ids[0], [])
         except Exception:
             for rid in reversed(ids):  # nothing half-admitted (the later samples first)
-                if rid in self._states:
+                if (st := self._states.get(rid)) is not None:
+                    st.group = None  # refused, not ended: not counted as a request
                     self.abort_request(rid)
             raise
         return ids
@@ -408,6 +436,8 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         st = self._states.pop(request_id, None)
+        if st is not None and st.group is not None:
+            self._record_end(st, "abort", self.clock())
         self._release_followers(request_id)
         if st is not None and request_id not in self.scheduler.requests:  # a follower not yet released
             return True
@@ -482,20 +512,32 @@ class LLMEngine:
                 self._take_token(st, req, token, lps.get(req.request_id), now)
             except Exception as e:
                 self._fail(st, e, "turning its tokens into text")
-        outputs = []
-        for rid, delta_ids in touched.items():
-            outputs.append(self._make_output(rid, delta_ids, now))
-        return outputs
+        stats = self.request_stats
+        stats.generation_tokens += len(update.new_tokens)
+        if out.num_batched_tokens:
+            stats.hist["step_tokens"].add(out.num_batched_tokens)
+        if self._gaps:
+            for gap, n in self._gaps.items():
+                stats.hist["token_gap"].add(gap, n)
+            self._gaps.clear()
+        return [self._make_output(rid, delta_ids, now) for rid, delta_ids in touched.items()]
 
     def _take_token(
         self, st: _State, req: Request, token: int, lp: SampleLogprobs | None, now: float
     ) -> None:
         """One sampled token of one request: first-token bookkeeping, logprobs, text, stop strings."""
-        if st.metrics.first_token_time is None:
-            st.metrics.first_token_time = now
-            st.metrics.first_scheduled_time = req.first_scheduled_time
+        m = st.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+            m.first_scheduled_time = req.first_scheduled_time
+            self.request_stats.hist["ttft"].add(now - m.arrival_time)
+            self.request_stats.prompt_tokens += req.num_prompt_tokens
             if req.request_id in self._followers:  # its prompt's pages are cached now
                 self._release_followers(req.request_id)
+        else:
+            gap = now - m.last_token_time  # type: ignore[operator]
+            self._gaps[gap] = self._gaps.get(gap, 0) + 1
+        m.last_token_time = now
         if st.logprobs is not None and lp is not None:
             st.logprobs.append(lp)
         _, stop_str = st.detok.add(token)
@@ -538,6 +580,8 @@ class LLMEngine:
         if finished:
             st.metrics.finished_time = now
             del self._states[rid]
+            if st.group is not None:
+                self._record_end(st, req.status.finish_reason or "abort", now)
         completion = CompletionOutput(
             index=0,
             text=text,
@@ -559,6 +603,35 @@ class LLMEngine:
             st.metrics,
             st.error,
         )
+
+    def _record_end(self, st: _State, reason: str, now: float) -> None:
+        """The per-request figures of vLLM's metrics, as a request ends (finished or aborted)."""
+        stats, m, req = self.request_stats, st.metrics, st.req
+        h = stats.hist
+        stats.finished[FINISH_REASONS[reason]] += 1
+        out_len = req.num_output_tokens
+        h["e2e"].add(now - m.arrival_time)
+        h["prompt_len"].add(req.num_prompt_tokens)
+        h["output_len"].add(out_len)
+        start = req.first_scheduled_time
+        h["queue"].add((now if start is None else start) - m.arrival_time)
+        if start is not None:
+            last = now if m.last_token_time is None else m.last_token_time
+            h["inference"].add(last - start)
+            if m.first_token_time is not None:
+                decode = last - m.first_token_time
+                h["prefill"].add(m.first_token_time - start)
+                h["decode"].add(decode)
+                h["request_tpot"].add(decode / (out_len - 1) if out_len > 1 else 0.0)
+        g = st.group
+        assert g is not None
+        g.left -= 1
+        g.longest = max(g.longest, out_len)
+        if g.left == 0:  # the request's last sample
+            h["n"].add(g.n)
+            h["max_output_len"].add(g.longest)
+            if g.max_tokens is not None:
+                h["max_tokens"].add(g.max_tokens)
 
 
 def _eos_ids(model_path: str, tokenizer: Any) -> set[int]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loramux.engine.request_stats import RequestStats
+
 
 @dataclass(frozen=True)
 class EngineSnapshot:
@@ -28,6 +30,8 @@ class EngineSnapshot:
     finished: dict[str, int] = field(default_factory=dict)  # requests the scheduler ended, by reason
     load_seconds: list[float] = field(default_factory=list)  # adapter disk reads since the last snapshot
     references: dict[str, int] = field(default_factory=dict)  # unfinished requests per adapter
+    requests: RequestStats | None = None  # vLLM's per-request and per-step figures (a copy)
+    time: float = 0.0  # wall-clock time it was taken
 
 
 @dataclass(frozen=True)

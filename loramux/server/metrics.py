@@ -5,6 +5,7 @@ recorded as requests end; everything the engine knows (queues per adapter,
 residency, KV pages, cumulative counters) comes from a snapshot taken on the
 engine thread when /metrics is scraped, so nothing reads the engine while it
 steps. Per-adapter queues are separate labelled series, not comma-joined labels.
+The same snapshot also feeds vLLM's metric names (vllm_metrics.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prometheus_client import (
 
 from loramux.engine.outputs import RequestOutput
 from loramux.engine.stats import EngineLimits, EngineSnapshot
+from loramux.server.vllm_metrics import VllmMetrics
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _LOAD = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -94,6 +96,7 @@ class Metrics:
         for f in dataclasses.fields(limits):
             self.config.labels(f.name).set(float(getattr(limits, f.name) or 0))
         self._seen: dict[str, float] = {}  # engine counters already added to the Counters
+        self.vllm = VllmMetrics(r, base_name, limits.max_loras)  # vLLM's names, beside these
 
     def _advance(self, key: str, counter: Counter, value: float) -> None:
         delta = value - self._seen.get(key, 0.0)
@@ -165,4 +168,5 @@ class Metrics:
         for name, n in snap.references.items():
             self.references.labels(name).set(n)
         self.max_adapters.set(c["max_adapters_per_step"])
+        self.vllm.update(snap)
         return generate_latest(self.registry)

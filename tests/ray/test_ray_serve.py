@@ -157,6 +157,25 @@ def test_S6_1_two_replicas_answer_like_one_engine_and_route_to_the_adapters_hold
     print(f"routing: {hits} of {len(jobs)} requests found their adapter held ({loads} loads)")
     assert hits / len(jobs) >= 0.9, f"only {hits} of {len(jobs)} requests found their adapter held"
 
+    # vLLM's names reach the cluster's /metrics per replica (issue 30), so a gateway in front of
+    # the replicas can route by adapter: each replica's adapters in slots, labelled `replica`.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.time() + 30
+    while True:  # the replicas report every few seconds: wait for a report after the last request
+        text = httpx.get(url + "/metrics", timeout=30).text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        done = [s for s in fams["vllm:request_success"].samples if s.name == "vllm:request_success_total"]
+        if sum(s.value for s in done) >= len(names) + len(jobs) + 1:
+            break
+        assert time.time() < deadline, f"vLLM's counters did not arrive: {done}"
+        time.sleep(0.5)
+    assert {s.labels["replica"] for s in done} == replicas
+    info = fams["vllm:lora_requests_info"].samples
+    assert {s.labels["replica"] for s in info} == replicas
+    held = {a for s in info for a in s.labels["running_lora_adapters"].split(",") if a}
+    assert held and held <= set(names), info
+
     # A new adapter folder in an allowed folder is served on demand; no replica restarts for it.
     shutil.copytree(demo_adapters["upper"], late / "late")
     for prompt in PROMPTS[:2]:
