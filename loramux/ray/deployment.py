@@ -401,7 +401,8 @@ def _merge_metrics(texts: dict[str, str]) -> str:
                 samples.append(f"{s.name}{{{rendered}}} {s.value}")
     out = []
     for name, (kind, doc, samples) in families.items():
-        out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", *samples]
+        head = name + "_total" if kind == "counter" else name  # as generate_latest writes a counter
+        out += [f"# HELP {head} {doc}", f"# TYPE {head} {kind}", *samples]
     return "\n".join(out) + "\n"
 
 

@@ -168,7 +168,7 @@ def test_S6_1_two_replicas_answer_like_one_engine_and_route_to_the_adapters_hold
         done = [s for s in fams["vllm:request_success"].samples if s.name == "vllm:request_success_total"]
         if sum(s.value for s in done) >= len(names) + len(jobs) + 1:
             break
-        assert time.time() < deadline, f"vLLM's counters did not arrive: {done}"
+        assert time.time() < deadline, f"vLLM's counters did not arrive: {fams['vllm:request_success']}"
         time.sleep(0.5)
     assert {s.labels["replica"] for s in done} == replicas
     info = fams["vllm:lora_requests_info"].samples

@@ -320,3 +320,34 @@ def test_S6_1_an_adapter_evicted_between_routing_and_the_engine_still_serves_its
     assert status == 200, answer[:300]
     assert json.loads(answer)["usage"]["completion_tokens"] == 3
     assert not still_there and not replica.pins.count and not replica.pins.evicted
+
+
+def test_S6_1_the_routers_merge_keeps_every_familys_type_and_samples_per_replica():
+    """Counters included: the merged text declares them as prometheus-client writes them (name
+    with _total), or a parser files their samples under an untyped family (issue 30)."""
+    import dataclasses
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from loramux.engine.request_stats import RequestStats
+    from loramux.engine.stats import EngineLimits, EngineSnapshot
+    from loramux.ray.deployment import _merge_metrics
+    from loramux.server.metrics import Metrics
+
+    limits = EngineLimits(**{f.name: 1 for f in dataclasses.fields(EngineLimits)})
+    counters = dict.fromkeys(
+        "preemptions switches naive_switches device_loads host_loads device_evictions host_evictions "
+        "prefix_query_tokens prefix_hit_tokens steps kv_offloaded kv_onloaded max_adapters_per_step "
+        "kv_events_published kv_events_dropped kv_events_send_errors".split(),
+        3,
+    )
+    snap = EngineSnapshot({"a": 1}, {}, ["a"], ["a"], 10, 5, 1, counters, {}, [], {}, RequestStats(64), 1.0)
+    text = Metrics(limits, "base").render(snap).decode()
+    one = {f.name: f for f in text_string_to_metric_families(text)}
+    merged = {f.name: f for f in text_string_to_metric_families(_merge_metrics({"r1": text, "r2": text}))}
+    assert merged.keys() == one.keys()
+    for name, fam in one.items():
+        assert merged[name].type == fam.type, name
+        assert len(merged[name].samples) == 2 * len(fam.samples), name
+        assert {s.labels["replica"] for s in merged[name].samples} == ({"r1", "r2"} if fam.samples else set())
+    assert merged["vllm:num_preemptions"].samples[0].value == 3
