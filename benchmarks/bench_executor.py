@@ -10,9 +10,11 @@ Not a test. On a ~90M-parameter Llama (built offline, random weights):
    `--batch` tokens (every projection and the lm_head), measured right after
    each run (the shared machine's speed drifts by tens of percent).
 
-Runs alternate (base, adapters, base, ...) and the median of `--reps` is reported.
+Runs alternate (base, adapters, base, ...) and the median of `--reps` is reported. With
+`--dora-share 0.5`, each round also runs the distinct adapters with half of them DoRA (issue 29:
+the mix must keep 0.9x the all-LoRA tokens/s).
 
-    python benchmarks/bench_executor.py [--batch 64] [--reps 3] [--device cpu]
+    python benchmarks/bench_executor.py [--batch 64] [--reps 3] [--device cpu] [--dora-share 0.5]
 """
 
 from __future__ import annotations
@@ -91,6 +93,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/loramux/bench"))
+    p.add_argument(
+        "--dora-share",
+        type=float,
+        default=0.0,
+        help="also run the distinct adapters with this share of them DoRA (a magnitude besides A and B)",
+    )
     a = p.parse_args()
     root = Path(a.cache_dir)
     model_dir = build_random_model(root / f"llama-{a.size}", a.size)
@@ -108,6 +116,7 @@ def main() -> None:
         str(model_dir),
         device=a.device,
         max_loras=a.batch,
+        max_cpu_loras=a.batch + round(a.dora_share * a.batch),  # every adapter stays in host memory
         max_lora_rank=a.rank,
         max_num_seqs=a.batch,
         max_num_batched_tokens=a.batch * a.prompt_len,
@@ -116,11 +125,22 @@ def main() -> None:
     )
     for i, d in enumerate(adapters):
         llm.engine.add_lora(f"s1-{i}", str(d))
+    n_dora = round(a.dora_share * a.batch)
+    for i in range(n_dora):  # the same A and B as s1-i, plus a magnitude: DoRA
+        d = root / f"llama-{a.size}-adapters" / f"dora-{i}"
+        write_random_adapter(
+            d, model_dir, a.rank, ("q_proj", "k_proj", "v_proj", "o_proj"), seed=i, dora=True
+        )
+        llm.engine.add_lora(f"dora-{i}", str(d))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 512) for _ in range(a.prompt_len)] for _ in range(a.batch)]
     distinct = [f"s1-{i}" for i in range(a.batch)]
+    mixed = [f"dora-{i}" if i < n_dora else f"s1-{i}" for i in range(a.batch)]
     run_batch(llm, prompts[:4], distinct[:4], 4)  # warm-up: every code path once
+    if n_dora:
+        run_batch(llm, prompts[:4], mixed[:4], 4)
     base_e2e, base_dec, lora_e2e, lora_dec, ceilings, base_frac, lora_frac = [], [], [], [], [], [], []
+    dora_e2e, dora_dec, dora_ratio = [], [], []
     for _ in range(a.reps):  # the ceiling is measured beside each run: this machine's speed drifts
         e, d = run_batch(llm, prompts, [None] * a.batch, a.max_tokens)
         c = dense_ceiling(llm, a.batch)
@@ -133,6 +153,11 @@ def main() -> None:
         lora_dec.append(d)
         lora_frac.append(d / c2)
         ceilings += [c, c2]
+        if n_dora:
+            e, d = run_batch(llm, prompts, mixed, a.max_tokens)
+            dora_e2e.append(e)
+            dora_dec.append(d)
+            dora_ratio.append((e / lora_e2e[-1], d / lora_dec[-1]))
     ceiling = statistics.median(ceilings)
     med = statistics.median
     ex = llm.engine.executor
@@ -151,6 +176,11 @@ def main() -> None:
     print(f"| {a.batch} distinct adapters | {med(lora_e2e):.1f} | {med(lora_dec):.1f} |")
     e2e, dec = med(lora_e2e) / med(base_e2e), med(lora_dec) / med(base_dec)
     print(f"| ratio adapters / base | {e2e:.3f} | {dec:.3f} |")
+    if n_dora:
+        label = f"{a.batch} distinct adapters, {n_dora} of them DoRA"
+        print(f"| {label} | {med(dora_e2e):.1f} | {med(dora_dec):.1f} |")
+        e, d = med(r[0] for r in dora_ratio), med(r[1] for r in dora_ratio)
+        print(f"| ratio DoRA mix / all LoRA (median of rounds) | {e:.3f} | {d:.3f} |")
     print(
         f"\ndense-matmul ceiling at batch {a.batch}: {ceiling:.1f} tok/s (median); decode over the ceiling "
         f"measured beside it: base {med(base_frac):.3f}, distinct adapters {med(lora_frac):.3f}"

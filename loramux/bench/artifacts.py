@@ -107,8 +107,10 @@ def write_random_adapter(
     seed: int,
     alpha: float | None = None,
     scale: float = 1.0,
+    dora: bool = False,
 ) -> Path:
-    """A PEFT LoRA directory with random A and B (the layout PEFT's save_pretrained writes)."""
+    """A PEFT LoRA directory with random A and B (the layout PEFT's save_pretrained writes); with
+    `dora`, a DoRA adapter (a random magnitude per output feature besides)."""
     from safetensors.torch import save_file
 
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -134,6 +136,8 @@ def write_random_adapter(
             stem = f"base_model.model.model.layers.{layer}.{section}.{m}"
             tensors[f"{stem}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * (scale / fan_in**0.5)
             tensors[f"{stem}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * (scale / rank**0.5)
+            if dora:
+                tensors[f"{stem}.lora_magnitude_vector"] = 0.5 + torch.rand(fan_out, generator=g)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(
@@ -149,7 +153,7 @@ def write_random_adapter(
                 "bias": "none",
                 "fan_in_fan_out": False,
                 "use_rslora": False,
-                "use_dora": False,
+                "use_dora": dora,
                 "modules_to_save": None,
                 "init_lora_weights": True,
             },

@@ -48,13 +48,48 @@ from torch import nn
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\."
-    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$"
+    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_(A\.weight|B\.weight|magnitude_vector)$"
 )
-_REFUSED_CONFIG = {
-    "use_dora": "DoRA adapters (use_dora=true) are not supported; train a plain LoRA adapter",
-    "modules_to_save": "adapters with modules_to_save (fully trained layers) are not supported; "
+# Every field of PEFT's LoraConfig (0.21) and what loramux does with it (docs/vllm-compat.md has the
+# table). Served: applied exactly as PEFT applies it, or without effect once trained (dropout, the
+# initialisation of weights that are then saved, metadata). Refused when set, with the reason and
+# the fix. A field in neither set, with a value, is refused too: it may change outputs.
+SERVED_FIELDS = {
+    "r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora", "target_modules",
+    "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout", "bias", "use_dora",
+    "init_lora_weights", "eva_config", "runtime_config", "ensure_weight_tying", "qalora_group_size",
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "megatron_core",
+}  # fmt: skip
+REFUSED_FIELDS = {
+    "modules_to_save": "fully trained layers (modules_to_save, e.g. a trained lm_head) are not supported; "
     "train without modules_to_save",
+    "trainable_token_indices": "trained token embeddings (trainable_token_indices) are not supported; "
+    "train without them",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies the adapter only from "
+    "the invocation tokens on, which loramux does not do (it would apply it to every token); serve it "
+    "with PEFT, or train a plain LoRA adapter",
+    "layer_replication": "layer_replication builds a deeper model than the base; loramux serves the "
+    "base model's layers only: train without layer_replication",
+    "lora_bias": "a bias on LoRA's B (lora_bias) is not supported; train with lora_bias=false",
+    "fan_in_fan_out": "fan_in_fan_out adapters (GPT-2 Conv1D) do not fit Llama-family models",
+    "use_qalora": "QA-LoRA (use_qalora) pools its input in groups, which loramux does not do; train a "
+    "plain LoRA adapter",
+    "target_parameters": "LoRA on parameters (target_parameters, e.g. MoE experts) is not supported; "
+    "target the linear layers instead",
+    "megatron_config": "Megatron-parallel adapters (megatron_config) are not supported; save a plain "
+    "LoRA adapter",
+    "loftq_config": "LoftQ adapters expect LoftQ's quantized base weights, not the base model's",
+    "corda_config": "CorDA adapters expect CorDA's residual base weights, not the base model's",
+    "lora_ga_config": "LoRA-GA adapters expect LoRA-GA's modified base weights, not the base model's",
+    "use_bdlora": "BD-LoRA (use_bdlora) is not supported; train a plain LoRA adapter",
+    "arrow_config": "Arrow routing (arrow_config) mixes adapters per token, which loramux does not do",
+    "kasa_config": "KaSA (kasa_config) is not supported; train a plain LoRA adapter",
+    "velora_config": "VeLoRA (velora_config) is not supported; train a plain LoRA adapter",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported; train a plain LoRA adapter",
 }
+# Initialisations that change the base weights: the adapter is trained against a residual model.
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 Module = tuple[int, str]  # (layer index, projection name)
 
@@ -68,14 +103,15 @@ class AdapterSpec:
     rank: int  # the largest rank of any module
     nbytes: int  # bytes once loaded at the model's dtype
     modules: dict[Module, tuple[int, float]] = field(repr=False)  # -> (rank, scaling)
+    dora: bool = False  # DoRA: each module also has a magnitude vector
 
 
 @dataclass
 class HostAdapter:
-    """An adapter's weights in host memory: A and scaled B^T per module."""
+    """An adapter's weights in host memory: A, scaled B^T and (DoRA) the magnitude per module."""
 
     spec: AdapterSpec
-    weights: dict[Module, tuple[torch.Tensor, torch.Tensor]]
+    weights: dict[Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -114,9 +150,10 @@ def inspect_adapter(
     tensors = _read_shapes(weights_file)
     modules = _collect_modules(tensors, cfg, p, num_layers, shapes, max_rank)
     rank = max(r for r, _ in modules.values())
-    nbytes = sum(r * sum(shapes[m]) for (_, m), (r, _) in modules.items()) * elem_size
+    dora = bool(cfg.get("use_dora"))
+    nbytes = sum((r + dora) * sum(shapes[m]) for (_, m), (r, _) in modules.items()) * elem_size
     digest = _digest(cfg_file.read_bytes(), weights_file.read_bytes())
-    return AdapterSpec(str(p), digest, rank, nbytes, modules)
+    return AdapterSpec(str(p), digest, rank, nbytes, modules, dora)
 
 
 def _digest(config: bytes, weights: bytes) -> str:
@@ -133,22 +170,36 @@ class AdapterChangedError(RuntimeError):
 def _check_config(cfg: dict[str, Any], p: Path) -> None:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{str(p)!r} is a {cfg.get('peft_type')} adapter; only LoRA adapters are supported")
-    for key, why in _REFUSED_CONFIG.items():
-        if cfg.get(key):
-            raise ValueError(f"{str(p)!r}: {why}")
-    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-        raise ValueError(f"{str(p)!r}: adapters that train biases are not supported; use bias='none'")
-    if cfg.get("fan_in_fan_out"):
-        raise ValueError(f"{str(p)!r}: fan_in_fan_out adapters (GPT-2 Conv1D) do not fit Llama-family models")
+    for key, value in cfg.items():
+        if value in (None, False, [], {}, ""):
+            continue
+        if key in REFUSED_FIELDS:
+            raise ValueError(f"{str(p)!r}: {key}={value!r}: {REFUSED_FIELDS[key]}")
+        if key not in SERVED_FIELDS:
+            raise ValueError(
+                f"{str(p)!r}: {key}={value!r} is a LoraConfig field loramux does not know, and it may change "
+                f"what the adapter computes, so the adapter is refused; save it without {key}"
+            )
+    if cfg.get("lora_alpha", 8) is None:
+        raise ValueError(f"{str(p)!r}: lora_alpha is null; set it to the alpha the adapter was trained with")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+        raise ValueError(
+            f"{str(p)!r}: init_lora_weights={init!r} trains the adapter against modified base weights, "
+            f"so on the base model it computes something else; convert it to a plain LoRA with PEFT "
+            f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and set "
+            f"init_lora_weights to true"
+        )
     targets = cfg.get("target_modules") or []
     if isinstance(targets, list):  # a regex string is checked through the weight names instead
-        embedding = sorted(set(targets) & {"embed_tokens", "lm_head"})
+        targets = {t.rsplit(".", 1)[-1] for t in targets}  # PEFT may save full module paths
+        embedding = sorted(targets & {"embed_tokens", "lm_head"})
         if embedding:
             raise ValueError(
                 f"{str(p)!r} adapts {embedding}: embedding and lm_head adapters are not "
                 f"supported; LoRA may target only {', '.join(TARGET_MODULES)}"
             )
-        unknown = sorted(set(targets) - set(TARGET_MODULES))
+        unknown = sorted(targets - set(TARGET_MODULES))
         if unknown:
             raise ValueError(
                 f"{str(p)!r} targets {unknown}, which the model does not have; "
@@ -177,23 +228,37 @@ def _collect_modules(
     found: dict[Module, dict[str, tuple[int, ...]]] = {}
     for key, shape in tensors.items():
         m = _KEY.match(key)
+        if m is None and key.endswith(".bias") and cfg.get("bias", "none") != "none":
+            raise ValueError(
+                f"{str(p)!r}: bias={cfg['bias']!r} trained the base model's biases ({key}), which loramux "
+                f"does not serve per adapter; train with bias='none'"
+            )
         if m is None:
             what = "embedding adapters are" if "embedding" in key else f"tensor {key!r} is"
             raise ValueError(
                 f"{str(p)!r}: {what} not supported; LoRA may target only {', '.join(TARGET_MODULES)}"
             )
-        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)[0].upper()  # A, B or M
         if layer >= num_layers:
             raise ValueError(f"{str(p)!r} adapts layer {layer} but the model has {num_layers} layers")
         found.setdefault((layer, module), {})[ab] = shape
     if not found:
         raise ValueError(f"{str(p)!r} holds no LoRA weights")
-    alpha, rslora = cfg.get("lora_alpha", cfg.get("r", 8)), bool(cfg.get("use_rslora"))
+    alpha, rslora = cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora"))  # PEFT's default alpha is 8
     modules: dict[Module, tuple[int, float]] = {}
+    dora = bool(cfg.get("use_dora"))
     for (layer, module), ab in sorted(found.items()):
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{str(p)!r}: layer {layer} {module} has lora_A or lora_B missing")
+        if set(ab) != ({"A", "B", "M"} if dora else {"A", "B"}):
+            what = "lora_A, lora_B or (use_dora) lora_magnitude_vector" if dora else "lora_A or lora_B"
+            raise ValueError(
+                f"{str(p)!r}: layer {layer} {module}: {what} missing, or a magnitude without use_dora"
+            )
         fan_in, fan_out = shapes[module]
+        if dora and ab["M"] != (fan_out,):
+            raise ValueError(
+                f"{str(p)!r}: layer {layer} {module} has a DoRA magnitude of shape {list(ab['M'])}; "
+                f"the model needs [{fan_out}]"
+            )
         r = ab["A"][0]
         if ab["A"] != (r, fan_in) or ab["B"] != (fan_out, r):
             raise ValueError(
@@ -244,7 +309,8 @@ def read_adapter(spec: AdapterSpec, dtype: torch.dtype) -> HostAdapter:
         stem = f"base_model.model.{_module_name(layer, module)}"
         a = raw[f"{stem}.lora_A.weight"].float()  # [r, in]
         bt = (raw[f"{stem}.lora_B.weight"].float() * scale).t()  # [r, out]
-        weights[(layer, module)] = (a.to(dtype).contiguous(), bt.to(dtype).contiguous())
+        mag = raw[f"{stem}.lora_magnitude_vector"].float() if spec.dora else None  # [out], kept in fp32
+        weights[(layer, module)] = (a.to(dtype).contiguous(), bt.to(dtype).contiguous(), mag)
     return HostAdapter(spec, weights)
 
 
@@ -283,6 +349,18 @@ class LoRAState:
         self._slot_set: tuple[int, ...] = ()
         self._groups: dict[tuple[int, ...], list[_RankGroup]] = {}
         self._device: torch.device | None = None
+        self.segments: list[tuple[int, int, int]] = []
+        self.slots_in_step: frozenset[int] = frozenset()
+        self._row_slots: torch.Tensor | None = None
+
+    def row_slots(self, num_rows: int, none: int) -> torch.Tensor:
+        """[num_rows]: each row's slot, `none` for base-model rows (made once per step, on use)."""
+        if self._row_slots is None or self._row_slots.shape[0] != num_rows:
+            idx = [none] * num_rows
+            for slot, s, e in self.segments:
+                idx[s:e] = [slot] * (e - s)
+            self._row_slots = torch.tensor(idx, device=self._device)
+        return self._row_slots
 
     @contextmanager
     def batch(self, segments: list[tuple[int, int, int]], device: torch.device) -> Iterator[None]:
@@ -298,11 +376,14 @@ class LoRAState:
         self._slot_set = tuple(sorted(set(slots)))
         self._groups = {}
         self._device = device
+        self.segments, self._row_slots = segments, None
+        self.slots_in_step = frozenset(s for s, _, _ in segments)
         try:
             yield
         finally:
             self.active = False
             self.long, self._short_rows, self._short_slots, self._groups = [], [], [], {}
+            self.segments, self._row_slots = [], None
 
     def short_groups(self, ranks: list[int]) -> list[_RankGroup]:
         """The rank groups for a module whose slots have `ranks` (cached per distinct signature)."""
@@ -365,8 +446,16 @@ class LoRALinear(nn.Module):
         # Gathered A/B^T rows of recent decode layouts: a running batch keeps its layout for many
         # steps, so the gather (megabytes per module) is done once, not every step.
         self._gathered: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        # DoRA: per slot, the magnitude over the row norm of W + s.BA (computed at load) scales the
+        # output: y = g * (W x + s.BAx) + b = g * y_lora + (1 - g) * b. Row num_slots is the identity
+        # (base rows and plain LoRA slots); made on the first DoRA load.
+        self.dora_slots: set[int] = set()
+        self.dora_scale: torch.Tensor | None = None  # [S + 1, out]
+        self.dora_shift: torch.Tensor | None = None  # [S + 1, out], (1 - g) * b, when W has a bias
 
-    def load(self, slot: int, a: torch.Tensor, bt: torch.Tensor) -> None:
+    def load(
+        self, slot: int, a: torch.Tensor, bt: torch.Tensor, magnitude: torch.Tensor | None = None
+    ) -> None:
         self._gathered.clear()  # slot contents change: no gathered copy stays valid
         r = a.shape[0]
         if self.A is None or self.A.shape[1] < r:
@@ -375,6 +464,26 @@ class LoRALinear(nn.Module):
         self.A[slot, :r].copy_(a, non_blocking=True)
         self.Bt[slot, :r].copy_(bt, non_blocking=True)  # type: ignore[index]
         self.ranks[slot] = r
+        self.dora_slots.discard(slot)
+        if magnitude is not None:
+            self._load_dora(slot, self.A[slot, :r], self.Bt[slot, :r], magnitude)
+
+    @torch.no_grad()
+    def _load_dora(self, slot: int, a: torch.Tensor, bt: torch.Tensor, magnitude: torch.Tensor) -> None:
+        w, b = self.base.weight, self.base.bias
+        if self.dora_scale is None:
+            self.dora_scale = torch.ones(
+                self.num_slots + 1, self.out_features, dtype=w.dtype, device=w.device
+            )
+            if b is not None:
+                self.dora_shift = torch.zeros_like(self.dora_scale)
+        # PEFT's DoRA: the L2 norm over the input dimension of W + scaling * B A, per output row.
+        norm = torch.linalg.norm(w.float() + bt.float().t() @ a.float(), dim=1)
+        g = magnitude.to(w.device).float() / norm
+        self.dora_scale[slot].copy_(g)
+        if self.dora_shift is not None and b is not None:
+            self.dora_shift[slot].copy_((1 - g) * b.float())
+        self.dora_slots.add(slot)
 
     def _grow(self, rank: int) -> None:
         """Slot buffers as deep as the largest rank loaded into this module so far (at most
@@ -391,6 +500,12 @@ class LoRALinear(nn.Module):
 
     def clear(self, slot: int) -> None:
         self.ranks[slot] = 0
+        if slot in self.dora_slots:
+            self.dora_slots.discard(slot)
+            assert self.dora_scale is not None
+            self.dora_scale[slot].fill_(1.0)
+            if self.dora_shift is not None:
+                self.dora_shift[slot].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -422,6 +537,11 @@ class LoRALinear(nn.Module):
                 a, bt = self._gather(g)  # [N, r, in], [N, r, out]
                 t = torch.bmm(x.index_select(0, g.rows).unsqueeze(1), a.transpose(1, 2))  # [N, 1, r]
                 y.index_add_(0, g.rows, torch.bmm(t, bt).squeeze(1))
+        if self.dora_slots and not self.dora_slots.isdisjoint(st.slots_in_step):
+            idx = st.row_slots(y.shape[0], self.num_slots)  # DoRA rows: one scale (and shift)
+            y.mul_(self.dora_scale.index_select(0, idx))  # type: ignore[union-attr]
+            if self.dora_shift is not None:
+                y.add_(self.dora_shift.index_select(0, idx))
         return y
 
     def _gather(self, g: _RankGroup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,7 +579,7 @@ class LoRASlots:
             if w is None:
                 layer.clear(slot)
             else:
-                layer.load(slot, w[0], w[1])
+                layer.load(slot, *w)
 
     def clear(self, slot: int) -> None:
         for layer in self.layers.values():

@@ -58,11 +58,6 @@ def make_peft(tm, tmp_path, name, **kw):
     return tmp_path / name
 
 
-def test_dora_is_refused(llm, tiny_models, tmp_path):
-    d = make_peft(tiny_models["llama"], tmp_path, "dora", r=4, target_modules=["q_proj"], use_dora=True)
-    refuse(llm, d, "DoRA adapters")
-
-
 def test_modules_to_save_is_refused(llm, tiny_models, tmp_path):
     d = make_peft(
         tiny_models["llama"], tmp_path, "mts", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]
