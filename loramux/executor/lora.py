@@ -39,11 +39,21 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+from loramux.executor.vocab_adapters import (
+    AdapterEmbedding,
+    AdapterHead,
+    VocabSpec,
+    VocabWeights,
+    parse_vocab_parts,
+    read_vocab_parts,
+)
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(
@@ -57,15 +67,12 @@ _KEY = re.compile(
 SERVED_FIELDS = {
     "r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora", "target_modules",
     "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout", "bias", "use_dora",
+    "modules_to_save", "trainable_token_indices",
     "init_lora_weights", "eva_config", "runtime_config", "ensure_weight_tying", "qalora_group_size",
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "megatron_core",
 }  # fmt: skip
 REFUSED_FIELDS = {
-    "modules_to_save": "fully trained layers (modules_to_save, e.g. a trained lm_head) are not supported; "
-    "train without modules_to_save",
-    "trainable_token_indices": "trained token embeddings (trainable_token_indices) are not supported; "
-    "train without them",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies the adapter only from "
     "the invocation tokens on, which loramux does not do (it would apply it to every token); serve it "
     "with PEFT, or train a plain LoRA adapter",
@@ -104,6 +111,7 @@ class AdapterSpec:
     nbytes: int  # bytes once loaded at the model's dtype
     modules: dict[Module, tuple[int, float]] = field(repr=False)  # -> (rank, scaling)
     dora: bool = False  # DoRA: each module also has a magnitude vector
+    vocab: VocabSpec | None = None  # embedding LoRA, trained tokens, a trained lm_head
 
 
 @dataclass
@@ -112,6 +120,7 @@ class HostAdapter:
 
     spec: AdapterSpec
     weights: dict[Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    vocab: VocabWeights | None = None
 
 
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
@@ -123,7 +132,12 @@ def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> 
 
 
 def inspect_adapter(
-    path: str | Path, num_layers: int, shapes: dict[str, tuple[int, int]], max_rank: int, elem_size: int
+    path: str | Path,
+    num_layers: int,
+    shapes: dict[str, tuple[int, int]],
+    max_rank: int,
+    elem_size: int,
+    vocab: tuple[int, int, bool] = (0, 0, False),  # (vocab size, hidden size, tied lm_head)
 ) -> AdapterSpec:
     """Check a PEFT LoRA directory against the model; every refusal names the fix."""
     p = Path(path)
@@ -148,12 +162,22 @@ def inspect_adapter(
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
     _check_config(cfg, p)
     tensors = _read_shapes(weights_file)
-    modules = _collect_modules(tensors, cfg, p, num_layers, shapes, max_rank)
-    rank = max(r for r, _ in modules.values())
+    linear = {k: s for k, s in tensors.items() if _KEY.match(k)}
+    trained_bias = next((k for k in tensors if k.endswith(".bias") and k not in linear), None)
+    if trained_bias is not None and cfg.get("bias", "none") != "none":
+        raise ValueError(
+            f"{str(p)!r}: bias={cfg['bias']!r} trained the base model's biases ({trained_bias}), which "
+            f"loramux does not serve per adapter; train with bias='none'"
+        )
+    rest = {k: s for k, s in tensors.items() if k not in linear}
+    parts = parse_vocab_parts(rest, cfg, p, *vocab, max_rank=max_rank, scaling=partial(_scaling, cfg))
+    modules = _collect_modules(linear, cfg, p, num_layers, shapes, max_rank) if linear or not parts else {}
+    rank = max([r for r, _ in modules.values()] + [parts.embed[0] if parts and parts.embed else 0])
     dora = bool(cfg.get("use_dora"))
-    nbytes = sum((r + dora) * sum(shapes[m]) for (_, m), (r, _) in modules.items()) * elem_size
+    nbytes = sum((r + dora) * sum(shapes[m]) for (_, m), (r, _) in modules.items())
+    nbytes = (nbytes + (parts.nbytes(vocab[0], vocab[1]) if parts else 0)) * elem_size
     digest = _digest(cfg_file.read_bytes(), weights_file.read_bytes())
-    return AdapterSpec(str(p), digest, rank, nbytes, modules, dora)
+    return AdapterSpec(str(p), digest, rank, nbytes, modules, dora, parts)
 
 
 def _digest(config: bytes, weights: bytes) -> str:
@@ -193,13 +217,12 @@ def _check_config(cfg: dict[str, Any], p: Path) -> None:
     targets = cfg.get("target_modules") or []
     if isinstance(targets, list):  # a regex string is checked through the weight names instead
         targets = {t.rsplit(".", 1)[-1] for t in targets}  # PEFT may save full module paths
-        embedding = sorted(targets & {"embed_tokens", "lm_head"})
-        if embedding:
+        if "lm_head" in targets:
             raise ValueError(
-                f"{str(p)!r} adapts {embedding}: embedding and lm_head adapters are not "
-                f"supported; LoRA may target only {', '.join(TARGET_MODULES)}"
+                f"{str(p)!r} puts LoRA on lm_head, which is not supported; train lm_head in full "
+                f"(modules_to_save=['lm_head']) or leave it out of target_modules"
             )
-        unknown = sorted(targets - set(TARGET_MODULES))
+        unknown = sorted(targets - set(TARGET_MODULES) - {"embed_tokens"})
         if unknown:
             raise ValueError(
                 f"{str(p)!r} targets {unknown}, which the model does not have; "
@@ -228,23 +251,13 @@ def _collect_modules(
     found: dict[Module, dict[str, tuple[int, ...]]] = {}
     for key, shape in tensors.items():
         m = _KEY.match(key)
-        if m is None and key.endswith(".bias") and cfg.get("bias", "none") != "none":
-            raise ValueError(
-                f"{str(p)!r}: bias={cfg['bias']!r} trained the base model's biases ({key}), which loramux "
-                f"does not serve per adapter; train with bias='none'"
-            )
-        if m is None:
-            what = "embedding adapters are" if "embedding" in key else f"tensor {key!r} is"
-            raise ValueError(
-                f"{str(p)!r}: {what} not supported; LoRA may target only {', '.join(TARGET_MODULES)}"
-            )
+        assert m is not None  # the others are the vocabulary parts'
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)[0].upper()  # A, B or M
         if layer >= num_layers:
             raise ValueError(f"{str(p)!r} adapts layer {layer} but the model has {num_layers} layers")
         found.setdefault((layer, module), {})[ab] = shape
     if not found:
         raise ValueError(f"{str(p)!r} holds no LoRA weights")
-    alpha, rslora = cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora"))  # PEFT's default alpha is 8
     modules: dict[Module, tuple[int, float]] = {}
     dora = bool(cfg.get("use_dora"))
     for (layer, module), ab in sorted(found.items()):
@@ -270,10 +283,15 @@ def _collect_modules(
                 f"{str(p)!r} has rank {r} (layer {layer} {module}), above "
                 f"max_lora_rank={max_rank}; restart with --max-lora-rank {r} or more"
             )
-        name = _module_name(layer, module)
-        a = _pattern_value(cfg.get("alpha_pattern") or {}, name, alpha)
-        modules[(layer, module)] = (r, a / math.sqrt(r) if rslora else a / r)
+        modules[(layer, module)] = (r, _scaling(cfg, _module_name(layer, module), r))
     return modules
+
+
+def _scaling(cfg: dict[str, Any], module_name: str, r: int) -> float:
+    """PEFT's scaling of a module: its alpha (alpha_pattern, else lora_alpha, default 8) over r, or
+    over sqrt(r) with rsLoRA."""
+    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module_name, cfg.get("lora_alpha", 8))
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
 def _module_name(layer: int, module: str) -> str:
@@ -311,7 +329,8 @@ def read_adapter(spec: AdapterSpec, dtype: torch.dtype) -> HostAdapter:
         bt = (raw[f"{stem}.lora_B.weight"].float() * scale).t()  # [r, out]
         mag = raw[f"{stem}.lora_magnitude_vector"].float() if spec.dora else None  # [out], kept in fp32
         weights[(layer, module)] = (a.to(dtype).contiguous(), bt.to(dtype).contiguous(), mag)
-    return HostAdapter(spec, weights)
+    vocab = read_vocab_parts(raw, spec.vocab, dtype) if spec.vocab is not None else None
+    return HostAdapter(spec, weights, vocab)
 
 
 SHORT_SEGMENT = 4  # segments up to this many rows (decodes) take the batched path
@@ -351,6 +370,7 @@ class LoRAState:
         self._device: torch.device | None = None
         self.segments: list[tuple[int, int, int]] = []
         self.slots_in_step: frozenset[int] = frozenset()
+        self.head_slots: list[int | None] = []  # the slot of each row whose logits are computed
         self._row_slots: torch.Tensor | None = None
 
     def row_slots(self, num_rows: int, none: int) -> torch.Tensor:
@@ -563,6 +583,9 @@ class LoRASlots:
 
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int) -> None:
         self.state = LoRAState()
+        self.embedding = AdapterEmbedding(model.model.embed_tokens, self.state)  # type: ignore[union-attr]
+        self.head = AdapterHead(model.lm_head, self.state)  # type: ignore[arg-type]
+        model.model.embed_tokens, model.lm_head = self.embedding, self.head  # type: ignore[union-attr]
         self.layers: dict[Module, LoRALinear] = {}
         for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
             for parent in (layer.self_attn, layer.mlp):
@@ -574,6 +597,8 @@ class LoRASlots:
                         self.layers[(i, name)] = wrapped
 
     def load(self, adapter: HostAdapter, slot: int) -> None:
+        self.embedding.load(slot, adapter.vocab)
+        self.head.load(slot, adapter.vocab)
         for key, layer in self.layers.items():
             w = adapter.weights.get(key)
             if w is None:
@@ -582,5 +607,7 @@ class LoRASlots:
                 layer.load(slot, *w)
 
     def clear(self, slot: int) -> None:
+        self.embedding.load(slot, None)
+        self.head.load(slot, None)
         for layer in self.layers.values():
             layer.clear(slot)

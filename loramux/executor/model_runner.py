@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -34,6 +35,7 @@ from loramux.executor.attention import AttentionMetadata, PrefillChunk, decode_m
 from loramux.executor.loader import load_model, resolve_device, resolve_dtype
 from loramux.executor.lora import AdapterSpec, HostAdapter, LoRASlots, inspect_adapter, read_adapter
 from loramux.executor.sampler import sample, sample_each
+from loramux.executor.vocab_adapters import base_embedding_in_file
 from loramux.sampling_params import SamplingParams
 
 logger = logging.getLogger("loramux.executor")
@@ -183,9 +185,19 @@ class ModelRunner:
 
     # --- adapters ---
     def inspect_adapter(self, name: str, path: str) -> AdapterSpec:
-        return inspect_adapter(
-            path, self.args.num_layers, self.args.module_shapes(), self.max_lora_rank, self.dtype.itemsize
+        a = self.args
+        vocab = (a.vocab_size, a.hidden_size, a.tie_word_embeddings)
+        spec = inspect_adapter(
+            path, a.num_layers, a.module_shapes(), self.max_lora_rank, self.dtype.itemsize, vocab
         )
+        if spec.vocab is not None and spec.vocab.base_embedding:  # PEFT saves it with embedding LoRA
+            saved = base_embedding_in_file((Path(path) / "adapter_model.safetensors").read_bytes())
+            if not torch.equal(saved.to(self.device, self.dtype), self.slots.embedding.weight):
+                raise ValueError(
+                    f"{path!r} carries a base embedding that differs from this model's (a resized or "
+                    f"retrained vocabulary); serve it on the model it was trained on"
+                )
+        return spec
 
     def register_adapter(self, uid: int, spec: AdapterSpec) -> None:
         self.specs[uid] = spec
@@ -272,7 +284,9 @@ class ModelRunner:
         if not batch.sample_rows:
             return RunnerOutput([None] * len(out.seqs))
         rows = torch.tensor(batch.sample_rows, device=self.device)
+        self.slots.state.head_slots = [out.seqs[i].lora_slot for i in batch.sample_seqs]  # trained lm_heads
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] float32
+        self.slots.state.head_slots = []
         seqs = [out.seqs[i] for i in batch.sample_seqs]
         params = [s.sampling if isinstance(s.sampling, SamplingParams) else _GREEDY for s in seqs]
         if self.logits_hook is not None:

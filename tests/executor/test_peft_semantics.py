@@ -15,7 +15,7 @@ import pytest
 
 from loramux.executor.lora import REFUSED_FIELDS, SERVED_FIELDS
 from tests.executor.test_equality import assert_equal, make_llm, prompts, run
-from tests.hf_factory import PeftOracle, TinyModel
+from tests.hf_factory import VOCAB, PeftOracle, TinyModel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,32 +28,47 @@ def _peft_adapter(tm, out: Path, seed: int, **kw) -> Path:
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(tm.path)
     pm = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kw))
-    with torch.no_grad():  # DoRA starts with magnitude = the norm (a scale of 1): move it, as training does
+    with (
+        torch.no_grad()
+    ):  # these start as copies of the base (DoRA: a scale of 1): move them, as training does
         for name, p in pm.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.5 * torch.randn_like(p))
+            elif "modules_to_save" in name or "trainable_tokens_delta" in name:
+                p.add_(0.05 * torch.randn_like(p))
     pm.save_pretrained(out)
     return out
 
 
-class SoloOracle(PeftOracle):
-    """PEFT one row at a time (`set_adapter`, or the adapters disabled for the base model): PEFT
-    refuses `adapter_names` batches once a DoRA adapter is loaded."""
+class SoloOracle:
+    """transformers+PEFT one row at a time, each adapter in a PeftModel of its own (PEFT refuses
+    `adapter_names` batches with DoRA, and one model cannot hold trained tokens over an embedding
+    LoRA); the base model alone for base rows."""
+
+    def __init__(self, tm: TinyModel) -> None:
+        self.tm = tm
+        self.models: dict = {}
+
+    def _model(self, name):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        if name not in self.models:
+            base = AutoModelForCausalLM.from_pretrained(self.tm.path, dtype=torch.float32)
+            model = base if name is None else PeftModel.from_pretrained(base, self.tm.adapters[name])
+            self.models[name] = model.eval()
+        return self.models[name]
 
     def greedy(self, prompts, adapters, n):
         import torch
 
         tokens, logits = [], []
         for p, name in zip(prompts, adapters, strict=True):
-            seq, rows = torch.tensor([p]), []
+            model, seq, rows = self._model(name), torch.tensor([p]), []
             for _ in range(n):
                 with torch.no_grad():
-                    if name is None:
-                        with self.model.disable_adapter():
-                            row = self.model(input_ids=seq).logits[0, -1].float()
-                    else:
-                        self.model.set_adapter(name)
-                        row = self.model(input_ids=seq).logits[0, -1].float()
+                    row = model(input_ids=seq).logits[0, -1].float()
                 rows.append(row)
                 seq = torch.cat([seq, row.argmax().view(1, 1)], dim=1)
             tokens.append(seq[0, len(p) :].tolist())
@@ -93,6 +108,11 @@ def served(tiny_models, tmp_path_factory):
         "dora_all": _peft_adapter(
             tm, root / "dora_all", 14, r=8, lora_alpha=16, use_dora=True, target_modules="all-linear"
         ),
+        "emb": _peft_adapter(tm, root / "emb", 15, r=8, target_modules=["embed_tokens", "q_proj"]),
+        "head": _peft_adapter(tm, root / "head", 16, r=4, target_modules=qv, modules_to_save=["lm_head"]),
+        "toks": _peft_adapter(
+            tm, root / "toks", 17, r=4, target_modules=qv, trainable_token_indices=list(range(3, 512, 4))
+        ),
     }
     return TinyModel("llama", tm.path, adapters)
 
@@ -101,7 +121,8 @@ def test_S1_1_defaults_and_needless_refusals_are_served_as_peft_serves_them(serv
     names = [None, "no_alpha", "bias_all", "r8_all", "no_alpha"]
     ps = prompts(len(names), 10, seed=3)
     tokens, logits, _ = run(make_llm(served), served, ps, names)
-    assert_equal(PeftOracle(served), ps, names, tokens, logits)
+    plain = TinyModel("llama", served.path, {n: served.adapters[n] for n in names if n})
+    assert_equal(PeftOracle(plain), ps, names, tokens, logits)  # PEFT's own mixed batch
     assert tokens[1] != tokens[0], "the adapter without lora_alpha should change the base output"
 
 
@@ -113,6 +134,21 @@ def test_S1_1_dora_rows_mixed_with_lora_and_base_rows_equal_peft(served):
     tokens, logits, _ = run(llm, served, ps, names)
     assert_equal(SoloOracle(served), ps, names, tokens, logits)
     assert tokens[0] != tokens[1] and tokens[2] != tokens[1], "DoRA adapters should change the output"
+
+
+def test_S1_1_embedding_lora_trained_tokens_and_a_trained_lm_head_mix_with_the_rest_as_peft(served):
+    """Each row its own vocabulary parts: a LoRA on embed_tokens, trained token rows, a whole
+    trained lm_head, beside plain LoRA, DoRA and base rows, over prefill chunks and decodes."""
+    names = ["emb", None, "head", "toks", "r8_all", "dora_qv", "emb", "head"]
+    ps = prompts(len(names), 11, seed=6)
+    llm = make_llm(served, max_loras=6)
+    tokens, logits, _ = run(llm, served, ps, names)
+    assert_equal(SoloOracle(served), ps, names, tokens, logits)
+    for i in (0, 2, 3):
+        assert tokens[i] != tokens[1], f"{names[i]} should change the base output"
+    info = {a.name: a for a in llm.engine.list_loras()}
+    vocab, hidden = VOCAB, 64
+    assert info["head"].nbytes >= vocab * hidden * 4  # the whole lm_head counts in its bytes
 
 
 def test_S1_1_dora_on_a_model_with_biases_equals_peft(tiny_models, tmp_path):
@@ -137,7 +173,8 @@ def test_S1_1_dora_on_a_model_with_biases_equals_peft(tiny_models, tmp_path):
         ("alora_invocation_tokens", [5, 6], "applies the adapter only from the invocation tokens on"),
         ("layer_replication", [[0, 1], [0, 2]], "train without layer_replication"),
         ("lora_bias", True, "train with lora_bias=false"),
-        ("trainable_token_indices", [3, 4], "train without them"),
+        ("trainable_token_indices", [3, 4], "is set but the file holds no trained tokens"),
+        ("modules_to_save", ["score"], "serves a trained lm_head only"),
         ("use_qalora", True, "pools its input in groups"),
         ("target_parameters", ["mlp.experts"], "target the linear layers instead"),
         ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
@@ -177,3 +214,20 @@ def test_the_docs_table_lists_every_field_as_the_code_does():
     assert peft_fields <= SERVED_FIELDS | set(REFUSED_FIELDS), (
         peft_fields - SERVED_FIELDS - set(REFUSED_FIELDS)
     )
+
+
+def test_S1_1_vocabulary_parts_loramux_cannot_serve_exactly_are_refused(served, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    llm = make_llm(served)
+    lora_head = _edit_config(served.adapters["r8_all"], tmp_path / "lora_head", target_modules=["lm_head"])
+    with pytest.raises(ValueError, match=r"puts LoRA on lm_head.*modules_to_save"):
+        llm.engine.add_lora("lora_head", str(lora_head))
+    # an embedding LoRA saved over another base embedding (a resized or retrained vocabulary)
+    other = _edit_config(served.adapters["emb"], tmp_path / "other_base")
+    tensors = load_file(other / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"] += 1.0
+    save_file(tensors, other / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="carries a base embedding that differs from this model's"):
+        llm.engine.add_lora("other_base", str(other))
+    assert llm.engine.lora_names() == []

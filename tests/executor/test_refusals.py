@@ -58,18 +58,6 @@ def make_peft(tm, tmp_path, name, **kw):
     return tmp_path / name
 
 
-def test_modules_to_save_is_refused(llm, tiny_models, tmp_path):
-    d = make_peft(
-        tiny_models["llama"], tmp_path, "mts", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]
-    )
-    refuse(llm, d, "modules_to_save")
-
-
-def test_embedding_adapter_is_refused(llm, tiny_models, tmp_path):
-    d = make_peft(tiny_models["llama"], tmp_path, "emb", r=4, target_modules=["embed_tokens"])
-    refuse(llm, d, r"adapts \['embed_tokens'\]: embedding and lm_head adapters are not supported")
-
-
 def test_target_module_the_model_does_not_have(llm, tiny_models, tmp_path):
     d = copy_adapter(tiny_models["llama"].adapters["r1_qv"], tmp_path / "gpt2ish")
     cfg = json.loads((d / "adapter_config.json").read_text())
