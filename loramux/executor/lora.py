@@ -73,9 +73,9 @@ SERVED_FIELDS = {
     "inference_mode", "megatron_core",
 }  # fmt: skip
 REFUSED_FIELDS = {
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies the adapter only from "
-    "the invocation tokens on, which loramux does not do (it would apply it to every token); serve it "
-    "with PEFT, or train a plain LoRA adapter",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not served yet: it applies the "
+    "adapter only from the invocation tokens on and shares the KV before them with the base model, which "
+    "loramux's per-adapter prefix cache does not do; serve it with PEFT, or train a plain LoRA adapter",
     "layer_replication": "layer_replication builds a deeper model than the base; loramux serves the "
     "base model's layers only: train without layer_replication",
     "lora_bias": "a bias on LoRA's B (lora_bias) is not supported; train with lora_bias=false",

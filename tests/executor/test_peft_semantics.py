@@ -170,7 +170,7 @@ def test_S1_1_dora_on_a_model_with_biases_equals_peft(tiny_models, tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("alora_invocation_tokens", [5, 6], "applies the adapter only from the invocation tokens on"),
+        ("alora_invocation_tokens", [5, 6], "shares the KV before them with the base model"),
         ("layer_replication", [[0, 1], [0, 2]], "train without layer_replication"),
         ("lora_bias", True, "train with lora_bias=false"),
         ("trainable_token_indices", [3, 4], "is set but the file holds no trained tokens"),
@@ -231,3 +231,42 @@ def test_S1_1_vocabulary_parts_loramux_cannot_serve_exactly_are_refused(served, 
     with pytest.raises(ValueError, match="carries a base embedding that differs from this model's"):
         llm.engine.add_lora("other_base", str(other))
     assert llm.engine.lora_names() == []
+
+
+CONFIGS = {  # LoraConfig kwargs of adapters PEFT makes, served exactly (issue 29's "12 that work")
+    "all_linear": dict(r=8, target_modules="all-linear"),
+    "rslora": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "o_proj"]),
+    "rank_pattern": dict(r=4, rank_pattern={"q_proj": 8}, target_modules=["q_proj", "v_proj"]),
+    "alpha_pattern": dict(
+        r=4, lora_alpha=4, alpha_pattern={"v_proj": 32}, target_modules=["q_proj", "v_proj"]
+    ),
+    "regex_targets": dict(r=4, target_modules=r".*\.(q_proj|down_proj)"),
+    "some_layers": dict(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+    "layers_pattern": dict(r=4, target_modules=["k_proj"], layers_to_transform=[0], layers_pattern="layers"),
+    "exclude": dict(r=4, target_modules="all-linear", exclude_modules=["down_proj", "up_proj"]),
+    "dropout": dict(r=4, lora_dropout=0.3, target_modules=["q_proj", "v_proj"]),
+    "mlp_r32": dict(r=32, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+}
+
+
+@pytest.mark.parametrize("config", [*CONFIGS, "bf16_weights", "gaussian_init"])
+def test_S1_1_each_served_configuration_equals_peft_in_a_mixed_batch(served, tmp_path, config):
+    """Two prompts under the adapter, beside base rows and another adapter's rows, one batch."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tm = served
+    if config in CONFIGS:
+        path = _peft_adapter(tm, tmp_path / config, 31, **CONFIGS[config])
+    elif config == "bf16_weights":  # weights saved in bfloat16, served at the model's float32
+        path = _peft_adapter(tm, tmp_path / config, 32, r=8, target_modules=["q_proj", "v_proj"])
+        f = path / "adapter_model.safetensors"
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f)
+    else:  # an initialisation that only starts training: the saved weights are what counts
+        made = _peft_adapter(tm, tmp_path / "made", 33, r=4, target_modules=["v_proj"])
+        path = _edit_config(made, tmp_path / config, init_lora_weights="gaussian")
+    model = TinyModel("llama", tm.path, {config: path, "r8_all": tm.adapters["r8_all"]})
+    names = [config, None, "r8_all", config]
+    ps = prompts(len(names), 9, seed=7)
+    tokens, logits, _ = run(make_llm(model), model, ps, names)
+    assert_equal(SoloOracle(model), ps, names, tokens, logits)
