@@ -86,13 +86,15 @@ class KVCacheManager:
         """Cached full pages of `req`'s known tokens, leaving at least one token to compute."""
         assert not req.page_ids, f"{req!r} already holds pages"
         max_pages = (req.num_tokens - 1) // self.page_size
-        hit = self.cache.match(req.adapter_uid, req.token_ids, max_pages)
+        if req.lora_start:  # activated LoRA: only the pages before its start are the base model's
+            max_pages = min(max_pages, req.lora_start // self.page_size)
+        hit = self.cache.match(req.cache_uid, req.token_ids, max_pages)
         self._cursors[req.request_id] = hit.cursor
         return PrefixHit(hit.pages, hit.host, (len(hit.pages) + len(hit.host)) * self.page_size)
 
     def undo_match(self, req: Request, hit: PrefixHit) -> None:
         """Give back a match whose request was not admitted after all."""
-        self.cache.unmatch(req.adapter_uid, MatchResult(hit.pages, hit.host, None))
+        self.cache.unmatch(req.cache_uid, MatchResult(hit.pages, hit.host, None))
         self._cursors.pop(req.request_id, None)
 
     def can_allocate(self, num_pages: int) -> bool:
@@ -170,11 +172,13 @@ class KVCacheManager:
     def cache_computed(self, req: Request) -> None:
         """Offer `req`'s newly full, computed pages to the prefix cache, in its namespace."""
         full = req.num_computed_tokens // self.page_size
+        if req.lora_start:  # activated LoRA: pages from its start on are its own, never shared
+            full = min(full, req.lora_start // self.page_size)
         if full <= req.num_inserted_pages:
             return
         rid = req.request_id
         res = self.cache.insert(
-            req.adapter_uid,
+            req.cache_uid,
             self._cursors.get(rid),
             req.token_ids,
             req.page_ids,
@@ -192,7 +196,7 @@ class KVCacheManager:
 
     def free(self, req: Request) -> None:
         """Release all of `req`'s pages (finish, abort or preemption)."""
-        self.cache.release(req.adapter_uid, req.page_ids)
+        self.cache.release(req.cache_uid, req.page_ids)
         req.page_ids = ()
         req.num_inserted_pages = 0
         self._cursors.pop(req.request_id, None)

@@ -33,6 +33,7 @@ class ScheduledSeq(NamedTuple):
     # its tokens are the prompt: what repetition, frequency and presence penalties count.
     context: Sequence[int] = ()
     num_prompt: int = 0
+    lora_start: int = 0  # activated LoRA: positions before this one are computed without the adapter
 
 
 @dataclass(frozen=True)

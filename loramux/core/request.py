@@ -64,6 +64,9 @@ class Request:
     ignore_eos: bool = False
     min_tokens: int = 0
     queue_deadline: float = math.inf  # clock time by which it must have been scheduled once
+    # Activated LoRA: the adapter applies from this position on; the tokens before it are the base
+    # model's, so their KV is cached (and found) in the base model's namespace. 0: every token.
+    lora_start: int = 0
     # Opaque to the control plane: the executor's sampling parameters.
     sampling: Any = None
 
@@ -118,6 +121,12 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def cache_uid(self) -> int | None:
+        """The prefix-cache namespace of its KV: the adapter's, or the base model's for the
+        tokens before an activated LoRA's start (the only ones it caches)."""
+        return self.adapter_uid if self.lora_start == 0 else None
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -435,7 +435,7 @@ class Scheduler:
         requests, kv = self.requests, self.kv
         ps, RUNNING = kv.page_size, RequestStatus.RUNNING
         errors = result.errors or {}
-        for (rid, computing, _, _, _, _, sample, _, _, _, _), token in zip(
+        for (rid, computing, _, _, _, _, sample, _, _, _, _, _), token in zip(
             out.seqs, result.sampled_token_ids, strict=True
         ):
             req = requests.get(rid)
@@ -578,5 +578,6 @@ def _hand_off(req: Request, start: int, n: int, new: Callable = tuple.__new__) -
             req.stop_ids if min_tokens and len(ids) - num_prompt < min_tokens else _NO_IDS,
             ids,
             num_prompt,
+            req.lora_start,
         ),
     )

@@ -155,6 +155,7 @@ class LLMEngine:
         )
         self._states: dict[str, _State] = {}
         self._adapter_paths: dict[str, str] = {}
+        self._invocations: dict[str, tuple[int, ...]] = {}  # activated LoRAs: adapter -> invocation tokens
         self.dead: EngineDeadError | None = None
         self._followers: dict[str, list[Request]] = {}  # leader id -> samples waiting for its prefill
         self._pending: list[RequestOutput] = []  # outputs made between steps, returned by the next one
@@ -190,6 +191,9 @@ class LLMEngine:
         info = self.scheduler.register_adapter(name, spec.version, spec.rank, spec.nbytes, path, pinned)
         self.executor.register_adapter(info.uid, spec)
         self._adapter_paths[name] = str(path)
+        self._invocations.pop(name, None)
+        if getattr(spec, "invocation", ()):  # activated LoRA
+            self._invocations[name] = tuple(spec.invocation)
         self._publish_kv_events()
         return info
 
@@ -229,6 +233,7 @@ class LLMEngine:
     def remove_lora(self, name: str) -> AdapterInfo:
         info = self.scheduler.unregister_adapter(name)
         self._adapter_paths.pop(name, None)
+        self._invocations.pop(name, None)
         self._publish_kv_events()  # the namespace's idle pages went with it
         return info
 
@@ -352,6 +357,7 @@ class LLMEngine:
             min_tokens=params.min_tokens,
             queue_deadline=math.inf if params.max_queue_time is None else now + params.max_queue_time,
             sampling=params,
+            lora_start=_activation(ids, self._invocations.get(lora_name or "", ())),
         )
         if after is not None and after in self._followers:
             self._followers[after].append(req)  # checked like any other request when released
@@ -632,6 +638,22 @@ class LLMEngine:
             h["max_output_len"].add(g.longest)
             if g.max_tokens is not None:
                 h["max_tokens"].add(g.max_tokens)
+
+
+def _activation(ids: list[int], invocation: tuple[int, ...]) -> int:
+    """Where an activated LoRA starts to apply, as PEFT finds it: the start of the last occurrence
+    of its invocation tokens in the prompt (the output after it is adapted too). 0 for a plain
+    adapter; past any position when the prompt lacks them (PEFT then serves the base model)."""
+    if not invocation:
+        return 0
+    n = len(invocation)
+    for start in range(len(ids) - n, -1, -1):
+        if tuple(ids[start : start + n]) == invocation:
+            return start
+    return NEVER
+
+
+NEVER = 1 << 62  # a lora_start no request reaches
 
 
 def _eos_ids(model_path: str, tokenizer: Any) -> set[int]:

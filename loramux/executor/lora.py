@@ -67,15 +67,12 @@ _KEY = re.compile(
 SERVED_FIELDS = {
     "r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora", "target_modules",
     "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout", "bias", "use_dora",
-    "modules_to_save", "trainable_token_indices",
+    "modules_to_save", "trainable_token_indices", "alora_invocation_tokens",
     "init_lora_weights", "eva_config", "runtime_config", "ensure_weight_tying", "qalora_group_size",
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "megatron_core",
 }  # fmt: skip
 REFUSED_FIELDS = {
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not served yet: it applies the "
-    "adapter only from the invocation tokens on and shares the KV before them with the base model, which "
-    "loramux's per-adapter prefix cache does not do; serve it with PEFT, or train a plain LoRA adapter",
     "layer_replication": "layer_replication builds a deeper model than the base; loramux serves the "
     "base model's layers only: train without layer_replication",
     "lora_bias": "a bias on LoRA's B (lora_bias) is not supported; train with lora_bias=false",
@@ -112,6 +109,7 @@ class AdapterSpec:
     modules: dict[Module, tuple[int, float]] = field(repr=False)  # -> (rank, scaling)
     dora: bool = False  # DoRA: each module also has a magnitude vector
     vocab: VocabSpec | None = None  # embedding LoRA, trained tokens, a trained lm_head
+    invocation: tuple[int, ...] = ()  # activated LoRA: it applies from the last occurrence of these on
 
 
 @dataclass
@@ -177,7 +175,13 @@ def inspect_adapter(
     nbytes = sum((r + dora) * sum(shapes[m]) for (_, m), (r, _) in modules.items())
     nbytes = (nbytes + (parts.nbytes(vocab[0], vocab[1]) if parts else 0)) * elem_size
     digest = _digest(cfg_file.read_bytes(), weights_file.read_bytes())
-    return AdapterSpec(str(p), digest, rank, nbytes, modules, dora, parts)
+    invocation = tuple(int(t) for t in cfg.get("alora_invocation_tokens") or ())
+    if invocation and (dora or parts is not None):
+        raise ValueError(
+            f"{str(p)!r}: activated LoRA (alora_invocation_tokens) with DoRA or vocabulary parts is not "
+            f"supported; an aLoRA adapter may hold plain LoRA on the projections only"
+        )
+    return AdapterSpec(str(p), digest, rank, nbytes, modules, dora, parts, invocation)
 
 
 def _digest(config: bytes, weights: bytes) -> str:

@@ -354,11 +354,12 @@ class ModelRunner:
                 slots = (pages.unsqueeze(1) * ps + torch.arange(ps, device=self.device)).view(-1)
                 slot_mapping.append(slots[s.start_pos : ctx])
                 prefills.append(PrefillChunk(t0, t0 + n, s.start_pos, pages))
-            if s.lora_slot is not None:
-                if segments and segments[-1][0] == s.lora_slot:
+            first = t0 + max(0, s.lora_start - s.start_pos)  # activated LoRA: the rows from its start
+            if s.lora_slot is not None and first < t0 + n:
+                if segments and segments[-1][0] == s.lora_slot and segments[-1][2] == first:
                     segments[-1] = (s.lora_slot, segments[-1][1], t0 + n)
                 else:
-                    segments.append((s.lora_slot, t0, t0 + n))
+                    segments.append((s.lora_slot, first, t0 + n))
             if s.sample:
                 sample_rows.append(t0 + n - 1)
                 sample_seqs.append(i)

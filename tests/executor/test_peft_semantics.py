@@ -66,6 +66,16 @@ class SoloOracle:
         tokens, logits = [], []
         for p, name in zip(prompts, adapters, strict=True):
             model, seq, rows = self._model(name), torch.tensor([p]), []
+            if name is not None and getattr(model.active_peft_config, "alora_invocation_tokens", None):
+                # activated LoRA: PEFT's generate finds the invocation in the prompt once
+                with torch.no_grad():
+                    out = model.generate(
+                        input_ids=seq, max_new_tokens=n, do_sample=False, output_logits=True,
+                        return_dict_in_generate=True, pad_token_id=0,
+                    )  # fmt: skip
+                tokens.append(out.sequences[0, len(p) :].tolist())
+                logits.append([step[0].float() for step in out.logits])
+                continue
             for _ in range(n):
                 with torch.no_grad():
                     row = model(input_ids=seq).logits[0, -1].float()
@@ -170,7 +180,6 @@ def test_S1_1_dora_on_a_model_with_biases_equals_peft(tiny_models, tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("alora_invocation_tokens", [5, 6], "shares the KV before them with the base model"),
         ("layer_replication", [[0, 1], [0, 2]], "train without layer_replication"),
         ("lora_bias", True, "train with lora_bias=false"),
         ("trainable_token_indices", [3, 4], "is set but the file holds no trained tokens"),
@@ -270,3 +279,40 @@ def test_S1_1_each_served_configuration_equals_peft_in_a_mixed_batch(served, tmp
     ps = prompts(len(names), 9, seed=7)
     tokens, logits, _ = run(make_llm(model), model, ps, names)
     assert_equal(SoloOracle(model), ps, names, tokens, logits)
+
+
+def test_S1_1_activated_lora_applies_from_its_invocation_on_and_shares_the_base_kv_before_it(
+    served, tmp_path
+):
+    """aLoRA as PEFT's generate serves it: the adapter from the last occurrence of the invocation
+    tokens in the prompt on (the output too), the base model before it and everywhere when the
+    prompt lacks them; the KV before the invocation is the base model's and is found in the base
+    model's prefix cache."""
+    inv = [7, 8, 9]
+    path = _peft_adapter(
+        served,
+        tmp_path / "alora",
+        41,
+        r=8,
+        target_modules=["q_proj", "v_proj", "o_proj"],
+        alora_invocation_tokens=inv,
+    )
+    model = TinyModel("llama", served.path, {"alora": path, "r8_all": served.adapters["r8_all"]})
+    prefix = prompts(1, 20, seed=8)[0]
+    p_after = prefix + inv + [33, 44]  # invoked after a 20-token prefix
+    p_twice = prefix[:10] + inv + prefix[10:] + inv  # two occurrences: the last one counts
+    p_none = prefix + [5, 6]  # not invoked: the base model's output
+    names = ["alora", "alora", "alora", None, "r8_all", None]
+    ps = [p_after, p_twice, p_none, p_after, p_after, p_none]
+    llm = make_llm(model)
+    tokens, logits, _ = run(llm, model, ps, names)
+    assert_equal(SoloOracle(model), ps, names, tokens, logits)
+    assert tokens[0] != tokens[3], "invoked, the adapter should change the output"
+    assert tokens[2] == tokens[5], "not invoked, the output is the base model's"
+    # The base model's KV of the prefix, cached by a base request, serves the aLoRA request.
+    llm = make_llm(model)
+    run(llm, model, [prefix + [1, 2, 3, 4]], [None])
+    _, _, outs = run(llm, model, [p_after], ["alora"])
+    assert outs[0].num_cached_tokens == 20
+    _, _, outs = run(llm, model, [p_after], ["r8_all"])  # a plain adapter has its own namespace
+    assert outs[0].num_cached_tokens == 0
