@@ -476,6 +476,7 @@ class LoRALinear(nn.Module):
         self.dora_slots: set[int] = set()
         self.dora_scale: torch.Tensor | None = None  # [S + 1, out]
         self.dora_shift: torch.Tensor | None = None  # [S + 1, out], (1 - g) * b, when W has a bias
+        self._w_sq: torch.Tensor | None = None  # |W_i|^2 per output row, for the DoRA norms
 
     def load(
         self, slot: int, a: torch.Tensor, bt: torch.Tensor, magnitude: torch.Tensor | None = None
@@ -501,8 +502,14 @@ class LoRALinear(nn.Module):
             )
             if b is not None:
                 self.dora_shift = torch.zeros_like(self.dora_scale)
-        # PEFT's DoRA: the L2 norm over the input dimension of W + scaling * B A, per output row.
-        norm = torch.linalg.norm(w.float() + bt.float().t() @ a.float(), dim=1)
+        # PEFT's DoRA: the L2 norm over the input dimension of W + scaling * B A, per output row,
+        # without making the out x in matrix: |W_i|^2 + 2 (W A^T)_i . sB_i + sB_i (A A^T) sB_i^T.
+        if self._w_sq is None:
+            self._w_sq = w.float().square().sum(1)
+        a32, sb = a.float(), bt.float().t()  # [r, in], [out, r]
+        cross = ((w.float() @ a32.t()) * sb).sum(1)
+        ba_sq = ((sb @ (a32 @ a32.t())) * sb).sum(1)
+        norm = (self._w_sq + 2 * cross + ba_sq).clamp_min(0).sqrt()
         g = magnitude.to(w.device).float() / norm
         self.dora_scale[slot].copy_(g)
         if self.dora_shift is not None and b is not None:
