@@ -640,6 +640,9 @@ class LLMEngine:
                 h["max_tokens"].add(g.max_tokens)
 
 
+NEVER = 1 << 62  # a lora_start no request reaches
+
+
 def _activation(ids: list[int], invocation: tuple[int, ...]) -> int:
     """Where an activated LoRA starts to apply, as PEFT finds it: the start of the last occurrence
     of its invocation tokens in the prompt (the output after it is adapted too). 0 for a plain
@@ -651,9 +654,6 @@ def _activation(ids: list[int], invocation: tuple[int, ...]) -> int:
         if tuple(ids[start : start + n]) == invocation:
             return start
     return NEVER
-
-
-NEVER = 1 << 62  # a lora_start no request reaches
 
 
 def _eos_ids(model_path: str, tokenizer: Any) -> set[int]:

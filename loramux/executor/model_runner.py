@@ -191,7 +191,7 @@ class ModelRunner:
             path, a.num_layers, a.module_shapes(), self.max_lora_rank, self.dtype.itemsize, vocab
         )
         if spec.vocab is not None and spec.vocab.base_embedding:  # PEFT saves it with embedding LoRA
-            saved = base_embedding_in_file((Path(path) / "adapter_model.safetensors").read_bytes())
+            saved = base_embedding_in_file(Path(path) / "adapter_model.safetensors")
             if not torch.equal(saved.to(self.device, self.dtype), self.slots.embedding.weight):
                 raise ValueError(
                     f"{path!r} carries a base embedding that differs from this model's (a resized or "

@@ -140,10 +140,12 @@ def read_vocab_parts(raw: dict[str, torch.Tensor], spec: VocabSpec, dtype: torch
     return VocabWeights(embed, tokens, head)
 
 
-def base_embedding_in_file(blob: bytes) -> torch.Tensor:
-    from safetensors.torch import load
+def base_embedding_in_file(weights_file: Path) -> torch.Tensor:
+    """The base embedding PEFT saved beside an embedding LoRA (only that tensor is read)."""
+    from safetensors import safe_open
 
-    return load(blob)[_EMBED + "base_layer.weight"]
+    with safe_open(str(weights_file), framework="pt") as f:
+        return f.get_tensor(_EMBED + "base_layer.weight")
 
 
 class AdapterEmbedding(nn.Module):
@@ -152,8 +154,11 @@ class AdapterEmbedding(nn.Module):
     def __init__(self, base: nn.Embedding, state: Any) -> None:
         super().__init__()
         self.base, self.state = base, state
-        self.weight = base.weight  # a tied lm_head still finds the embedding here
         self.parts: dict[int, VocabWeights] = {}  # slot -> its embedding parts, on the device
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
 
     def load(self, slot: int, w: VocabWeights | None) -> None:
         dev = self.base.weight.device
