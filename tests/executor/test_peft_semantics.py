@@ -316,3 +316,20 @@ def test_S1_1_activated_lora_applies_from_its_invocation_on_and_shares_the_base_
     assert outs[0].num_cached_tokens == 20
     _, _, outs = run(llm, model, [p_after], ["r8_all"])  # a plain adapter has its own namespace
     assert outs[0].num_cached_tokens == 0
+
+
+def test_S1_1_trained_biases_and_trained_tokens_on_a_tied_model_are_refused(tiny_models, tmp_path):
+    """Qwen2 has q/k/v biases and an lm_head tied to the embedding."""
+    tm = tiny_models["qwen2"]
+    llm = make_llm(tm)
+    biased = _peft_adapter(tm, tmp_path / "biased", 51, r=4, target_modules=["q_proj"], bias="all")
+    with pytest.raises(
+        ValueError, match=r"bias='all' trained the base model's biases .*train with bias='none'"
+    ):
+        llm.engine.add_lora("biased", str(biased))
+    toks = _peft_adapter(
+        tm, tmp_path / "toks", 52, r=4, target_modules=["q_proj"], trainable_token_indices=[3, 4]
+    )
+    with pytest.raises(ValueError, match="lm_head shares the embedding"):
+        llm.engine.add_lora("toks", str(toks))
+    assert llm.engine.lora_names() == []
