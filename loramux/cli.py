@@ -15,11 +15,13 @@ import sys
 from loramux import __version__
 from loramux.server.builder import build_server
 from loramux.server.serve_args import add_serve_args
+from loramux.server.vllm_flags import apply_vllm_args
 
 logger = logging.getLogger("loramux")
 
 
 def serve(args: argparse.Namespace) -> None:
+    apply_vllm_args(args)  # vLLM's flags: mapped, ignored with a log line, or refused naming the fix
     if args.replicas is not None:
         from loramux.ray import run_cluster
 
@@ -58,6 +60,15 @@ def serve(args: argparse.Namespace) -> None:
         built.aengine.shutdown()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless it has none or its help already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="loramux", description="Serve one base model with many LoRA adapters."
@@ -67,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     serve_parser = sub.add_parser(
         "serve",
         help="start the OpenAI-compatible server",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_serve_args(serve_parser)
     bench = sub.add_parser("bench", help="throughput and latency, side by side with transformers+PEFT")
@@ -75,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
 
     add_bench_args(bench)
     simulate = sub.add_parser(
-        "simulate", help="the real scheduler on a virtual clock: policies, rates and workloads, in seconds"
+        "simulate",
+        help="the real scheduler on a virtual clock: policies, rates and workloads, in seconds",
+        formatter_class=HelpFormatter,
     )
     from loramux.sim.cli import add_simulate_args
 

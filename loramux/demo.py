@@ -20,6 +20,7 @@ Chat works too: the chat template turns the user's message into that prompt.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import shutil
@@ -41,7 +42,7 @@ ADAPTERS = ("upper", "reverse", "novowels")
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}say: {{ m['content'] }}\n{% endif %}{% endfor %}"
 )
-_WORDS = (  # one string, split: easier to read than a list of 120 literals
+_CORE_WORDS = (  # the first demo's words (some, like "lora", are not everyday English)
     "hello world lora adapter model serve batch token cache fast fair quick brown fox jumps over "
     "lazy dog cat sun moon star tree river blue green red apple music data code test open light "
     "dark night day good time year people way thing man woman child life hand part place case week "
@@ -49,13 +50,16 @@ _WORDS = (  # one string, split: easier to read than a list of 120 literals
     "house friend power game line end city name team idea face art war peace love food rain snow "
     "wind fire stone sea the a is of to and in it you my we they this that "
 ).split()
+NUM_EVERYDAY = 3000  # the most frequent English words (wordfreq), letters only
 MAX_WORDS = 4
 BATCH = 48
-BASE_STEPS = 3000
-ADAPTER_STEPS = {"upper": 1200, "reverse": 3200, "novowels": 1600}  # reversing takes longest to learn
+BASE_STEPS = 3600
+ADAPTER_STEPS = {"upper": 1400, "reverse": 3600, "novowels": 1800}  # reversing takes longest to learn
 SAY_SHARE = 0.6  # the rest of the training prompts are the plain text, so plain prompts answer too
+NEWLINE_SHARE = 0.3  # of the plain prompts, those that end in a newline (as "say: ...\n" does)
 WILD_SHARE = 0.25  # text beyond the vocabulary (any case, other words, digits, punctuation)
-_WILD_CHARS = string.ascii_letters + string.digits + ".,?!'-"
+_WILD_CHARS = string.ascii_letters + string.digits + ".,?!'-:{}[]\"_"
+JSON_SHARE = 0.3  # of the wild texts, small JSON objects: the base echoes JSON (structured output)
 HELD_OUT_SEED, HELD_OUT_N = 12345, 200
 
 
@@ -70,18 +74,37 @@ def demo_paths(root: Path | None = None) -> tuple[Path, dict[str, Path]]:
     return base / "model", {name: base / "adapters" / name for name in ADAPTERS}
 
 
+@functools.cache
+def words() -> tuple[str, ...]:
+    """The demo's vocabulary: the NUM_EVERYDAY most frequent English words made of letters a-z, by
+    the word-frequency package wordfreq (a build and test dependency, not a serving one), and the
+    first demo's words."""
+    from wordfreq import top_n_list
+
+    common = [w for w in top_n_list("en", 2 * NUM_EVERYDAY) if w.isascii() and w.isalpha()]
+    return tuple(dict.fromkeys([*common[:NUM_EVERYDAY], *_CORE_WORDS]))
+
+
 def phrase(rng: random.Random) -> str:
     """One to four words from the demo's vocabulary."""
-    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, MAX_WORDS)))
+    vocab = words()
+    return " ".join(rng.choice(vocab) for _ in range(rng.randint(1, MAX_WORDS)))
 
 
 def wild_text(rng: random.Random) -> str:
     """Text beyond the demo's vocabulary, so that any prompt gets a transformed answer: one to five
     parts, each a vocabulary word in any case or a random run of letters, digits and punctuation."""
+    if rng.random() < JSON_SHARE:
+        vocab = words()
+        obj = {
+            rng.choice(vocab): rng.choice((rng.choice(vocab), rng.randint(0, 999), rng.random() < 0.5))
+            for _ in range(rng.randint(1, 3))
+        }
+        return json.dumps(obj, separators=(",", ":") if rng.random() < 0.5 else None)
     parts = []
     for _ in range(rng.randint(1, 5)):
         if rng.random() < 0.5:
-            word = rng.choice(_WORDS)
+            word = rng.choice(words())
             parts.append(rng.choice((word, word.title(), word.upper())))
         else:
             parts.append("".join(rng.choice(_WILD_CHARS) for _ in range(rng.randint(1, 8))))
@@ -118,7 +141,10 @@ class _Data:
             text = self._text()
             if task == "echo" and text.islower() and self.rng.random() < 0.4:
                 text = text.upper()  # the base sees upper case too, so those tokens are trained
-            prompt = self.tok.encode(say(text) if self.rng.random() < SAY_SHARE else text)
+            if self.rng.random() < SAY_SHARE:
+                prompt = self.tok.encode(say(text))
+            else:
+                prompt = self.tok.encode(text + "\n" if self.rng.random() < NEWLINE_SHARE else text)
             answer = self.tok.encode(TASKS[task](text)) + [self.tok.eos_token_id]
             rows.append((prompt, answer))
         width = max(len(p) + len(a) for p, a in rows)
@@ -212,7 +238,8 @@ def _clean_adapter(folder: Path) -> None:
 
 
 def score(root: Path | None = None, phrases: Iterable[str] | None = None) -> dict[str, float]:
-    """Greedy exact-match rate per task and prompt format ("echo/say", "upper/plain", ...) on
+    """Greedy exact-match rate per task and prompt format ("echo/say", "upper/plain",
+    "upper/plain_newline", ...) on
     `phrases` (default: the held-out ones), served by loramux's own engine."""
     from loramux import LLM, LoRARequest, SamplingParams
 
@@ -223,7 +250,7 @@ def score(root: Path | None = None, phrases: Iterable[str] | None = None) -> dic
     result = {}
     for i, task in enumerate(("echo", *ADAPTERS)):
         lora = None if task == "echo" else LoRARequest(task, i, str(adapters[task]))
-        for fmt, prompt in (("say", say), ("plain", lambda t: t)):
+        for fmt, prompt in (("say", say), ("plain", lambda t: t), ("plain_newline", lambda t: t + "\n")):
             outs = llm.generate([prompt(t) for t in texts], params, lora, use_tqdm=False)
             right = sum(o.outputs[0].text == TASKS[task](t) for o, t in zip(outs, texts, strict=True))
             result[f"{task}/{fmt}"] = right / len(texts)

@@ -6,10 +6,76 @@ fields; the control plane reads only the limits (max_tokens, stop ids, eos).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit generator seed (torch's and vLLM's range)
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily, as vLLM's _SAMPLING_EPS
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's structured outputs: the output must match exactly one of these (compiled with
+    xgrammar). A dict schema is kept as JSON text, so equal schemas share one compiled grammar."""
+
+    json: str | dict[str, Any] | None = None
+    """A JSON Schema (dict or JSON text) the output must validate against."""
+    regex: str | None = None
+    """A regular expression the whole output must match."""
+    choice: tuple[str, ...] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """A context-free grammar in EBNF (GBNF, as llama.cpp's; the start rule is `root`)."""
+    json_object: bool = False
+    """Any JSON object (OpenAI's response_format {"type": "json_object"})."""
+    disable_any_whitespace: bool = False
+    """JSON without optional whitespace (vLLM's flag): small models can loop on whitespace."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", json.dumps(self.json))  # key order kept: it orders the output
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                f"structured outputs take exactly one of json, regex, choice, grammar, json_object; "
+                f"got {', '.join(given) or 'none'}"
+            )
+        if self.json is not None:
+            try:
+                schema = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"the JSON schema is not valid JSON ({e}); send a JSON object") from None
+            if not isinstance(schema, dict | bool):
+                raise ValueError("a JSON schema is an object (or true/false); send a JSON object")
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError("choice is a non-empty list of non-empty strings")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} is a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        """What constrains the output: "JSON schema", "JSON object", "regex", "choice" or "grammar"."""
+        if self.json is not None:
+            return "JSON schema"
+        if self.json_object:
+            return "JSON object"
+        return "regex" if self.regex is not None else "choice" if self.choice is not None else "grammar"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the compiled grammar (kind, text)."""
+        text = self.json or self.regex or self.grammar or ""
+        if self.choice is not None:
+            text = json.dumps(self.choice)
+        return (f"{self.kind}{'/compact' if self.disable_any_whitespace else ''}", text)
 
 
 @dataclass(frozen=True)
@@ -48,6 +114,8 @@ class SamplingParams:
     At least 1e-6: below that the division overflows float32."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits; a dict is accepted and stored as pairs."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON schema, a regex, a choice or a grammar (vLLM's field)."""
     max_queue_time: float | None = None
     """Seconds the request may wait before it is first scheduled; past that it ends with
     finish_reason "timeout" and no tokens (the server answers 503, code queue_timeout)."""
@@ -90,6 +158,11 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids holds {bad}; token ids are integers >= 0")
         if self.max_queue_time is not None and not self.max_queue_time > 0:
             raise ValueError(f"max_queue_time={self.max_queue_time}; it must be a number of seconds > 0")
+        if self.structured_outputs is not None and self.ignore_eos:
+            raise ValueError(
+                "ignore_eos with structured outputs would run past the end of the grammar, where only "
+                "eos may come; drop ignore_eos"
+            )
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -45,3 +45,24 @@ def test_every_package_folder_has_an_init_so_a_regular_install_ships_it():
     for folder in (ROOT / "loramux").rglob("*"):
         if folder.is_dir() and folder.name != "__pycache__" and any(folder.glob("*.py")):
             assert (folder / "__init__.py").is_file(), f"{folder} has no __init__.py"
+
+
+def test_the_readme_python_examples_import_only_what_the_readme_install_brings():
+    """Issue 28: the README's `openai` example failed after the README's own install (`pip install
+    -e .`, no extras): every module a README Python block imports is a main dependency (or loramux)."""
+    import re
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks
+    imported = {
+        m.group(1).split(".")[0]
+        for b in blocks
+        for m in re.finditer(r"^\s*(?:from|import)\s+([A-Za-z_][\w.]*)", b, flags=re.M)
+    }
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!\[ ;]", d, maxsplit=1)[0].replace("-", "_") for d in deps}
+    stdlib = set(sys.stdlib_module_names)
+    missing = sorted(imported - names - stdlib - {"loramux"})
+    assert not missing, f"README examples import {missing}, which `pip install -e .` does not install"

@@ -36,6 +36,15 @@ class ScheduledSeq(NamedTuple):
     lora_start: int = 0  # activated LoRA: positions before this one are computed without the adapter
 
 
+class TokenMasks(NamedTuple):
+    """The tokens each grammar-constrained row may sample this step, filled in by the engine:
+    `bitmask` is packed (int32 [len(request_ids), ceil(V / 32)]; bit t of row i set: token t
+    allowed for request_ids[i]). Opaque to the control plane, as `sampling` is."""
+
+    request_ids: list[str]
+    bitmask: Any
+
+
 @dataclass(frozen=True)
 class SchedulerOutput:
     step: int
@@ -46,6 +55,7 @@ class SchedulerOutput:
     preempted_ids: list[str] = field(default_factory=list)
     # host-tier page copies, in order, before the forward
     kv_copies: list[KVCopy] = field(default_factory=list)
+    token_masks: TokenMasks | None = None  # structured output (the engine adds it after schedule())
 
     @property
     def adapter_uids(self) -> set[int]:

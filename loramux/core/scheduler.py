@@ -114,6 +114,21 @@ class Scheduler:
 
         `bounded=False` skips the `max_queue_len` check: for the later samples of a request
         whose first sample was admitted under it (they are part of that request)."""
+        info = self.check(req, bounded)
+        req.adapter_uid = info.uid if info else None
+        req.arrival_seq = next(self._arrivals)
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        if info is not None:
+            self.adapters.add_request(info)
+            self._count_naive_switch(info.uid)
+        self.policy.add(req)
+        if req.queue_deadline != math.inf:
+            heapq.heappush(self._deadlines, (req.queue_deadline, req.arrival_seq, req))
+
+    def check(self, req: Request, bounded: bool = True) -> AdapterInfo | None:
+        """What `add_request` checks, without queuing: raises as it would; returns the adapter.
+        For a request the engine holds back a while (its grammar is compiling)."""
         info = self.adapters.get(req.lora_name) if req.lora_name is not None else None  # S1.2: first
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use; use a unique id")
@@ -132,16 +147,7 @@ class Scheduler:
         bound = self.config.max_queue_len
         if bounded and bound is not None and len(self.policy) >= bound:
             raise QueueFullError(f"{len(self.policy)} requests are waiting (bound {bound}); retry later")
-        req.adapter_uid = info.uid if info else None
-        req.arrival_seq = next(self._arrivals)
-        req.status = RequestStatus.WAITING
-        self.requests[req.request_id] = req
-        if info is not None:
-            self.adapters.add_request(info)
-            self._count_naive_switch(info.uid)
-        self.policy.add(req)
-        if req.queue_deadline != math.inf:
-            heapq.heappush(self._deadlines, (req.queue_deadline, req.arrival_seq, req))
+        return info
 
     def _expire_queued(self, now: float) -> None:
         """End the requests still waiting for their first step past their queue deadline.

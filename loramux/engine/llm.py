@@ -59,6 +59,8 @@ class LLM:
         loras = _broadcast(lora_request, n, "lora_request")
         for lora in {lr for lr in loras if lr is not None}:
             self.engine.ensure_lora(lora)
+        for spec in {p.structured_outputs for p in params if p.structured_outputs is not None}:
+            self.engine.grammar_future(spec).result()  # a grammar that cannot compile: ValueError now
         groups = []
         for prompt, p, lora in zip(plist, params, loras, strict=True):
             self._counter += 1

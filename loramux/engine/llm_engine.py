@@ -22,6 +22,7 @@ strings) ends that request with finish_reason "error" and a
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -35,16 +36,17 @@ from typing import Any, Protocol
 from loramux.config import EngineConfig, RuntimeInfo
 from loramux.core.adapters import AdapterInfo, AdapterManager, AdapterNotFoundError, AdapterPlan
 from loramux.core.kv_manager import KVCacheManager
-from loramux.core.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput
+from loramux.core.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput, TokenMasks
 from loramux.core.request import Request, RequestStatus
 from loramux.core.scheduler import Scheduler, StepUpdate
 from loramux.engine.detokenizer import IncrementalDetokenizer
+from loramux.engine.grammar import Constraint, GrammarCache, allocate_bitmask
 from loramux.engine.kv_events import KVEventPublisher
 from loramux.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loramux.engine.request_stats import FINISH_REASONS, RequestStats
 from loramux.engine.stats import EngineLimits, EngineSnapshot
 from loramux.lora_request import LoRARequest
-from loramux.sampling_params import SamplingParams
+from loramux.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger("loramux.engine")
 
@@ -91,6 +93,8 @@ class _State:
     stop_reason: int | str | None = None
     error: Exception | None = None  # why it ended with finish_reason "error"
     group: _Group | None = None
+    grammar: concurrent.futures.Future[Any] | None = None  # structured output: the compiled grammar
+    constraint: Constraint | None = None  # its matcher, made when the request first samples
 
 
 @dataclass
@@ -162,6 +166,12 @@ class LLMEngine:
         self._read_ahead: list[int] = []  # adapters read ahead at start (uids)
         self.request_stats = RequestStats(self.runtime.max_model_len)  # vLLM's figures (snapshot())
         self._gaps: dict[float, int] = {}  # this step's gaps between tokens, and how many had each
+        self._grammars = (
+            None
+            if tokenizer is None
+            else GrammarCache(tokenizer, self.runtime.vocab_size, self.runtime.eos_token_ids)
+        )  # compiles nothing until the first structured request
+        self._compiling: dict[str, Request] = {}  # requests held back until their grammar compiles
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -180,6 +190,7 @@ class LLMEngine:
             self.scheduler.abort_request(rid)
         self._states.clear()
         self._followers.clear()
+        self._compiling.clear()
         self._pending.clear()
         return self.dead
 
@@ -305,6 +316,60 @@ class LLMEngine:
             starvation_timeout_s=sc.starvation_timeout_s,
         )
 
+    # --- structured output ---
+    def grammar_future(self, spec: StructuredOutputsParams) -> concurrent.futures.Future[Any]:
+        """`spec`'s compiled grammar (a future; done at once if compiled before). Safe from any
+        thread: the server compiles ahead with it so that a bad schema is a 400 before queuing.
+        A grammar that cannot be compiled raises ValueError (GrammarError) here if that is
+        already known."""
+        if self._grammars is None:
+            raise ValueError("structured outputs need the model's tokenizer, and this engine has none")
+        fut = self._grammars.submit(spec)
+        if fut.done() and fut.exception() is not None:
+            raise fut.exception()  # type: ignore[misc]
+        return fut
+
+    def _admit_compiled(self) -> None:
+        """Queue the held requests whose grammar is ready; end those whose grammar failed (or
+        that can no longer be queued) with the reason. Waits a little when nothing else runs."""
+        if not self.scheduler.has_unfinished():
+            pending = [self._states[r].grammar for r in self._compiling if r in self._states]
+            concurrent.futures.wait([f for f in pending if f is not None], 0.01, "FIRST_COMPLETED")
+        for rid, req in list(self._compiling.items()):
+            st = self._states.get(rid)
+            if st is None:  # aborted meanwhile
+                del self._compiling[rid]
+                continue
+            assert st.grammar is not None
+            if not st.grammar.done():
+                continue
+            del self._compiling[rid]
+            err = st.grammar.exception()
+            if err is None:
+                try:
+                    self.scheduler.add_request(req, bounded=False)  # it was admitted under the bound
+                    continue
+                except ValueError as e:  # its adapter was unloaded meanwhile
+                    err = e
+            self._end_unstarted(rid, RequestStatus.FINISHED_ERROR, err)  # type: ignore[arg-type]
+
+    def _token_masks(self, out: SchedulerOutput) -> SchedulerOutput:
+        """`out` with the allowed tokens of every constrained row that samples this step."""
+        rows = []
+        for s in out.seqs:
+            st = self._states.get(s.request_id) if s.sample else None
+            if st is not None and st.grammar is not None:
+                if st.constraint is None:
+                    st.constraint = Constraint(st.grammar.result())
+                st.constraint.sync(st.req.output_token_ids)  # a replay only if they ever differ
+                rows.append(st)
+        if not rows:
+            return out
+        bitmask = allocate_bitmask(len(rows), self.runtime.vocab_size)
+        for i, st in enumerate(rows):
+            st.constraint.fill(bitmask, i)  # type: ignore[union-attr]
+        return dataclasses.replace(out, token_masks=TokenMasks([st.req.request_id for st in rows], bitmask))
+
     # --- requests ---
     def add_request(
         self,
@@ -359,8 +424,14 @@ class LLMEngine:
             sampling=params,
             lora_start=_activation(ids, self._invocations.get(lora_name or "", ())),
         )
+        grammar = (
+            None if params.structured_outputs is None else self.grammar_future(params.structured_outputs)
+        )
         if after is not None and after in self._followers:
             self._followers[after].append(req)  # checked like any other request when released
+        elif grammar is not None and not grammar.done():
+            self.scheduler.check(req)  # refused now if it would be; queued once its grammar is ready
+            self._compiling[rid] = req
         else:
             self.scheduler.add_request(req)
         detok = IncrementalDetokenizer(
@@ -376,6 +447,7 @@ class LLMEngine:
             RequestMetrics(now),
             [] if params.logprobs is not None else None,
             group=group,
+            grammar=grammar,
         )
         return rid
 
@@ -445,19 +517,24 @@ class LLMEngine:
         if st is not None and st.group is not None:
             self._record_end(st, "abort", self.clock())
         self._release_followers(request_id)
-        if st is not None and request_id not in self.scheduler.requests:  # a follower not yet released
+        self._compiling.pop(request_id, None)
+        if st is not None and request_id not in self.scheduler.requests:  # held back, not yet queued
             return True
         return self.scheduler.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or bool(self._compiling)
 
     # --- the step ---
     def step(self) -> list[RequestOutput]:
         """One step; after a failed one, EngineDeadError (every request has been ended)."""
         self._check_alive()
+        if self._compiling:
+            self._admit_compiled()
         out = self.scheduler.schedule()
         try:
+            if any(st.grammar is not None for st in self._states.values()):
+                out = self._token_masks(out)
             result = self._execute(out)
         except Exception as e:
             raise self.die(e) from e
@@ -532,6 +609,8 @@ class LLMEngine:
         self, st: _State, req: Request, token: int, lp: SampleLogprobs | None, now: float
     ) -> None:
         """One sampled token of one request: first-token bookkeeping, logprobs, text, stop strings."""
+        if st.constraint is not None:
+            st.constraint.accept(token)
         m = st.metrics
         if m.first_token_time is None:
             m.first_token_time = now

@@ -34,7 +34,7 @@ from loramux.core.prefix_cache import KVCopy
 from loramux.executor.attention import AttentionMetadata, PrefillChunk, decode_mask
 from loramux.executor.loader import load_model, resolve_device, resolve_dtype
 from loramux.executor.lora import AdapterSpec, HostAdapter, LoRASlots, inspect_adapter, read_adapter
-from loramux.executor.sampler import sample, sample_each
+from loramux.executor.sampler import apply_token_masks, sample, sample_each
 from loramux.executor.vocab_adapters import base_embedding_in_file
 from loramux.sampling_params import SamplingParams
 
@@ -137,12 +137,14 @@ class ModelRunner:
                 f"max_num_seqs {max_num_seqs} x max_model_len {self.max_model_len} would use)"
             )
         logger.info(
-            "KV cache: %d pages of %d tokens (%.1f MiB%s, %.1f full-length sequences): %s",
+            "KV cache: %d pages of %d tokens (%.1f MiB%s; room for %d requests of max_model_len %d "
+            "tokens at once): %s",
             pages,
             self.page_size,
             pages * self.page_bytes / 2**20,
             ", committed as used" if self.commits_kv_as_used else "",
-            pages / per_seq,
+            pages // per_seq,
+            self.max_model_len,
             why,
         )
         return pages
@@ -288,6 +290,11 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] float32
         self.slots.state.head_slots = []
         seqs = [out.seqs[i] for i in batch.sample_seqs]
+        if out.token_masks is not None:  # structured output: forbidden tokens to -inf
+            row_of = {s.request_id: j for j, s in enumerate(seqs)}
+            logits = apply_token_masks(
+                logits, [row_of[r] for r in out.token_masks.request_ids], out.token_masks.bitmask
+            )
         params = [s.sampling if isinstance(s.sampling, SamplingParams) else _GREEDY for s in seqs]
         if self.logits_hook is not None:
             for s, row in zip(seqs, logits, strict=True):

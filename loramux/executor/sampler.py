@@ -8,7 +8,10 @@ frequency and presence penalties (batched over the rows that have them, from
 each request's token history, which the runner keeps); the min_tokens mask
 (eos and stop ids the control plane names until enough outputs exist, -inf in
 one indexed write); then temperature, top-k and top-p. Logprobs are those of
-the model's raw distribution, as vLLM reports by default.
+the model's raw distribution, as vLLM reports by default. Rows under a grammar
+(structured output) have their forbidden tokens at -inf before all of this
+(`apply_token_masks`, called by the runner), as vLLM applies its grammar bitmask
+to the logits before its sampler: their logprobs are those of the allowed tokens.
 
 `sample_each` is the fallback when a batch fails: it samples the rows one at a
 time, so a fault that belongs to one request's parameters (a distribution its
@@ -93,6 +96,17 @@ def sample_each(
         tokens.append(t[0])
         lps.append(lp[0])
     return tokens, lps, errors
+
+
+def apply_token_masks(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf wherever a row's grammar forbids the token, in one masked write over all those rows.
+    `bitmask[j]` is row rows[j]'s packed mask (int32, bit t set: token t allowed); a new tensor."""
+    dev, vocab = logits.device, logits.shape[1]
+    bits = torch.arange(32, dtype=torch.int32, device=dev)
+    packed = bitmask.to(dev, torch.int32)
+    allowed = ((packed.unsqueeze(-1) >> bits) & 1).bool().reshape(len(rows), -1)[:, :vocab]
+    idx = torch.tensor(rows, device=dev)
+    return logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill(~allowed, float("-inf")))
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

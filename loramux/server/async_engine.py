@@ -136,6 +136,12 @@ class AsyncEngine:
         self._commands.put(command)
         return await asyncio.wrap_future(fut)
 
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's grammar, if it has one, without holding up the engine thread
+        (cached by spec); raises ValueError naming the problem if it cannot be compiled."""
+        if params.structured_outputs is not None:
+            await asyncio.wrap_future(self.engine.grammar_future(params.structured_outputs))
+
     async def add_request_n(
         self,
         request_id: str,

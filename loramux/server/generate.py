@@ -29,6 +29,7 @@ from loramux.server.async_engine import AsyncEngine
 from loramux.server.errors import raise_if_ended_badly, to_api_error
 from loramux.server.metrics import Metrics
 from loramux.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from loramux.server.structured import call, tool_calls
 from loramux.server.token_text import TokenText
 
 logger = logging.getLogger("loramux.server")
@@ -77,7 +78,8 @@ class Generate:
         if body.stream:
             chunk = _Chunks(rid, "chat.completion.chunk", body.model)
             roles = [_delta(i, {"role": "assistant", "content": ""}, None) for i in range(len(streams))]
-            return _sse(self._stream(chunk, body, streams, _chat_delta, roles))
+            render = _chat_delta if not tool_mode(body) else _tool_delta(body)
+            return _sse(self._stream(chunk, body, streams, render, roles))
         return await self._answer(request, rid, "chat.completion", body, streams, self._chat_choice)
 
     # --- starting and ending requests ---
@@ -95,6 +97,7 @@ class Generate:
         lora = None if model == self.base_name else model
         streams: Streams = []
         try:
+            await self.aengine.prepare(params)  # a grammar compiles off the engine thread (400 if it can't)
             for i, prompt in enumerate(prompts):
                 if self.log_prompts:
                     logger.info("request %s-%d model=%s prompt=%r", rid, i, model, prompt)
@@ -288,11 +291,17 @@ class Generate:
 
     def _chat_choice(self, i: int, out: RequestOutput, body: ChatCompletionRequest) -> dict[str, Any]:
         comp = out.outputs[0]
+        message: dict[str, Any] = {"role": "assistant", "content": comp.text}
+        finish = comp.finish_reason
+        calls = tool_calls(body, comp.text) if tool_mode(body) else None
+        if calls is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            finish = "tool_calls" if body.tool_choice == "required" and finish == "stop" else finish
         choice: dict[str, Any] = {
             "index": i,
-            "message": {"role": "assistant", "content": comp.text},
+            "message": message,
             "logprobs": self._chat_logprobs(comp) if body.logprobs else None,
-            "finish_reason": comp.finish_reason,
+            "finish_reason": finish,
         }
         if body.return_token_ids:
             choice["token_ids"] = comp.token_ids
@@ -318,6 +327,45 @@ def _chat_delta(i: int, out: RequestOutput) -> dict[str, Any] | None:
     if not comp.delta_text and not out.finished:
         return None  # a partial character is held back: nothing to send yet
     return _delta(i, {"content": comp.delta_text} if comp.delta_text else {}, comp.finish_reason)
+
+
+def tool_mode(body: Any) -> bool:
+    """Whether a chat answer is a tool call (tool_choice "required" or a named function)."""
+    return bool(getattr(body, "tools", None)) and getattr(body, "tool_choice", None) not in (
+        None,
+        "none",
+        "auto",
+    )
+
+
+def _tool_delta(body: ChatCompletionRequest) -> Render:
+    """Streamed tool calls: a named function's arguments as they come (its name first); the
+    calls of tool_choice "required" once each choice is done (they are parsed from its whole text)."""
+    named = body.tool_choice != "required"
+    ids: dict[int, str] = {}
+    texts: dict[int, str] = {}
+
+    def render(i: int, out: RequestOutput) -> dict[str, Any] | None:
+        comp = out.outputs[0]
+        texts[i] = texts.get(i, "") + comp.delta_text
+        if named:
+            head: dict[str, Any] = {"index": 0, "function": {"arguments": comp.delta_text}}
+            if i not in ids:
+                ids[i] = call(body.tool_choice["function"]["name"], "")["id"]  # type: ignore[index]
+                head = {**call(body.tool_choice["function"]["name"], comp.delta_text), "index": 0}  # type: ignore[index]
+                head["id"] = ids[i]
+            elif not comp.delta_text and not out.finished:
+                return None
+            return _delta(i, {"tool_calls": [head]}, comp.finish_reason)
+        if not out.finished:
+            return None
+        calls = tool_calls(body, texts[i])
+        if calls is None:  # not a finished call (cut by max_tokens): the text as it is
+            return _delta(i, {"content": texts[i]}, comp.finish_reason)
+        finish = "tool_calls" if comp.finish_reason == "stop" else comp.finish_reason
+        return _delta(i, {"tool_calls": [{**c, "index": k} for k, c in enumerate(calls)]}, finish)
+
+    return render
 
 
 def _delta(i: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

@@ -48,13 +48,8 @@ class ErrorResponse(BaseModel):
 # Fields OpenAI or vLLM define that loramux does not implement: refused by name, never ignored.
 UNSUPPORTED_FIELDS = (
     "min_p",
-    "response_format",
-    "tools",
+    "tools",  # chat only (declared there)
     "tool_choice",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
     "prompt_logprobs",
     "suffix",
     "use_beam_search",
@@ -97,6 +92,15 @@ class _Sampling(_Request):
     user: str | None = None
     return_token_ids: bool = False
     max_queue_time: float | None = None  # loramux: seconds it may wait to start; then 503 queue_timeout
+    # structured output, any one form (server/structured.py)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         extra = self.model_extra or {}
@@ -118,6 +122,16 @@ class _Sampling(_Request):
                 400, 'logit_bias keys must be token ids, e.g. {"50256": -100}', param="logit_bias"
             ) from None
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
+            raise APIError(
+                400,
+                f"guided_decoding_backend {self.guided_decoding_backend!r}: loramux compiles grammars "
+                f"with xgrammar; leave it out or send 'xgrammar'",
+                param="guided_decoding_backend",
+            )
+        from loramux.server.structured import structured_params
+
+        structured = structured_params(self)
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -137,6 +151,7 @@ class _Sampling(_Request):
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 logit_bias=bias,
                 max_queue_time=self.max_queue_time,
+                structured_outputs=structured,
             )
         except ValueError as e:
             raise APIError(400, str(e)) from e
@@ -190,6 +205,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Request):

@@ -12,6 +12,7 @@ import json
 import os
 
 from loramux.config import CacheConfig, EngineConfig, KVEventsConfig, LoRAConfig, SchedulerConfig
+from loramux.server.vllm_flags import add_vllm_args
 
 
 def _lora_module(text: str) -> tuple[str, str]:
@@ -49,6 +50,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     _cluster_args(
         p.add_argument_group("scale-out on Ray Serve (pip install 'loramux[ray]'; docs/scale-out.md)")
     )
+    add_vllm_args(p)
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:

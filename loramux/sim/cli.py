@@ -41,7 +41,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--policies", default="fcfs", help="comma-separated: fcfs,affinity,completion,fair")
     p.add_argument("--points", nargs="+", default=None, help="the sweep's points (default: the workload's)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--seed", type=int, default=42, help="seed of the workload's arrivals, adapters and lengths"
+    )
     p.add_argument("--slo", type=float, default=6.0, help="TTFT target in seconds")
     p.add_argument(
         "--abort-after",
@@ -53,35 +55,82 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="report folder (default sim_out/<workload>)")
     p.add_argument("--list", action="store_true", help="list the named workloads and shipped profiles")
     g = p.add_argument_group("S-LoRA generator (--workload slora)")
-    g.add_argument("--rates", nargs="+", type=float, default=[2.0])
-    g.add_argument("--num-adapters", type=int, default=200)
-    g.add_argument("--alpha", type=float, default=1.0)
-    g.add_argument("--cv", type=float, default=1.0)
-    g.add_argument("--duration", type=float, default=300.0)
-    g.add_argument("--input-range", nargs=2, type=int, default=[8, 512])
-    g.add_argument("--output-range", nargs=2, type=int, default=[8, 512])
+    g.add_argument(
+        "--rates", nargs="+", type=float, default=[2.0], help="request rates (req/s), one sweep point each"
+    )
+    g.add_argument("--num-adapters", type=int, default=200, help="distinct adapters requests pick from")
+    g.add_argument(
+        "--alpha",
+        type=float,
+        default=1.0,
+        help="power-law exponent of adapter popularity (larger: more skewed)",
+    )
+    g.add_argument(
+        "--cv",
+        type=float,
+        default=1.0,
+        help="coefficient of variation of the gaps between arrivals (1: Poisson)",
+    )
+    g.add_argument("--duration", type=float, default=300.0, help="seconds of arrivals per point")
+    g.add_argument(
+        "--input-range",
+        nargs=2,
+        type=int,
+        default=[8, 512],
+        metavar=("MIN", "MAX"),
+        help="prompt lengths (tokens), uniform",
+    )
+    g.add_argument(
+        "--output-range",
+        nargs=2,
+        type=int,
+        default=[8, 512],
+        metavar=("MIN", "MAX"),
+        help="output lengths (tokens), uniform",
+    )
     g.add_argument("--ranks", choices=["s1", "s2"], default="s2", help="s1: all 8; s2: [64, 32, 16, 8]")
     e = p.add_argument_group("engine (as `loramux serve`)")
-    e.add_argument("--max-num-seqs", type=int)
-    e.add_argument("--max-num-batched-tokens", type=int)
-    e.add_argument("--max-loras", type=int)
-    e.add_argument("--max-cpu-loras", type=int)
+    e.add_argument("--max-num-seqs", type=int, help="most requests in one step (default: the workload's)")
+    e.add_argument(
+        "--max-num-batched-tokens", type=int, help="most tokens in one step (default: the workload's)"
+    )
+    e.add_argument("--max-loras", type=int, help="device adapter slots (default: the workload's)")
+    e.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (default: the workload's)")
     e.add_argument("--num-pages", type=int, help="KV pages (default: the profile's pool)")
-    e.add_argument("--starvation-timeout", type=float, default=5.0)
+    e.add_argument(
+        "--starvation-timeout",
+        type=float,
+        default=5.0,
+        help="seconds after which a request held back by the adapter cap reserves the next slot",
+    )
     sub = p.add_subparsers(dest="sim_command")
     cal = sub.add_parser("calibrate", help="measure a profile of MODEL_DIR on this machine's executor")
-    cal.add_argument("model_dir")
+    cal.add_argument("model_dir", help="HF model directory to measure")
     cal.add_argument("--out", dest="profile_out", required=True, help="where to write the profile JSON")
-    cal.add_argument("--name", default=None)
-    cal.add_argument("--max-num-seqs", dest="cal_max_num_seqs", type=int, default=64)
-    cal.add_argument("--max-num-batched-tokens", dest="cal_max_num_batched_tokens", type=int, default=2048)
+    cal.add_argument("--name", default=None, help="the profile's name (default: the model directory's)")
+    cal.add_argument(
+        "--max-num-seqs", dest="cal_max_num_seqs", type=int, default=64, help="largest decode batch measured"
+    )
+    cal.add_argument(
+        "--max-num-batched-tokens",
+        dest="cal_max_num_batched_tokens",
+        type=int,
+        default=2048,
+        help="largest step (tokens) measured",
+    )
     cal.add_argument(
         "--kv-cache-memory", type=int, default=2**30, help="bytes of KV pool (the bench's 1 GiB)"
     )
-    cal.add_argument("--rank", type=int, default=8)
+    cal.add_argument("--rank", type=int, default=8, help="rank of the adapters measured")
     cal.add_argument("--requests", type=int, default=240, help="requests in the measured mix")
-    cal.add_argument("--device", default="auto")
-    cal.add_argument("--max-loras", dest="max_loras_cal", type=int, default=8)
+    cal.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    cal.add_argument(
+        "--max-loras",
+        dest="max_loras_cal",
+        type=int,
+        default=8,
+        help="adapter slots (distinct adapters per step)",
+    )
     cal.add_argument(
         "--prompt-range",
         nargs=2,
@@ -90,7 +139,14 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         metavar=("LO", "HI"),
         help="prompt lengths, log-uniform between LO and HI",
     )
-    cal.add_argument("--output-range", nargs=2, type=int, default=[4, 64], metavar=("LO", "HI"))
+    cal.add_argument(
+        "--output-range",
+        nargs=2,
+        type=int,
+        default=[4, 64],
+        metavar=("LO", "HI"),
+        help="output lengths, uniform between LO and HI",
+    )
 
 
 def _settings(

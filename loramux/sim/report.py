@@ -5,7 +5,8 @@ Boundary: SimResults in, files out. Plots (PNG, Agg backend):
   variable, one line per policy;
 - ttft_cdf.png: the TTFT distribution per policy, one panel per point;
 - service.png: per-tenant service (VTC's in + 2 x out, tokens/s in a 60 s
-  window) over time at one point, one panel per policy, busiest tenants only.
+  window) over time at the most loaded point (`offered_load`), one panel per
+  policy, busiest tenants only.
 """
 
 from __future__ import annotations
@@ -184,7 +185,8 @@ def plot_all(
     axes[0][0].legend(fontsize=8)
     save(fig, "ttft_cdf.png")
 
-    first = [res for point, res in results if point == points[0]]
+    busiest_point = max(points, key=lambda p: offered_load([r for q, r in results if q == p]))
+    first = [res for point, res in results if point == busiest_point]
     fig, axes = plt.subplots(1, len(first), figsize=(4.5 * len(first), 3.4), squeeze=False)
     for ax, res in zip(axes[0], first, strict=True):
         end = max((r.finish for r in res.records if r.finish is not None), default=1.0)
@@ -193,13 +195,25 @@ def plot_all(
         busiest = sorted(series, key=lambda u: -sum(series[u]))[:6]
         for u in busiest:
             ax.plot(times, series[u], label=u or "(none)")
-        ax.set_title(f"{res.policy}, {sweep} = {points[0]}", fontsize=9)
+        ax.set_title(f"{res.policy}, {sweep} = {busiest_point}", fontsize=9)
         ax.set_xlabel("time (s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("service (in + 2 out tokens/s, 60 s window)")
     save(fig, "service.png")
     return paths
+
+
+def offered_load(results: Sequence[SimResult]) -> float:
+    """Tokens asked for (in + out) per second of arrivals, over the results of one point: the
+    service plot is drawn where this is highest, where policies differ most."""
+    best = 0.0
+    for res in results:
+        arrivals = [r.arrival for r in res.records]
+        span = max(arrivals, default=0.0) - min(arrivals, default=0.0)
+        tokens = sum(r.input_len + r.output_len for r in res.records)
+        best = max(best, tokens / span if span > 0 else float(tokens))
+    return best
 
 
 def write_report(

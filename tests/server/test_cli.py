@@ -62,10 +62,81 @@ def test_memory_utilization_sizes_the_kv_pool_from_available_memory(tiny_models)
         pages(1e-12)
 
 
-def test_flags_loramux_does_not_implement_are_refused_by_name():
-    r = subprocess.run(
-        [sys.executable, "-m", "loramux.cli", "serve", "m", "--tensor-parallel-size", "2"],
+def _serve(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "loramux.cli", "serve", "m", *flags],
         capture_output=True,
         text=True,
+        timeout=120,
     )
-    assert r.returncode == 2 and "unrecognized arguments: --tensor-parallel-size" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags,fix",
+    [
+        (["--tensor-parallel-size", "2"], "--replicas N"),
+        (["--quantization", "awq"], "serve a bf16/fp16/fp32 checkpoint"),
+        (["--kv-cache-dtype", "fp8"], "set --dtype"),
+        (["--chat-template", "t.jinja"], "chat_template.jinja in the model directory"),
+        (["--guided-decoding-backend", "outlines"], "xgrammar"),
+    ],
+)
+def test_vllm_flags_that_would_change_results_are_refused_naming_the_alternative(flags, fix):
+    """Issue 28, point 3: refused at start (exit 2), the message naming what to use instead."""
+    r = _serve(*flags)
+    assert r.returncode == 2 and f"{' '.join(flags)} is not supported" in r.stderr and fix in r.stderr, (
+        r.stderr
+    )
+
+
+def test_a_vllm_command_line_starts_unchanged(tmp_path):
+    """Issue 28, point 3: `vllm serve`'s usual flags start loramux: mapped ones set their loramux
+    setting (--block-size is --page-size), ones with no effect here are logged once each."""
+    from tests.server.conftest import start_server
+
+    flags = [
+        "--disable-log-requests",
+        "--trust-remote-code",
+        "--enforce-eager",
+        "--tensor-parallel-size",
+        "1",
+        "--block-size",
+        "32",
+        "--swap-space",
+        "4",
+        "--max-logprobs",
+        "20",
+        "--uvicorn-log-level",
+        "warning",
+    ]
+    server = start_server(flags, tmp_path / "log.txt")
+    try:
+        import httpx
+
+        limits = httpx.get(server.url + "/metrics", timeout=30).text
+        assert "loramux" in limits
+    finally:
+        server.stop()
+    log = server.log_text()
+    for flag in ("--disable-log-requests", "--trust-remote-code", "--enforce-eager", "--swap-space 4"):
+        assert log.count(f"{flag}: accepted, no effect") == 1, log
+    assert "--tensor-parallel-size 1: accepted, no effect" in log
+    assert "--block-size 32: vLLM's flag for page_size" in log and "pages of 32 tokens" in log, log
+
+
+def test_help_shows_a_default_once_and_simulate_explains_every_flag():
+    """Issue 28's rough edges: no "(default: ...) (default: None)"; every simulate flag has help."""
+    out = subprocess.run(
+        [sys.executable, "-m", "loramux.cli", "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "(default: None)" not in out
+    idle = out.split("--idle-cache-pages IDLE_CACHE_PAGES\n", 1)[1].split("\n  --", 1)[0]
+    assert idle.count("(default:") == 1, idle
+    from loramux.sim.cli import add_simulate_args
+
+    p = argparse.ArgumentParser()
+    add_simulate_args(p)
+    actions = [a for a in p._actions if a.option_strings and a.dest != "help"]
+    for sub in p._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+        actions += [a for a in sub._actions if a.dest != "help"]
+    assert [a.option_strings or a.dest for a in actions if not a.help] == []
