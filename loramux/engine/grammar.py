@@ -20,7 +20,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 from loramux.sampling_params import StructuredOutputsParams
 
@@ -51,6 +51,13 @@ _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "dependentSchemas")
 _SUBSCHEMAS = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
+
+
+class Grammar(NamedTuple):
+    """A compiled grammar, and for JSON the tokens it may ever use (None: all it allows)."""
+
+    compiled: Any
+    keep: Any  # packed int32 [ceil(V / 32)], ANDed into each row's mask
 
 
 class GrammarError(ValueError):
@@ -88,10 +95,11 @@ class GrammarCache:
         self._compiler: Any = None  # made on the worker thread at first use (0.7 s at a 128k vocab)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loramux-grammar")
         self._lock = threading.Lock()
-        self._futures: OrderedDict[tuple[str, str], concurrent.futures.Future[Any]] = OrderedDict()
+        self._futures: OrderedDict[tuple[str, str], concurrent.futures.Future[Grammar]] = OrderedDict()
+        self._json_keep: Any = None
         self.num_compiled = 0
 
-    def submit(self, spec: StructuredOutputsParams) -> concurrent.futures.Future[Any]:
+    def submit(self, spec: StructuredOutputsParams) -> concurrent.futures.Future[Grammar]:
         """The compiled grammar's future: done at once for a spec compiled before."""
         key = spec.key
         with self._lock:
@@ -105,17 +113,18 @@ class GrammarCache:
                 self._futures.popitem(last=False)
             return fut
 
-    def compile(self, spec: StructuredOutputsParams) -> Any:
+    def compile(self, spec: StructuredOutputsParams) -> Grammar:
         """Block until `spec` is compiled; GrammarError naming the problem if it cannot be."""
         return self.submit(spec).result()
 
-    def _compile(self, spec: StructuredOutputsParams) -> Any:
+    def _compile(self, spec: StructuredOutputsParams) -> Grammar:
         import xgrammar as xgr
 
         if self._compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(
                 self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop
             )
+            self._json_keep = _without_control_bytes(info.decoded_vocab, self.vocab_size)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         c = self._compiler
         try:
@@ -153,7 +162,7 @@ class GrammarCache:
         except Exception as e:  # xgrammar's RuntimeError: "[time] file.cc:line: <the reason>"
             raise GrammarError(f"the {spec.kind} cannot be compiled: {_XGR_PREFIX.sub('', str(e))}") from None
         self.num_compiled += 1
-        return out
+        return Grammar(out, self._json_keep if spec.json is not None or spec.json_object else None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -162,11 +171,11 @@ class GrammarCache:
 class Constraint:
     """One sample's grammar state: which tokens may come next, advanced token by token."""
 
-    def __init__(self, compiled: Any) -> None:
+    def __init__(self, grammar: Grammar) -> None:
         import xgrammar as xgr
 
-        self._compiled = compiled
-        self._matcher = xgr.GrammarMatcher(compiled)
+        self._matcher = xgr.GrammarMatcher(grammar.compiled)
+        self._keep = grammar.keep
         self.num_accepted = 0
 
     def sync(self, output_ids: list[int]) -> None:
@@ -185,6 +194,28 @@ class Constraint:
 
     def fill(self, bitmask: Any, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        if self._keep is not None:
+            bitmask[row] &= self._keep
+
+
+CONTROL_BYTES = frozenset(range(0x20)) - {0x0A, 0x0D}  # JSON text never holds these raw
+
+
+def _without_control_bytes(decoded_vocab: list[bytes], vocab_size: int) -> Any:
+    """The tokens a JSON answer may use: none holding a raw control byte other than newline and
+    carriage return. xgrammar 0.2's strings with a maxLength allow any byte but quote, backslash,
+    CR and LF, so a model could write a raw control character (invalid JSON) inside one; tabs go
+    too (whitespace between tokens is then spaces and newlines)."""
+    import torch
+
+    words = (vocab_size + 31) // 32
+    bits = [-1] * words
+    for t, raw in enumerate(decoded_vocab[:vocab_size]):
+        if CONTROL_BYTES.intersection(raw):
+            bits[t // 32] &= ~(1 << (t % 32))
+    return torch.tensor(
+        [b if b < 2**31 else b - 2**32 for b in (x & 0xFFFFFFFF for x in bits)], dtype=torch.int32
+    )
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> Any:
