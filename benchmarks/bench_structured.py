@@ -129,9 +129,7 @@ def _summary(compile_s: float, per_row: list[float], steps: list[float]) -> dict
 
 
 def masks(cache: Path) -> None:
-    print(
-        "| vocabulary | library | compile (ms) | mask per row, mean (us) | worst (us) | 64 rows, a step (ms) |"
-    )
+    print("| vocabulary | library | compile (ms) | row mask, mean (us) | worst (us) | 64 rows, a step (ms) |")
     print("|---|---|---|---|---|---|")
     for name, tok in tokenizers(cache).items():
         ids = tok.encode(ANSWER, add_special_tokens=False)
