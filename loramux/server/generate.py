@@ -29,7 +29,7 @@ from loramux.server.async_engine import AsyncEngine
 from loramux.server.errors import raise_if_ended_badly, to_api_error
 from loramux.server.metrics import Metrics
 from loramux.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from loramux.server.structured import call, tool_calls
+from loramux.server.structured import call, structured_params, tool_calls
 from loramux.server.token_text import TokenText
 
 logger = logging.getLogger("loramux.server")
@@ -58,7 +58,8 @@ class Generate:
                 "drop one of them",
                 param="echo",
             )
-        params = body.sampling_params(16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+        limit = 16 if body.max_tokens is None else body.max_tokens
+        params = body.sampling_params(limit, body.logprobs, structured_params(body))
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._start_all(rid, body.prompts(), params, body.model, body.user or "")
         if body.stream:
@@ -70,7 +71,7 @@ class Generate:
         prompt = self._render_chat(body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         k = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(limit or 1, k)
+        params = body.sampling_params(limit or 1, k, structured_params(body))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start_all(
             rid, [prompt], params, body.model, body.user or "", fill=limit is None

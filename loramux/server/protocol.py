@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loramux.sampling_params import SamplingParams
+from loramux.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class APIError(Exception):
@@ -102,7 +102,11 @@ class _Sampling(_Request):
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, structured: StructuredOutputsParams | None = None
+    ) -> SamplingParams:
+        """The body's sampling fields; `structured` is what server/structured.py made of its
+        structured-output fields."""
         extra = self.model_extra or {}
         for name in UNSUPPORTED_FIELDS:
             if extra.get(name) not in (None, False, [], {}):
@@ -129,9 +133,6 @@ class _Sampling(_Request):
                 f"with xgrammar; leave it out or send 'xgrammar'",
                 param="guided_decoding_backend",
             )
-        from loramux.server.structured import structured_params
-
-        structured = structured_params(self)
         try:
             return SamplingParams(
                 max_tokens=max_tokens,

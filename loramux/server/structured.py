@@ -93,7 +93,9 @@ def structured_params(body: Any) -> StructuredOutputsParams | None:
 
 def tool_schema(body: Any) -> dict[str, Any] | None:
     """The JSON schema that `tools` with `tool_choice` put on a chat answer (None: no tools)."""
-    tools, choice = getattr(body, "tools", None), getattr(body, "tool_choice", None)
+    if "tools" not in type(body).model_fields:
+        return None  # completions: tools are refused by name with the other unsupported fields
+    tools, choice = body.tools, body.tool_choice
     if not tools:
         if choice not in (None, "none"):
             raise APIError(

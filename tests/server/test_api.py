@@ -709,7 +709,7 @@ def test_penalties_logit_bias_and_refusals_through_the_openai_client(client, off
         client.completions.create(model=BASE, prompt=prompt, max_tokens=2, best_of=3)
     with pytest.raises(openai.BadRequestError, match="presence_penalty"):
         client.completions.create(model=BASE, prompt=prompt, max_tokens=2, presence_penalty=5)
-    for field, value in [("min_p", 0.1), ("response_format", {"type": "json_object"})]:
+    for field, value in [("min_p", 0.1), ("prompt_logprobs", 1)]:
         with pytest.raises(openai.BadRequestError, match=f"{field} is not supported"):  # named, never ignored
             client.chat.completions.create(
                 model=BASE,
