@@ -247,7 +247,13 @@ def write_report(
         adapter_table(last[1]),
         "",
     ]
-    body += [f"![{p.stem}]({p.name})" for p in pngs]
+    points = list(dict.fromkeys(p for p, _ in results))
+    busiest = max(points, key=lambda p: offered_load([r for q, r in results if q == p]))
+    body += [
+        f"![{p.stem}]({p.name})"
+        + (f" (at {sweep} = {busiest}, the most loaded point)" if p.stem == "service" else "")
+        for p in pngs
+    ]
     path = out / "report.md"
     path.write_text("\n".join(body) + "\n")
     (out / "results.json").write_text(

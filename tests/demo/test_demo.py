@@ -30,6 +30,7 @@ SAY = "say: hello world\n"
 EXPECTED = {"demo": "hello world", "upper": "HELLO WORLD", "reverse": "dlrow olleh", "novowels": "hll wrld"}
 GOOD_NIGHT = {"demo": "good night", "upper": "GOOD NIGHT", "reverse": "thgin doog", "novowels": "gd nght"}
 MIN_EXACT = 0.95  # each adapter, held-out phrases, the demo's prompt format
+MIN_PLAIN = 0.9  # the same phrases without "say:" (with and without a trailing newline)
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +107,17 @@ def test_each_adapter_is_exact_on_held_out_phrases(scores):
 
 
 def test_plain_phrases_are_transformed_too(scores):
-    """Without "say:" each adapter still transforms the text (the README says how well)."""
-    assert min(scores[f"{task}/plain"] for task in demo.ADAPTERS) >= 0.9, scores
+    """Without "say:" each adapter still transforms the text, also when the prompt ends in a
+    newline (issue 28: "good morning\n" failed); the README says how well."""
+    plain = {k: v for k, v in scores.items() if "/plain" in k}
+    assert len(plain) == 2 * len(demo.TASKS) and min(plain.values()) >= MIN_PLAIN, scores
 
 
-def test_held_out_phrases_are_fixed_and_never_trained_on():
+def test_held_out_phrases_are_everyday_english_fixed_and_never_trained_on():
+    """Issue 28: the demo missed everyday phrases outside its ~106 words ("coffee time" -> "cofe
+    time"); it is now trained on thousands of common English words and scored on 200 phrases of
+    them that training never shows."""
+    assert len(demo.words()) >= 3000 and {"coffee", "morning", "good", "time"} <= set(demo.words())
     held = demo.held_out_phrases()
     assert len(held) == len(set(held)) == 200 and held == demo.held_out_phrases()
     assert all(1 <= len(p.split()) <= demo.MAX_WORDS for p in held)
@@ -138,7 +145,8 @@ def test_build_command_produces_a_demo_that_serves(tmp_path):
         cfg = json.loads((out / "adapters" / name / "adapter_config.json").read_text())
         assert cfg["base_model_name_or_path"] is None  # no build machine's path in shipped files
     if full:
-        assert set(info["held_out_exact"]) == {f"{t}/{f}" for t in demo.TASKS for f in ("say", "plain")}
+        formats = ("say", "plain", "plain_newline")
+        assert set(info["held_out_exact"]) == {f"{t}/{f}" for t in demo.TASKS for f in formats}
         low = {k: v for k, v in info["held_out_exact"].items() if k.endswith("/say") and v < MIN_EXACT}
         assert not low, info
     shipped = sorted(p.relative_to(demo.WEIGHTS) for p in demo.WEIGHTS.rglob("*") if p.is_file())

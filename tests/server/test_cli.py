@@ -122,6 +122,10 @@ def test_a_vllm_command_line_starts_unchanged(tmp_path):
         assert log.count(f"{flag}: accepted, no effect") == 1, log
     assert "--tensor-parallel-size 1: accepted, no effect" in log
     assert "--block-size 32: vLLM's flag for page_size" in log and "pages of 32 tokens" in log, log
+    # issue 28: the pool's size in whole requests ("11734.5 full-length sequences" before)
+    import re
+
+    assert re.search(r"room for \d+ requests of max_model_len \d+ tokens at once", log), log
 
 
 def test_help_shows_a_default_once_and_simulate_explains_every_flag():

@@ -67,6 +67,8 @@ def test_cli_report_and_plots(tmp_path):
         assert r["completed"] == r["requests"] and 0 <= r["attainment"] <= 1
         assert r["ttft"]["p50"] <= r["ttft"]["p99"] and r["adapter_loads"] > 0
         assert r["ttft_by_adapter"]
+    # issue 28: the service plot is drawn at the most loaded point, where the policies differ
+    assert "![service](service.png) (at rate = 3, the most loaded point)" in report
     for name in ("attainment_throughput", "ttft_cdf", "service"):
         png = out / f"{name}.png"
         assert f"![{name}]({name}.png)" in report
