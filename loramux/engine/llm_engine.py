@@ -172,6 +172,7 @@ class LLMEngine:
             else GrammarCache(tokenizer, self.runtime.vocab_size, self.runtime.eos_token_ids)
         )  # compiles nothing until the first structured request
         self._compiling: dict[str, Request] = {}  # requests held back until their grammar compiles
+        self._constrained: set[str] = set()  # requests with a grammar (their rows get masks)
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -189,6 +190,7 @@ class LLMEngine:
         for rid in list(self.scheduler.requests):
             self.scheduler.abort_request(rid)
         self._states.clear()
+        self._constrained.clear()
         self._followers.clear()
         self._compiling.clear()
         self._pending.clear()
@@ -449,6 +451,8 @@ class LLMEngine:
             group=group,
             grammar=grammar,
         )
+        if grammar is not None:
+            self._constrained.add(rid)
         return rid
 
     def add_request_n(
@@ -514,6 +518,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         st = self._states.pop(request_id, None)
+        self._constrained.discard(request_id)
         if st is not None and st.group is not None:
             self._record_end(st, "abort", self.clock())
         self._release_followers(request_id)
@@ -533,7 +538,7 @@ class LLMEngine:
             self._admit_compiled()
         out = self.scheduler.schedule()
         try:
-            if any(st.grammar is not None for st in self._states.values()):
+            if self._constrained:
                 out = self._token_masks(out)
             result = self._execute(out)
         except Exception as e:
@@ -665,6 +670,7 @@ class LLMEngine:
         if finished:
             st.metrics.finished_time = now
             del self._states[rid]
+            self._constrained.discard(rid)
             if st.group is not None:
                 self._record_end(st, req.status.finish_reason or "abort", now)
         completion = CompletionOutput(
