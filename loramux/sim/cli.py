@@ -34,7 +34,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trace",
         default=None,
-        help="replay a CSV or JSONL trace (arrival, adapter, tenant, prompt_len, output_len)",
+        help="replay a CSV or JSONL trace (arrival, adapter, tenant, prompt_len, output_len, rank)",
     )
     p.add_argument(
         "--profile", default=None, help=f"a profile JSON file or a shipped one: {shipped_profiles()}"

@@ -20,7 +20,8 @@ gives the papers' own traces:
   PCG64 of the same seed. All requests arrive at t = 0 (closed loop).
 
 Trace replay reads CSV (a header row) or JSONL with the fields arrival,
-adapter, tenant, prompt_len, output_len (adapter and tenant may be empty).
+adapter, tenant, prompt_len, output_len and optionally rank (adapter and tenant may be empty;
+rank defaults to 8).
 """
 
 from __future__ import annotations
@@ -213,12 +214,13 @@ def punica(popularity: str, num_requests: int = 1024, maxlen: int = 2048) -> Wor
 
 # --- trace replay ------------------------------------------------------------------------------------
 
-TRACE_FIELDS = ("arrival", "adapter", "tenant", "prompt_len", "output_len")
+TRACE_FIELDS = ("arrival", "adapter", "tenant", "prompt_len", "output_len", "rank")
 
 
 def load_trace(path: str | Path) -> Workload:
     """A CSV (with a header) or JSONL trace; adapters are named by any string, mapped to indices
-    in order of first appearance; an empty adapter is the base model."""
+    in order of first appearance; an empty adapter is the base model. `rank` (optional) is the
+    adapter's LoRA rank (default 8); one adapter has one rank throughout the trace."""
     p = Path(path)
     text = p.read_text()
     if p.suffix in (".jsonl", ".json"):
@@ -226,6 +228,7 @@ def load_trace(path: str | Path) -> Workload:
     else:
         rows = list(csv.DictReader(text.splitlines()))
     names: dict[str, int] = {}
+    ranks: list[int] = []
     reqs = []
     for i, row in enumerate(rows):
         missing = [f for f in ("arrival", "prompt_len", "output_len") if row.get(f) in (None, "")]
@@ -239,11 +242,32 @@ def load_trace(path: str | Path) -> Workload:
             raise ValueError(f"{p}: row {i + 1}: arrival must be >= 0 and lengths >= 1")
         name = str(row.get("adapter") or "")
         adapter = names.setdefault(name, len(names)) if name else None
+        if adapter is not None:
+            rank = _trace_rank(p, i, row.get("rank"))
+            if adapter == len(ranks):
+                ranks.append(rank)
+            elif row.get("rank") not in (None, "") and ranks[adapter] != rank:
+                raise ValueError(
+                    f"{p}: row {i + 1}: adapter {name!r} has rank {rank} here and {ranks[adapter]} before; "
+                    f"give each adapter one rank"
+                )
         tenant = str(row.get("tenant") or name)
         reqs.append(SimRequest(i, arrival, adapter, x, y, tenant))
     reqs.sort(key=lambda r: r.arrival)
     duration = reqs[-1].arrival if reqs else 0.0
-    return Workload(p.stem, reqs, S1_RANKS, len(names), duration)
+    return Workload(p.stem, reqs, tuple(ranks) or S1_RANKS, len(names), duration)
+
+
+def _trace_rank(p: Path, i: int, value: object) -> int:
+    if value in (None, ""):
+        return S1_RANKS[0]
+    try:
+        rank = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        rank = 0
+    if rank < 1:
+        raise ValueError(f"{p}: row {i + 1}: rank {value!r}; a LoRA rank is an integer >= 1")
+    return rank
 
 
 def save_trace(workload: Workload, path: str | Path) -> Path:
@@ -253,7 +277,8 @@ def save_trace(workload: Workload, path: str | Path) -> Path:
         w.writerow(TRACE_FIELDS)
         for r in workload.requests:
             adapter = "" if r.adapter is None else adapter_name(r.adapter)
-            w.writerow([f"{r.arrival:.6f}", adapter, r.tenant, r.input_len, r.output_len])
+            rank = "" if r.adapter is None else workload.rank(r.adapter)
+            w.writerow([f"{r.arrival:.6f}", adapter, r.tenant, r.input_len, r.output_len, rank])
     return p
 
 

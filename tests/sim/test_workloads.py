@@ -135,3 +135,24 @@ def test_trace_replay_csv_and_jsonl(tmp_path):
     bad.write_text("arrival,adapter,prompt_len,output_len\n-1,a,5,5\n")
     with pytest.raises(ValueError, match="arrival must be >= 0"):
         load_trace(bad)
+
+
+def test_trace_rank_column_sets_each_adapters_rank_and_survives_a_round_trip(tmp_path):
+    """Issue 25, point 3: a trace names each adapter's rank (every adapter was rank 8 before)."""
+    wl = SUITES["slora-a10g-sweep"].workload(1.0, 42)  # ranks 64/32/16/8 by adapter index
+    back = load_trace(save_trace(wl, tmp_path / "t.csv"))
+    names = {}
+    for r0, r1 in zip(wl.requests, back.requests, strict=True):
+        if r0.adapter is not None:
+            names.setdefault(r0.adapter, r1.adapter)
+            assert back.rank(r1.adapter) == wl.rank(r0.adapter)
+    assert {wl.rank(a) for a in names} == {64, 32, 16, 8}
+    t = tmp_path / "r.csv"
+    t.write_text("arrival,adapter,prompt_len,output_len,rank\n0,a,5,5,32\n0.1,b,5,5,\n0.2,a,5,5,\n")
+    assert [load_trace(t).rank(i) for i in (0, 1)] == [32, 8]  # no rank: 8
+    t.write_text("arrival,adapter,prompt_len,output_len,rank\n0,a,5,5,32\n0.1,a,5,5,16\n")
+    with pytest.raises(ValueError, match="has rank 16 here and 32 before"):
+        load_trace(t)
+    t.write_text("arrival,adapter,prompt_len,output_len,rank\n0,a,5,5,x\n")
+    with pytest.raises(ValueError, match="integer >= 1"):
+        load_trace(t)
