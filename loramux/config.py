@@ -98,6 +98,13 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    step_log: str | None = None
+    """Append every step's cost features and measured seconds to this file (JSONL, engine/
+    step_log.py), from which `loramux simulate calibrate --from-log` fits a profile; None: off."""
+
+
+@dataclass(frozen=True)
 class KVEventsConfig:
     """Where KV-cache events go (loramux/engine/kv_events.py): vLLM's ZeroMQ wire format."""
 
@@ -178,12 +185,13 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     kv_events: KVEventsConfig | None = None
     """Publish KV-cache events over ZeroMQ; None: do not publish."""
+    logs: LogConfig = field(default_factory=LogConfig)
 
     @classmethod
     def create(cls, model: str, *, kv_events: KVEventsConfig | None = None, **settings: Any) -> EngineConfig:
         """The one way from flat settings to an EngineConfig, used by `loramux serve`, `LLM`, the
         simulator and the benchmarks. Each keyword is a field of exactly one of ModelConfig,
-        SchedulerConfig, CacheConfig and LoRAConfig (`setting_names()`); an unknown one is a
+        SchedulerConfig, CacheConfig, LoRAConfig and LogConfig (`setting_names()`); an unknown one is a
         TypeError naming it, so a new setting reaches every front end or fails loudly."""
         parts: dict[type, dict[str, Any]] = {part: {} for part in _PARTS}
         for name, value in settings.items():
@@ -199,6 +207,7 @@ class EngineConfig:
             CacheConfig(**parts[CacheConfig]),
             LoRAConfig(**parts[LoRAConfig]),
             kv_events,
+            LogConfig(**parts[LogConfig]),
         )
 
     @staticmethod
@@ -206,7 +215,7 @@ class EngineConfig:
         return list(_OWNER)
 
 
-_PARTS = (ModelConfig, SchedulerConfig, CacheConfig, LoRAConfig)
+_PARTS = (ModelConfig, SchedulerConfig, CacheConfig, LoRAConfig, LogConfig)
 _OWNER = {f.name: part for part in _PARTS for f in fields(part) if f.name != "model"}
 assert len(_OWNER) == sum(len(fields(p)) for p in _PARTS) - 1, "a setting name is used by two configs"
 

@@ -79,6 +79,8 @@ class LLM:
                     if not left[owner[out.request_id]]:
                         bar.update(1)
         bar.close()
+        if self.engine.step_log is not None:
+            self.engine.step_log.flush()
         return [_merge_samples([done[rid] for rid in ids]) for ids in groups]
 
     def chat(

@@ -45,6 +45,7 @@ from loramux.engine.kv_events import KVEventPublisher
 from loramux.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loramux.engine.request_stats import FINISH_REASONS, RequestStats
 from loramux.engine.stats import EngineLimits, EngineSnapshot
+from loramux.engine.step_log import StepLog
 from loramux.lora_request import LoRARequest
 from loramux.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -173,6 +174,23 @@ class LLMEngine:
         )  # compiles nothing until the first structured request
         self._compiling: dict[str, Request] = {}  # requests held back until their grammar compiles
         self._constrained: set[str] = set()  # requests with a grammar (their rows get masks)
+        self.step_log: StepLog | None = None
+        if config.logs.step_log is not None:
+            self.step_log = StepLog(
+                config.logs.step_log,
+                {
+                    "model": Path(config.model.model).name,
+                    "num_pages": self.runtime.num_pages,
+                    "page_size": c.page_size,
+                    "max_model_len": self.runtime.max_model_len,
+                    "commits_kv_as_used": bool(getattr(executor, "commits_kv_as_used", False)),
+                    "device": self.runtime.device,
+                    "dtype": self.runtime.dtype,
+                    "max_num_seqs": config.scheduler.max_num_seqs,
+                    "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+                    "max_loras": lc.max_loras,
+                },
+            )
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -203,6 +221,8 @@ class LLMEngine:
         spec = self.executor.inspect_adapter(name, path)
         info = self.scheduler.register_adapter(name, spec.version, spec.rank, spec.nbytes, path, pinned)
         self.executor.register_adapter(info.uid, spec)
+        if self.step_log is not None:
+            self.step_log.adapter(info.uid, spec.rank, spec.nbytes)
         self._adapter_paths[name] = str(path)
         self._invocations.pop(name, None)
         if getattr(spec, "invocation", ()):  # activated LoRA
@@ -534,6 +554,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One step; after a failed one, EngineDeadError (every request has been ended)."""
         self._check_alive()
+        log = self.step_log
+        if log is not None:
+            t0, loads0 = self.clock(), self._load_counters()
         if self._compiling:
             self._admit_compiled()
         out = self.scheduler.schedule()
@@ -544,11 +567,30 @@ class LLMEngine:
         except Exception as e:
             raise self.die(e) from e
         update = self.scheduler.update_from_output(out, result)
+        if log is not None and out.seqs:
+            loads = self._load_counters()
+            waited = loads[4] - loads0[4]  # adapter copies and reads waited for, fitted apart
+            log.step(out, self.clock() - t0 - waited, loads[:4])
         self._publish_kv_events()
         outputs = self._outputs(out, result, update)
         if self._pending:
             outputs, self._pending = self._pending + outputs, []
         return outputs
+
+    def _load_counters(self) -> tuple[float, float, float, float, float]:
+        """The executor's adapter-load counters: host reads, their seconds, device copies, their
+        seconds, and the seconds steps spent on copies and waiting for reads."""
+        st = getattr(self.executor, "load_stats", None)
+        if st is None:
+            return (0, 0.0, 0, 0.0, 0.0)
+        get = getattr
+        return (
+            get(st, "host_loads", 0),
+            st.host_seconds,
+            get(st, "device_loads", 0),
+            st.device_seconds,
+            st.device_seconds + st.wait_seconds,
+        )
 
     def _publish_kv_events(self) -> None:
         """Hand the prefix cache's events to the publisher (or drop them: nobody listens)."""

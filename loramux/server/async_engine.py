@@ -68,6 +68,8 @@ class AsyncEngine:
         self._end_streams(gone)
         if self.engine.kv_publisher is not None:
             self.engine.kv_publisher.close()
+        if self.engine.step_log is not None:
+            self.engine.step_log.close()
 
     # --- the engine thread ---
     def _run(self) -> None:

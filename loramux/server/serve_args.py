@@ -99,6 +99,13 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         help="request bodies larger than this are refused (413) before they are read",
     )
     p.add_argument("--log-level", default="info", help="log level: debug, info, warning, error")
+    p.add_argument(
+        "--step-log",
+        default=None,
+        metavar="PATH",
+        help="write each step's cost features and seconds to PATH (JSONL); `loramux simulate "
+        "calibrate --from-log PATH` fits a simulator profile from it (off by default)",
+    )
 
 
 def _adapter_args(g: argparse._ArgumentGroup) -> None:

@@ -243,40 +243,24 @@ class Calibrator:
         y = np.array(self.times)
         if save_steps is not None:  # the measured steps, for a look at the fit (np.load: x, y)
             np.savez(save_steps, x=x, y=y)
-        terms, table = fit_step_model(x, y)
-        model = Profile("fit", "fit", **terms, tokens_table=tuple(table))
-        pred = np.array([model.step_seconds(StepFeatures(*row)) for row in self.rows])
-        quality = {
-            "steps": float(len(y)),
-            "seconds": self.seconds,
-            "r2": float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()),
-            "median_rel_error": float(np.median(np.abs(pred - y) / y)),
-            "total_rel_error": float(abs(pred.sum() - y.sum()) / y.sum()),
-        }
         mean_bytes = float(np.mean(list(self.nbytes.values())))
-        read_rate = mean_bytes * stats.host_loads / stats.host_seconds if stats.host_seconds > 0 else 1e9
-        copy_rate = (
-            mean_bytes * stats.device_loads / stats.device_seconds if stats.device_seconds > 0 else 1e10
-        )
-        profile = Profile(
-            name=name,
-            source=(
-                f"measured by `loramux simulate calibrate` on {machine()} on {time.strftime('%Y-%m-%d')}: "
-                f"{len(y)} steps, R^2 {quality['r2']:.3f}, "
-                f"median step error {quality['median_rel_error']:.1%}"
-            ),
-            **terms,
-            tokens_table=tuple(table),
-            jitter=float(np.std(np.log(y / np.maximum(pred, 1e-9)))),
-            read_base_s=0.0,
-            read_bytes_per_s=float(read_rate),
-            copy_base_s=0.0,
-            copy_bytes_per_s=float(copy_rate),
-            num_pages=int(ex.num_pages),
-            page_size=int(ex.page_size),
-            max_model_len=int(ex.max_model_len),
-            commits_kv_as_used=bool(getattr(ex, "commits_kv_as_used", False)),
-            adapter_bytes_per_rank=int(sum(self.nbytes.values()) / sum(self.ranks.values())),
+        return fit_profile(
+            name,
+            "measured by `loramux simulate calibrate`",
+            x,
+            y,
+            seconds=self.seconds,
+            read_rate=mean_bytes * stats.host_loads / stats.host_seconds if stats.host_seconds > 0 else 1e9,
+            copy_rate=mean_bytes * stats.device_loads / stats.device_seconds
+            if stats.device_seconds > 0
+            else 1e10,
+            sizes={
+                "num_pages": int(ex.num_pages),
+                "page_size": int(ex.page_size),
+                "max_model_len": int(ex.max_model_len),
+                "commits_kv_as_used": bool(getattr(ex, "commits_kv_as_used", False)),
+                "adapter_bytes_per_rank": int(sum(self.nbytes.values()) / sum(self.ranks.values())),
+            },
             engine={
                 "model": self.model_dir.name,
                 **self.engine_settings,
@@ -285,14 +269,90 @@ class Calibrator:
                 "device": str(ex.device),
                 "dtype": str(ex.dtype).replace("torch.", ""),
             },
-            notes="Step time excludes adapter loads (fitted apart, per byte). Adapter bytes scale with rank "
-            "for the calibration adapters' target modules.",
         )
-        return profile, quality
 
     def close(self) -> None:
         if hasattr(self.ex, "close"):
             self.ex.close()
+
+
+def fit_profile(
+    name: str,
+    how: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    seconds: float,
+    read_rate: float,
+    copy_rate: float,
+    sizes: dict[str, Any],
+    engine: dict[str, Any],
+) -> tuple[Profile, dict[str, float]]:
+    """A profile from measured steps (x: StepFeatures rows, y: seconds) and the engine's sizes;
+    returns it with fit-quality numbers."""
+    terms, table = fit_step_model(x, y)
+    model = Profile("fit", "fit", **terms, tokens_table=tuple(table))
+    pred = np.array([model.step_seconds(StepFeatures(*row)) for row in x])
+    quality = {
+        "steps": float(len(y)),
+        "seconds": seconds,
+        "r2": float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()) if len(y) > 1 else 1.0,
+        "median_rel_error": float(np.median(np.abs(pred - y) / y)),
+        "total_rel_error": float(abs(pred.sum() - y.sum()) / y.sum()),
+    }
+    profile = Profile(
+        name=name,
+        source=(
+            f"{how} on {machine()} on {time.strftime('%Y-%m-%d')}: {len(y)} steps, R^2 {quality['r2']:.3f}, "
+            f"median step error {quality['median_rel_error']:.1%}"
+        ),
+        **terms,
+        tokens_table=tuple(table),
+        jitter=float(np.std(np.log(y / np.maximum(pred, 1e-9)))),
+        read_base_s=0.0,
+        read_bytes_per_s=float(read_rate),
+        copy_base_s=0.0,
+        copy_bytes_per_s=float(copy_rate),
+        **sizes,
+        engine=engine,
+        notes="Step time excludes adapter loads (fitted apart, per byte). Adapter bytes scale with rank "
+        "for the calibration adapters' target modules.",
+    )
+    return profile, quality
+
+
+def profile_from_log(path: str | Path, name: str) -> tuple[Profile, dict[str, float]]:
+    """Fit a profile from a step log (`--step-log`): the steps a server or benchmark really ran,
+    with their features and times; load rates from its counters, sizes from its start line."""
+    from loramux.engine.step_log import read_step_log
+
+    start, adapters, steps = read_step_log(path)
+    x = np.array([[1.0, *s["f"]] for s in steps], dtype=float)
+    y = np.array([s["s"] for s in steps], dtype=float)
+    keep = y > 0
+    host_loads, host_s, dev_loads, dev_s = steps[-1]["loads"]
+    nbytes = [a["nbytes"] for a in adapters.values()]
+    mean_bytes = float(np.mean(nbytes)) if nbytes else 0.0
+    ranks = sum(a["rank"] for a in adapters.values())
+    return fit_profile(
+        name,
+        f"fitted by `loramux simulate calibrate --from-log` from {Path(path).name}",
+        x[keep],
+        y[keep],
+        seconds=float(y.sum()),
+        read_rate=mean_bytes * host_loads / host_s if host_s > 0 and host_loads and mean_bytes else 1e9,
+        copy_rate=mean_bytes * dev_loads / dev_s if dev_s > 0 and dev_loads and mean_bytes else 1e10,
+        sizes={
+            "num_pages": int(start["num_pages"]),
+            "page_size": int(start["page_size"]),
+            "max_model_len": int(start["max_model_len"]),
+            "commits_kv_as_used": bool(start.get("commits_kv_as_used", False)),
+            "adapter_bytes_per_rank": int(sum(nbytes) / ranks) if ranks else 0,
+        },
+        engine={
+            k: v for k, v in start.items() if k not in ("kind", "num_pages", "page_size", "max_model_len")
+        },
+    )
 
 
 def calibrate_profile(
@@ -319,6 +379,16 @@ def calibrate(a: argparse.Namespace) -> Profile:
     rank terms are measured over the range a workload uses, not extrapolated."""
     from loramux.bench.artifacts import write_random_adapter
 
+    if a.from_log is not None:
+        profile, q = profile_from_log(a.from_log, a.name or f"{Path(a.from_log).stem}-profile")
+        path = profile.save(a.profile_out)
+        print(
+            f"wrote {path}: {q['steps']:.0f} logged steps, R^2 {q['r2']:.3f}, median step error "
+            f"{q['median_rel_error']:.1%}, total {q['total_rel_error']:.1%}"
+        )
+        return profile
+    if a.model_dir is None:
+        raise ValueError("calibrate measures MODEL_DIR, or fits a step log: give one, or --from-log PATH")
     model_dir = Path(a.model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json; give a Hugging Face model directory")

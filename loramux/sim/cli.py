@@ -105,7 +105,13 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     )
     sub = p.add_subparsers(dest="sim_command")
     cal = sub.add_parser("calibrate", help="measure a profile of MODEL_DIR on this machine's executor")
-    cal.add_argument("model_dir", help="HF model directory to measure")
+    cal.add_argument("model_dir", nargs="?", default=None, help="HF model directory to measure")
+    cal.add_argument(
+        "--from-log",
+        default=None,
+        metavar="PATH",
+        help="fit the profile from a step log (`loramux serve --step-log PATH`) instead of measuring",
+    )
     cal.add_argument("--out", dest="profile_out", required=True, help="where to write the profile JSON")
     cal.add_argument("--name", default=None, help="the profile's name (default: the model directory's)")
     cal.add_argument(

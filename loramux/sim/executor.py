@@ -46,6 +46,8 @@ class SimAdapterSpec:
 
 @dataclass
 class SimLoadStats:
+    host_loads: int = 0
+    device_loads: int = 0
     host_seconds: float = 0.0
     device_seconds: float = 0.0
     wait_seconds: float = 0.0
@@ -104,6 +106,7 @@ class CostModelExecutor:
             start = max(self._reader_free, now)
             self._reader_free = self._read_done[uid] = start + dt
             stats.host_seconds += dt
+            stats.host_loads += 1
         t = now
         for uid, _ in plan.load_device:
             ready = self._read_done.get(uid, 0.0)
@@ -113,6 +116,7 @@ class CostModelExecutor:
             dt = p.copy_seconds(self._by_uid[uid].nbytes)
             t += dt
             stats.device_seconds += dt
+            stats.device_loads += 1
         return t
 
     # --- the step ---

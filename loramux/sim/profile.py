@@ -45,9 +45,11 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from loramux.core.outputs import SchedulerOutput
+from loramux.core.step_features import StepFeatures, step_features
+
+__all__ = ["COST_TERMS", "Profile", "StepFeatures", "shipped_profiles", "step_features"]
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -61,40 +63,6 @@ COST_TERMS = (
     "per_adapter_rank_s",
     "per_lora_rank_token_s",
 )
-
-
-class StepFeatures(NamedTuple):
-    """What a step's cost depends on (the order of COST_TERMS)."""
-
-    one: float
-    prefill_tokens: int
-    prefill_rows: int
-    decode_rows: int
-    context_tokens: int
-    adapters: int
-    adapter_ranks: int
-    lora_rank_tokens: int
-
-
-def step_features(out: SchedulerOutput, rank_of: dict[int, int]) -> StepFeatures:
-    """The cost features of one step; `rank_of` maps adapter uid to rank."""
-    prefill = prefill_rows = decode = context = rank_tokens = 0
-    uids: set[int] = set()
-    rank_of_get = rank_of.get
-    for seq in out.seqs:
-        n = len(seq.token_ids)
-        if n == 1:
-            decode += 1
-        else:
-            prefill += n
-            prefill_rows += 1
-        context += seq.start_pos + n
-        uid = seq.adapter_uid
-        if uid is not None:
-            uids.add(uid)
-            rank_tokens += n * rank_of_get(uid, 0)
-    ranks = sum(rank_of_get(u, 0) for u in uids)
-    return StepFeatures(1.0, prefill, prefill_rows, decode, context, len(uids), ranks, rank_tokens)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class SimSettings:
     abort_after: float | None = None  # S-LoRA's early abort: a request waiting this long is dropped
     seed: int = 0  # prompt token ids and step-time jitter
     max_steps: int = 50_000_000
+    step_log: str | None = None  # write the engine's step log here (virtual seconds)
 
     def __post_init__(self) -> None:
         if self.abort_after is not None and self.abort_after <= 0:
@@ -104,6 +105,7 @@ def build_engine(
         max_loras=s.max_loras,
         max_cpu_loras=s.max_cpu_loras,
         max_lora_rank=s.max_lora_rank,
+        step_log=s.step_log,
     )
     engine = LLMEngine(config, executor=executor, tokenizer=None, clock=clock)
     return engine, executor, clock
@@ -166,6 +168,8 @@ def simulate(workload: Workload, profile: Profile, settings: SimSettings) -> Sim
                 rec.finish = t
                 rec.output_tokens = len(out.outputs[0].token_ids)
                 rec.aborted = out.outputs[0].finish_reason not in ("length", "stop")
+    if engine.step_log is not None:
+        engine.step_log.close()
     snap = engine.snapshot()
     st = executor.load_stats
     return SimResult(

@@ -144,3 +144,10 @@ def test_help_shows_a_default_once_and_simulate_explains_every_flag():
     for sub in p._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
         actions += [a for a in sub._actions if a.dest != "help"]
     assert [a.option_strings or a.dest for a in actions if not a.help] == []
+
+
+def test_step_log_flag_reaches_the_engine_config():
+    """Issue 25, point 1: `loramux serve --step-log PATH` (off by default)."""
+    assert engine_config(serve_parser().parse_args(["m"]), "m").logs.step_log is None
+    args = serve_parser().parse_args(["m", "--step-log", "/tmp/steps.jsonl"])
+    assert engine_config(args, "m").logs.step_log == "/tmp/steps.jsonl"

@@ -179,3 +179,69 @@ def test_calibrate_command_writes_a_profile_the_simulator_loads(tiny_models, tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results[0]["completed"] == results[0]["requests"] == 10
+
+
+def test_a_profile_fitted_from_a_simulated_step_log_recovers_the_cost_model(tmp_path):
+    """Issue 25, point 1: the simulator's engine writes the same step log a server does (its
+    seconds are the profile's, jitter off); `profile_from_log` fitted on it predicts every logged
+    step as the true profile does and recovers its terms and adapter rates; `loramux simulate
+    calibrate --from-log` writes that profile."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    from loramux.sim.calibrate import profile_from_log
+    from loramux.sim.run import SimSettings, simulate
+    from loramux.sim.workloads import SUITES
+
+    true = dataclasses.replace(Profile.load("cpu-mid"), jitter=0.0)
+    log = tmp_path / "steps.jsonl"
+    simulate(SUITES["slora-a10g-sweep"].workload(1.0, 42), true, SimSettings(max_loras=4, step_log=str(log)))
+    fit, quality = profile_from_log(log, "fit")
+    steps = [json.loads(line) for line in log.read_text().splitlines() if '"kind": "step"' in line]
+    x = [StepFeatures(1.0, *s["f"]) for s in steps]
+    want = np.array([true.step_seconds(f) for f in x])
+    got = np.array([fit.step_seconds(f) for f in x])
+    assert quality["steps"] == len(steps) > 1000
+    assert np.median(np.abs(got - want) / want) < 1e-3 and abs(got.sum() - want.sum()) / want.sum() < 1e-3
+    for term in ("per_prefill_seq_s", "per_adapter_rank_s", "per_lora_rank_token_s"):
+        assert getattr(fit, term) == pytest.approx(getattr(true, term), rel=0.02), term
+    assert fit.copy_bytes_per_s == pytest.approx(true.copy_bytes_per_s, rel=0.1)
+    assert fit.read_bytes_per_s == pytest.approx(true.read_bytes_per_s, rel=0.1)
+    assert (fit.num_pages, fit.page_size, fit.adapter_bytes_per_rank) == (
+        true.num_pages,
+        true.page_size,
+        true.adapter_bytes_per_rank,
+    )
+    out = tmp_path / "p.json"
+    cmd = ["simulate", "calibrate", "--from-log", str(log), "--out", str(out)]
+    subprocess.run([sys.executable, "-m", "loramux.cli", *cmd], check=True, capture_output=True, timeout=120)
+    assert Profile.load(out).per_adapter_rank_s == pytest.approx(fit.per_adapter_rank_s)
+    assert "from-log" in Profile.load(out).source
+
+
+def test_the_engine_step_log_holds_each_steps_features_time_and_load_counters(tiny_models, tmp_path):
+    """Issue 25, point 1: `step_log` (serve's --step-log) writes a start line with the sizes a
+    profile needs, a line per adapter, and one per step that computed anything."""
+    import json
+
+    from loramux import LLM, LoRARequest, SamplingParams
+
+    model = tiny_models["llama"]
+    log = tmp_path / "steps.jsonl"
+    llm = LLM(str(model.path), num_pages=64, page_size=4, device="cpu", step_log=str(log))
+    lora = LoRARequest("r8_all", 1, str(model.adapters["r8_all"]))
+    params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0)
+    llm.generate([[5, 6, 7, 8, 9], [10, 11, 12]], params, [lora, None], use_tqdm=False)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    start, adapters, steps = rows[0], [r for r in rows if r["kind"] == "adapter"], rows[1:]
+    steps = [r for r in steps if r["kind"] == "step"]
+    assert start["kind"] == "start" and start["page_size"] == 4 and start["num_pages"] == 64
+    assert start["max_model_len"] > 0 and start["device"] == "cpu"
+    assert len(adapters) == 1 and adapters[0]["rank"] == 8 and adapters[0]["nbytes"] > 0
+    assert len(steps) == llm.engine.scheduler.counters.num_steps  # every step computed something here
+    first = steps[0]
+    assert len(first["f"]) == len(StepFeatures._fields) - 1 and first["s"] > 0 and len(first["loads"]) == 4
+    assert first["f"][0] == 5 + 3 and first["f"][1] == 2  # both prompts prefill in the first step
+    assert sum(s["f"][2] for s in steps) == 2 * 5  # decode rows: each request's tokens after the first
