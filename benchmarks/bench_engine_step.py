@@ -76,9 +76,7 @@ def main() -> None:
         for mode, path in modes.items():
             medians[mode].append(1e3 * statistics.median(run(a.requests, a.tokens, path)))
     for mode, ms in medians.items():
-        print(
-            f"engine step, {a.requests} decoding requests, {mode}: median of runs {statistics.median(ms):.3f} ms"
-        )
+        print(f"engine step, {a.requests} decoding requests, {mode}: median {statistics.median(ms):.3f} ms")
         print("runs:", ", ".join(f"{m:.3f}" for m in ms))
 
 
