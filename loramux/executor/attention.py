@@ -1,4 +1,4 @@
-"""Attention over a paged KV cache, in plain PyTorch.
+"""Attention over a paged KV cache: plain PyTorch, or the Triton kernel on CUDA.
 
 Boundary: given one step's queries, keys and values (tokens of many requests
 flattened into one batch) and the step's `AttentionMetadata`, write the new
@@ -16,6 +16,10 @@ A step mixes two kinds of rows:
 
       keys:     | cached (start) | new chunk (n) |
       query i sees keys 0 .. start + i (and, with a sliding window w, only the last w)
+
+With `KernelMetadata` (the CUDA path, executor/kernels/paged_attention.py) the
+whole step is one kernel launch reading K and V through the page table in place;
+this torch code is the CPU default and the kernel's reference.
 """
 
 from __future__ import annotations
@@ -35,12 +39,23 @@ class PrefillChunk:
 
 
 @dataclass
+class KernelMetadata:
+    """Every sequence of the step, in row order, for the Triton kernel (int32 on the device)."""
+
+    block_table: torch.Tensor  # [S, P] pages of each sequence (padded with page 0)
+    ctx_lens: torch.Tensor  # [S] keys in the cache after this step's are written
+    query_start: torch.Tensor  # [S + 1] rows of each sequence's queries
+    max_query_len: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's k/v is written
     decode_rows: torch.Tensor | None  # [B] rows of the batch that decode one token
     decode_pages: torch.Tensor | None  # [B, P] page table of each decode row (padded with page 0)
     decode_mask: torch.Tensor | None  # [B, 1, 1, P * page_size] True where a key is visible
     prefills: list[PrefillChunk]
+    kernel: KernelMetadata | None = None
 
 
 def paged_attention(
@@ -57,6 +72,13 @@ def paged_attention(
     num_kv, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv, head_dim).index_copy_(0, meta.slot_mapping, k)  # [slots, KV, D]
     v_cache.view(-1, num_kv, head_dim).index_copy_(0, meta.slot_mapping, v)
+    if (km := meta.kernel) is not None:
+        from loramux.executor.kernels.paged_attention import paged_attention_triton
+
+        return paged_attention_triton(
+            q, k_cache, v_cache, km.block_table, km.ctx_lens, km.query_start, km.max_query_len,
+            scale, sliding_window,
+        )  # fmt: skip
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
         rows, pages = meta.decode_rows, meta.decode_pages

@@ -364,7 +364,9 @@ class LoRAState:
     row's A and B^T rows.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, triton: bool = False) -> None:
+        self.triton = triton  # the Triton shrink/expand kernels (CUDA path)
+        self.blocks: torch.Tensor | None = None  # their block list for this step
         self.active = False
         self.long: list[tuple[int, int, int]] = []
         self._short_rows: list[int] = []
@@ -402,12 +404,17 @@ class LoRAState:
         self._device = device
         self.segments, self._row_slots = segments, None
         self.slots_in_step = frozenset(s for s, _, _ in segments)
+        if self.triton:
+            from loramux.executor.kernels.lora import lora_blocks
+
+            self.blocks = lora_blocks(segments, device)
+            self.long, self._short_rows, self._short_slots = [], [], []
         try:
             yield
         finally:
             self.active = False
             self.long, self._short_rows, self._short_slots, self._groups = [], [], [], {}
-            self.segments, self._row_slots = [], None
+            self.segments, self._row_slots, self.blocks = [], None, None
 
     def short_groups(self, ranks: list[int]) -> list[_RankGroup]:
         """The rank groups for a module whose slots have `ranks` (cached per distinct signature)."""
@@ -465,6 +472,7 @@ class LoRALinear(nn.Module):
         self.num_slots, self.max_rank = num_slots, max_rank
         self.in_features, self.out_features = base.in_features, base.out_features
         self.ranks = [0] * num_slots
+        self.rank_tensor: torch.Tensor | None = None  # ranks on the device, for the Triton kernels
         self.A: torch.Tensor | None = None
         self.Bt: torch.Tensor | None = None
         # Gathered A/B^T rows of recent decode layouts: a running batch keeps its layout for many
@@ -489,6 +497,7 @@ class LoRALinear(nn.Module):
         self.A[slot, :r].copy_(a, non_blocking=True)
         self.Bt[slot, :r].copy_(bt, non_blocking=True)  # type: ignore[index]
         self.ranks[slot] = r
+        self._set_rank(slot, r)
         self.dora_slots.discard(slot)
         if magnitude is not None:
             self._load_dora(slot, self.A[slot, :r], self.Bt[slot, :r], magnitude)
@@ -529,8 +538,16 @@ class LoRALinear(nn.Module):
             Bt[:, :old].copy_(self.Bt)
         self.A, self.Bt = A, Bt
 
+    def _set_rank(self, slot: int, r: int) -> None:
+        if self.state.triton:
+            if self.rank_tensor is None:
+                w = self.base.weight
+                self.rank_tensor = torch.zeros(self.num_slots, dtype=torch.int32, device=w.device)
+            self.rank_tensor[slot] = r
+
     def clear(self, slot: int) -> None:
         self.ranks[slot] = 0
+        self._set_rank(slot, 0)
         if slot in self.dora_slots:
             self.dora_slots.discard(slot)
             assert self.dora_scale is not None
@@ -545,6 +562,11 @@ class LoRALinear(nn.Module):
             return y
         A, Bt, ranks = self.A, self.Bt, self.ranks
         assert Bt is not None
+        if st.blocks is not None:  # Triton: every segment, decode or prefill, in one launch pair
+            from loramux.executor.kernels.lora import lora_shrink_expand
+
+            assert self.rank_tensor is not None
+            lora_shrink_expand(x, A, Bt, self.rank_tensor, st.blocks, y)
         for slot, s, e in st.long:  # prefill chunks: one matmul pair per segment
             r = ranks[slot]
             if r:
@@ -592,8 +614,8 @@ class LoRALinear(nn.Module):
 class LoRASlots:
     """The wrapped linears of a model, and copying host adapters into their slots."""
 
-    def __init__(self, model: nn.Module, num_slots: int, max_rank: int) -> None:
-        self.state = LoRAState()
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int, triton: bool = False) -> None:
+        self.state = LoRAState(triton)
         self.embedding = AdapterEmbedding(model.model.embed_tokens, self.state)  # type: ignore[union-attr]
         self.head = AdapterHead(model.lm_head, self.state)  # type: ignore[arg-type]
         model.model.embed_tokens, model.lm_head = self.embedding, self.head  # type: ignore[union-attr]

@@ -31,7 +31,8 @@ from loramux.config import CacheConfig, LoRAConfig, ModelConfig
 from loramux.core.adapters import AdapterPlan
 from loramux.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
 from loramux.core.prefix_cache import KVCopy
-from loramux.executor.attention import AttentionMetadata, PrefillChunk, decode_mask
+from loramux.executor.attention import AttentionMetadata, KernelMetadata, PrefillChunk, decode_mask
+from loramux.executor.kernels import use_triton
 from loramux.executor.loader import load_model, resolve_device, resolve_dtype
 from loramux.executor.lora import AdapterSpec, HostAdapter, LoRASlots, inspect_adapter, read_adapter
 from loramux.executor.sampler import apply_token_masks, sample, sample_each
@@ -87,7 +88,8 @@ class ModelRunner:
             else []
         )
         self.max_lora_rank = lora.max_lora_rank
-        self.slots = LoRASlots(self.model, lora.max_loras, lora.max_lora_rank)
+        self.triton = use_triton(self.device.type)  # Triton attention and LoRA kernels (CUDA)
+        self.slots = LoRASlots(self.model, lora.max_loras, lora.max_lora_rank, self.triton)
         self.specs: dict[int, AdapterSpec] = {}
         self.host: dict[int, Future[HostAdapter]] = {}  # reads run on a background thread
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-read")
@@ -344,12 +346,18 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         segments: list[tuple[int, int, int]] = []
         sample_rows, sample_seqs = [], []
+        tables, ctx_lens = [], []  # Triton path: every sequence, in row order
         for i in order:
             s = seqs[i]
             t0, n = len(ids), len(s.token_ids)
             ids.extend(s.token_ids)
             positions.extend(range(s.start_pos, s.start_pos + n))
-            if n == 1:
+            if self.triton:
+                ctx = s.start_pos + n
+                tables.append(s.page_ids[: -(-ctx // ps)])
+                ctx_lens.append(ctx)
+                slot_mapping.append([s.page_ids[p // ps] * ps + p % ps for p in range(s.start_pos, ctx)])
+            elif n == 1:
                 pos = s.start_pos
                 slot_mapping.append([s.page_ids[pos // ps] * ps + pos % ps])
                 decode_rows.append(t0)
@@ -375,7 +383,18 @@ class ModelRunner:
             [m if isinstance(m, torch.Tensor) else torch.tensor(m, device=dev) for m in slot_mapping]
         )
         meta = AttentionMetadata(mapping, None, None, None, prefills)
-        if decode_rows:
+        if self.triton:
+            width = max(len(t) for t in tables)
+            starts = [0]
+            for i in order:
+                starts.append(starts[-1] + len(seqs[i].token_ids))
+            meta.kernel = KernelMetadata(
+                torch.tensor([[*t, *[0] * (width - len(t))] for t in tables], dtype=torch.int32, device=dev),
+                torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+                torch.tensor(starts, dtype=torch.int32, device=dev),
+                max(len(s.token_ids) for s in seqs),
+            )
+        elif decode_rows:
             n_pages = -(-max(decode_lens) // ps)
             table = [[*p[:n_pages], *[0] * (n_pages - len(p))] for p in decode_pages]
             meta.decode_rows = torch.tensor(decode_rows, device=dev)
