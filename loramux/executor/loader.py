@@ -19,7 +19,12 @@ from typing import Any
 
 import torch
 
-from loramux.executor.models.llama import SUPPORTED_ARCHITECTURES, LlamaArgs, LlamaForCausalLM
+from loramux.executor.models.llama import (
+    SUPPORTED_ARCHITECTURES,
+    LlamaArgs,
+    LlamaForCausalLM,
+    fuse_weights,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -139,6 +144,7 @@ def load_model(
     with torch.device("meta"):  # no memory yet: the loaded tensors become the parameters
         model = LlamaForCausalLM(args)
     state = read_state_dict(p, dtype, device)
+    fuse_weights(state)
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     want = {k for k in model.state_dict() if not (args.tie_word_embeddings and k == "lm_head.weight")}

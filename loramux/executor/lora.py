@@ -463,16 +463,33 @@ class LoRAState:
 
 class LoRALinear(nn.Module):
     """A linear layer plus per-slot low-rank deltas; slot buffers are made on first use and
-    deepened when an adapter of a higher rank arrives."""
+    deepened when an adapter of a higher rank arrives.
 
-    def __init__(self, base: nn.Linear, state: LoRAState, num_slots: int, max_rank: int) -> None:
+    A fused linear (qkv_proj, gate_up_proj) has several parts: part i owns output columns
+    [cols[i], cols[i + 1]) and has its own A, ranks and columns of Bt (an adapter's q, k and v
+    are separate PEFT modules, possibly of different ranks, or absent):
+
+        A  [parts, S, R, in]    Bt [S, R, out] (part i's B^T in its own columns)
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        state: LoRAState,
+        num_slots: int,
+        max_rank: int,
+        parts: list[int] | None = None,
+    ) -> None:
         super().__init__()
         self.base = base
         self.state = state
         self.num_slots, self.max_rank = num_slots, max_rank
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.ranks = [0] * num_slots
-        self.rank_tensor: torch.Tensor | None = None  # ranks on the device, for the Triton kernels
+        widths = parts or [self.out_features]
+        assert sum(widths) == self.out_features, (widths, self.out_features)
+        self.cols = [sum(widths[:i]) for i in range(len(widths) + 1)]
+        self.ranks = [[0] * num_slots for _ in widths]  # [part][slot]
+        self.rank_tensor: torch.Tensor | None = None  # [parts, S] on the device, for the Triton kernels
         self.A: torch.Tensor | None = None
         self.Bt: torch.Tensor | None = None
         # Gathered A/B^T rows of recent decode layouts: a running batch keeps its layout for many
@@ -487,23 +504,31 @@ class LoRALinear(nn.Module):
         self._w_sq: torch.Tensor | None = None  # |W_i|^2 per output row, for the DoRA norms
 
     def load(
-        self, slot: int, a: torch.Tensor, bt: torch.Tensor, magnitude: torch.Tensor | None = None
+        self,
+        slot: int,
+        a: torch.Tensor,
+        bt: torch.Tensor,
+        magnitude: torch.Tensor | None = None,
+        part: int = 0,
     ) -> None:
         self._gathered.clear()  # slot contents change: no gathered copy stays valid
         r = a.shape[0]
-        if self.A is None or self.A.shape[1] < r:
+        if self.A is None or self.A.shape[2] < r:
             self._grow(r)
         assert self.A is not None and self.Bt is not None
-        self.A[slot, :r].copy_(a, non_blocking=True)
-        self.Bt[slot, :r].copy_(bt, non_blocking=True)  # type: ignore[index]
-        self.ranks[slot] = r
-        self._set_rank(slot, r)
-        self.dora_slots.discard(slot)
+        c0, c1 = self.cols[part], self.cols[part + 1]
+        self.A[part, slot, :r].copy_(a, non_blocking=True)
+        self.Bt[slot, :r, c0:c1].copy_(bt, non_blocking=True)
+        self.ranks[part][slot] = r
+        self._set_rank(part, slot, r)
         if magnitude is not None:
-            self._load_dora(slot, self.A[slot, :r], self.Bt[slot, :r], magnitude)
+            self._load_dora(slot, part, self.A[part, slot, :r], self.Bt[slot, :r, c0:c1], magnitude)
 
     @torch.no_grad()
-    def _load_dora(self, slot: int, a: torch.Tensor, bt: torch.Tensor, magnitude: torch.Tensor) -> None:
+    def _load_dora(
+        self, slot: int, part: int, a: torch.Tensor, bt: torch.Tensor, magnitude: torch.Tensor
+    ) -> None:
+        c0, c1 = self.cols[part], self.cols[part + 1]
         w, b = self.base.weight, self.base.bias
         if self.dora_scale is None:
             self.dora_scale = torch.ones(
@@ -515,39 +540,47 @@ class LoRALinear(nn.Module):
         # without making the out x in matrix: |W_i|^2 + 2 (W A^T)_i . sB_i + sB_i (A A^T) sB_i^T.
         if self._w_sq is None:
             self._w_sq = w.float().square().sum(1)
+        w = w[c0:c1]
         a32, sb = a.float(), bt.float().t()  # [r, in], [out, r]
         cross = ((w.float() @ a32.t()) * sb).sum(1)
         ba_sq = ((sb @ (a32 @ a32.t())) * sb).sum(1)
-        norm = (self._w_sq + 2 * cross + ba_sq).clamp_min(0).sqrt()
+        norm = (self._w_sq[c0:c1] + 2 * cross + ba_sq).clamp_min(0).sqrt()
         g = magnitude.to(w.device).float() / norm
-        self.dora_scale[slot].copy_(g)
+        self.dora_scale[slot, c0:c1].copy_(g)
         if self.dora_shift is not None and b is not None:
-            self.dora_shift[slot].copy_((1 - g) * b.float())
+            self.dora_shift[slot, c0:c1].copy_((1 - g) * b[c0:c1].float())
         self.dora_slots.add(slot)
 
     def _grow(self, rank: int) -> None:
         """Slot buffers as deep as the largest rank loaded into this module so far (at most
         max_rank): memory follows the adapters in use, not the largest one allowed."""
         w = self.base.weight
-        shape = (self.num_slots, min(max(rank, 1), self.max_rank))
-        A = torch.zeros(*shape, self.in_features, dtype=w.dtype, device=w.device)
-        Bt = torch.zeros(*shape, self.out_features, dtype=w.dtype, device=w.device)
+        depth = min(max(rank, 1), self.max_rank)
+        A = torch.zeros(
+            len(self.ranks), self.num_slots, depth, self.in_features, dtype=w.dtype, device=w.device
+        )
+        Bt = torch.zeros(self.num_slots, depth, self.out_features, dtype=w.dtype, device=w.device)
         if self.A is not None and self.Bt is not None:
-            old = self.A.shape[1]
-            A[:, :old].copy_(self.A)
+            old = self.A.shape[2]
+            A[:, :, :old].copy_(self.A)
             Bt[:, :old].copy_(self.Bt)
         self.A, self.Bt = A, Bt
 
-    def _set_rank(self, slot: int, r: int) -> None:
+    def _set_rank(self, part: int, slot: int, r: int) -> None:
         if self.state.triton:
             if self.rank_tensor is None:
                 w = self.base.weight
-                self.rank_tensor = torch.zeros(self.num_slots, dtype=torch.int32, device=w.device)
-            self.rank_tensor[slot] = r
+                self.rank_tensor = torch.zeros(
+                    len(self.ranks), self.num_slots, dtype=torch.int32, device=w.device
+                )
+            self.rank_tensor[part, slot] = r
 
     def clear(self, slot: int) -> None:
-        self.ranks[slot] = 0
-        self._set_rank(slot, 0)
+        """Every part of the slot off (loading an adapter clears the slot first)."""
+        for part, ranks in enumerate(self.ranks):
+            if ranks[slot]:
+                ranks[slot] = 0
+                self._set_rank(part, slot, 0)
         if slot in self.dora_slots:
             self.dora_slots.discard(slot)
             assert self.dora_scale is not None
@@ -560,13 +593,29 @@ class LoRALinear(nn.Module):
         st = self.state
         if not st.active or self.A is None:
             return y
-        A, Bt, ranks = self.A, self.Bt, self.ranks
-        assert Bt is not None
-        if st.blocks is not None:  # Triton: every segment, decode or prefill, in one launch pair
+        assert self.Bt is not None
+        if st.blocks is not None:  # Triton: every segment and part, decode or prefill, in one launch pair
             from loramux.executor.kernels.lora import lora_shrink_expand
 
             assert self.rank_tensor is not None
-            lora_shrink_expand(x, A, Bt, self.rank_tensor, st.blocks, y)
+            lora_shrink_expand(x, self.A, self.Bt, self.rank_tensor, st.blocks, y, self.cols)
+        for part, ranks in enumerate(self.ranks):
+            c0, c1 = self.cols[part], self.cols[part + 1]
+            whole = c0 == 0 and c1 == self.out_features
+            self._add(x, y if whole else y[:, c0:c1], part, ranks)
+        if self.dora_slots and not self.dora_slots.isdisjoint(st.slots_in_step):
+            idx = st.row_slots(y.shape[0], self.num_slots)  # DoRA rows: one scale (and shift)
+            y.mul_(self.dora_scale.index_select(0, idx))  # type: ignore[union-attr]
+            if self.dora_shift is not None:
+                y.add_(self.dora_shift.index_select(0, idx))
+        return y
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor, part: int, ranks: list[int]) -> None:
+        """The torch path: y (this part's columns) += each row's delta."""
+        st = self.state
+        assert self.A is not None and self.Bt is not None
+        c0, c1 = self.cols[part], self.cols[part + 1]
+        A, Bt = self.A[part], self.Bt[:, :, c0:c1]  # [S, R, in], [S, R, out_part]
         for slot, s, e in st.long:  # prefill chunks: one matmul pair per segment
             r = ranks[slot]
             if r:
@@ -587,26 +636,23 @@ class LoRALinear(nn.Module):
                 out = torch.bmm(t, Bt[lo:hi, :r]).squeeze(1)  # [W, out]
                 y.index_add_(0, g.rows, out.index_select(0, g.local))
             else:
-                a, bt = self._gather(g)  # [N, r, in], [N, r, out]
+                a, bt = self._gather(g, part, A, Bt)  # [N, r, in], [N, r, out]
                 t = torch.bmm(x.index_select(0, g.rows).unsqueeze(1), a.transpose(1, 2))  # [N, 1, r]
                 y.index_add_(0, g.rows, torch.bmm(t, bt).squeeze(1))
-        if self.dora_slots and not self.dora_slots.isdisjoint(st.slots_in_step):
-            idx = st.row_slots(y.shape[0], self.num_slots)  # DoRA rows: one scale (and shift)
-            y.mul_(self.dora_scale.index_select(0, idx))  # type: ignore[union-attr]
-            if self.dora_shift is not None:
-                y.add_(self.dora_shift.index_select(0, idx))
-        return y
 
-    def _gather(self, g: _RankGroup) -> tuple[torch.Tensor, torch.Tensor]:
-        got = self._gathered.get(g.key)
+    def _gather(
+        self, g: _RankGroup, part: int, A: torch.Tensor, Bt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (part, *g.key)
+        got = self._gathered.get(key)
         if got is None:
-            if len(self._gathered) >= 4:  # a handful of layouts at most (one per rank, usually)
+            if len(self._gathered) >= 4 * len(self.ranks):  # a handful of layouts (one per rank, usually)
                 self._gathered.clear()
             r = g.rank
             assert g.slots is not None
-            got = self._gathered[g.key] = (
-                self.A[:, :r].index_select(0, g.slots),  # type: ignore[index]
-                self.Bt[:, :r].index_select(0, g.slots),  # type: ignore[index]
+            got = self._gathered[key] = (
+                A[:, :r].index_select(0, g.slots),
+                Bt[:, :r].index_select(0, g.slots),
             )
         return got
 
@@ -615,29 +661,38 @@ class LoRASlots:
     """The wrapped linears of a model, and copying host adapters into their slots."""
 
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int, triton: bool = False) -> None:
+        from loramux.executor.models.llama import FUSED
+
         self.state = LoRAState(triton)
         self.embedding = AdapterEmbedding(model.model.embed_tokens, self.state)  # type: ignore[union-attr]
         self.head = AdapterHead(model.lm_head, self.state)  # type: ignore[arg-type]
         model.model.embed_tokens, model.lm_head = self.embedding, self.head  # type: ignore[union-attr]
-        self.layers: dict[Module, LoRALinear] = {}
+        self.layers: dict[tuple[int, str], LoRALinear] = {}  # (layer, linear's name)
+        self.parts: dict[Module, tuple[LoRALinear, int]] = {}  # (layer, PEFT module) -> (linear, part)
         for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
             for parent in (layer.self_attn, layer.mlp):
-                for name in TARGET_MODULES:
-                    base = getattr(parent, name, None)
-                    if isinstance(base, nn.Linear):
-                        wrapped = LoRALinear(base, self.state, num_slots, max_rank)
-                        setattr(parent, name, wrapped)
-                        self.layers[(i, name)] = wrapped
+                for name, base in list(parent.named_children()):
+                    if not isinstance(base, nn.Linear):
+                        continue
+                    modules = FUSED.get(name, (name,))
+                    widths = None
+                    if len(modules) > 1:
+                        widths = parent.qkv_sizes if name == "qkv_proj" else [base.out_features // 2] * 2
+                    wrapped = LoRALinear(base, self.state, num_slots, max_rank, widths)
+                    setattr(parent, name, wrapped)
+                    self.layers[(i, name)] = wrapped
+                    for part, module in enumerate(modules):
+                        self.parts[(i, module)] = (wrapped, part)
 
     def load(self, adapter: HostAdapter, slot: int) -> None:
         self.embedding.load(slot, adapter.vocab)
         self.head.load(slot, adapter.vocab)
-        for key, layer in self.layers.items():
+        for layer in self.layers.values():
+            layer.clear(slot)
+        for key, (layer, part) in self.parts.items():
             w = adapter.weights.get(key)
-            if w is None:
-                layer.clear(slot)
-            else:
-                layer.load(slot, *w)
+            if w is not None:
+                layer.load(slot, *w, part=part)
 
     def clear(self, slot: int) -> None:
         self.embedding.load(slot, None)

@@ -101,14 +101,14 @@ def test_lora_slot_buffers_are_as_deep_as_the_ranks_in_use():
     layer = LoRALinear(torch.nn.Linear(8, 6, bias=False), LoRAState(), num_slots=3, max_rank=64)
     a2, b2 = torch.randn(2, 8), torch.randn(2, 6)
     layer.load(0, a2, b2)
-    assert layer.A.shape == (3, 2, 8) and layer.Bt.shape == (3, 2, 6)
+    assert layer.A.shape == (1, 3, 2, 8) and layer.Bt.shape == (3, 2, 6)  # one part (not fused)
     a4, b4 = torch.randn(4, 8), torch.randn(4, 6)
     layer.load(1, a4, b4)
-    assert layer.A.shape == (3, 4, 8) and layer.Bt.shape == (3, 4, 6)
-    assert torch.equal(layer.A[0, :2], a2) and torch.equal(layer.Bt[0, :2], b2)
-    assert torch.equal(layer.A[1], a4) and torch.equal(layer.Bt[1], b4)
+    assert layer.A.shape == (1, 3, 4, 8) and layer.Bt.shape == (3, 4, 6)
+    assert torch.equal(layer.A[0, 0, :2], a2) and torch.equal(layer.Bt[0, :2], b2)
+    assert torch.equal(layer.A[0, 1], a4) and torch.equal(layer.Bt[1], b4)
     layer.load(2, a2, b2)  # a lower rank fits as it is
-    assert layer.A.shape[1] == 4 and layer.ranks == [2, 4, 2]
+    assert layer.A.shape[2] == 4 and layer.ranks == [[2, 4, 2]]
 
 
 def test_adapters_named_at_start_are_read_ahead_in_the_background(tiny_models):

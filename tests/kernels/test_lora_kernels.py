@@ -73,10 +73,11 @@ def test_decode_rows_and_prefill_segments_with_mixed_ranks_in_one_launch():
 
 
 def test_fused_qkv_slices_each_at_their_own_rank():
-    """q (64 columns), k and v (16 each) as slices of one launch; a slot may skip a slice."""
+    """q (72 columns), k and v (24 each, not a multiple of the column block) as slices of one
+    launch; a slot may skip a slice."""
     ranks = [[8, 16, 2], [8, 0, 2], [4, 16, 0]]
     segments = [(1, 0, 20), (0, 20, 21), (2, 21, 23)]
-    out, ref, _ = _run(segments, 23, ranks, k=32, cols=(0, 64, 80, 96))
+    out, ref, _ = _run(segments, 23, ranks, k=32, cols=(0, 72, 96, 120))
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-5)
 
 

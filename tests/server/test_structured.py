@@ -294,3 +294,20 @@ def test_the_server_keeps_serving_after_refusals_and_tool_choice_none_is_free_te
 
     msg = asyncio.run(run())
     assert msg.content == "HELLO WORLD" and not msg.tool_calls
+
+
+def test_the_readme_structured_output_example_prints_what_the_readme_says(server):
+    """The README's example, run as it is against this server: its printed lines are the ones
+    the README shows after it."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Structured output", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = [line[2:] for line in code.splitlines() if line.startswith("# ")]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(code.replace("http://127.0.0.1:8000/v1", server.v1), {})
+    assert buf.getvalue().splitlines() == shown and shown

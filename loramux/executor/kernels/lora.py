@@ -15,11 +15,13 @@ slot that does not touch the module (r = 0) returns at once.
 Slices: a fused projection (q, k, v as one linear; gate, up as one) keeps one
 A per slice, stacked [slices, S, R, in], and one Bt whose columns are the
 slices' outputs side by side [S, R, out_q + out_k + out_v]. One shrink launch
-covers every slice (grid axis 1); one expand launch covers every column block,
-each taking the shrink result of the slice its columns belong to.
+covers every slice (grid axis 1); one expand launch covers every slice's column
+blocks (grid axis 2), each with its slice's shrink result and rank.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -113,19 +115,18 @@ def _expand_kernel(
     stride_bslot,
     stride_br,
     stride_yt,
-    N: tl.constexpr,
     R: tl.constexpr,
-    SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     F32: tl.constexpr,
 ):
     b = tl.program_id(0)
-    n0 = tl.program_id(1) * BLOCK_N
-    sl = 0  # the slice these columns belong to (blocks never straddle two)
-    for i in tl.static_range(1, SLICES):
-        sl += (n0 >= tl.load(col_starts_ptr + i)).to(tl.int32)
+    sl = tl.program_id(2)
+    c1 = tl.load(col_starts_ptr + sl + 1)
+    n0 = tl.load(col_starts_ptr + sl) + tl.program_id(1) * BLOCK_N
+    if n0 >= c1:  # a narrower slice than the widest: fewer column blocks
+        return
     slot = tl.load(blocks_ptr + b)
     rank = tl.load(ranks_ptr + sl * num_slots + slot)
     if rank == 0:
@@ -137,7 +138,7 @@ def _expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    n_ok = offs_n < c1
     t = tl.load(
         t_ptr + (sl * num_rows + rows)[:, None] * R + offs_r[None, :],
         mask=row_ok[:, None] & r_ok[None, :],
@@ -156,15 +157,6 @@ def _expand_kernel(
     mask = row_ok[:, None] & n_ok[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def _block_n(col_starts: list[int]) -> int:
-    """The widest power-of-two column block (16 to 64) that no slice boundary cuts."""
-    n = 64
-    while n > 16 and any(c % n for c in col_starts):
-        n //= 2
-    assert all(c % n == 0 for c in col_starts[:-1]), f"slice widths {col_starts} must be multiples of 16"
-    return n
 
 
 def lora_shrink_expand(
@@ -214,12 +206,13 @@ def lora_shrink_expand(
         BLOCK_K=64 if k >= 64 else max(16, triton.next_power_of_2(k)),
         F32=f32,
     )
-    block_n = _block_n(cols)
+    block_n = 64
     key = (tuple(cols), x.device)
     starts = _COL_STARTS.get(key)
     if starts is None:  # made once per module shape, not every step
         starts = _COL_STARTS[key] = torch.tensor(cols, dtype=torch.int32, device=x.device)
-    _expand_kernel[(num_blocks, triton.cdiv(n, block_n))](
+    widest = max(b - a for a, b in itertools.pairwise(cols))
+    _expand_kernel[(num_blocks, triton.cdiv(widest, block_n), slices)](
         t,
         bt,
         ranks,
@@ -232,9 +225,7 @@ def lora_shrink_expand(
         bt.stride(0),
         bt.stride(1),
         y.stride(0),
-        N=n,
         R=max_rank,
-        SLICES=slices,
         BLOCK_M=BLOCK_M,
         BLOCK_R=block_r,
         BLOCK_N=block_n,

@@ -1,8 +1,11 @@
 """The Llama family in plain PyTorch: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM.
 
-Boundary: weights and math only. Module names mirror the HF checkpoints so
-weights load by name; adapters are applied afterwards by swapping the target
-linears (see lora.py), and attention goes through `paged_attention`. The
+Boundary: weights and math only. Module names mirror the HF checkpoints, except
+that q, k, v are one linear (qkv_proj) and gate, up another (gate_up_proj), their
+weights concatenated at load (`fuse_weights`): one matmul each instead of three
+and two. Adapters are applied afterwards by swapping the linears (see lora.py;
+an adapter's q, k and v are slices of qkv_proj), and attention goes through
+`paged_attention`. The
 three architectures differ only in flags: Qwen2 has q/k/v biases (and often
 tied embeddings), Mistral a sliding window.
 
@@ -21,6 +24,8 @@ from torch import nn
 
 from loramux.executor.attention import AttentionMetadata, paged_attention
 
+# A fused linear and the checkpoint's linears it holds, side by side in its output columns.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
@@ -86,6 +91,18 @@ class LlamaArgs:
         }
 
 
+def fuse_weights(state: dict[str, torch.Tensor]) -> None:
+    """In place: each layer's q/k/v (gate/up) weights and biases become one qkv_proj (gate_up_proj)
+    tensor, concatenated along the output rows (the originals are dropped as each is consumed)."""
+    for key in [k for k in state if ".q_proj." in k or ".gate_proj." in k]:
+        for fused, parts in FUSED.items():
+            first = f".{parts[0]}."
+            if first in key:
+                names = [key.replace(first, f".{p}.") for p in parts]
+                if all(n in state for n in names):
+                    state[key.replace(first, f".{fused}.")] = torch.cat([state.pop(n) for n in names])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -146,9 +163,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         self.scale = a.head_dim**-0.5
         self.sliding_window = a.sliding_window
-        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.qkv_sizes = [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
+        self.qkv_proj = nn.Linear(a.hidden_size, sum(self.qkv_sizes), bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
 
     def forward(
@@ -160,9 +176,10 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))  # [T, H*D] -> [T, hidden]
@@ -171,12 +188,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
-        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
