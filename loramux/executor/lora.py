@@ -389,7 +389,11 @@ class LoRAState:
         return self._row_slots
 
     @contextmanager
-    def batch(self, segments: list[tuple[int, int, int]], device: torch.device) -> Iterator[None]:
+    def batch(
+        self, segments: list[tuple[int, int, int]], device: torch.device, blocks: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """The step's layout while the forward runs. blocks: the Triton path's block list, when the
+        runner sent it to the device with the step's other inputs (else made here)."""
         assert not self.active, "LoRA batch contexts cannot nest"
         self.active = True
         self.long = [seg for seg in segments if seg[2] - seg[1] > SHORT_SEGMENT]
@@ -407,7 +411,7 @@ class LoRAState:
         if self.triton:
             from loramux.executor.kernels.lora import lora_blocks
 
-            self.blocks = lora_blocks(segments, device)
+            self.blocks = blocks if blocks is not None else lora_blocks(segments, device)
             self.long, self._short_rows, self._short_slots = [], [], []
         try:
             yield

@@ -36,6 +36,7 @@ from loramux.executor.kernels import use_triton
 from loramux.executor.loader import load_model, resolve_device, resolve_dtype
 from loramux.executor.lora import AdapterSpec, HostAdapter, LoRASlots, inspect_adapter, read_adapter
 from loramux.executor.sampler import apply_token_masks, sample, sample_each
+from loramux.executor.step_inputs import StepInputs
 from loramux.executor.vocab_adapters import base_embedding_in_file
 from loramux.sampling_params import SamplingParams
 
@@ -89,6 +90,7 @@ class ModelRunner:
         )
         self.max_lora_rank = lora.max_lora_rank
         self.triton = use_triton(self.device.type)  # Triton attention and LoRA kernels (CUDA)
+        self.inputs = StepInputs(self.device)  # the Triton path's step inputs: one copy to the device
         self.slots = LoRASlots(self.model, lora.max_loras, lora.max_lora_rank, self.triton)
         self.specs: dict[int, AdapterSpec] = {}
         self.host: dict[int, Future[HostAdapter]] = {}  # reads run on a background thread
@@ -282,12 +284,14 @@ class ModelRunner:
             self.fault_hook(out)
         if not out.seqs:
             return RunnerOutput([])
-        batch = self._prepare(out.seqs)
-        with self.slots.state.batch(batch.segments, self.device):
+        batch = self._prepare_packed(out.seqs) if self.triton else self._prepare(out.seqs)
+        with self.slots.state.batch(batch.segments, self.device, batch.blocks):
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         if not batch.sample_rows:
             return RunnerOutput([None] * len(out.seqs))
-        rows = torch.tensor(batch.sample_rows, device=self.device)
+        rows = batch.sample_index
+        if rows is None:
+            rows = torch.tensor(batch.sample_rows, device=self.device)
         self.slots.state.head_slots = [out.seqs[i].lora_slot for i in batch.sample_seqs]  # trained lm_heads
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] float32
         self.slots.state.head_slots = []
@@ -346,18 +350,12 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         segments: list[tuple[int, int, int]] = []
         sample_rows, sample_seqs = [], []
-        tables, ctx_lens = [], []  # Triton path: every sequence, in row order
         for i in order:
             s = seqs[i]
             t0, n = len(ids), len(s.token_ids)
             ids.extend(s.token_ids)
             positions.extend(range(s.start_pos, s.start_pos + n))
-            if self.triton:
-                ctx = s.start_pos + n
-                tables.append(s.page_ids[: -(-ctx // ps)])
-                ctx_lens.append(ctx)
-                slot_mapping.append([s.page_ids[p // ps] * ps + p % ps for p in range(s.start_pos, ctx)])
-            elif n == 1:
+            if n == 1:
                 pos = s.start_pos
                 slot_mapping.append([s.page_ids[pos // ps] * ps + pos % ps])
                 decode_rows.append(t0)
@@ -383,18 +381,7 @@ class ModelRunner:
             [m if isinstance(m, torch.Tensor) else torch.tensor(m, device=dev) for m in slot_mapping]
         )
         meta = AttentionMetadata(mapping, None, None, None, prefills)
-        if self.triton:
-            width = max(len(t) for t in tables)
-            starts = [0]
-            for i in order:
-                starts.append(starts[-1] + len(seqs[i].token_ids))
-            meta.kernel = KernelMetadata(
-                torch.tensor([[*t, *[0] * (width - len(t))] for t in tables], dtype=torch.int32, device=dev),
-                torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-                torch.tensor(starts, dtype=torch.int32, device=dev),
-                max(len(s.token_ids) for s in seqs),
-            )
-        elif decode_rows:
+        if decode_rows:
             n_pages = -(-max(decode_lens) // ps)
             table = [[*p[:n_pages], *[0] * (n_pages - len(p))] for p in decode_pages]
             meta.decode_rows = torch.tensor(decode_rows, device=dev)
@@ -411,6 +398,68 @@ class ModelRunner:
             sample_seqs,
         )
 
+    def _prepare_packed(self, seqs: list[ScheduledSeq]) -> _Batch:
+        """The Triton path's step: every input (ids, positions, KV slots, page tables, context
+        lengths, query starts, LoRA blocks, sampled rows) in one host-to-device copy."""
+        from loramux.executor.kernels.lora import block_list
+
+        ps = self.page_size
+        order = sorted(range(len(seqs)), key=lambda i: -1 if seqs[i].lora_slot is None else seqs[i].lora_slot)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        ctx_lens: list[int] = []
+        starts = [0]
+        segments: list[tuple[int, int, int]] = []
+        sample_rows, sample_seqs = [], []
+        for i in order:
+            s = seqs[i]
+            t0, n = len(ids), len(s.token_ids)
+            ctx = s.start_pos + n
+            ids.extend(s.token_ids)
+            positions.extend(range(s.start_pos, ctx))
+            pages = s.page_ids
+            slots.extend(pages[p // ps] * ps + p % ps for p in range(s.start_pos, ctx))
+            tables.append(pages[: -(-ctx // ps)])
+            ctx_lens.append(ctx)
+            starts.append(t0 + n)
+            first = t0 + max(0, s.lora_start - s.start_pos)  # activated LoRA: the rows from its start
+            if s.lora_slot is not None and first < t0 + n:
+                if segments and segments[-1][0] == s.lora_slot and segments[-1][2] == first:
+                    segments[-1] = (s.lora_slot, segments[-1][1], t0 + n)
+                else:
+                    segments.append((s.lora_slot, first, t0 + n))
+            if s.sample:
+                sample_rows.append(t0 + n - 1)
+                sample_seqs.append(i)
+        width = max(len(t) for t in tables)
+        table = [p for t in tables for p in (*t, *[0] * (width - len(t)))]
+        blocks = block_list(segments)
+        dev = self.inputs.pack(
+            {
+                "ids": ids, "positions": positions, "slots": slots, "table": table, "ctx": ctx_lens,
+                "starts": starts, "blocks": blocks, "sample": sample_rows,
+            }
+        )  # fmt: skip
+        meta = AttentionMetadata(dev["slots"], None, None, None, [])
+        meta.kernel = KernelMetadata(
+            dev["table"].view(len(tables), width),
+            dev["ctx"],
+            dev["starts"],
+            max(len(s.token_ids) for s in seqs),
+        )
+        return _Batch(
+            dev["ids"],
+            dev["positions"],
+            meta,
+            segments,
+            sample_rows,
+            sample_seqs,
+            dev["blocks"].view(3, len(blocks) // 3),
+            dev["sample"],
+        )
+
 
 @dataclass
 class _Batch:
@@ -420,3 +469,5 @@ class _Batch:
     segments: list[tuple[int, int, int]]  # (slot, first row, end row)
     sample_rows: list[int]  # rows whose logits are sampled
     sample_seqs: list[int]  # index in SchedulerOutput.seqs of each sampled row
+    blocks: torch.Tensor | None = None  # Triton path: the LoRA kernels' block list, on the device
+    sample_index: torch.Tensor | None = None  # Triton path: sample_rows, on the device

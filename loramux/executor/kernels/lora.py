@@ -33,16 +33,21 @@ BLOCK_M = 16
 _COL_STARTS: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
 
+def block_list(segments: list[tuple[int, int, int]], block_m: int = BLOCK_M) -> list[int]:
+    """The blocks of at most block_m rows of each segment, flattened: slots, then first rows, then
+    end rows (3 x NB ints; the runner sends them to the device with the step's other inputs)."""
+    out: list[tuple[int, int, int]] = []
+    for slot, s, e in segments:
+        out.extend((slot, r, min(r + block_m, e)) for r in range(s, e, block_m))
+    return [b[0] for b in out] + [b[1] for b in out] + [b[2] for b in out]
+
+
 def lora_blocks(
     segments: list[tuple[int, int, int]], device: torch.device | str, block_m: int = BLOCK_M
 ) -> torch.Tensor:
     """[3, NB] int32 (slot, first row, end row) of each block of at most block_m rows of a segment."""
-    out: list[tuple[int, int, int]] = []
-    for slot, s, e in segments:
-        out.extend((slot, r, min(r + block_m, e)) for r in range(s, e, block_m))
-    if not out:
-        return torch.empty(3, 0, dtype=torch.int32, device=device)
-    return torch.tensor(out, dtype=torch.int32).t().contiguous().to(device)
+    flat = block_list(segments, block_m)
+    return torch.tensor(flat, dtype=torch.int32, device=device).view(3, len(flat) // 3)
 
 
 @triton.jit
