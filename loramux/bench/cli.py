@@ -102,6 +102,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=str(cache_root() / "bench"))
     p.add_argument("--out", default="bench_out", help="folder for report.md and the plots")
     p.add_argument("--write-docs", metavar="MD", help="also write the report into this markdown file")
+    p.add_argument(
+        "--step-log",
+        metavar="PATH",
+        help="write the step log (JSONL) of loramux's online run with adapters here, for "
+        "`loramux simulate calibrate --from-log` (off by default)",
+    )
 
 
 def make_plan(a: argparse.Namespace) -> Plan:
@@ -164,8 +170,15 @@ def run_bench(a: argparse.Namespace) -> None:
     def loramux(cfg: WorkloadConfig, mode: str, base_only: bool = False) -> RunResult:
         reqs = generate_requests(cfg)
         prompts = make_prompts(reqs, 512)
+        logged = mode == "online" and not base_only and a.step_log
         result = run_loramux(
-            model_dir, adapters[: cfg.num_adapters], reqs, prompts, mode, settings, base_only
+            model_dir,
+            adapters[: cfg.num_adapters],
+            reqs,
+            prompts,
+            mode,
+            replace(settings, step_log=a.step_log) if logged else settings,
+            base_only,
         )
         bar.update(1)
         return result

@@ -74,6 +74,7 @@ class LoramuxSettings:
     device: str = "auto"
     policy: str = "fcfs"
     tenant_per_adapter: bool = False  # each adapter its own tenant (what `fair` shares between)
+    step_log: str | None = None  # write the engine's step log here (issue 25)
 
 
 def run_loramux(
@@ -121,6 +122,8 @@ def run_loramux(
                 rec.finish, rec.output_tokens = t, len(out.outputs[0].token_ids)
     wall = max(rec.finish or 0.0 for rec in records.values()) - min(rec.arrival for rec in records.values())
     snap = eng.snapshot()
+    if getattr(eng, "step_log", None) is not None:
+        eng.step_log.close()
     loads = getattr(eng.executor, "load_stats", None)  # the fake executor has none
     if hasattr(eng.executor, "close"):
         eng.executor.close()

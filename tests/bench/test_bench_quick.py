@@ -5,6 +5,7 @@ No timing assertions: speed is recorded in docs/benchmarks.md, never tested.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -36,6 +37,8 @@ def test_quick_bench_writes_report_plots_and_docs_section(tmp_path):
         str(tmp_path / "out"),
         "--write-docs",
         str(doc),
+        "--step-log",
+        str(tmp_path / "steps.jsonl"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,6 +60,9 @@ def test_quick_bench_writes_report_plots_and_docs_section(tmp_path):
     ):
         assert heading in report
     assert "Command: `loramux bench --quick" in report and "Machine:" in report
+    # Issue 25, point 1: `--step-log` keeps the online run with adapters' steps, for calibration.
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert kinds[0] == "start" and kinds.count("adapter") >= 5 and kinds.count("step") > 10
     # The adapter-count rows say where adapter loading time went (read / copy / wait, seconds).
     scale_rows = [line for line in report.splitlines() if re.match(r"\| (5|20) \| [\d.]+ \|", line)]
     assert len(scale_rows) == 2, report
