@@ -45,6 +45,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loramux.bench.artifacts import MODELS  # noqa: E402
+
 SHAPES = {  # name -> LlamaConfig fields
     "8b": dict(
         hidden_size=4096,
@@ -54,14 +56,7 @@ SHAPES = {  # name -> LlamaConfig fields
         num_key_value_heads=8,
         vocab_size=128256,
     ),
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    ),
+    "1b": dict(MODELS["1b"], vocab_size=32000),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,

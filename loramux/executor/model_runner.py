@@ -367,15 +367,7 @@ class ModelRunner:
                 slots = (pages.unsqueeze(1) * ps + torch.arange(ps, device=self.device)).view(-1)
                 slot_mapping.append(slots[s.start_pos : ctx])
                 prefills.append(PrefillChunk(t0, t0 + n, s.start_pos, pages))
-            first = t0 + max(0, s.lora_start - s.start_pos)  # activated LoRA: the rows from its start
-            if s.lora_slot is not None and first < t0 + n:
-                if segments and segments[-1][0] == s.lora_slot and segments[-1][2] == first:
-                    segments[-1] = (s.lora_slot, segments[-1][1], t0 + n)
-                else:
-                    segments.append((s.lora_slot, first, t0 + n))
-            if s.sample:
-                sample_rows.append(t0 + n - 1)
-                sample_seqs.append(i)
+            _add_rows(s, i, t0, segments, sample_rows, sample_seqs)
         dev = self.device
         mapping = torch.cat(
             [m if isinstance(m, torch.Tensor) else torch.tensor(m, device=dev) for m in slot_mapping]
@@ -424,15 +416,7 @@ class ModelRunner:
             tables.append(pages[: -(-ctx // ps)])
             ctx_lens.append(ctx)
             starts.append(t0 + n)
-            first = t0 + max(0, s.lora_start - s.start_pos)  # activated LoRA: the rows from its start
-            if s.lora_slot is not None and first < t0 + n:
-                if segments and segments[-1][0] == s.lora_slot and segments[-1][2] == first:
-                    segments[-1] = (s.lora_slot, segments[-1][1], t0 + n)
-                else:
-                    segments.append((s.lora_slot, first, t0 + n))
-            if s.sample:
-                sample_rows.append(t0 + n - 1)
-                sample_seqs.append(i)
+            _add_rows(s, i, t0, segments, sample_rows, sample_seqs)
         width = max(len(t) for t in tables)
         table = [p for t in tables for p in (*t, *[0] * (width - len(t)))]
         blocks = block_list(segments)
@@ -459,6 +443,28 @@ class ModelRunner:
             dev["blocks"].view(3, len(blocks) // 3),
             dev["sample"],
         )
+
+
+def _add_rows(
+    s: ScheduledSeq,
+    i: int,
+    t0: int,
+    segments: list[tuple[int, int, int]],
+    sample_rows: list[int],
+    sample_seqs: list[int],
+) -> None:
+    """Sequence i's rows [t0, t0 + n): its LoRA segment (merged with the previous one of the same
+    slot) and, if it samples, its last row."""
+    n = len(s.token_ids)
+    first = t0 + max(0, s.lora_start - s.start_pos)  # activated LoRA: the rows from its start
+    if s.lora_slot is not None and first < t0 + n:
+        if segments and segments[-1][0] == s.lora_slot and segments[-1][2] == first:
+            segments[-1] = (s.lora_slot, segments[-1][1], t0 + n)
+        else:
+            segments.append((s.lora_slot, first, t0 + n))
+    if s.sample:
+        sample_rows.append(t0 + n - 1)
+        sample_seqs.append(i)
 
 
 @dataclass

@@ -51,6 +51,15 @@ def lora_blocks(
 
 
 @triton.jit
+def _block_rows(blocks_ptr, b, num_blocks, rank, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Block b's rows (and which are real) and its rank columns (and which are within `rank`)."""
+    rows = tl.load(blocks_ptr + num_blocks + b) + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.load(blocks_ptr + 2 * num_blocks + b)
+    offs_r = tl.arange(0, BLOCK_R)
+    return rows, row_ok, offs_r, offs_r < rank
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr,  # [T, K]
     a_ptr,  # [slices, S, R, K]
@@ -77,12 +86,7 @@ def _shrink_kernel(
     rank = tl.load(ranks_ptr + sl * num_slots + slot)
     if rank == 0:
         return
-    row0 = tl.load(blocks_ptr + num_blocks + b)
-    row1 = tl.load(blocks_ptr + 2 * num_blocks + b)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < row1
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < rank
+    rows, row_ok, offs_r, r_ok = _block_rows(blocks_ptr, b, num_blocks, rank, BLOCK_M, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     a_base = a_ptr + sl * stride_as + slot.to(tl.int64) * stride_aslot
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -136,12 +140,7 @@ def _expand_kernel(
     rank = tl.load(ranks_ptr + sl * num_slots + slot)
     if rank == 0:
         return
-    row0 = tl.load(blocks_ptr + num_blocks + b)
-    row1 = tl.load(blocks_ptr + 2 * num_blocks + b)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < row1
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < rank
+    rows, row_ok, offs_r, r_ok = _block_rows(blocks_ptr, b, num_blocks, rank, BLOCK_M, BLOCK_R)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < c1
     t = tl.load(
