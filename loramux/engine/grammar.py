@@ -24,10 +24,10 @@ from typing import Any, NamedTuple
 
 from loramux.sampling_params import StructuredOutputsParams
 
-CACHE_SIZE = 512
+CACHE_SIZE = 512  # compiled grammars kept, least recently used dropped first
 # Whitespace characters allowed in a row between JSON tokens (indentation to depth 8 by 2): a model
 # that loops on whitespace, as small ones do, still has to close the JSON within max_tokens.
-MAX_WHITESPACE = 16  # compiled grammars kept, least recently used dropped first
+MAX_WHITESPACE = 16
 # JSON Schema keywords xgrammar parses but does not enforce: refused, so no answer breaks a schema
 # the client believes was applied.
 UNENFORCED = (
