@@ -3,7 +3,7 @@
 Boundary: `demo_paths()` names the shipped files (loramux/demo_weights/: an HF model directory with
 its tokenizer and three PEFT adapter directories); `loramux serve` with no model serves them as they
 are, with no training and no download. `python -m loramux.demo build --out DIR` retrains them from
-fixed seeds (about 35 minutes on 2 CPU cores; only to change the demo, then copy DIR over
+fixed seeds (about an hour on 2 CPU cores; only to change the demo, then copy DIR over
 loramux/demo_weights/), and `python -m loramux.demo check DIR` scores a build on held-out phrases.
 
 The tasks are tiny text transforms, so different adapters answer the same prompt visibly
