@@ -192,6 +192,11 @@ class Constraint:
             raise GrammarError(f"token {token} breaks the grammar")  # the mask was not applied
         self.num_accepted += 1
 
+    @property
+    def terminated(self) -> bool:
+        """The grammar accepted its end: the answer is complete."""
+        return bool(self._matcher.is_terminated())
+
     def fill(self, bitmask: Any, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
         if self._keep is not None:

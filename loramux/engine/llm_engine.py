@@ -658,6 +658,9 @@ class LLMEngine:
         """One sampled token of one request: first-token bookkeeping, logprobs, text, stop strings."""
         if st.constraint is not None:
             st.constraint.accept(token)
+            if st.constraint.terminated and not req.is_finished:  # the grammar ended it (min_tokens yields)
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+                st.stop_reason = token
         m = st.metrics
         if m.first_token_time is None:
             m.first_token_time = now

@@ -11,7 +11,8 @@ one indexed write); then temperature, top-k and top-p. Logprobs are those of
 the model's raw distribution, as vLLM reports by default. Rows under a grammar
 (structured output) have their forbidden tokens at -inf before all of this
 (`apply_token_masks`, called by the runner), as vLLM applies its grammar bitmask
-to the logits before its sampler: their logprobs are those of the allowed tokens.
+to the logits before its sampler: their logprobs are those of the allowed tokens. When a
+grammar allows nothing but its end, min_tokens yields: the row keeps its end token.
 
 `sample_each` is the fallback when a batch fails: it samples the rows one at a
 time, so a fault that belongs to one request's parameters (a distribution its
@@ -44,7 +45,15 @@ def sample(
         cols = [t for ids in suppress for t in ids]
         logits = logits.clone() if logits is raw else logits
         dev = logits.device
+        held = sorted(set(rows))
+        before = logits[held]
         logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
+        # A grammar that allows only its end (eos) outranks min_tokens: a row left with no token
+        # gets its unsuppressed logits back.
+        emptied = torch.isinf(logits[held]).all(dim=-1)
+        if emptied.any():
+            idx = torch.tensor(held, device=dev)[emptied]
+            logits[idx] = before[emptied]
     tokens = torch.empty(n, dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:

@@ -274,8 +274,8 @@ class Generate:
         texts = [tt.text(t) for t in ids]
         return {
             "tokens": texts,
-            "token_logprobs": [lp.token_logprob for lp in lps],
-            "top_logprobs": [{tt.text(a): v for a, v in lp.top} for lp in lps],
+            "token_logprobs": [_json_logprob(lp.token_logprob) for lp in lps],
+            "top_logprobs": [{tt.text(a): _json_logprob(v) for a, v in lp.top} for lp in lps],
             "text_offset": tt.offsets(texts),
         }
 
@@ -314,7 +314,7 @@ class Generate:
         tt = TokenText(self.engine.tokenizer)
 
         def entry(t: int, logprob: float) -> dict[str, Any]:
-            return {"token": tt.text(t), "logprob": logprob, "bytes": tt.raw_bytes(t)}
+            return {"token": tt.text(t), "logprob": _json_logprob(logprob), "bytes": tt.raw_bytes(t)}
 
         content = [
             {**entry(t, lp.token_logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
@@ -448,3 +448,8 @@ def _usage(outs: list[RequestOutput], n: int = 1) -> dict[str, int]:
     p = sum(len(o.prompt_token_ids) for o in outs) // n  # each prompt counts once, whatever n
     c = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _json_logprob(x: float) -> float:
+    """A logprob JSON can carry: a token a grammar forbids has -inf, sent as -9999.0 (vLLM's value)."""
+    return max(x, -9999.0)

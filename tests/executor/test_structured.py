@@ -200,3 +200,23 @@ def test_json_answers_hold_no_raw_control_characters(llm):
     params = SamplingParams(max_tokens=80, temperature=1.5, n=24, seed=1, structured_outputs=spec)
     for text in texts(llm.generate(["lora adapter"], params, use_tqdm=False)):
         jsonschema.validate(json.loads(text), SCHEMA)  # json.loads is strict: no raw control chars
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_grammar_that_ends_before_min_tokens_ends_the_answer_and_the_engine_serves_on(llm, temperature):
+    """Found by the semantic fuzzer: "[a-c]{1,3}" with min_tokens 3 (one BPE token can hold "ca")
+    left only eos allowed while min_tokens suppressed it. The sampler then drew from nothing, and
+    once the grammar took eos anyway the next mask raised and stopped the engine for everyone. The
+    grammar wins: the answer ends with it, a free request in the same batch is unaffected."""
+    so = StructuredOutputsParams(regex="[a-c]{1,3}")
+    params = [
+        SamplingParams(
+            temperature=temperature, seed=1, max_tokens=16, min_tokens=12, logprobs=3, structured_outputs=so
+        ),
+        SamplingParams(temperature=temperature, seed=2, max_tokens=6, ignore_eos=True),
+    ]
+    outs = llm.generate(["hello", "hello"], params, use_tqdm=False)
+    short, free = outs[0].outputs[0], outs[1].outputs[0]
+    assert re.fullmatch("[a-c]{1,3}", short.text) and short.finish_reason == "stop"
+    assert len(short.token_ids) < 12 and len(free.token_ids) == 6
+    assert llm.generate(["again"], regex_params(), use_tqdm=False)[0].outputs[0].finish_reason

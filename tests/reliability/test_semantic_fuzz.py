@@ -7,9 +7,11 @@ stop_token_ids, /detokenize tokens) drawn around the vocabulary's edges (-1, 0, 
 2^63, 2^64, 2^70), lengths around max_model_len, seeds around 64 bits, probabilities and
 temperatures around their ranges (1e-300, NaN, infinity), adapter names that exist, do not, or look
 like paths; across completions, chat, /tokenize and /detokenize, combined with n, streaming,
-echo, logprobs, stop strings and penalties. Each example's answer must be a 2xx, a 4xx in OpenAI's
-error shape, or a documented 503 (server_busy, queue_timeout); never engine_dead, never another
-5xx, never a hang. After every example the server must still answer a plain request.
+echo, logprobs, stop strings and penalties, and structured output (every form, uncompilable and
+unenforced schemas, bad regexes and grammars, tools and tool_choice; issue 28). Each example's
+answer must be a 2xx, a 4xx in OpenAI's error shape, or a documented 503 (server_busy,
+queue_timeout); never engine_dead, never another 5xx, never a hang. After every example the
+server must still answer a plain request.
 
 CI runs LORAMUX_SEMFUZZ_EXAMPLES (default 120, derandomized). The long mode:
 
@@ -170,6 +172,29 @@ FIELDS = {
         st.sampled_from([-1, 0, MAX_LEN, MAX_LEN + 1, 2**31, 2**63, 2**70]),
     ),
 }
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+FIELDS["structured_outputs"] = _field(  # issue 28: every form, and forms a grammar engine refuses
+    st.sampled_from(
+        [{"json": SCHEMA}, {"regex": "[a-c]{1,3}"}, {"choice": ["x", "yy"]}, {"json_object": True},
+         {"grammar": 'root ::= "a" | "b"'}, {"json": {"type": "string", "maxLength": 10**6}}]
+    ),
+    st.sampled_from(
+        [{"regex": "(("}, {"choice": []}, {"grammar": "root ::="}, {"json": {"type": "nope"}},
+         {"json": {"not": {"type": "string"}}}, {"json": SCHEMA, "regex": "a"}, {"json": 5},
+         {"regex": "[a-z]{1,100000}"}, {}]
+    ),
+)  # fmt: skip
+FIELDS["response_format"] = _field(
+    st.sampled_from(
+        [{"type": "text"}, {"type": "json_object"},
+         {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA, "strict": True}}]
+    ),
+    st.sampled_from(
+        [{"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"name": "s"}},
+         {"type": "json_schema", "json_schema": {"name": "s", "schema": []}}, "json"]
+    ),
+)  # fmt: skip
+FIELDS["guided_regex"] = _field(st.just("[0-9]{1,4}"), st.sampled_from(["[", "(?<=a)b"]))
 COMPLETION_ONLY = {
     "echo": _field(st.booleans(), None),
     "logprobs": _field(st.sampled_from([None, 0, 1, 5, 20]), st.sampled_from([21, -1, VOCAB, VOCAB + 1])),
@@ -202,6 +227,16 @@ CHAT_ONLY = {
     "max_completion_tokens": FIELDS["max_tokens"],
     "logprobs": _field(st.booleans(), None),
     "top_logprobs": _field(st.sampled_from([None, 0, 5, 20]), st.sampled_from([21, -1])),
+    "tools": _field(
+        st.just([{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}]),
+        st.sampled_from(
+            [[], [{"type": "function"}], [{"type": "function", "function": {"name": "f", "parameters": 3}}]]
+        ),
+    ),
+    "tool_choice": _field(
+        st.sampled_from(["required", "none", {"type": "function", "function": {"name": "f"}}]),
+        st.sampled_from(["auto", "sometimes", {"type": "function", "function": {"name": "g"}}]),
+    ),
 }
 MODELS = _field(st.sampled_from(["base", "a", "b"]), st.sampled_from(["nope", "", "../a", "a/b", "A", " a"]))
 REQUIRED = {"prompt", "messages"}

@@ -332,3 +332,25 @@ def test_the_readme_structured_output_example_prints_what_the_readme_says(server
     with contextlib.redirect_stdout(buf):
         exec(code.replace("http://127.0.0.1:8000/v1", server.v1), {})
     assert buf.getvalue().splitlines() == shown and shown
+
+
+def test_logprobs_of_tokens_a_grammar_forbids_are_sent_as_minus_9999(client):
+    """Found by the semantic fuzzer: top logprobs past the grammar's allowed tokens are -inf, which
+    JSON cannot carry (a 500 "Out of range float values"); they go out as -9999.0, as vLLM sends them."""
+
+    async def run():
+        comp = await client.completions.create(
+            model="upper", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=5,
+            extra_body={"structured_outputs": {"choice": CHOICE}},
+        )  # fmt: skip
+        chat = await client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "yes"}], max_tokens=8, temperature=0,
+            logprobs=True, top_logprobs=5, extra_body={"structured_outputs": {"choice": CHOICE}},
+        )  # fmt: skip
+        return comp, chat
+
+    comp, chat = asyncio.run(run())
+    assert comp.choices[0].text in CHOICE and chat.choices[0].message.content in CHOICE
+    tops = [v for d in comp.choices[0].logprobs.top_logprobs for v in d.values()]
+    tops += [t.logprob for c in chat.choices[0].logprobs.content for t in c.top_logprobs]
+    assert -9999.0 in tops and min(tops) == -9999.0
