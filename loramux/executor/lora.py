@@ -603,10 +603,11 @@ class LoRALinear(nn.Module):
 
             assert self.rank_tensor is not None
             lora_shrink_expand(x, self.A, self.Bt, self.rank_tensor, st.blocks, y, self.cols)
-        for part, ranks in enumerate(self.ranks):
-            c0, c1 = self.cols[part], self.cols[part + 1]
-            whole = c0 == 0 and c1 == self.out_features
-            self._add(x, y if whole else y[:, c0:c1], part, ranks)
+        else:
+            for part, ranks in enumerate(self.ranks):
+                c0, c1 = self.cols[part], self.cols[part + 1]
+                whole = c0 == 0 and c1 == self.out_features
+                self._add(x, y if whole else y[:, c0:c1], part, ranks)
         if self.dora_slots and not self.dora_slots.isdisjoint(st.slots_in_step):
             idx = st.row_slots(y.shape[0], self.num_slots)  # DoRA rows: one scale (and shift)
             y.mul_(self.dora_scale.index_select(0, idx))  # type: ignore[union-attr]
