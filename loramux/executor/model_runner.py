@@ -296,11 +296,14 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] float32
         self.slots.state.head_slots = []
         seqs = [out.seqs[i] for i in batch.sample_seqs]
+        grammar_rows = None
         if out.token_masks is not None:  # structured output: forbidden tokens to -inf
             row_of = {s.request_id: j for j, s in enumerate(seqs)}
             logits = apply_token_masks(
                 logits, [row_of[r] for r in out.token_masks.request_ids], out.token_masks.bitmask
             )
+            masked = set(out.token_masks.request_ids)
+            grammar_rows = [s.request_id in masked for s in seqs]
         params = [s.sampling if isinstance(s.sampling, SamplingParams) else _GREEDY for s in seqs]
         if self.logits_hook is not None:
             for s, row in zip(seqs, logits, strict=True):
@@ -315,6 +318,7 @@ class ModelRunner:
                 (list(s.context[: s.start_pos + len(s.token_ids)]), s.num_prompt) if p.penalized else None
                 for s, p in zip(seqs, params, strict=True)
             ],
+            grammar_rows,
         )
         failed: dict[int, str] = {}
         try:

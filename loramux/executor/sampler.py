@@ -34,7 +34,9 @@ def sample(
     default_generator: torch.Generator,
     suppress: list[frozenset[int]] | None = None,
     histories: list[tuple[list[int], int] | None] | None = None,
+    grammar_rows: list[bool] | None = None,
 ) -> tuple[list[int], list[SampleLogprobs | None]]:
+    """grammar_rows: rows under a grammar, whose min_tokens suppression yields to the grammar's end."""
     n = logits.shape[0]
     raw = logits
     logits = apply_logit_bias(logits, params)
@@ -45,15 +47,13 @@ def sample(
         cols = [t for ids in suppress for t in ids]
         logits = logits.clone() if logits is raw else logits
         dev = logits.device
-        held = sorted(set(rows))
-        before = logits[held]
+        held = sorted({i for i in rows if grammar_rows is not None and grammar_rows[i]})
+        before = logits[held] if held else None
         logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
-        # A grammar that allows only its end (eos) outranks min_tokens: a row left with no token
-        # gets its unsuppressed logits back.
-        emptied = torch.isinf(logits[held]).all(dim=-1)
-        if emptied.any():
-            idx = torch.tensor(held, device=dev)[emptied]
-            logits[idx] = before[emptied]
+        if before is not None:  # a grammar that allows only its end outranks min_tokens: a row
+            emptied = torch.isinf(logits[held]).all(dim=-1)  # left with no token gets them back
+            if emptied.any():
+                logits[torch.tensor(held, device=dev)[emptied]] = before[emptied]
     tokens = torch.empty(n, dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
@@ -83,6 +83,7 @@ def sample_each(
     default_generator: torch.Generator,
     suppress: list[frozenset[int]],
     histories: list[tuple[list[int], int] | None],
+    grammar_rows: list[bool] | None = None,
 ) -> tuple[list[int | None], list[SampleLogprobs | None], dict[int, str]]:
     """`sample` one row at a time: (tokens, logprobs, {row: why it failed}); a failed row's token
     is None. Slower than one batch, so only used after the batch raised."""
@@ -98,6 +99,7 @@ def sample_each(
                 default_generator,
                 [suppress[i]],
                 [histories[i]],
+                None if grammar_rows is None else [grammar_rows[i]],
             )
         except Exception as e:
             errors[i] = f"{type(e).__name__}: {e}"
