@@ -14,7 +14,8 @@ exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -70,6 +71,21 @@ def generate_requests(cfg: WorkloadConfig) -> list[BenchRequest]:
         BenchRequest(i, int(a), int(x), int(y), float(t))
         for i, (a, x, y, t) in enumerate(zip(adapters, in_lens, out_lens, arrivals, strict=True))
     ]
+
+
+def generate_ramp(cfg: WorkloadConfig, rates: Sequence[float]) -> list[BenchRequest]:
+    """Arrivals whose rate steps through `rates`, cfg.duration / len(rates) seconds at each (the
+    segment i drawn as above with seed cfg.seed + i): a load whose batches grow and shrink, past
+    the engine's capacity and back when the rates go that high, as serving does over a day."""
+    if not rates or any(r <= 0 for r in rates):
+        raise ValueError(f"rates={list(rates)}; give one or more positive rates (requests per second)")
+    seg = cfg.duration / len(rates)
+    out: list[BenchRequest] = []
+    for i, rate in enumerate(rates):
+        for r in generate_requests(replace(cfg, req_rate=rate, duration=seg, seed=cfg.seed + i)):
+            if r.arrival < seg:  # the segment's own window; the next one starts at (i + 1) * seg
+                out.append(BenchRequest(len(out), r.adapter, r.input_len, r.output_len, i * seg + r.arrival))
+    return out
 
 
 @dataclass(frozen=True)

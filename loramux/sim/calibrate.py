@@ -1,5 +1,15 @@
 """`loramux simulate calibrate MODEL_DIR`: measure a profile on this machine's real executor.
 
+Two loads (issue 25). The default, `--load serving` (`calibrate_serving`), is
+serving itself: the online bench's loop sends requests on the wall clock at an
+arrival rate that steps up past capacity and back down (`--rates`), the
+engine's step log records every step, and the profile is fitted from that log
+(`profile_from_log`, also `--from-log PATH` for a log a server wrote). The
+older synthetic load, `--load phases` (`Calibrator`, below), times steps that
+run back to back in batches that fill and drain; on this CPU its small decode
+steps ran 10-25 % slower than online steps of the same shape, and a profile
+fitted on them predicted online latency 25-40 % high (issue 25).
+
 Boundary: runs the real engine (`LLM`, the PyTorch executor) on a mixed load
 it generates from a seed, times every `step()` as the benchmark does, reads
 each step's features off its `SchedulerOutput` (profile.step_features, the
@@ -29,6 +39,7 @@ latency and throughput add up.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import tempfile
@@ -100,26 +111,38 @@ def hat_basis(tokens: np.ndarray, knots: Sequence[float]) -> np.ndarray:
 
 # The terms fitted next to the table (base_s and per_prefill_token_s are in the table).
 LINEAR_TERMS = tuple(t for t in COST_TERMS if t not in ("base_s", "per_prefill_token_s"))
-_LINEAR_COLS = [COST_TERMS.index(t) for t in LINEAR_TERMS]  # COST_TERMS follow StepFeatures' order
+
+# The serving load's arrival rates (requests per second), stepped through in equal parts of its
+# duration: up past the mid model's capacity on a 2-core CPU and back. Set them to span the rates
+# you will simulate, past your machine's capacity (`--rates`).
+SERVING_RATES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 8.0, 4.0, 2.0, 1.0)
 
 
-def fit_step_model(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], list[tuple[float, float]]]:
+def fit_step_model(
+    x: np.ndarray, y: np.ndarray, terms: Sequence[str] = LINEAR_TERMS
+) -> tuple[dict[str, float], list[tuple[float, float]]]:
     """The measured step model: the tokens table (tokens = prefill tokens + decode rows) plus the
-    linear terms, all >= 0, by least squares. A table point that would come out negative is
-    dropped and the rest refitted, so the table never dips to 0 between measured points."""
+    linear `terms` (a subset of LINEAR_TERMS; the others stay 0), all >= 0, by least squares. A
+    table point that would come out negative is dropped and the rest refitted, so the table never
+    dips to 0 between measured points."""
+    unknown = set(terms) - set(LINEAR_TERMS)
+    if unknown:
+        raise ValueError(f"terms {sorted(unknown)} are not linear cost terms; choose from {LINEAR_TERMS}")
+    names = [t for t in LINEAR_TERMS if t in terms]
+    cols = [COST_TERMS.index(t) for t in names]
     tokens = x[:, 1] + x[:, 3]
     knots = table_knots(tokens)
     while True:
-        design = np.hstack([x[:, _LINEAR_COLS], hat_basis(tokens, knots)])
+        design = np.hstack([x[:, cols], hat_basis(tokens, knots)])
         coef = fit_nonnegative(design, y)
-        values = coef[len(_LINEAR_COLS) :]
+        values = coef[len(cols) :]
         zero = [i for i, v in enumerate(values) if v <= 0]
         if not zero or len(knots) == 1:
             break
         knots = [k for i, k in enumerate(knots) if i not in zero] or knots[:1]
-    terms = {t: 0.0 for t in COST_TERMS}
-    terms.update({t: float(c) for t, c in zip(LINEAR_TERMS, coef, strict=False)})
-    return terms, [(float(k), float(v)) for k, v in zip(knots, values, strict=True)]
+    fitted = {t: 0.0 for t in COST_TERMS}
+    fitted.update({t: float(c) for t, c in zip(names, coef, strict=False)})
+    return fitted, [(float(k), float(v)) for k, v in zip(knots, values, strict=True)]
 
 
 class Calibrator:
@@ -287,11 +310,12 @@ def fit_profile(
     copy_rate: float,
     sizes: dict[str, Any],
     engine: dict[str, Any],
+    terms: Sequence[str] = LINEAR_TERMS,
 ) -> tuple[Profile, dict[str, float]]:
     """A profile from measured steps (x: StepFeatures rows, y: seconds) and the engine's sizes;
     returns it with fit-quality numbers."""
-    terms, table = fit_step_model(x, y)
-    model = Profile("fit", "fit", **terms, tokens_table=tuple(table))
+    coefs, table = fit_step_model(x, y, terms)
+    model = Profile("fit", "fit", **coefs, tokens_table=tuple(table))
     pred = np.array([model.step_seconds(StepFeatures(*row)) for row in x])
     quality = {
         "steps": float(len(y)),
@@ -306,7 +330,7 @@ def fit_profile(
             f"{how} on {machine()} on {time.strftime('%Y-%m-%d')}: {len(y)} steps, R^2 {quality['r2']:.3f}, "
             f"median step error {quality['median_rel_error']:.1%}"
         ),
-        **terms,
+        **coefs,
         tokens_table=tuple(table),
         jitter=float(np.std(np.log(y / np.maximum(pred, 1e-9)))),
         read_base_s=0.0,
@@ -321,7 +345,9 @@ def fit_profile(
     return profile, quality
 
 
-def profile_from_log(path: str | Path, name: str) -> tuple[Profile, dict[str, float]]:
+def profile_from_log(
+    path: str | Path, name: str, terms: Sequence[str] = LINEAR_TERMS, how: str | None = None
+) -> tuple[Profile, dict[str, float]]:
     """Fit a profile from a step log (`--step-log`): the steps a server or benchmark really ran,
     with their features and times; load rates from its counters, sizes from its start line."""
     from loramux.engine.step_log import read_step_log
@@ -336,7 +362,7 @@ def profile_from_log(path: str | Path, name: str) -> tuple[Profile, dict[str, fl
     ranks = sum(a["rank"] for a in adapters.values())
     return fit_profile(
         name,
-        f"fitted by `loramux simulate calibrate --from-log` from {Path(path).name}",
+        how or f"fitted by `loramux simulate calibrate --from-log` from {Path(path).name}",
         x[keep],
         y[keep],
         seconds=float(y.sum()),
@@ -352,6 +378,7 @@ def profile_from_log(path: str | Path, name: str) -> tuple[Profile, dict[str, fl
         engine={
             k: v for k, v in start.items() if k not in ("kind", "num_pages", "page_size", "max_model_len")
         },
+        terms=terms,
     )
 
 
@@ -372,6 +399,67 @@ def calibrate_profile(
         return cal.profile(name, save_steps)
     finally:
         cal.close()
+
+
+def calibrate_serving(
+    model_dir: str | Path,
+    adapter_dirs: Sequence[str | Path],
+    name: str,
+    *,
+    rates: Sequence[float] = SERVING_RATES,
+    duration: float = 60.0,
+    prompt_range: tuple[int, int] = (8, 512),
+    output_range: tuple[int, int] = (4, 64),
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 2048,
+    kv_cache_memory: int = 2**30,
+    max_loras: int = 8,
+    device: str = "auto",
+    seed: int = 0,
+    terms: Sequence[str] = LINEAR_TERMS,
+) -> tuple[Profile, dict[str, float]]:
+    """Measure `model_dir` on a serving load: the online bench's loop (requests arrive on the
+    wall clock) with the step log on, the arrival rate stepping through `rates` over `duration`
+    seconds (generate_ramp: batches grow past capacity and shrink back), each request's adapter
+    drawn uniformly from `adapter_dirs`; then the profile is fitted from that log as `--from-log` fits one."""
+    import json
+
+    from loramux.bench.systems import LoramuxSettings, make_prompts, run_loramux
+    from loramux.workload import WorkloadConfig, generate_ramp
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    lo, hi = prompt_range
+    limit = config.get("max_position_embeddings")
+    hi = max(lo + 1, min(hi, limit - output_range[1])) if limit else hi  # fits the model's limit
+    cfg = WorkloadConfig(len(adapter_dirs), 1.0, 1.0, 1.0, duration, (lo, hi), output_range, seed)
+    reqs = generate_ramp(cfg, rates)
+    vocab = int(config["vocab_size"])
+    settings = LoramuxSettings(
+        max_loras=max_loras,
+        max_cpu_loras=max(len(adapter_dirs), max_loras),
+        max_lora_rank=64,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        kv_cache_memory=kv_cache_memory,
+        device=device,
+    )
+    with tempfile.TemporaryDirectory(prefix="loramux-cal-log-") as tmp:
+        log = Path(tmp) / "steps.jsonl"
+        run_loramux(
+            Path(model_dir),
+            [Path(d) for d in adapter_dirs],
+            reqs,
+            make_prompts(reqs, vocab, seed),
+            "online",
+            dataclasses.replace(settings, step_log=str(log)),
+        )
+        return profile_from_log(
+            log,
+            name,
+            terms,
+            how=f"measured by `loramux simulate calibrate` on a serving ramp of {len(reqs)} requests "
+            f"at {'/'.join(f'{r:g}' for r in rates)} req/s",
+        )
 
 
 def calibrate(a: argparse.Namespace) -> Profile:
@@ -399,19 +487,21 @@ def calibrate(a: argparse.Namespace) -> Profile:
             )
             for i in range(16)
         ]
-        profile, q = calibrate_profile(
-            model_dir,
-            dirs,
-            a.name or f"{model_dir.name}-calibrated",
-            max_num_seqs=a.cal_max_num_seqs,
-            max_num_batched_tokens=a.cal_max_num_batched_tokens,
-            kv_cache_memory=a.kv_cache_memory,
-            requests=a.requests,
-            device=a.device,
-            prompt_range=tuple(a.prompt_range),
-            output_range=tuple(a.output_range),
-            max_loras=a.max_loras_cal,
-        )
+        common = {
+            "max_num_seqs": a.cal_max_num_seqs,
+            "max_num_batched_tokens": a.cal_max_num_batched_tokens,
+            "kv_cache_memory": a.kv_cache_memory,
+            "device": a.device,
+            "prompt_range": tuple(a.prompt_range),
+            "output_range": tuple(a.output_range),
+            "max_loras": a.max_loras_cal,
+        }
+        name = a.name or f"{model_dir.name}-calibrated"
+        if a.load == "serving":
+            rates, duration = a.cal_rates or SERVING_RATES, a.cal_duration
+            profile, q = calibrate_serving(model_dir, dirs, name, rates=rates, duration=duration, **common)
+        else:
+            profile, q = calibrate_profile(model_dir, dirs, name, requests=a.requests, **common)
     path = profile.save(a.profile_out)
     print(
         f"wrote {path}: {q['steps']:.0f} steps in {q['seconds']:.0f} s, R^2 {q['r2']:.3f}, median step error "

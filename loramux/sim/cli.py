@@ -34,7 +34,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trace",
         default=None,
-        help="replay a CSV or JSONL trace (arrival, adapter, tenant, prompt_len, output_len, rank)",
+        help="replay a CSV or JSONL trace (arrival, adapter, tenant, prompt_len, output_len, rank, path)",
     )
     p.add_argument(
         "--profile", default=None, help=f"a profile JSON file or a shipped one: {shipped_profiles()}"
@@ -128,7 +128,29 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         "--kv-cache-memory", type=int, default=2**30, help="bytes of KV pool (the bench's 1 GiB)"
     )
     cal.add_argument("--rank", type=int, default=8, help="rank of the adapters measured")
-    cal.add_argument("--requests", type=int, default=240, help="requests in the measured mix")
+    cal.add_argument(
+        "--load",
+        choices=["serving", "phases"],
+        default="serving",
+        help="serving: requests arrive on the wall clock at --rates, steps read from the engine's step "
+        "log (what serving looks like); phases: the older synthetic batches (--requests)",
+    )
+    cal.add_argument(
+        "--rates",
+        dest="cal_rates",
+        type=_positive_rates,
+        default=None,
+        help="serving load: comma-separated arrival rates (req/s) stepped through in equal parts of "
+        "--duration; reach past your machine's capacity (default 0.5,1,2,4,8,16,8,4,2,1)",
+    )
+    cal.add_argument(
+        "--duration",
+        dest="cal_duration",
+        type=float,
+        default=60.0,
+        help="serving load: seconds of arrivals (default 60)",
+    )
+    cal.add_argument("--requests", type=int, default=240, help="phases load: requests in the measured mix")
     cal.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     cal.add_argument(
         "--max-loras",
@@ -153,6 +175,16 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         metavar=("LO", "HI"),
         help="output lengths, uniform between LO and HI",
     )
+
+
+def _positive_rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        rates = ()
+    if not rates or not all(r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive rates separated by commas, e.g. 1,4,16,4")
+    return rates
 
 
 def _settings(

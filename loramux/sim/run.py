@@ -116,8 +116,9 @@ def simulate(workload: Workload, profile: Profile, settings: SimSettings) -> Sim
     wall0 = time.perf_counter()
     engine, executor, clock = build_engine(profile, settings)
     for i in range(workload.num_adapters):
-        rank = workload.rank(i)
-        executor.specs[adapter_name(i)] = SimAdapterSpec("v1", rank, profile.adapter_bytes(rank))
+        rank, nbytes = workload.rank(i), workload.adapter_nbytes(i)
+        nbytes = profile.adapter_bytes(rank) if nbytes is None else nbytes
+        executor.specs[adapter_name(i)] = SimAdapterSpec("v1", rank, nbytes)
         engine.add_lora(adapter_name(i), adapter_name(i))
     rng = np.random.default_rng(settings.seed)
     records = {

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loramux.workload import WorkloadConfig, adapter_name, generate_requests
+from loramux.workload import BenchRequest, WorkloadConfig, adapter_name, generate_requests
 
 S1_RANKS = (8,)
 S2_RANKS = (64, 32, 16, 8)
@@ -62,20 +62,38 @@ class Workload:
     duration: float = 0.0  # the trace's nominal length (the offered load's window)
     engine: dict[str, object] = field(default_factory=dict)  # SimSettings overrides
     description: str = ""
+    paths: tuple[str, ...] = ()  # adapter i's PEFT directory (a trace's `path`), "" if not given
 
     def rank(self, adapter: int) -> int:
         return self.ranks[adapter % len(self.ranks)]
+
+    def path(self, adapter: int) -> str:
+        return self.paths[adapter] if adapter < len(self.paths) else ""
+
+    def adapter_nbytes(self, adapter: int) -> int | None:
+        """The bytes adapter `adapter` loads: its weights file's size when the trace gave its
+        path, else None (the profile's bytes per rank then stand in)."""
+        path = self.path(adapter)
+        return (Path(path) / ADAPTER_WEIGHTS).stat().st_size if path else None
 
 
 # --- S-LoRA ------------------------------------------------------------------------------------------
 
 
 def slora(cfg: WorkloadConfig, ranks: tuple[int, ...] = S2_RANKS, name: str = "slora") -> Workload:
-    reqs = [
+    return from_bench(generate_requests(cfg), cfg, ranks, name)
+
+
+def from_bench(
+    reqs: list[BenchRequest], cfg: WorkloadConfig, ranks: tuple[int, ...] = S2_RANKS, name: str = "slora"
+) -> Workload:
+    """The bench's requests (generate_requests, generate_ramp) as a simulator workload; each
+    adapter its own tenant, as the bench's `tenant_per_adapter` runs them."""
+    sim = [
         SimRequest(r.index, r.arrival, r.adapter, r.input_len, r.output_len, tenant=f"a{r.adapter}")
-        for r in generate_requests(cfg)
+        for r in reqs
     ]
-    return Workload(name, reqs, ranks, cfg.num_adapters, cfg.duration)
+    return Workload(name, sim, ranks, cfg.num_adapters, cfg.duration)
 
 
 # --- VTC ---------------------------------------------------------------------------------------------
@@ -214,13 +232,16 @@ def punica(popularity: str, num_requests: int = 1024, maxlen: int = 2048) -> Wor
 
 # --- trace replay ------------------------------------------------------------------------------------
 
-TRACE_FIELDS = ("arrival", "adapter", "tenant", "prompt_len", "output_len", "rank")
+TRACE_FIELDS = ("arrival", "adapter", "tenant", "prompt_len", "output_len", "rank", "path")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def load_trace(path: str | Path) -> Workload:
     """A CSV (with a header) or JSONL trace; adapters are named by any string, mapped to indices
     in order of first appearance; an empty adapter is the base model. `rank` (optional) is the
-    adapter's LoRA rank (default 8); one adapter has one rank throughout the trace."""
+    adapter's LoRA rank; `path` (optional) its PEFT directory, whose weights file's size is what a
+    load of it moves and whose adapter_config.json gives the rank when `rank` is empty (else 8).
+    One adapter has one rank and one path throughout the trace."""
     p = Path(path)
     text = p.read_text()
     if p.suffix in (".jsonl", ".json"):
@@ -229,6 +250,7 @@ def load_trace(path: str | Path) -> Workload:
         rows = list(csv.DictReader(text.splitlines()))
     names: dict[str, int] = {}
     ranks: list[int] = []
+    paths: list[str] = []
     reqs = []
     for i, row in enumerate(rows):
         missing = [f for f in ("arrival", "prompt_len", "output_len") if row.get(f) in (None, "")]
@@ -243,22 +265,40 @@ def load_trace(path: str | Path) -> Workload:
         name = str(row.get("adapter") or "")
         adapter = names.setdefault(name, len(names)) if name else None
         if adapter is not None:
-            rank = _trace_rank(p, i, row.get("rank"))
+            where = str(row.get("path") or "")
+            rank = _trace_rank(p, i, row.get("rank"), where)
             if adapter == len(ranks):
                 ranks.append(rank)
+                paths.append(where)
             elif row.get("rank") not in (None, "") and ranks[adapter] != rank:
                 raise ValueError(
                     f"{p}: row {i + 1}: adapter {name!r} has rank {rank} here and {ranks[adapter]} before; "
                     f"give each adapter one rank"
                 )
+            elif where and paths[adapter] != where:
+                raise ValueError(
+                    f"{p}: row {i + 1}: adapter {name!r} has path {where!r} here and {paths[adapter]!r} "
+                    f"before; give each adapter one path"
+                )
         tenant = str(row.get("tenant") or name)
         reqs.append(SimRequest(i, arrival, adapter, x, y, tenant))
     reqs.sort(key=lambda r: r.arrival)
     duration = reqs[-1].arrival if reqs else 0.0
-    return Workload(p.stem, reqs, tuple(ranks) or S1_RANKS, len(names), duration)
+    return Workload(
+        p.stem, reqs, tuple(ranks) or S1_RANKS, len(names), duration, paths=tuple(paths) if any(paths) else ()
+    )
 
 
-def _trace_rank(p: Path, i: int, value: object) -> int:
+def _trace_rank(p: Path, i: int, value: object, where: str = "") -> int:
+    if where:
+        cfg, weights = Path(where) / "adapter_config.json", Path(where) / ADAPTER_WEIGHTS
+        if not cfg.is_file() or not weights.is_file():
+            raise ValueError(
+                f"{p}: row {i + 1}: path {where!r} is not a PEFT LoRA directory (adapter_config.json and "
+                f"{ADAPTER_WEIGHTS}); give the adapter's directory, or leave path empty"
+            )
+        if value in (None, ""):
+            value = json.loads(cfg.read_text()).get("r")
     if value in (None, ""):
         return S1_RANKS[0]
     try:
@@ -278,7 +318,8 @@ def save_trace(workload: Workload, path: str | Path) -> Path:
         for r in workload.requests:
             adapter = "" if r.adapter is None else adapter_name(r.adapter)
             rank = "" if r.adapter is None else workload.rank(r.adapter)
-            w.writerow([f"{r.arrival:.6f}", adapter, r.tenant, r.input_len, r.output_len, rank])
+            where = "" if r.adapter is None else workload.path(r.adapter)
+            w.writerow([f"{r.arrival:.6f}", adapter, r.tenant, r.input_len, r.output_len, rank, where])
     return p
 
 

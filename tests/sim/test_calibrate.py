@@ -91,6 +91,25 @@ def test_tokens_table_interpolates_and_extends_along_its_upper_half():
     assert loaded == p and loaded.table_seconds(6) == pytest.approx(0.062)
 
 
+def test_a_step_model_fitted_on_some_terms_leaves_the_others_out():
+    """Issue 25, point 2: held-out term selection refits without a term; a term left out is 0 and
+    the others still come out right, and a name that is not a linear term is refused."""
+    rng = np.random.default_rng(2)
+    n = 800
+    x = np.zeros((n, len(COST_TERMS)))
+    x[:, 0] = 1.0
+    x[:, 3] = rng.integers(1, 40, n)  # decode rows: the tokens table
+    x[:, 5] = rng.integers(0, 8, n)  # distinct adapters
+    x[:, 4] = rng.integers(10, 5000, n)  # attended context
+    y = 0.02 + 0.001 * x[:, 3] + 0.002 * x[:, 5] + 1e-6 * x[:, 4]
+    full, _ = fit_step_model(x, y)
+    assert full["per_adapter_s"] == pytest.approx(0.002, rel=0.02)
+    some, _ = fit_step_model(x, y, ("per_adapter_s", "per_prefill_seq_s"))
+    assert some["per_context_token_s"] == 0.0 and some["per_adapter_s"] == pytest.approx(0.002, rel=0.1)
+    with pytest.raises(ValueError, match="not linear cost terms"):
+        fit_step_model(x, y, ("per_adapter_s", "base_s"))
+
+
 def test_calibrate_on_the_real_executor(tiny_models):
     """A short calibration of the tiny llama with two of its adapters: every step measured, a
     positive step cost, adapter reads and copies timed, the engine sizes of the run recorded."""
@@ -126,22 +145,10 @@ def test_calibrate_command_writes_a_profile_the_simulator_loads(tiny_models, tmp
 
     out = tmp_path / "tiny.json"
     base = [sys.executable, "-m", "loramux.cli", "simulate"]
+    engine = ["--max-num-seqs", "8", "--device", "cpu", "--kv-cache-memory", str(2**24)]
+    model = str(tiny_models["llama"].path)
     proc = subprocess.run(
-        [
-            *base,
-            "calibrate",
-            str(tiny_models["llama"].path),
-            "--out",
-            str(out),
-            "--requests",
-            "24",
-            "--max-num-seqs",
-            "8",
-            "--device",
-            "cpu",
-            "--kv-cache-memory",
-            str(2**24),
-        ],
+        [*base, "calibrate", model, "--out", str(out), "--load", "phases", "--requests", "24", *engine],
         capture_output=True,
         text=True,
         timeout=300,
@@ -150,6 +157,27 @@ def test_calibrate_command_writes_a_profile_the_simulator_loads(tiny_models, tmp
     assert f"wrote {out}" in proc.stdout
     profile = Profile.load(out)
     assert profile.source.startswith("measured") and profile.engine["max_num_seqs"] == 8
+    # Issue 25, point 1: the default load is serving itself, a ramp of wall-clock arrivals whose
+    # steps the engine's step log records
+    served = tmp_path / "served.json"
+    ramp = ["--rates", "2,20,2", "--duration", "6", "--prompt-range", "8", "64"]
+    proc = subprocess.run(
+        [*base, "calibrate", model, "--out", str(served), *ramp, *engine],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fitted = Profile.load(served)
+    assert "serving ramp" in fitted.source and "2/20/2 req/s" in fitted.source
+    assert fitted.tokens_table and fitted.engine["max_num_seqs"] == 8 and fitted.adapter_bytes_per_rank > 0
+    bad = subprocess.run(
+        [*base, "calibrate", model, "--out", str(served), "--rates", "2,-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "positive rates" in bad.stderr
     proc = subprocess.run(
         [
             *base,

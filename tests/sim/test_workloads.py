@@ -5,6 +5,8 @@ Punica's group sizes from papers.md and its lengths from running the authors' ow
 (scipy.stats.lognorm(0.8, -1, 18) and randint(0, 2048) on PCG64(0xABCDABCD987)) once, outside this repo.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,66 @@ def test_trace_rank_column_sets_each_adapters_rank_and_survives_a_round_trip(tmp
     t.write_text("arrival,adapter,prompt_len,output_len,rank\n0,a,5,5,x\n")
     with pytest.raises(ValueError, match="integer >= 1"):
         load_trace(t)
+
+
+def test_trace_path_column_gives_an_adapters_rank_and_the_bytes_its_load_moves(tiny_models, tmp_path):
+    """Issue 25, point 3: a trace's optional `path` names the adapter's PEFT directory; its
+    adapter_config.json gives the rank when `rank` is empty, its weights file's size is what the
+    simulated load reads and copies, and the path survives a round trip."""
+    import json
+
+    from loramux.sim.profile import Profile
+    from loramux.sim.run import SimSettings, simulate
+
+    big = tiny_models["llama"].adapters["r8_all"]  # rank 8 on every projection
+    small = tiny_models["llama"].adapters["r1_qv"]
+    t = tmp_path / "p.jsonl"
+    rows = [
+        {"arrival": 0.0, "adapter": "big", "prompt_len": 5, "output_len": 3, "path": str(big)},
+        {"arrival": 0.1, "adapter": "small", "prompt_len": 5, "output_len": 3, "path": str(small), "rank": 1},
+        {"arrival": 0.2, "adapter": "big", "prompt_len": 5, "output_len": 3},
+    ]
+    t.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    wl = load_trace(t)
+    assert [wl.rank(0), wl.rank(1)] == [8, 1] and wl.path(0) == str(big)
+    size = (big / "adapter_model.safetensors").stat().st_size
+    assert wl.adapter_nbytes(0) == size and wl.adapter_nbytes(1) < size
+    back = load_trace(save_trace(wl, tmp_path / "p.csv"))
+    assert back.paths == wl.paths and back.ranks == wl.ranks
+    # the simulator loads what the file holds (its step log lists each adapter's bytes), where
+    # the profile's bytes per rank would give 8 x 1000
+    from loramux.engine.step_log import read_step_log
+
+    profile = dataclasses.replace(Profile.load("cpu-mid"), adapter_bytes_per_rank=1000)
+    log = tmp_path / "steps.jsonl"
+    res = simulate(wl, profile, SimSettings(max_loras=2, step_log=str(log)))
+    assert all(r.finish is not None for r in res.records)
+    _, adapters, _ = read_step_log(log)
+    assert sorted(a["nbytes"] for a in adapters.values()) == sorted([size, wl.adapter_nbytes(1)])
+    assert size != profile.adapter_bytes(8)
+    t.write_text(json.dumps({**rows[0], "path": str(tmp_path / "nowhere")}) + "\n")
+    with pytest.raises(ValueError, match="not a PEFT LoRA directory"):
+        load_trace(t)
+    t.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], {**rows[2], "path": str(small)})))
+    with pytest.raises(ValueError, match="one path"):
+        load_trace(t)
+
+
+def test_a_ramp_steps_its_arrival_rate_through_equal_windows():
+    """Issue 25, point 1: the serving calibration load (generate_ramp): each window of
+    duration / len(rates) seconds holds about rate x window arrivals, in order, numbered 0..n-1."""
+    from loramux.workload import WorkloadConfig, generate_ramp
+
+    cfg = WorkloadConfig(8, 1.0, 1.0, 1.0, 120.0, (8, 64), (4, 32), 7)
+    rates = (0.5, 4.0, 16.0, 2.0)
+    reqs = generate_ramp(cfg, rates)
+    assert [r.index for r in reqs] == list(range(len(reqs)))
+    arrivals = [r.arrival for r in reqs]
+    assert arrivals == sorted(arrivals) and arrivals[0] >= 0 and arrivals[-1] < 120.0
+    counts = [sum(1 for t in arrivals if 30 * i <= t < 30 * (i + 1)) for i in range(4)]
+    for n, rate in zip(counts, rates, strict=True):
+        assert abs(n - 30 * rate) <= 4 * (30 * rate) ** 0.5 + 2, (counts, rates)
+    assert counts[2] > 3 * counts[1] > 3 * counts[0]
+    assert all(0 <= r.adapter < 8 and 8 <= r.input_len < 64 for r in reqs)
+    with pytest.raises(ValueError, match="positive rates"):
+        generate_ramp(cfg, (1.0, 0.0))
