@@ -39,7 +39,7 @@ latency and throughput add up.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import math
 import random
 import tempfile
@@ -422,8 +422,6 @@ def calibrate_serving(
     wall clock) with the step log on, the arrival rate stepping through `rates` over `duration`
     seconds (generate_ramp: batches grow past capacity and shrink back), each request's adapter
     drawn uniformly from `adapter_dirs`; then the profile is fitted from that log as `--from-log` fits one."""
-    import json
-
     from loramux.bench.systems import LoramuxSettings, make_prompts, run_loramux
     from loramux.workload import WorkloadConfig, generate_ramp
 
@@ -434,24 +432,25 @@ def calibrate_serving(
     cfg = WorkloadConfig(len(adapter_dirs), 1.0, 1.0, 1.0, duration, (lo, hi), output_range, seed)
     reqs = generate_ramp(cfg, rates)
     vocab = int(config["vocab_size"])
-    settings = LoramuxSettings(
-        max_loras=max_loras,
-        max_cpu_loras=max(len(adapter_dirs), max_loras),
-        max_lora_rank=64,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        kv_cache_memory=kv_cache_memory,
-        device=device,
-    )
     with tempfile.TemporaryDirectory(prefix="loramux-cal-log-") as tmp:
         log = Path(tmp) / "steps.jsonl"
+        settings = LoramuxSettings(
+            max_loras=max_loras,
+            max_cpu_loras=max(len(adapter_dirs), max_loras),
+            max_lora_rank=64,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_memory=kv_cache_memory,
+            device=device,
+            step_log=str(log),
+        )
         run_loramux(
             Path(model_dir),
             [Path(d) for d in adapter_dirs],
             reqs,
             make_prompts(reqs, vocab, seed),
             "online",
-            dataclasses.replace(settings, step_log=str(log)),
+            settings,
         )
         return profile_from_log(
             log,
