@@ -17,7 +17,7 @@ same number of new ones arrive, so 4096 stay waiting. Times `schedule()` and
 `update_from_output()` separately (wall clock) and prints a markdown table; the
 scheduler's own clock is virtual, 50 ms a step, so aging acts as in service.
 
-    python benchmarks/bench_scheduler.py [--steps 400] [--policies fcfs affinity completion fair]
+    python benchmarks/bench_scheduler.py [--steps 400] [--policies fcfs affinity completion fair slo]
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def main() -> None:
     p.add_argument("--waiting", type=int, default=4096)
     p.add_argument("--max-loras", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policies", nargs="+", default=["fcfs", "affinity", "completion", "fair"])
+    p.add_argument("--policies", nargs="+", default=["fcfs", "affinity", "completion", "fair", "slo"])
     a = p.parse_args()
     if a.trace_one is not None:
         run_one(a.trace_one)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-POLICY_NAMES = ("fcfs", "affinity", "completion", "fair")
+POLICY_NAMES = ("fcfs", "affinity", "completion", "fair", "slo")
 
 
 def _positive(owner: str, name: str, value: int | float | None, fix: str = "") -> None:
@@ -27,9 +27,14 @@ class SchedulerConfig:
     max_prefill_tokens: int | None = None
     """Most prefill tokens in one step; None means max_num_batched_tokens."""
     policy: str = "fcfs"
-    """Waiting-queue policy: fcfs, affinity, completion or fair (S2.5)."""
+    """Waiting-queue policy: fcfs, affinity, completion, fair or slo (S2.5)."""
     starvation_timeout_s: float = 5.0
     """A request that waited this long is served before younger work (S2.4)."""
+    ttft_slo_s: float = 6.0
+    """The slo policy's time-to-first-token target, in seconds."""
+    slo_wait_factor: float = 2.3
+    """The slo policy's bound on a request that missed the target: it waits at most this many times
+    the wait FCFS would give it now before it goes first (larger: more requests on target, a longer tail)."""
     waiting_served_ratio: float = 0.0
     """While decodes run, admit new prefills only if at least ratio x running requests wait (S3.3)."""
     max_waiting_steps: int = 16
@@ -44,6 +49,8 @@ class SchedulerConfig:
         _positive(own, "max_prefill_tokens", self.max_prefill_tokens)
         _positive(own, "max_waiting_steps", self.max_waiting_steps)
         _positive(own, "max_queue_len", self.max_queue_len)
+        _positive(own, "ttft_slo_s", self.ttft_slo_s)
+        _positive(own, "slo_wait_factor", self.slo_wait_factor)
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"SchedulerConfig.policy={self.policy!r}; choose one of {POLICY_NAMES}")
         if self.starvation_timeout_s < 0:

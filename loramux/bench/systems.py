@@ -73,6 +73,8 @@ class LoramuxSettings:
     kv_cache_memory: int = 2**30  # 1 GiB, as the recorded runs used
     device: str = "auto"
     policy: str = "fcfs"
+    ttft_slo_s: float = 6.0  # the slo policy's target
+    slo_wait_factor: float = 2.3
     tenant_per_adapter: bool = False  # each adapter its own tenant (what `fair` shares between)
     step_log: str | None = None  # write the engine's step log here (issue 25)
 

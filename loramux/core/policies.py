@@ -40,6 +40,13 @@ Policies (select by name):
   tenant with the least service (input + 2 x output tokens) goes first; a
   tenant that becomes backlogged is lifted to the least counter among the
   backlogged; the least-served tenant that needs a slot reserves one at once.
+- "slo": TTFT deadlines with slack. A request that can still make the TTFT
+  target goes first, earliest deadline first, a shorter one (prompt +
+  max_tokens) counted as due sooner; one that cannot waits behind them, but
+  never longer than `slo_wait_factor` x the wait FCFS would give it now
+  (the queue over the recent admission rate): then it goes first of all, in
+  arrival order, as preempted requests do. Early abort drops what cannot
+  make it before it takes a seat (docs/design.md, "The slo policy").
 """
 
 from __future__ import annotations
@@ -423,14 +430,141 @@ class FairPolicy(Policy):
             counters[tenant] = counters.get(tenant, 0.0) + w * n
 
 
+class SloPolicy(Policy):
+    """TTFT deadlines with slack (S2.4, S2.5): what can still make the target first, earliest
+    deadline first; what cannot, behind it, until it has waited `wait_factor` x FCFS's wait.
+
+    Every waiting request is in one of three bands, and the heap orders the bands, then:
+    - FIRST: preempted requests and those past the wait cap, in arrival order;
+    - FRESH: younger than the target less a margin for the prefill, by deadline (arrival + a
+      credit for size: `SIZE_CREDIT` x the target per 1000 tokens of prompt + max_tokens, taken
+      in buckets of `SIZE_BUCKET` tokens so that each group stays in arrival order);
+    - MISSED: the rest, in arrival order.
+    Requests move FRESH -> MISSED -> FIRST as they age (two arrival-ordered deques, O(1) per move).
+    The cap is max(`MIN_CAP` x target, wait_factor x waiting / admissions per second over the last
+    `RATE_WINDOW_S`): when the queue grows, so does the cap, so under sustained overload the fresh
+    band keeps a share of the seats instead of the oldest taking them all.
+    """
+
+    name = "slo"
+    by_age = False
+    FIRST, FRESH, MISSED = 0, 1, 2
+    MARGIN = 1 / 6  # of the target: left for the prefill after admission
+    SIZE_CREDIT = 2.0  # of the target, per 1000 tokens of prompt + max_tokens
+    SIZE_BUCKET = 256  # tokens
+    MIN_CAP = 5 / 3  # of the target: the least a missed request waits before it goes first
+    RATE_WINDOW_S = 30.0
+
+    def __init__(
+        self, starvation_timeout_s: float, ttft_slo_s: float = 6.0, wait_factor: float = 2.3
+    ) -> None:
+        self.ttft_slo_s = ttft_slo_s
+        self.wait_factor = wait_factor
+        self._band: dict[int, tuple[int, int]] = {}  # arrival_seq -> (band, size bucket)
+        self._fresh: deque[Request] = deque()  # arrival order; entries that left stay until they surface
+        self._missed: deque[Request] = deque()
+        self._admissions: deque[float] = deque()  # times of the admissions in the rate window
+        self._start: float | None = None
+        self._now = 0.0
+        super().__init__(starvation_timeout_s)
+
+    def group_key(self, req: Request) -> Hashable:
+        band, bucket = self._band[req.arrival_seq]  # type: ignore[index]
+        return (band, bucket, req.adapter_uid)
+
+    def priority(self, key: Hashable, head: Request) -> Priority:
+        band, bucket, _ = key  # type: ignore[misc]
+        due = head.arrival_time
+        if band == self.FRESH:
+            due += self.SIZE_CREDIT * self.ttft_slo_s * bucket * self.SIZE_BUCKET / 1000
+        return (band, due, head.arrival_seq)
+
+    def add(self, req: Request, front: bool = False) -> None:
+        if front:  # preempted: back first, as vLLM does
+            self._band[req.arrival_seq] = (self.FIRST, 0)  # type: ignore[index]
+        else:
+            size = len(req.prompt_token_ids) + req.max_tokens
+            self._band[req.arrival_seq] = (self.FRESH, min(size // self.SIZE_BUCKET, 64))  # type: ignore[index]
+            self._fresh.append(req)
+        super().add(req, front)
+
+    def remove(self, req: Request) -> bool:
+        if req.arrival_seq not in self._band:
+            return False
+        removed = super().remove(req)
+        if removed:
+            del self._band[req.arrival_seq]  # type: ignore[arg-type]
+        return removed
+
+    def on_admitted(self, req: Request) -> None:
+        self._band.pop(req.arrival_seq, None)  # type: ignore[arg-type]
+        self._admissions.append(self._now)
+
+    def wait_cap(self, now: float) -> float:
+        """How long a request that missed its target may wait before it goes first."""
+        window = self._admissions
+        while window and window[0] < now - self.RATE_WINDOW_S:
+            window.popleft()
+        floor = self.MIN_CAP * self.ttft_slo_s
+        span = min(self.RATE_WINDOW_S, now - (now if self._start is None else self._start))
+        if not window or span <= 0:
+            return floor
+        return max(floor, self.wait_factor * len(self) * span / len(window))
+
+    def _move(self, req: Request, band: int) -> None:
+        groups = self.groups
+        groups.remove(self.group_key(req), req)
+        self._band[req.arrival_seq] = (band, 0)  # type: ignore[index]
+        key = self.group_key(req)
+        q = groups.queues.get(key)
+        groups.push(key, req, front=bool(q) and q[-1].arrival_seq > req.arrival_seq)  # type: ignore[operator]
+
+    def _age(self, now: float) -> None:
+        """Move the requests that can no longer make the target to MISSED, and those past the cap
+        to FIRST; each deque is in arrival order, so only its front is looked at."""
+        band, fresh, missed = self._band, self._fresh, self._missed
+        last_chance = now - self.ttft_slo_s * (1 - self.MARGIN)
+        while fresh and fresh[0].arrival_time <= last_chance:
+            req = fresh.popleft()
+            if band.get(req.arrival_seq, (None,))[0] == self.FRESH:  # type: ignore[arg-type]
+                self._move(req, self.MISSED)
+                missed.append(req)
+        if not missed:
+            return
+        too_long = now - self.wait_cap(now)
+        while missed and missed[0].arrival_time <= too_long:
+            req = missed.popleft()
+            if band.get(req.arrival_seq, (None,))[0] == self.MISSED:  # type: ignore[arg-type]
+                self._move(req, self.FIRST)
+
+    def _reservation_candidate(self, view: SchedulerView, now: float) -> Request | None:
+        """As every policy's, and the request that reserves a slot goes first: fresh work would
+        otherwise precede it for ever, and the reservation would never be served (S2.4)."""
+        req = super()._reservation_candidate(view, now)
+        if req is not None and self._band[req.arrival_seq][0] != self.FIRST:  # type: ignore[index]
+            self._move(req, self.FIRST)
+        return req
+
+    def schedule(self, admit: Admit, view: SchedulerView, now: float) -> None:
+        if self._start is None:
+            self._start = now
+        self._now = now
+        self._age(now)
+        super().schedule(admit, view, now)
+
+
 POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (FCFSPolicy, AffinityPolicy, CompletionPolicy, FairPolicy)
+    p.name: p for p in (FCFSPolicy, AffinityPolicy, CompletionPolicy, FairPolicy, SloPolicy)
 }
 
 
-def make_policy(name: str, starvation_timeout_s: float) -> Policy:
+def make_policy(
+    name: str, starvation_timeout_s: float, ttft_slo_s: float = 6.0, slo_wait_factor: float = 2.3
+) -> Policy:
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown scheduling policy {name!r}; choose one of {sorted(POLICIES)}") from None
+    if cls is SloPolicy:
+        return SloPolicy(starvation_timeout_s, ttft_slo_s, slo_wait_factor)
     return cls(starvation_timeout_s)

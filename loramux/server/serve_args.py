@@ -11,7 +11,14 @@ import argparse
 import json
 import os
 
-from loramux.config import CacheConfig, EngineConfig, KVEventsConfig, LoRAConfig, SchedulerConfig
+from loramux.config import (
+    POLICY_NAMES,
+    CacheConfig,
+    EngineConfig,
+    KVEventsConfig,
+    LoRAConfig,
+    SchedulerConfig,
+)
 from loramux.server.vllm_flags import add_vllm_args
 
 
@@ -156,8 +163,21 @@ def _scheduling_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--policy",
         default=SchedulerConfig.policy,
-        choices=["fcfs", "affinity", "completion", "fair"],
+        choices=POLICY_NAMES,
         help="waiting-queue order (docs/design.md); fcfs matches vLLM's decisions",
+    )
+    g.add_argument(
+        "--ttft-slo",
+        type=float,
+        default=SchedulerConfig.ttft_slo_s,
+        help="the slo policy's time-to-first-token target in seconds",
+    )
+    g.add_argument(
+        "--slo-wait-factor",
+        type=float,
+        default=SchedulerConfig.slo_wait_factor,
+        help="slo policy: a request past its target waits at most this many times FCFS's wait, then "
+        "goes first (larger: more requests on target, longer tail)",
     )
     g.add_argument(
         "--starvation-timeout",
@@ -291,7 +311,11 @@ def kv_events_config(args: argparse.Namespace) -> KVEventsConfig | None:
     )
 
 
-_FLAG = {"starvation_timeout_s": "starvation_timeout", "memory_utilization": "gpu_memory_utilization"}
+_FLAG = {
+    "starvation_timeout_s": "starvation_timeout",
+    "ttft_slo_s": "ttft_slo",
+    "memory_utilization": "gpu_memory_utilization",
+}
 _NO_FLAG = {"free_memory_fraction"}  # engine settings `serve` does not expose
 
 

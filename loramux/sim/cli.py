@@ -44,7 +44,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=42, help="seed of the workload's arrivals, adapters and lengths"
     )
-    p.add_argument("--slo", type=float, default=6.0, help="TTFT target in seconds")
+    p.add_argument(
+        "--slo", type=float, default=6.0, help="TTFT target in seconds (the metrics' and the slo policy's)"
+    )
     p.add_argument(
         "--abort-after",
         type=float,
@@ -102,6 +104,12 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=5.0,
         help="seconds after which a request held back by the adapter cap reserves the next slot",
+    )
+    e.add_argument(
+        "--slo-wait-factor",
+        type=float,
+        default=2.3,
+        help="slo policy: a request past the --slo target waits at most this many times FCFS's wait",
     )
     sub = p.add_subparsers(dest="sim_command")
     cal = sub.add_parser("calibrate", help="measure a profile of MODEL_DIR on this machine's executor")
@@ -194,7 +202,13 @@ def _settings(
     known = {f.name for f in fields(SimSettings)}
     cfg = {k: v for k, v in {**engine, **over}.items() if k in known}
     return SimSettings(
-        policy=policy, abort_after=abort, starvation_timeout_s=a.starvation_timeout, seed=a.seed, **cfg
+        policy=policy,
+        abort_after=abort,
+        starvation_timeout_s=a.starvation_timeout,
+        ttft_slo_s=a.slo,
+        slo_wait_factor=a.slo_wait_factor,
+        seed=a.seed,
+        **cfg,
     )  # type: ignore[arg-type]
 
 

@@ -42,6 +42,8 @@ class SimSettings:
     num_pages: int | None = None  # None: the profile's pool
     enable_prefix_caching: bool = True
     starvation_timeout_s: float = 5.0
+    ttft_slo_s: float = 6.0  # the slo policy's target (the report's SLO)
+    slo_wait_factor: float = 2.3
     abort_after: float | None = None  # S-LoRA's early abort: a request waiting this long is dropped
     seed: int = 0  # prompt token ids and step-time jitter
     max_steps: int = 50_000_000
@@ -99,6 +101,8 @@ def build_engine(
         max_num_batched_tokens=s.max_num_batched_tokens,
         policy=s.policy,
         starvation_timeout_s=s.starvation_timeout_s,
+        ttft_slo_s=s.ttft_slo_s,
+        slo_wait_factor=s.slo_wait_factor,
         page_size=profile.page_size,
         num_pages=executor.num_pages,
         enable_prefix_caching=s.enable_prefix_caching,

@@ -479,7 +479,11 @@ def test_S6_2_every_serve_flag_lands_in_the_engine_config():
             "--max-prefill-tokens",
             "50",
             "--policy",
-            "fair",
+            "slo",
+            "--ttft-slo",
+            "3.5",
+            "--slo-wait-factor",
+            "1.5",
             "--starvation-timeout",
             "2.5",
             "--waiting-served-ratio",
@@ -519,11 +523,13 @@ def test_S6_2_every_serve_flag_lands_in_the_engine_config():
         s.max_num_batched_tokens,
         s.max_prefill_tokens,
         s.policy,
+        s.ttft_slo_s,
+        s.slo_wait_factor,
         s.starvation_timeout_s,
         s.waiting_served_ratio,
         s.max_waiting_steps,
         s.max_queue_len,
-    ) == (7, 99, 50, "fair", 2.5, 0.3, 4, 11)
+    ) == (7, 99, 50, "slo", 3.5, 1.5, 2.5, 0.3, 4, 11)
     k = c.cache
     assert (k.page_size, k.num_pages, k.kv_cache_memory, k.enable_prefix_caching, k.enable_kv_events) == (
         8,

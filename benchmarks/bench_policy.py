@@ -1,0 +1,274 @@
+"""Issue 26's acceptance sweep: a policy against the best of fcfs / affinity / fair at every point.
+
+    python benchmarks/bench_policy.py [--policy slo] [--wait-factors 1,1.5,2.3,3,4] [--jobs 2]
+
+Not a test. Simulates every named workload (W1-W5, papers.md section 3; W3 with and without
+early abort) under fcfs, affinity, fair and --policy with the suite's own engine settings and
+seed 42 (`loramux simulate`'s defaults), then prints one Markdown table per check with the best
+baseline, the policy's value, their ratio and whether the issue's bound holds:
+- W1 every rate, W3 every cv with and without abort: attainment >= the best, throughput >= 0.98x
+  the best, p99 TTFT of served requests <= 1.1x the lowest;
+- W3 with abort: attainment above S-LoRA's early abort (papers.md: .858 .817 .743 .690 .637);
+- W4: max and mean service difference <= 1.1x fair's, tokens/s >= 0.98x fcfs's;
+- W2, W5: throughput >= 0.98x the best, adapter loads <= fcfs's;
+- W1 at rate 2: no adapter's p99 wait (to first scheduled) above 3x the median adapter's.
+With --wait-factors, the trade-off curve of `--slo-wait-factor` on W1 at rates 2 and 2.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from loramux.bench.report import machine
+from loramux.sim import metrics as m
+from loramux.sim.profile import Profile
+from loramux.sim.run import SimSettings, simulate
+from loramux.sim.workloads import SUITES
+
+BASELINES = ("fcfs", "affinity", "fair")
+SLORA_EARLY_ABORT = {1.0: 0.858, 2.0: 0.817, 4.0: 0.743, 6.0: 0.690, 8.0: 0.637}  # papers.md, W3
+SEED = 42
+
+
+@dataclass(frozen=True)
+class Job:
+    suite: str
+    point: object
+    policy: str
+    abort: bool = False
+    wait_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    job: Job
+    attainment: float
+    throughput: float
+    p99: float  # TTFT of served requests
+    loads: int
+    max_diff: float = 0.0
+    avg_diff: float = 0.0
+    tokens_per_s: float = 0.0
+    adapter_wait_ratio: float = 0.0  # max over adapters of p99 wait / median adapter's
+
+
+def run(job: Job) -> Result:
+    suite = SUITES[job.suite]
+    wl = suite.workload(job.point, SEED)
+    s = SimSettings(policy=job.policy, seed=SEED, **wl.engine)  # type: ignore[arg-type]
+    s = replace(s, abort_after=suite.abort_after if job.abort else None)
+    if job.wait_factor is not None:
+        s = replace(s, slo_wait_factor=job.wait_factor)
+    res = simulate(wl, Profile.load(suite.profile), s)
+    recs = res.records
+    out = Result(job, m.attainment(recs), m.throughput(recs), m.ttft_stats(recs).p99, res.adapter_loads)
+    if job.suite == "vtc-fairness":
+        f = m.fairness(recs, float(int(max(r.arrival for r in recs))))
+        out = replace(out, max_diff=f.max_diff, avg_diff=f.avg_diff, tokens_per_s=f.tokens_per_s)
+    waits: dict[int | None, list[float]] = defaultdict(list)
+    for r in recs:
+        if r.first_scheduled is not None:
+            waits[r.adapter].append(r.first_scheduled - r.arrival)
+    p99s = [float(np.percentile(w, 99)) for w in waits.values()]
+    if p99s:
+        out = replace(out, adapter_wait_ratio=max(p99s) / max(statistics.median(p99s), 1e-9))
+    return out
+
+
+def jobs(policy: str, wait_factors: list[float]) -> list[Job]:
+    pols = (*BASELINES, policy)
+    js = [Job("slora-a10g-sweep", p, pol) for p in SUITES["slora-a10g-sweep"].points for pol in pols]
+    js += [
+        Job("slora-bursty-abort", cv, pol, abort)
+        for cv in SUITES["slora-bursty-abort"].points
+        for abort in (False, True)
+        for pol in pols
+    ]
+    js += [
+        Job("vtc-fairness", sc, pol)
+        for sc in SUITES["vtc-fairness"].points
+        for pol in ("fcfs", "fair", policy)
+    ]
+    for name in ("slora-a100-scale", "punica-popularity"):
+        js += [Job(name, p, pol) for p in SUITES[name].points for pol in pols]
+    js += [Job("slora-a10g-sweep", r, policy, wait_factor=k) for r in (2.0, 2.5) for k in wait_factors]
+    return js
+
+
+def _row(cells: list[object]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _check(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def report(results: list[Result], policy: str) -> tuple[list[str], int, int]:
+    by: dict[tuple[str, object, bool], dict[str, Result]] = defaultdict(dict)
+    for r in results:
+        if r.job.wait_factor is None:
+            by[(r.job.suite, r.job.point, r.job.abort)][r.job.policy] = r
+    lines: list[str] = []
+    passed = failed = 0
+
+    def verdict(ok: bool) -> str:
+        nonlocal passed, failed
+        passed, failed = passed + ok, failed + (not ok)
+        return _check(ok)
+
+    head = [
+        "point",
+        "attainment best (who)",
+        policy,
+        "ok",
+        "req/s best",
+        policy,
+        "ok",
+        "p99 TTFT lowest",
+        policy,
+        "ok",
+    ]
+    for suite, abort in (
+        ("slora-a10g-sweep", False),
+        ("slora-bursty-abort", False),
+        ("slora-bursty-abort", True),
+    ):
+        title = {"slora-a10g-sweep": "W1", "slora-bursty-abort": "W3"}[suite] + (
+            " with abort" if abort else ""
+        )
+        lines += [
+            "",
+            f"### {title}: attainment >= best, throughput >= 0.98x best, p99 TTFT <= 1.1x lowest",
+            "",
+        ]
+        lines += [_row(head), _row(["---"] * len(head))]
+        for point in SUITES[suite].points:
+            if suite == "slora-a10g-sweep" and abort:
+                continue
+            rs = by[(suite, point, abort)]
+            base = [rs[b] for b in BASELINES]
+            best_att = max(base, key=lambda r: r.attainment)
+            best_thr = max(r.throughput for r in base)
+            low_p99 = min(r.p99 for r in base)
+            me = rs[policy]
+            lines.append(
+                _row(
+                    [
+                        point,
+                        f"{best_att.attainment:.3f} ({best_att.job.policy})",
+                        f"{me.attainment:.3f}",
+                        verdict(me.attainment >= best_att.attainment),
+                        f"{best_thr:.3f}",
+                        f"{me.throughput:.3f}",
+                        verdict(me.throughput >= 0.98 * best_thr),
+                        f"{low_p99:.1f}",
+                        f"{me.p99:.1f}",
+                        verdict(me.p99 <= 1.1 * low_p99),
+                    ]
+                )
+            )
+    lines += ["", "### W3 with abort: attainment above S-LoRA's early abort", ""]
+    lines += [_row(["cv", "S-LoRA early abort", policy, "ok"]), _row(["---"] * 4)]
+    for cv, ref in SLORA_EARLY_ABORT.items():
+        me = by[("slora-bursty-abort", cv, True)][policy]
+        lines.append(_row([cv, ref, f"{me.attainment:.3f}", verdict(me.attainment > ref)]))
+    lines += ["", "### W4: max / mean service difference <= 1.1x fair's, tokens/s >= 0.98x fcfs's", ""]
+    head4 = [
+        "scenario",
+        "fcfs max / mean",
+        "fair max / mean",
+        f"{policy} max / mean",
+        "ok",
+        "tokens/s fcfs",
+        policy,
+        "ok",
+    ]
+    lines += [_row(head4), _row(["---"] * len(head4))]
+    for sc in SUITES["vtc-fairness"].points:
+        rs = by[("vtc-fairness", sc, False)]
+        f, c, me = rs["fair"], rs["fcfs"], rs[policy]
+        ok = me.max_diff <= 1.1 * f.max_diff and me.avg_diff <= 1.1 * f.avg_diff
+        lines.append(
+            _row(
+                [
+                    sc,
+                    f"{c.max_diff:.0f} / {c.avg_diff:.0f}",
+                    f"{f.max_diff:.0f} / {f.avg_diff:.0f}",
+                    f"{me.max_diff:.0f} / {me.avg_diff:.0f}",
+                    verdict(ok),
+                    f"{c.tokens_per_s:.0f}",
+                    f"{me.tokens_per_s:.0f}",
+                    verdict(me.tokens_per_s >= 0.98 * c.tokens_per_s),
+                ]
+            )
+        )
+    for suite, title in (("slora-a100-scale", "W2"), ("punica-popularity", "W5")):
+        lines += ["", f"### {title}: throughput >= 0.98x best, adapter loads <= fcfs's", ""]
+        h = ["point", "req/s best", policy, "ok", "loads fcfs", policy, "ok"]
+        lines += [_row(h), _row(["---"] * len(h))]
+        for point in SUITES[suite].points:
+            rs = by[(suite, point, False)]
+            best = max(rs[b].throughput for b in BASELINES)
+            me, c = rs[policy], rs["fcfs"]
+            lines.append(
+                _row(
+                    [
+                        point,
+                        f"{best:.3f}",
+                        f"{me.throughput:.3f}",
+                        verdict(me.throughput >= 0.98 * best),
+                        c.loads,
+                        me.loads,
+                        verdict(me.loads <= c.loads),
+                    ]
+                )
+            )
+    lines += ["", "### W1 at rate 2: no adapter's p99 wait above 3x the median adapter's", ""]
+    lines += [_row(["policy", "max / median adapter p99 wait", "ok"]), _row(["---"] * 3)]
+    for pol in (*BASELINES, policy):
+        r = by[("slora-a10g-sweep", 2.0, False)][pol]
+        ok = r.adapter_wait_ratio <= 3.0
+        lines.append(_row([pol, f"{r.adapter_wait_ratio:.2f}", verdict(ok) if pol == policy else _check(ok)]))
+    curve = sorted(
+        (r for r in results if r.job.wait_factor is not None), key=lambda r: (r.job.point, r.job.wait_factor)
+    )
+    if curve:
+        lines += ["", f"### Trade-off: `--slo-wait-factor` on W1 ({policy})", ""]
+        lines += [_row(["rate", "wait factor", "attainment", "p99 TTFT s", "req/s"]), _row(["---"] * 5)]
+        lines += [
+            _row(
+                [r.job.point, r.job.wait_factor, f"{r.attainment:.3f}", f"{r.p99:.1f}", f"{r.throughput:.3f}"]
+            )
+            for r in curve
+        ]
+    return lines, passed, failed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--policy", default="slo")
+    p.add_argument(
+        "--wait-factors", default="", help="comma-separated --slo-wait-factor values for the curve"
+    )
+    p.add_argument("--jobs", type=int, default=2, help="worker processes")
+    a = p.parse_args()
+    factors = [float(x) for x in a.wait_factors.split(",") if x.strip()]
+    t0 = time.perf_counter()
+    todo = jobs(a.policy, factors)
+    with ProcessPoolExecutor(a.jobs) as pool:
+        results = list(pool.map(run, todo))
+    lines, passed, failed = report(results, a.policy)
+    print(f"{len(todo)} simulations in {time.perf_counter() - t0:.0f} s. Machine: {machine()}.")
+    print("\n".join(lines))
+    print(f"\n{passed} checks hold, {failed} do not.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Issue 26 on the real engine: policies side by side where attainment falls between 0.5 and 0.9.
+
+    python benchmarks/bench_policy_real.py [--cache-dir DIR] [--rounds 3] [--rate 4] [--slo 2]
+                                           [--duration 60] [--policies fcfs,fair,slo]
+
+Not a test. The bench's mid model (91M parameters, random weights, fp32) on this machine's CPU
+with 32 adapters (ranks 8 and 16 on q_proj and v_proj, built once in --cache-dir), each adapter
+its own tenant; S-LoRA's generator at --rate (alpha 1, cv 1, prompts and outputs U[8, 128),
+seed 42) for --duration seconds, served online in real time by `LLM`'s engine. --rounds rounds,
+each running every policy once (interleaved, so the machine's drift spreads over all of them).
+Prints, per policy, the real runs' SLO attainment (TTFT < --slo), p99 TTFT and req/s (median
+and each run) beside the simulator's prediction for the same workload (median over jitter seeds
+0-2) on a profile fitted from the step log of the first round's first run (`profile_from_log`,
+what `loramux simulate calibrate --from-log` does: this machine, this workload), and each side's
+ranking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from loramux.bench.report import machine
+from loramux.bench.systems import LoramuxSettings, make_prompts, run_loramux
+from loramux.sim import metrics as m
+from loramux.sim.calibrate import profile_from_log
+from loramux.sim.run import SimSettings, simulate
+from loramux.sim.workloads import from_bench
+from loramux.workload import WorkloadConfig, generate_requests
+
+RANKS = (8, 16)
+ADAPTERS = 32
+ENGINE = {"max_loras": 32, "max_lora_rank": 16, "max_num_seqs": 64, "max_num_batched_tokens": 2048}
+
+
+def p99(xs: list[float]) -> float:
+    return float(statistics.quantiles(xs, n=100, method="inclusive")[98]) if len(xs) > 1 else float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cache-dir", default="/tmp/loramux-policy")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rate", type=float, default=4.0)
+    p.add_argument(
+        "--slo", type=float, default=2.0, help="TTFT target (s): the metric's and the slo policy's"
+    )
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--policies", default="fcfs,fair,slo")
+    a = p.parse_args()
+    from loramux.bench.artifacts import build_random_model, write_random_adapter
+
+    policies = [x for x in a.policies.split(",") if x]
+    cfg = WorkloadConfig(ADAPTERS, 1.0, a.rate, 1.0, a.duration, (8, 128), (8, 128), 42)
+    reqs = generate_requests(cfg)
+    cache = Path(a.cache_dir)
+    model = build_random_model(cache / "llama-mid", "mid")
+    adapters = [
+        write_random_adapter(cache / f"a{i}", model, RANKS[i % 2], ("q_proj", "v_proj"), seed=i)
+        for i in range(ADAPTERS)
+    ]
+    prompts = make_prompts(reqs, 512)
+    real: dict[str, list[tuple[float, float, float]]] = {pol: [] for pol in policies}
+    t0 = time.perf_counter()
+    log = cache / "policy-real-steps.jsonl"
+    log.unlink(missing_ok=True)
+    for k in range(a.rounds):
+        for j, pol in enumerate(policies):
+            settings = LoramuxSettings(
+                **ENGINE,
+                max_cpu_loras=256,
+                policy=pol,
+                ttft_slo_s=a.slo,
+                tenant_per_adapter=True,
+                step_log=str(log) if k == j == 0 else None,
+            )
+            run = run_loramux(model, adapters, reqs, prompts, "online", settings)
+            ttft = [r.first_token - r.arrival for r in run.records if r.first_token is not None]
+            done = sum(r.finish is not None for r in run.records)
+            att = sum(t < a.slo for t in ttft) / len(run.records)
+            real[pol].append((att, p99(ttft), done / max(run.wall, 1e-9)))
+    real_s = time.perf_counter() - t0
+    wl = from_bench(reqs, cfg, RANKS, "policy-real")
+    prof, _ = profile_from_log(log, "cpu-mid-policy-real")
+    sim: dict[str, tuple[float, float, float]] = {}
+    for pol in policies:
+        runs = []
+        for seed in range(3):
+            res = simulate(
+                wl, prof, SimSettings(policy=pol, ttft_slo_s=a.slo, seed=seed, max_cpu_loras=256, **ENGINE)
+            )
+            runs.append(
+                (m.attainment(res.records, a.slo), m.ttft_stats(res.records).p99, m.throughput(res.records))
+            )
+        sim[pol] = tuple(statistics.median(r[i] for r in runs) for i in range(3))  # type: ignore[assignment]
+    med = {pol: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for pol, rs in real.items()}
+    print(
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. {len(reqs)} requests, rate {a.rate:g}, "
+        f"{a.duration:g} s, SLO TTFT < {a.slo:g} s; {a.rounds} rounds of real runs took {real_s:.0f} s.\n"
+    )
+    print(
+        "| policy | attainment real median (runs) | sim "
+        "| p99 TTFT s real median (runs) | sim | req/s real | sim |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for pol in policies:
+        runs = real[pol]
+        print(
+            f"| {pol} | {med[pol][0]:.3f} ({', '.join(f'{r[0]:.3f}' for r in runs)}) | {sim[pol][0]:.3f} "
+            f"| {med[pol][1]:.2f} ({', '.join(f'{r[1]:.2f}' for r in runs)}) | {sim[pol][1]:.2f} "
+            f"| {med[pol][2]:.2f} | {sim[pol][2]:.2f} |"
+        )
+    for label, i, best_high in (("attainment", 0, True), ("p99 TTFT", 1, False)):
+        order_real = sorted(policies, key=lambda x: med[x][i], reverse=best_high)
+        order_sim = sorted(policies, key=lambda x: sim[x][i], reverse=best_high)
+        print(f"\n{label} ranking, real: {' > '.join(order_real)}; simulated: {' > '.join(order_sim)}")
+
+
+if __name__ == "__main__":
+    main()
