@@ -180,3 +180,15 @@ def test_equal_when_decodes_read_a_window_of_slots(arch, tiny_models, oracles, m
     tokens, logits, _ = run(make_llm(tm), tm, ps, names, loras=loras)
     assert paths, "the decode steps never took the windowed path"
     assert_equal(oracles(arch), ps, names, tokens, logits)
+
+
+def test_equal_under_the_slo_policy_with_the_cap_and_preemption(tiny_models, oracles):
+    """S2.5: the slo policy reorders admissions (preempted first, past-target requests behind,
+    a cap of one adapter), never what a request computes."""
+    tm = tiny_models["llama"]
+    names = ["r8_all", "rs4_attn", None, "r8_all", "rs4_attn", None]
+    ps = prompts(len(names), 12, seed=6)
+    llm = make_llm(tm, policy="slo", ttft_slo_s=0.5, max_loras=1, num_pages=16, enable_prefix_caching=False)
+    tokens, logits, _ = run(llm, tm, ps, names, n_new=12)
+    assert llm.engine.scheduler.counters.num_preemptions > 0
+    assert_equal(oracles("llama"), ps, names, tokens, [lg[:12] for lg in logits])
