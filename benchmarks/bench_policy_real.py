@@ -35,10 +35,6 @@ ADAPTERS = 32
 ENGINE = {"max_loras": 32, "max_lora_rank": 16, "max_num_seqs": 64, "max_num_batched_tokens": 2048}
 
 
-def p99(xs: list[float]) -> float:
-    return float(statistics.quantiles(xs, n=100, method="inclusive")[98]) if len(xs) > 1 else float("nan")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache-dir", default="/tmp/loramux-policy")
@@ -80,7 +76,7 @@ def main() -> None:
             ttft = [r.first_token - r.arrival for r in run.records if r.first_token is not None]
             done = sum(r.finish is not None for r in run.records)
             att = sum(t < a.slo for t in ttft) / len(run.records)
-            real[pol].append((att, p99(ttft), done / max(run.wall, 1e-9)))
+            real[pol].append((att, m.stats(ttft).p99, done / max(run.wall, 1e-9)))
     real_s = time.perf_counter() - t0
     wl = from_bench(reqs, cfg, RANKS, "policy-real")
     prof, _ = profile_from_log(log, "cpu-mid-policy-real")

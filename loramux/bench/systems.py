@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loramux.config import SchedulerConfig
 from loramux.workload import BenchRequest, adapter_name
 
 
@@ -73,8 +74,8 @@ class LoramuxSettings:
     kv_cache_memory: int = 2**30  # 1 GiB, as the recorded runs used
     device: str = "auto"
     policy: str = "fcfs"
-    ttft_slo_s: float = 6.0  # the slo policy's target
-    slo_wait_factor: float = 2.3
+    ttft_slo_s: float = SchedulerConfig.ttft_slo_s  # the slo policy's target
+    slo_wait_factor: float = SchedulerConfig.slo_wait_factor
     tenant_per_adapter: bool = False  # each adapter its own tenant (what `fair` shares between)
     step_log: str | None = None  # write the engine's step log here (issue 25)
 

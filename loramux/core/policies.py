@@ -60,6 +60,7 @@ from contextlib import closing
 from operator import attrgetter
 from typing import Any, Protocol
 
+from loramux.config import SchedulerConfig
 from loramux.core.request import Request
 
 
@@ -223,6 +224,10 @@ class Policy:
     def __init__(self, starvation_timeout_s: float) -> None:
         self.starvation_timeout_s = starvation_timeout_s
         self.groups = _Groups(self.priority)
+
+    @classmethod
+    def from_config(cls, config: SchedulerConfig) -> Policy:
+        return cls(config.starvation_timeout_s)
 
     def group_key(self, req: Request) -> Hashable:
         return req.adapter_uid
@@ -455,9 +460,7 @@ class SloPolicy(Policy):
     MIN_CAP = 5 / 3  # of the target: the least a missed request waits before it goes first
     RATE_WINDOW_S = 30.0
 
-    def __init__(
-        self, starvation_timeout_s: float, ttft_slo_s: float = 6.0, wait_factor: float = 2.3
-    ) -> None:
+    def __init__(self, starvation_timeout_s: float, ttft_slo_s: float, wait_factor: float) -> None:
         self.ttft_slo_s = ttft_slo_s
         self.wait_factor = wait_factor
         self._band: dict[int, tuple[int, int]] = {}  # arrival_seq -> (band, size bucket)
@@ -468,9 +471,18 @@ class SloPolicy(Policy):
         self._now = 0.0
         super().__init__(starvation_timeout_s)
 
+    @classmethod
+    def from_config(cls, config: SchedulerConfig) -> Policy:
+        return cls(config.starvation_timeout_s, config.ttft_slo_s, config.slo_wait_factor)
+
     def group_key(self, req: Request) -> Hashable:
         band, bucket = self._band[req.arrival_seq]  # type: ignore[index]
         return (band, bucket, req.adapter_uid)
+
+    def _band_of(self, req: Request) -> int | None:
+        """The band `req` waits in; None once it left the queue."""
+        entry = self._band.get(req.arrival_seq)  # type: ignore[arg-type]
+        return None if entry is None else entry[0]
 
     def priority(self, key: Hashable, head: Request) -> Priority:
         band, bucket, _ = key  # type: ignore[misc]
@@ -506,7 +518,7 @@ class SloPolicy(Policy):
         while window and window[0] < now - self.RATE_WINDOW_S:
             window.popleft()
         floor = self.MIN_CAP * self.ttft_slo_s
-        span = min(self.RATE_WINDOW_S, now - (now if self._start is None else self._start))
+        span = 0.0 if self._start is None else min(self.RATE_WINDOW_S, now - self._start)
         if not window or span <= 0:
             return floor
         return max(floor, self.wait_factor * len(self) * span / len(window))
@@ -522,11 +534,11 @@ class SloPolicy(Policy):
     def _age(self, now: float) -> None:
         """Move the requests that can no longer make the target to MISSED, and those past the cap
         to FIRST; each deque is in arrival order, so only its front is looked at."""
-        band, fresh, missed = self._band, self._fresh, self._missed
+        fresh, missed = self._fresh, self._missed
         last_chance = now - self.ttft_slo_s * (1 - self.MARGIN)
         while fresh and fresh[0].arrival_time <= last_chance:
             req = fresh.popleft()
-            if band.get(req.arrival_seq, (None,))[0] == self.FRESH:  # type: ignore[arg-type]
+            if self._band_of(req) == self.FRESH:
                 self._move(req, self.MISSED)
                 missed.append(req)
         if not missed:
@@ -534,14 +546,14 @@ class SloPolicy(Policy):
         too_long = now - self.wait_cap(now)
         while missed and missed[0].arrival_time <= too_long:
             req = missed.popleft()
-            if band.get(req.arrival_seq, (None,))[0] == self.MISSED:  # type: ignore[arg-type]
+            if self._band_of(req) == self.MISSED:
                 self._move(req, self.FIRST)
 
     def _reservation_candidate(self, view: SchedulerView, now: float) -> Request | None:
         """As every policy's, and the request that reserves a slot goes first: fresh work would
         otherwise precede it for ever, and the reservation would never be served (S2.4)."""
         req = super()._reservation_candidate(view, now)
-        if req is not None and self._band[req.arrival_seq][0] != self.FIRST:  # type: ignore[index]
+        if req is not None and self._band_of(req) != self.FIRST:
             self._move(req, self.FIRST)
         return req
 
@@ -558,13 +570,11 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(
-    name: str, starvation_timeout_s: float, ttft_slo_s: float = 6.0, slo_wait_factor: float = 2.3
-) -> Policy:
+def make_policy(config: SchedulerConfig) -> Policy:
     try:
-        cls = POLICIES[name]
+        cls = POLICIES[config.policy]
     except KeyError:
-        raise ValueError(f"unknown scheduling policy {name!r}; choose one of {sorted(POLICIES)}") from None
-    if cls is SloPolicy:
-        return SloPolicy(starvation_timeout_s, ttft_slo_s, slo_wait_factor)
-    return cls(starvation_timeout_s)
+        raise ValueError(
+            f"unknown scheduling policy {config.policy!r}; choose one of {sorted(POLICIES)}"
+        ) from None
+    return cls.from_config(config)

@@ -81,9 +81,7 @@ class Scheduler:
         self.adapters = adapters
         self.max_model_len = max_model_len
         self.clock = clock
-        self.policy = make_policy(
-            config.policy, config.starvation_timeout_s, config.ttft_slo_s, config.slo_wait_factor
-        )
+        self.policy = make_policy(config)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._deadlines: list[tuple[float, int, Request]] = []  # (queue deadline, arrival, request)

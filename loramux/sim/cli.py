@@ -15,6 +15,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from loramux.config import SchedulerConfig
 from loramux.sim.profile import Profile, shipped_profiles
 from loramux.sim.report import write_report
 from loramux.sim.run import SimResult, SimSettings, simulate
@@ -108,7 +109,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--slo-wait-factor",
         type=float,
-        default=2.3,
+        default=SchedulerConfig.slo_wait_factor,
         help="slo policy: a request past the --slo target waits at most this many times FCFS's wait",
     )
     sub = p.add_subparsers(dest="sim_command")

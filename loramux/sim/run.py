@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loramux.config import EngineConfig
+from loramux.config import EngineConfig, SchedulerConfig
 from loramux.core.request import RequestStatus
 from loramux.engine.llm_engine import LLMEngine
 from loramux.sampling_params import SamplingParams
@@ -42,8 +42,8 @@ class SimSettings:
     num_pages: int | None = None  # None: the profile's pool
     enable_prefix_caching: bool = True
     starvation_timeout_s: float = 5.0
-    ttft_slo_s: float = 6.0  # the slo policy's target (the report's SLO)
-    slo_wait_factor: float = 2.3
+    ttft_slo_s: float = SchedulerConfig.ttft_slo_s  # the slo policy's target (the report's SLO)
+    slo_wait_factor: float = SchedulerConfig.slo_wait_factor
     abort_after: float | None = None  # S-LoRA's early abort: a request waiting this long is dropped
     seed: int = 0  # prompt token ids and step-time jitter
     max_steps: int = 50_000_000

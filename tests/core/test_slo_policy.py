@@ -64,7 +64,7 @@ def test_S2_4_slo_a_request_past_the_wait_cap_goes_first_and_the_cap_bounds_its_
 
 
 def test_S2_4_slo_wait_cap_follows_the_queue_over_the_admission_rate():
-    p = make_policy("slo", 5.0, ttft_slo_s=6.0, slo_wait_factor=2.0)
+    p = make_policy(SchedulerConfig(policy="slo", ttft_slo_s=6.0, slo_wait_factor=2.0))
     assert isinstance(p, SloPolicy)
     assert p.wait_cap(0.0) == pytest.approx(SloPolicy.MIN_CAP * 6.0)  # no admissions yet: the floor
     p._start = 0.0
