@@ -13,7 +13,9 @@ as skipped, and an error in one is recorded and the next runs):
    per step over the copy bandwidth measured on the device);
 4. peft: transformers+PEFT on the same requests (a mixed-adapter batch through `adapter_names`),
    fewer new tokens (its decode rate is what is compared);
-5. graphs: CUDA graphs on against off at batch 1 and 16 (recorded as not built while they are not);
+5. graphs: CUDA graphs on against off (`enforce_eager`) at batch 1 (base) and 16 (16 distinct
+   adapters), decode tokens/s, interleaved rounds (in the dry run: emulated graphs on the Triton
+   path in the interpreter, so the same code runs);
 6. online: S-LoRA-style load on 1B shapes, 1000 rank-16 adapters (q, v), Zipf 1, `--duration` s
    at three rates: throughput, TTFT p50/p99.
 
@@ -356,6 +358,84 @@ def section_decode(a: argparse.Namespace, model: Path, adapters: list[Path]) -> 
     return {"copy_GBps": bw / 1e9, "weight_GB": params / 1e9, "rows": rows}
 
 
+def _release(llm: Any) -> None:
+    """Free an engine's device memory before the next one is built."""
+    import gc
+
+    llm.engine.executor.close()
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def section_graphs(a: argparse.Namespace, model: Path, adapters: list[Path]) -> dict[str, Any]:
+    from loramux import LLM
+
+    prompt_len, new = (16, 8) if a.dry_run else (512, 128)
+    batches = (1, 4) if a.dry_run else (1, 16)
+    env = {"LORAMUX_KERNELS": "triton", "LORAMUX_CUDA_GRAPHS": "emulate"} if a.dry_run else {}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    gen = torch.Generator().manual_seed(1)
+    prompts = {
+        b: [torch.randint(3, a.shape["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(b)]
+        for b in batches
+    }
+    rates: dict[tuple[bool, int], list[float]] = {}
+    try:
+        for _ in range(2):  # interleaved: eager, graphs, eager, graphs
+            for eager in (True, False):
+                if a.budget.left() < 60:
+                    break
+                t0 = time.perf_counter()
+                llm = LLM(
+                    str(model),
+                    device=a.device,
+                    dtype="bfloat16" if a.device == "cuda" else "float32",
+                    max_num_seqs=max(batches),
+                    max_num_batched_tokens=8192 if not a.dry_run else 256,
+                    max_loras=max(batches),
+                    max_lora_rank=8 if a.dry_run else 16,
+                    kv_cache_memory=(4 << 30) if not a.dry_run else (16 << 20),
+                    max_model_len=prompt_len + new + 16,
+                    enforce_eager=eager,
+                )
+                start_s = time.perf_counter() - t0
+                for i, d in enumerate(adapters[: max(batches)]):
+                    llm.engine.add_lora(f"a{i}", str(d))
+                for b in batches:
+                    n_ad = 0 if b == 1 else min(b, len(adapters))
+                    loras = [f"a{i % n_ad}" if n_ad else None for i in range(b)]
+                    r = _decode_rate(llm, prompts[b], loras, new)
+                    rates.setdefault((eager, b), []).append(r["decode_tok_s"])
+                graphs = llm.engine.executor.graphs
+                rates.setdefault((eager, 0), []).append(start_s)
+                if not eager and graphs is None:
+                    raise RuntimeError("graphs were asked for and none were captured")
+                _release(llm)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    rows = []
+    for b in batches:
+        eager_r, graph_r = rates.get((True, b), []), rates.get((False, b), [])
+        if eager_r and graph_r:
+            rows.append(
+                {
+                    "batch": b,
+                    "adapters": 0 if b == 1 else min(b, len(adapters)),
+                    "eager_tok_s": max(eager_r),
+                    "graphs_tok_s": max(graph_r),
+                    "speedup": max(graph_r) / max(eager_r),
+                }
+            )
+    return {"rows": rows, "start_s": {"eager": rates.get((True, 0)), "graphs": rates.get((False, 0))}}
+
+
 def section_peft(a: argparse.Namespace, model: Path, adapters: list[Path]) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -492,7 +572,7 @@ def main() -> None:
         "kernels": lambda: section_kernels(a),
         "decode": lambda: section_decode(a, *model_and_adapters()),
         "peft": lambda: section_peft(a, *model_and_adapters()),
-        "graphs": lambda: {"status": "not built: CUDA graphs (issue 23, point 5) are not implemented yet"},
+        "graphs": lambda: section_graphs(a, *model_and_adapters()),
         "online": lambda: section_online(a),
     }
     for name, fn in sections.items():

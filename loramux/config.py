@@ -175,6 +175,9 @@ class ModelConfig:
     """Longest prompt plus output; None takes the model's own limit."""
     seed: int = 0
     """Seed for sampling without a per-request seed."""
+    enforce_eager: bool = False
+    """No CUDA graphs: decode steps run eagerly on CUDA too (vLLM's --enforce-eager). The CPU
+    always runs eagerly."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -572,12 +572,22 @@ class LoRALinear(nn.Module):
 
     def _set_rank(self, part: int, slot: int, r: int) -> None:
         if self.state.triton:
-            if self.rank_tensor is None:
-                w = self.base.weight
-                self.rank_tensor = torch.zeros(
-                    len(self.ranks), self.num_slots, dtype=torch.int32, device=w.device
-                )
-            self.rank_tensor[part, slot] = r
+            self._rank_tensor()[part, slot] = r
+
+    def _rank_tensor(self) -> torch.Tensor:
+        if self.rank_tensor is None:
+            w = self.base.weight
+            self.rank_tensor = torch.zeros(
+                len(self.ranks), self.num_slots, dtype=torch.int32, device=w.device
+            )
+        return self.rank_tensor
+
+    def allocate_full(self) -> None:
+        """Slot buffers at max_rank and the rank tensor, made now: a CUDA graph captured after this
+        reads them in place, and no later load reallocates them (no rank exceeds max_rank)."""
+        if self.A is None or self.A.shape[2] < self.max_rank:
+            self._grow(self.max_rank)
+        self._rank_tensor()
 
     def clear(self, slot: int) -> None:
         """Every part of the slot off (loading an adapter clears the slot first)."""
@@ -673,6 +683,9 @@ class LoRASlots:
         self.head = AdapterHead(model.lm_head, self.state)  # type: ignore[arg-type]
         model.model.embed_tokens, model.lm_head = self.embedding, self.head  # type: ignore[union-attr]
         self.layers: dict[tuple[int, str], LoRALinear] = {}  # (layer, linear's name)
+        # Slots with an embedding adapter or DoRA: their paths pick rows on the host, so a step that
+        # uses one runs eagerly, not in a CUDA graph.
+        self.host_side_slots: set[int] = set()
         self.parts: dict[Module, tuple[LoRALinear, int]] = {}  # (layer, PEFT module) -> (linear, part)
         for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
             for parent in (layer.self_attn, layer.mlp):
@@ -698,9 +711,17 @@ class LoRASlots:
             w = adapter.weights.get(key)
             if w is not None:
                 layer.load(slot, *w, part=part)
+        host_side = slot in self.embedding.parts or any(slot in x.dora_slots for x in self.layers.values())
+        (self.host_side_slots.add if host_side else self.host_side_slots.discard)(slot)
 
     def clear(self, slot: int) -> None:
         self.embedding.load(slot, None)
         self.head.load(slot, None)
         for layer in self.layers.values():
             layer.clear(slot)
+        self.host_side_slots.discard(slot)
+
+    def allocate_full(self) -> None:
+        """Every wrapped linear's slot buffers at max_rank, for CUDA graphs (see LoRALinear's)."""
+        for layer in self.layers.values():
+            layer.allocate_full()

@@ -11,6 +11,9 @@ adapter's tokens form one contiguous segment:
 
     rows:   | base rows | slot 0 rows | slot 3 rows | ...
     LoRA:      no delta   A0/B0 pair    A3/B3 pair
+
+On CUDA a decode-only step replays a CUDA graph (cuda_graphs.py): the same forward, its inputs
+packed into the graph's buffer and padded to the graph's batch size.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from loramux.core.adapters import AdapterPlan
 from loramux.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
 from loramux.core.prefix_cache import KVCopy
 from loramux.executor.attention import AttentionMetadata, KernelMetadata, PrefillChunk, decode_mask
+from loramux.executor.cuda_graphs import DecodeGraphs, capture_sizes, graph_mode
 from loramux.executor.kernels import use_triton
 from loramux.executor.loader import load_model, resolve_device, resolve_dtype
 from loramux.executor.lora import AdapterSpec, HostAdapter, LoRASlots, inspect_adapter, read_adapter
@@ -74,7 +78,11 @@ class ModelRunner:
         self.page_size = cache.page_size
         self.commits_kv_as_used = self.device.type == "cpu"  # see _zeros
         self.num_pages = self._plan_pages(cache, max_num_seqs)
-        shape = (self.num_pages, self.page_size, self.args.num_kv_heads, self.args.head_dim)
+        self.triton = use_triton(self.device.type)  # Triton attention and LoRA kernels (CUDA)
+        graph_mode_ = graph_mode(self.device.type, self.triton, model.enforce_eager)
+        # With CUDA graphs, one page more: where padding rows write their keys (no request owns it).
+        extra = 0 if graph_mode_ is None else 1
+        shape = (self.num_pages + extra, self.page_size, self.args.num_kv_heads, self.args.head_dim)
         self.kv_caches = [(self._zeros(shape), self._zeros(shape)) for _ in range(self.args.num_layers)]
         host = torch.device("cpu")
         self.host_kv = (
@@ -89,7 +97,6 @@ class ModelRunner:
             else []
         )
         self.max_lora_rank = lora.max_lora_rank
-        self.triton = use_triton(self.device.type)  # Triton attention and LoRA kernels (CUDA)
         self.inputs = StepInputs(self.device)  # the Triton path's step inputs: one copy to the device
         self.slots = LoRASlots(self.model, lora.max_loras, lora.max_lora_rank, self.triton)
         self.specs: dict[int, AdapterSpec] = {}
@@ -102,6 +109,22 @@ class ModelRunner:
         # tests: called after the adapter plan and KV copies, before the forward (raise to fail a step)
         self.fault_hook: Callable[[SchedulerOutput], None] | None = None
         self.vocab_size = self.args.vocab_size
+        self.graphs: DecodeGraphs | None = None  # decode steps replayed as CUDA graphs
+        if graph_mode_ is not None:
+            self.slots.allocate_full()
+            width = -(-self.max_model_len // self.page_size)
+            self.graphs = DecodeGraphs(capture_sizes(max_num_seqs), width, graph_mode_)
+            try:
+                with torch.inference_mode():  # as every step runs
+                    self.graphs.capture(
+                        _graph_inputs_len(width),
+                        lambda size, buffer: self._prepare_packed([], size, buffer),
+                        self._graph_forward,
+                        self.device,
+                    )
+            except Exception:  # serve eagerly rather than not at all
+                logger.exception("CUDA graph capture failed; decode steps run eagerly (--enforce-eager)")
+                self.graphs = None
 
     def close(self) -> None:
         """Stop the adapter-reading thread (the engine is done)."""
@@ -284,9 +307,15 @@ class ModelRunner:
             self.fault_hook(out)
         if not out.seqs:
             return RunnerOutput([])
-        batch = self._prepare_packed(out.seqs) if self.triton else self._prepare(out.seqs)
-        with self.slots.state.batch(batch.segments, self.device, batch.blocks):
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        size = self._graph_size(out.seqs)
+        if size is not None:
+            assert self.graphs is not None
+            batch = self._prepare_packed(out.seqs, size, self.graphs.buffer(size))
+            hidden = self.graphs.replay(size)
+        else:
+            batch = self._prepare_packed(out.seqs) if self.triton else self._prepare(out.seqs)
+            with self.slots.state.batch(batch.segments, self.device, batch.blocks):
+                hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         if not batch.sample_rows:
             return RunnerOutput([None] * len(out.seqs))
         rows = batch.sample_index
@@ -335,6 +364,23 @@ class ModelRunner:
             lps[i] = lp
         errors = {seqs[j].request_id: f"sampling failed ({why})" for j, why in failed.items()}
         return RunnerOutput(sampled, lps, errors or None)
+
+    def _graph_size(self, seqs: list[ScheduledSeq]) -> int | None:
+        """The CUDA graph bucket this step replays in, or None to run it eagerly: graphs hold
+        decode-only steps of at most the largest bucket's rows, without a slot whose adapter has
+        host-side paths (embedding adapters, DoRA)."""
+        graphs = self.graphs
+        if graphs is None or any(len(s.token_ids) != 1 for s in seqs):
+            return None
+        host_side = self.slots.host_side_slots
+        if host_side and any(s.lora_slot in host_side for s in seqs):
+            return None
+        return graphs.size_for(len(seqs))
+
+    def _graph_forward(self, batch: _Batch) -> torch.Tensor:
+        """The forward a CUDA graph holds: the model over a padded decode batch (LoRA by blocks)."""
+        with self.slots.state.batch([], self.device, batch.blocks):
+            return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 
     def _generator(self, seq: ScheduledSeq, p: SamplingParams) -> torch.Generator | None:
         if p.seed is None or p.greedy:
@@ -394,9 +440,15 @@ class ModelRunner:
             sample_seqs,
         )
 
-    def _prepare_packed(self, seqs: list[ScheduledSeq]) -> _Batch:
+    def _prepare_packed(
+        self, seqs: list[ScheduledSeq], size: int | None = None, out: torch.Tensor | None = None
+    ) -> _Batch:
         """The Triton path's step: every input (ids, positions, KV slots, page tables, context
-        lengths, query starts, LoRA blocks, sampled rows) in one host-to-device copy."""
+        lengths, query starts, LoRA blocks, sampled rows) in one host-to-device copy.
+
+        With `size`, a CUDA graph's layout, copied into its buffer `out`: decode rows padded to
+        `size` with base-model rows at position 0 that write to the scratch page, page tables at
+        the graphs' full width, and `size` LoRA blocks (the padding ones empty)."""
         from loramux.executor.kernels.lora import block_list
 
         ps = self.page_size
@@ -421,21 +473,35 @@ class ModelRunner:
             ctx_lens.append(ctx)
             starts.append(t0 + n)
             _add_rows(s, i, t0, segments, sample_rows, sample_seqs)
-        width = max(len(t) for t in tables)
-        table = [p for t in tables for p in (*t, *[0] * (width - len(t)))]
         blocks = block_list(segments)
+        sample = sample_rows
+        if size is None:
+            width = max(len(t) for t in tables)
+            max_query_len = max(len(s.token_ids) for s in seqs)
+        else:
+            assert self.graphs is not None and len(seqs) <= size
+            width, max_query_len, scratch = self.graphs.width, 1, self.num_pages
+            for _ in range(len(seqs), size):
+                ids.append(0)
+                positions.append(0)
+                slots.append(scratch * ps)
+                tables.append([scratch])
+                ctx_lens.append(1)
+                starts.append(starts[-1] + 1)
+            nb = len(blocks) // 3  # at most one block per decode row: pad each third to `size`
+            blocks = [x for k in range(3) for x in (*blocks[k * nb : (k + 1) * nb], *[0] * (size - nb))]
+            sample = sample_rows + [0] * (size - len(sample_rows))
+        table = [p for t in tables for p in (*t, *[0] * (width - len(t)))]
         dev = self.inputs.pack(
             {
                 "ids": ids, "positions": positions, "slots": slots, "table": table, "ctx": ctx_lens,
-                "starts": starts, "blocks": blocks, "sample": sample_rows,
-            }
+                "starts": starts, "blocks": blocks, "sample": sample,
+            },
+            out,
         )  # fmt: skip
         meta = AttentionMetadata(dev["slots"], None, None, None, [])
         meta.kernel = KernelMetadata(
-            dev["table"].view(len(tables), width),
-            dev["ctx"],
-            dev["starts"],
-            max(len(s.token_ids) for s in seqs),
+            dev["table"].view(len(tables), width), dev["ctx"], dev["starts"], max_query_len
         )
         return _Batch(
             dev["ids"],
@@ -445,8 +511,15 @@ class ModelRunner:
             sample_rows,
             sample_seqs,
             dev["blocks"].view(3, len(blocks) // 3),
-            dev["sample"],
+            dev["sample"][: len(sample_rows)],
         )
+
+
+def _graph_inputs_len(width: int) -> Callable[[int], int]:
+    """The ints `_prepare_packed` packs for a CUDA graph of `size` rows: ids, positions, slots,
+    context lengths, sampled rows and block slots, firsts and ends (`size` each), page tables
+    (`size` x width) and query starts (size + 1)."""
+    return lambda size: size * (8 + width) + size + 1
 
 
 def _add_rows(

@@ -264,6 +264,11 @@ def _model_args(g: argparse._ArgumentGroup) -> None:
         help="longest prompt plus output; default: the model's own limit",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for sampling without a per-request seed")
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs: decode steps run eagerly on CUDA too (the CPU always does)",
+    )
 
 
 def _cluster_args(g: argparse._ArgumentGroup) -> None:

@@ -44,7 +44,6 @@ FLAGS = (
         "loramux runs no code from the model directory (its Llama and Qwen2 are built in)",
         False,
     ),
-    VllmFlag("--enforce-eager", "ignore", "loramux runs eagerly", False),
     VllmFlag("--enable-chunked-prefill", "ignore", "prefills are always chunked", False),
     VllmFlag(
         "--disable-frontend-multiprocessing", "ignore", "the server and engine share one process", False
@@ -57,7 +56,7 @@ FLAGS = (
         "preemption recomputes; --host-kv-pages keeps evicted prefix pages in host memory",
     ),
     VllmFlag("--max-logprobs", "ignore", "loramux returns up to 20 logprobs, as OpenAI's API allows"),
-    VllmFlag("--max-seq-len-to-capture", "ignore", "loramux captures no CUDA graphs"),
+    VllmFlag("--max-seq-len-to-capture", "ignore", "loramux's CUDA graphs hold decode steps of any length"),
     VllmFlag("--max-parallel-loading-workers", "ignore", "weights are read by one reader"),
     VllmFlag(
         "--tensor-parallel-size",

@@ -99,3 +99,23 @@ def test_a_step_without_adapter_rows_changes_nothing():
 def test_blocks_cut_long_segments():
     blocks = lora_blocks([(3, 0, 1), (5, 1, 40)], "cpu").t().tolist()
     assert blocks == [[3, 0, 1], [5, 1, 17], [5, 17, 33], [5, 33, 40]]
+
+
+def test_padding_blocks_without_rows_change_nothing():
+    """A CUDA graph's block list has a fixed length: blocks past the step's own have first row =
+    end row (here slot 0 at row 0, and slot 1 at row 3) and must add nothing."""
+    ranks = [[8, 4]]
+    segments = [(1, 0, 2), (0, 2, 3)]
+    a, bt = _weights(1, 2, 16, 40, 48, ranks, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 40, generator=g), torch.randn(4, 48, generator=g)
+    ref = _reference(x, a, bt, ranks, segments, y, (0, 48))
+    real = lora_blocks(segments, "cpu")
+    pad = torch.tensor([[0, 1], [0, 3], [0, 3]], dtype=torch.int32)
+    blocks = torch.cat([real, pad], dim=1).to(DEVICE)
+    out = lora_shrink_expand(
+        x.to(DEVICE), a.to(DEVICE), bt.to(DEVICE), torch.tensor(ranks, dtype=torch.int32, device=DEVICE),
+        blocks, y.to(DEVICE).clone(),
+    ).cpu()  # fmt: skip
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-5)
+    assert torch.equal(out[3], y[3])  # row 3 is in no real block

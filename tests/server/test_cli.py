@@ -118,7 +118,7 @@ def test_a_vllm_command_line_starts_unchanged(tmp_path):
     finally:
         server.stop()
     log = server.log_text()
-    for flag in ("--disable-log-requests", "--trust-remote-code", "--enforce-eager", "--swap-space 4"):
+    for flag in ("--disable-log-requests", "--trust-remote-code", "--swap-space 4"):
         assert log.count(f"{flag}: accepted, no effect") == 1, log
     assert "--tensor-parallel-size 1: accepted, no effect" in log
     assert "--block-size 32: vLLM's flag for page_size" in log and "pages of 32 tokens" in log, log

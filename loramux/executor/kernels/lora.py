@@ -7,7 +7,9 @@ rows are in no segment and cost nothing. executor/lora.py's torch path is the
 reference.
 
 Work is cut into blocks of at most BLOCK_M rows of one segment; `lora_blocks`
-makes the block list once per step (every layer and module shares it). Each
+makes the block list once per step (every layer and module shares it). A block
+with no rows (first row = end row) does nothing: a CUDA graph's block list has a
+fixed length, padded with such blocks. Each
 module passes its own ranks: a slot whose adapter has rank r in that module
 computes r columns (loads past r are masked, so no padded rank is read), and a
 slot that does not touch the module (r = 0) returns at once.
@@ -51,6 +53,12 @@ def lora_blocks(
 
 
 @triton.jit
+def _empty(blocks_ptr, b, num_blocks):
+    """Whether block b has no rows: a padding block of a CUDA graph's fixed-length block list."""
+    return tl.load(blocks_ptr + num_blocks + b) >= tl.load(blocks_ptr + 2 * num_blocks + b)
+
+
+@triton.jit
 def _block_rows(blocks_ptr, b, num_blocks, rank, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """Block b's rows (and which are real) and its rank columns (and which are within `rank`)."""
     rows = tl.load(blocks_ptr + num_blocks + b) + tl.arange(0, BLOCK_M)
@@ -84,7 +92,7 @@ def _shrink_kernel(
     sl = tl.program_id(1)
     slot = tl.load(blocks_ptr + b)
     rank = tl.load(ranks_ptr + sl * num_slots + slot)
-    if rank == 0:
+    if (rank == 0) | _empty(blocks_ptr, b, num_blocks):
         return
     rows, row_ok, offs_r, r_ok = _block_rows(blocks_ptr, b, num_blocks, rank, BLOCK_M, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
@@ -138,7 +146,7 @@ def _expand_kernel(
         return
     slot = tl.load(blocks_ptr + b)
     rank = tl.load(ranks_ptr + sl * num_slots + slot)
-    if rank == 0:
+    if (rank == 0) | _empty(blocks_ptr, b, num_blocks):
         return
     rows, row_ok, offs_r, r_ok = _block_rows(blocks_ptr, b, num_blocks, rank, BLOCK_M, BLOCK_R)
     offs_n = n0 + tl.arange(0, BLOCK_N)
