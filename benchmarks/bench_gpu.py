@@ -29,6 +29,7 @@ seconds (the kernels in Triton's interpreter); CI runs it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -355,21 +356,19 @@ def section_decode(a: argparse.Namespace, model: Path, adapters: list[Path]) -> 
             )
             r["of_roofline"] = r["decode_tok_s"] / r["roofline_tok_s"]
             rows.append(r)
-    return {"copy_GBps": bw / 1e9, "weight_GB": params / 1e9, "rows": rows}
-
-
-def _release(llm: Any) -> None:
-    """Free an engine's device memory before the next one is built."""
-    import gc
-
+    graphs = llm.engine.executor.graphs
     llm.engine.executor.close()
-    del llm
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    return {
+        "copy_GBps": bw / 1e9,
+        "weight_GB": params / 1e9,
+        "graphs": None if graphs is None else {"capture_s": graphs.capture_s, "replays": graphs.replays},
+        "rows": rows,
+    }
 
 
 def section_graphs(a: argparse.Namespace, model: Path, adapters: list[Path]) -> dict[str, Any]:
+    """One engine, graphs captured at start; each round decodes the same batches eagerly (the
+    graphs set aside, as --enforce-eager leaves them) and with them, interleaved."""
     from loramux import LLM
 
     prompt_len, new = (16, 8) if a.dry_run else (512, 128)
@@ -377,63 +376,61 @@ def section_graphs(a: argparse.Namespace, model: Path, adapters: list[Path]) -> 
     env = {"LORAMUX_KERNELS": "triton", "LORAMUX_CUDA_GRAPHS": "emulate"} if a.dry_run else {}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    gen = torch.Generator().manual_seed(1)
-    prompts = {
-        b: [torch.randint(3, a.shape["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(b)]
-        for b in batches
-    }
-    rates: dict[tuple[bool, int], list[float]] = {}
     try:
-        for _ in range(2):  # interleaved: eager, graphs, eager, graphs
-            for eager in (True, False):
-                if a.budget.left() < 60:
-                    break
-                t0 = time.perf_counter()
-                llm = LLM(
-                    str(model),
-                    device=a.device,
-                    dtype="bfloat16" if a.device == "cuda" else "float32",
-                    max_num_seqs=max(batches),
-                    max_num_batched_tokens=8192 if not a.dry_run else 256,
-                    max_loras=max(batches),
-                    max_lora_rank=8 if a.dry_run else 16,
-                    kv_cache_memory=(4 << 30) if not a.dry_run else (16 << 20),
-                    max_model_len=prompt_len + new + 16,
-                    enforce_eager=eager,
-                )
-                start_s = time.perf_counter() - t0
-                for i, d in enumerate(adapters[: max(batches)]):
-                    llm.engine.add_lora(f"a{i}", str(d))
-                for b in batches:
-                    n_ad = 0 if b == 1 else min(b, len(adapters))
-                    loras = [f"a{i % n_ad}" if n_ad else None for i in range(b)]
-                    r = _decode_rate(llm, prompts[b], loras, new)
-                    rates.setdefault((eager, b), []).append(r["decode_tok_s"])
-                graphs = llm.engine.executor.graphs
-                rates.setdefault((eager, 0), []).append(start_s)
-                if not eager and graphs is None:
-                    raise RuntimeError("graphs were asked for and none were captured")
-                _release(llm)
+        llm = LLM(
+            str(model),
+            device=a.device,
+            dtype="bfloat16" if a.device == "cuda" else "float32",
+            max_num_seqs=max(batches),
+            max_num_batched_tokens=8192 if not a.dry_run else 256,
+            max_loras=max(batches),
+            max_lora_rank=8 if a.dry_run else 16,
+            kv_cache_memory=(4 << 30) if not a.dry_run else (16 << 20),
+            max_model_len=prompt_len + new + 16,
+        )
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    runner = llm.engine.executor
+    graphs = runner.graphs
+    if graphs is None:
+        raise RuntimeError("no CUDA graphs were captured (see the log)")
+    for i, d in enumerate(adapters[: max(batches)]):
+        llm.engine.add_lora(f"a{i}", str(d))
+    gen = torch.Generator().manual_seed(1)
+    rates: dict[tuple[bool, int], list[float]] = {}
+    for b in batches:
+        prompts = [
+            torch.randint(3, a.shape["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(b)
+        ]
+        n_ad = 0 if b == 1 else min(b, len(adapters))
+        loras = [f"a{i % n_ad}" if n_ad else None for i in range(b)]
+        for _ in range(2):  # eager, graphs, eager, graphs
+            for on in (False, True):
+                if a.budget.left() < 30:
+                    break
+                runner.graphs = graphs if on else None
+                rates.setdefault((on, b), []).append(_decode_rate(llm, prompts, loras, new)["decode_tok_s"])
+    runner.graphs = graphs
     rows = []
     for b in batches:
-        eager_r, graph_r = rates.get((True, b), []), rates.get((False, b), [])
+        eager_r, graph_r = rates.get((False, b), []), rates.get((True, b), [])
         if eager_r and graph_r:
             rows.append(
                 {
                     "batch": b,
                     "adapters": 0 if b == 1 else min(b, len(adapters)),
-                    "eager_tok_s": max(eager_r),
-                    "graphs_tok_s": max(graph_r),
+                    "eager_tok_s": eager_r,
+                    "graphs_tok_s": graph_r,
                     "speedup": max(graph_r) / max(eager_r),
                 }
             )
-    return {"rows": rows, "start_s": {"eager": rates.get((True, 0)), "graphs": rates.get((False, 0))}}
+    out = {"rows": rows, "capture_s": graphs.capture_s, "replays": graphs.replays, "sizes": graphs.sizes}
+    llm.engine.executor.close()
+    return out
 
 
 def section_peft(a: argparse.Namespace, model: Path, adapters: list[Path]) -> dict[str, Any]:
@@ -586,6 +583,9 @@ def main() -> None:
             body = fn()
         except Exception as e:  # record it and go on: one device run must bring back all it can
             body = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+        gc.collect()  # the section's engine and its device memory, before the next one is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         body["section_s"] = round(time.perf_counter() - t0, 1)
         res["sections"][name] = body
         print(f"{name}: {json.dumps(body, default=str)[:400]}", flush=True)

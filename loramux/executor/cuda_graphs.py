@@ -66,6 +66,7 @@ def graph_mode(device_type: str, triton: bool, enforce_eager: bool) -> str | Non
 @dataclass
 class _Graph:
     size: int
+    lora: bool  # with the LoRA launches (a step with adapter rows), or without (base rows only)
     buffer: torch.Tensor  # int64: every input the graph reads, refilled each replay
     batch: Any  # the runner's packed batch of views into `buffer`, as built at capture
     hidden: torch.Tensor | None  # the graph's output [size, hidden] (capture mode)
@@ -73,15 +74,18 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """The captured graphs, by bucket size."""
+    """The captured graphs, two per bucket size sharing one buffer: with the LoRA launches, and
+    without them for steps of base rows only (a LoRA launch with nothing but padding blocks still
+    costs a launch per linear and layer)."""
 
     def __init__(self, sizes: list[int], width: int, mode: str) -> None:
         self.sizes = sorted(sizes)
         self.width = width  # pages per row of every graph's page table (max_model_len's)
         self.mode = mode
-        self.graphs: dict[int, _Graph] = {}
-        self._forward: Callable[[Any], torch.Tensor] | None = None
+        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self._forward: Callable[[Any, bool], torch.Tensor] | None = None
         self.replays = 0  # steps served by a graph (tests, metrics)
+        self.capture_s = 0.0
 
     def size_for(self, rows: int) -> int | None:
         """The smallest bucket that holds `rows` rows, or None when none does."""
@@ -92,12 +96,12 @@ class DecodeGraphs:
         self,
         buffer_len: Callable[[int], int],
         pack: Callable[[int, torch.Tensor], Any],
-        forward: Callable[[Any], torch.Tensor],
+        forward: Callable[[Any, bool], torch.Tensor],
         device: torch.device,
     ) -> None:
         """For each bucket, largest first (the smaller ones reuse its memory pool): a buffer of
-        buffer_len(size) ints, `pack(size, buffer)` filling it with an all-padding step, and the
-        forward captured over the batch it returns."""
+        buffer_len(size) ints, `pack(size, buffer)` filling it with an all-padding step, and
+        `forward(batch, lora)` captured over the batch it returns, with LoRA and without."""
         self._forward = forward
         t0 = time.perf_counter()
         pool = None
@@ -106,37 +110,39 @@ class DecodeGraphs:
         for size in reversed(self.sizes):
             buffer = torch.zeros(buffer_len(size), dtype=torch.int64, device=device)
             batch = pack(size, buffer)
-            hidden, graph = None, None
-            if self.mode == "capture":
-                stream = torch.cuda.Stream(device)
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):  # compile the kernels, settle the allocator
-                    forward(batch)
-                torch.cuda.current_stream(device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    hidden = forward(batch)
-            self.graphs[size] = _Graph(size, buffer, batch, hidden, graph)
+            for lora in (True, False):
+                hidden, graph = None, None
+                if self.mode == "capture":
+                    stream = torch.cuda.Stream(device)
+                    stream.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(stream):  # compile the kernels, settle the allocator
+                        forward(batch, lora)
+                    torch.cuda.current_stream(device).wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        hidden = forward(batch, lora)
+                self.graphs[(size, lora)] = _Graph(size, lora, buffer, batch, hidden, graph)
         if self.mode == "capture":
             torch.cuda.synchronize(device)
+        self.capture_s = time.perf_counter() - t0
         logger.info(
             "CUDA graphs (%s) for decode steps of %s rows: %.1f s",
             self.mode,
             ", ".join(map(str, self.sizes)),
-            time.perf_counter() - t0,
+            self.capture_s,
         )
 
     def buffer(self, size: int) -> torch.Tensor:
-        return self.graphs[size].buffer
+        return self.graphs[(size, True)].buffer
 
-    def replay(self, size: int) -> torch.Tensor:
-        """Run bucket `size`'s graph on what its buffer holds now: hidden states [size, hidden]
-        (valid until the next replay)."""
-        g = self.graphs[size]
+    def replay(self, size: int, lora: bool) -> torch.Tensor:
+        """Run bucket `size`'s graph (with the LoRA launches or without) on what its buffer holds
+        now: hidden states [size, hidden], valid until the next replay."""
+        g = self.graphs[(size, lora)]
         self.replays += 1
         if g.graph is None:  # emulated: the forward as captured, over the capture-time batch
             assert self._forward is not None
-            return self._forward(g.batch)
+            return self._forward(g.batch, lora)
         g.graph.replay()
         assert g.hidden is not None
         return g.hidden

@@ -311,7 +311,7 @@ class ModelRunner:
         if size is not None:
             assert self.graphs is not None
             batch = self._prepare_packed(out.seqs, size, self.graphs.buffer(size))
-            hidden = self.graphs.replay(size)
+            hidden = self.graphs.replay(size, lora=bool(batch.segments))
         else:
             batch = self._prepare_packed(out.seqs) if self.triton else self._prepare(out.seqs)
             with self.slots.state.batch(batch.segments, self.device, batch.blocks):
@@ -377,9 +377,11 @@ class ModelRunner:
             return None
         return graphs.size_for(len(seqs))
 
-    def _graph_forward(self, batch: _Batch) -> torch.Tensor:
-        """The forward a CUDA graph holds: the model over a padded decode batch (LoRA by blocks)."""
-        with self.slots.state.batch([], self.device, batch.blocks):
+    def _graph_forward(self, batch: _Batch, lora: bool) -> torch.Tensor:
+        """The forward a CUDA graph holds: the model over a padded decode batch, LoRA by blocks
+        (with `lora`) or none at all (an empty block list: no LoRA launch)."""
+        assert batch.blocks is not None
+        with self.slots.state.batch([], self.device, batch.blocks if lora else batch.blocks[:, :0]):
             return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 
     def _generator(self, seq: ScheduledSeq, p: SamplingParams) -> torch.Generator | None:

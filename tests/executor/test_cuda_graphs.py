@@ -76,21 +76,23 @@ def test_decode_steps_replay_graphs_with_shrinking_batches_of_mixed_adapters_and
     arch, tiny_models, oracles, emulated
 ):
     """Seven requests (base, ranks 1, 4, 8 and 64, two adapters twice) end one after another:
-    decode steps replay the 8-, 4-, 2- and 1-row graphs, with 5 down to 1 distinct adapters."""
+    decode steps replay the 8-, 4-, 2- and 1-row graphs, with 5 down to 1 distinct adapters, and
+    last the base row alone (the graphs without LoRA launches)."""
     tm = tiny_models[arch]
     names = [None, "r1_qv", "r8_all", "r64_mlp", "rs4_attn", "r8_all", "r1_qv"]
     ps = prompts(len(names), 9, seed=11)
-    max_tokens = [2, 3, 4, 5, 6, 7, 12]
+    max_tokens = [12, 3, 4, 5, 6, 7, 2]
     llm = make_llm(tm, max_num_seqs=8, max_loras=4)
     runner = llm.engine.executor
     assert runner.graphs is not None and runner.graphs.sizes == [1, 2, 4, 8]
-    sizes: list[int] = []
+    replays: list[tuple[int, bool]] = []
     replay = runner.graphs.replay
-    runner.graphs.replay = lambda size: (sizes.append(size), replay(size))[1]
+    runner.graphs.replay = lambda size, lora: (replays.append((size, lora)), replay(size, lora))[1]
     tokens, logits = generate(llm, tm, ps, names, max_tokens)
     assert_matches(oracles(arch), ps, names, tokens, logits)
-    assert {8, 4, 2, 1} <= set(sizes), sizes  # padded and exact buckets both replayed
-    assert len(sizes) >= 10
+    assert {8, 4, 2} <= {size for size, lora in replays if lora}, replays  # padded and exact buckets
+    assert (1, False) in replays, replays  # the base row alone, no LoRA launch
+    assert len(replays) >= 10
 
 
 def test_a_step_with_dora_or_an_embedding_adapter_runs_eagerly_and_equals_peft(served, emulated):  # noqa: F811

@@ -83,14 +83,15 @@ def test_cuda_bfloat16_greedy_tokens_equal_float32_where_the_choice_is_clear(tin
 def test_cuda_graphs_replay_shrinking_batches_of_mixed_adapters_and_ranks_as_peft(tiny_models, oracles):
     """Issue 23, point 5 on a device: decode steps replay captured graphs while requests end one
     after another (buckets 8 -> 4 -> 2 -> 1), 5 down to 1 distinct adapters of ranks 1-64 beside
-    base rows; float32 tokens equal PEFT's and eager's, and the logits agree with eager's."""
+    base rows, then the base row alone (the graph without LoRA launches); float32 tokens equal
+    PEFT's and eager's, and the logits agree with eager's."""
     tm = tiny_models["llama"]
     names = [None, "r1_qv", "r8_all", "r64_mlp", "rs4_attn", "r8_all", "r1_qv"]
     ids = {n: i + 1 for i, n in enumerate(tm.adapters)}
     loras = [None if n is None else LoRARequest(n, ids[n], str(tm.adapters[n])) for n in names]
     rng = random.Random(11)
     prompts = [[rng.randrange(3, 512) for _ in range(9)] for _ in names]
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (2, 3, 4, 5, 6, 7, 12)]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (12, 3, 4, 5, 6, 7, 2)]
     results = {}
     for eager in (True, False):
         llm = LLM(
