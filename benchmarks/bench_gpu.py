@@ -307,24 +307,29 @@ def _decode_rate(llm: Any, prompts: list[list[int]], loras: list[str | None], ne
     return {"decode_tok_s": tokens_after / decode_s if decode_s > 0 else 0.0, "total_s": end - t0}
 
 
-def section_decode(a: argparse.Namespace, model: Path, adapters: list[Path]) -> dict[str, Any]:
+def _engine(a: argparse.Namespace, model: Path, seqs: int, loras: int, kv_gib: int, max_len: int) -> Any:
+    """An engine for the decode measurements: bf16 on CUDA, rank-16 adapters (8 in the dry run)."""
     from loramux import LLM
 
+    return LLM(
+        str(model),
+        device=a.device,
+        dtype="bfloat16" if a.device == "cuda" else "float32",
+        max_num_seqs=seqs,
+        max_num_batched_tokens=256 if a.dry_run else 8192,
+        max_loras=loras,
+        max_lora_rank=8 if a.dry_run else 16,
+        kv_cache_memory=(64 << 20) if a.dry_run else (kv_gib << 30),
+        max_model_len=max_len,
+    )
+
+
+def section_decode(a: argparse.Namespace, model: Path, adapters: list[Path]) -> dict[str, Any]:
     shape = a.shape
     prompt_len, new = (16, 8) if a.dry_run else (512, 128)
     batches = (1, 4) if a.dry_run else (1, 16, 64, 256)
     rank = 8 if a.dry_run else 16
-    llm = LLM(
-        str(model),
-        device=a.device,
-        dtype="bfloat16" if a.device == "cuda" else "float32",
-        max_num_seqs=max(batches),
-        max_num_batched_tokens=8192 if not a.dry_run else 256,
-        max_loras=len(adapters),
-        max_lora_rank=rank,
-        kv_cache_memory=(40 << 30) if not a.dry_run else (64 << 20),
-        max_model_len=prompt_len + new + 16,
-    )
+    llm = _engine(a, model, max(batches), len(adapters), 40, prompt_len + new + 16)
     for i, d in enumerate(adapters):
         llm.engine.add_lora(f"a{i}", str(d))
     vocab = shape["vocab_size"]
@@ -369,25 +374,14 @@ def section_decode(a: argparse.Namespace, model: Path, adapters: list[Path]) -> 
 def section_graphs(a: argparse.Namespace, model: Path, adapters: list[Path]) -> dict[str, Any]:
     """One engine, graphs captured at start; each round decodes the same batches eagerly (the
     graphs set aside, as --enforce-eager leaves them) and with them, interleaved."""
-    from loramux import LLM
 
-    prompt_len, new = (16, 8) if a.dry_run else (512, 128)
+    prompt_len, new = (16, 4) if a.dry_run else (512, 128)
     batches = (1, 4) if a.dry_run else (1, 16)
     env = {"LORAMUX_KERNELS": "triton", "LORAMUX_CUDA_GRAPHS": "emulate"} if a.dry_run else {}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        llm = LLM(
-            str(model),
-            device=a.device,
-            dtype="bfloat16" if a.device == "cuda" else "float32",
-            max_num_seqs=max(batches),
-            max_num_batched_tokens=8192 if not a.dry_run else 256,
-            max_loras=max(batches),
-            max_lora_rank=8 if a.dry_run else 16,
-            kv_cache_memory=(4 << 30) if not a.dry_run else (16 << 20),
-            max_model_len=prompt_len + new + 16,
-        )
+        llm = _engine(a, model, max(batches), max(batches), 4, prompt_len + new + 16)
     finally:
         for k, v in saved.items():
             if v is None:

@@ -40,5 +40,7 @@ def test_bench_gpu_dry_run_reports_every_section_without_errors(tmp_path):
     rows = sections["decode"]["rows"]
     assert {(r["batch"], r["adapters"] > 0) for r in rows} == {(1, False), (1, True), (4, False), (4, True)}
     assert all(r["decode_tok_s"] > 0 and r["roofline_tok_s"] > 0 for r in rows)
+    graphs = sections["graphs"]  # emulated in the dry run: the same code, on the Triton path
+    assert [r["batch"] for r in graphs["rows"]] == [1, 4] and graphs["replays"] > 0
     assert all(r["done"] == r["requests"] > 0 for r in sections["online"]["rows"])
     assert (out / "gpu.md").read_text().startswith("# GPU check")
