@@ -9,7 +9,7 @@ policy, with aging on and off, and prints tokens per step and the rest of
 the decision metrics; `benchmarks/vllm_sched_trace.py` runs vLLM v1's
 scheduler on the very same draws for the side-by-side column.
 
-    python benchmarks/bench_scheduler.py --trace [--quick]
+    python benchmarks/bench_scheduler.py --trace [--quick] [--trace-seeds 0 1 2 ...]
 
 Not a test. Drives the real control plane with a trivial executor (every
 sampled token is 1) and keeps the load steady: whenever requests finish, the
@@ -164,6 +164,36 @@ def run_trace_matrix(policies: list[str], quick: bool, repeat: int = 1) -> None:
                 )
 
 
+def run_trace_seeds(policies: list[str], seeds: list[int]) -> None:
+    """Tokens per step on other draws of the trace (numpy seeds), LoRA configurations only, each
+    policy beside fcfs (which makes vLLM v1's decisions on seed 0, `vllm_sched_trace.py`); a last
+    row per configuration sums the seeds. How much of one draw's ranking is the draw's."""
+    from loramux.bench.sched_trace import TraceSetup, run_trace
+
+    others = [p for p in policies if p != "fcfs"]
+    print("| config | a | seed | fcfs | " + " | ".join(f"{p} | {p} / fcfs" for p in others) + " |")
+    print("|---" * (4 + 2 * len(others)) + "|")
+    for max_loras, n_adapters in TRACE_CONFIGS[:3]:
+        for power in (1.0, 0.3):
+            totals = dict.fromkeys(["fcfs", *others], 0.0)
+            for seed in seeds:
+                got = {
+                    p: run_trace(TraceSetup(max_loras, n_adapters, power, p, seed=seed)).tokens_per_step
+                    for p in ["fcfs", *others]
+                }
+                for p, v in got.items():
+                    totals[p] += v
+                cells = " | ".join(f"{got[p]:.1f} | {got[p] / got['fcfs']:.3f}" for p in others)
+                print(
+                    f"| {max_loras}:{n_adapters} | {power} | {seed} | {got['fcfs']:.1f} | {cells} |",
+                    flush=True,
+                )
+            cells = " | ".join(f"{totals[p]:.1f} | {totals[p] / totals['fcfs']:.3f}" for p in others)
+            print(
+                f"| {max_loras}:{n_adapters} | {power} | sum | {totals['fcfs']:.1f} | {cells} |", flush=True
+            )
+
+
 def _trace_module():
     """loramux/bench/sched_trace.py of this checkout, loaded by path: with PYTHONPATH pointing at
     another checkout, it replays the trace through that checkout's scheduler."""
@@ -280,6 +310,9 @@ def main() -> None:
     p.add_argument("--waiting", type=int, default=4096)
     p.add_argument("--max-loras", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--trace-seeds", type=int, nargs="+", help="with --trace: tokens per step on these draws of the trace"
+    )
     p.add_argument("--policies", nargs="+", default=["fcfs", "affinity", "completion", "fair", "slo"])
     a = p.parse_args()
     if a.trace_one is not None:
@@ -293,6 +326,8 @@ def main() -> None:
         print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
         if a.check:
             run_trace_checks(a.policies)
+        elif a.trace_seeds:
+            run_trace_seeds(a.policies, a.trace_seeds)
         else:
             run_trace_matrix(a.policies, a.quick, a.repeat)
         return
