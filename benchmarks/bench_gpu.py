@@ -171,7 +171,7 @@ def section_tests(a: argparse.Namespace) -> dict[str, Any]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=max(30, a.budget.left() - 5),
+        timeout=max(30, min(a.budget.left() - 5, 180)),  # at most 180 s: the measurements come after
     )
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
     return {"rc": proc.returncode, "summary": tail, "seconds": round(time.perf_counter() - t0, 1)}
