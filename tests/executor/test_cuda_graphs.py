@@ -6,8 +6,9 @@ on the batch built at capture, not on the step's own, so a step input that does 
 graph's buffer, a padding row that writes into a live page, or a padding LoRA block that adds a
 delta, shows up as output that differs from transformers+PEFT. Steps replay with batch sizes that
 change as requests end (buckets 8 -> 4 -> 2 -> 1), with several distinct adapters of mixed ranks
-(1, 4, 8, 64) and base rows in one graph. On CUDA (tests/executor/test_gpu.py) the same checks run
-against real captures.
+(1, 4, 8, 64) and base rows in one graph, on Llama, Mistral (sliding window) and Qwen2 (q, k, v
+biases, tied embeddings). On CUDA (tests/executor/test_gpu.py) the same checks run against real
+captures.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def test_graph_mode_follows_the_device_and_enforce_eager(monkeypatch):
         graph_mode("cuda", True, False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_decode_steps_replay_graphs_with_shrinking_batches_of_mixed_adapters_and_equal_peft(
     arch, tiny_models, oracles, emulated
 ):
