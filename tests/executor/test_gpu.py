@@ -111,3 +111,37 @@ def test_cuda_graphs_replay_shrinking_batches_of_mixed_adapters_and_ranks_as_pef
         assert tokens == [r[: len(t)] for r, t in zip(ref, tokens, strict=True)], label
     for a, b in zip(results[True][1], results[False][1], strict=True):
         assert max((x - y).abs().max().item() for x, y in zip(a, b, strict=True)) < 1e-3
+
+
+def test_the_forward_makes_no_host_sync_on_the_triton_path(tiny_models):
+    """Issue 23, point 4: with the step's inputs on the device, the model's forward (prefill chunks
+    beside decodes, mixed adapters, eager so that every step runs it) never waits on the device:
+    torch's sync debug mode turns any synchronizing call inside it into an error. A first run fills
+    the once-per-shape caches (a module's column starts go to the device once)."""
+    tm = tiny_models["llama"]
+    _, prompts, loras = _setup(tm)
+    llm = LLM(
+        str(tm.path), device="cuda", dtype="float32", num_pages=128, page_size=4, max_num_batched_tokens=24,
+        enforce_eager=True,
+    )  # fmt: skip
+    runner = llm.engine.executor
+    assert runner.triton and runner.graphs is None
+    forward = runner.model.forward
+    calls = []
+
+    def guarded(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            calls.append(1)
+            return forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    llm.generate(prompts, greedy, loras, use_tqdm=False)  # the caches
+    runner.model.forward = guarded
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), loras, use_tqdm=False
+    )
+    assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+    assert len(calls) >= 6
