@@ -14,6 +14,8 @@ their ratio and whether the issue's bound holds:
 - W2, W5: throughput >= 0.98x the best, adapter loads <= fcfs's;
 - W1 at rate 2: no adapter's p99 wait (to first scheduled) above 3x the median adapter's.
 With --wait-factors, the trade-off curve of `--slo-wait-factor` on W1 at rates 2 and 2.5.
+--kv-watermark and --baselines-kv-watermark set the KV watermark (SchedulerConfig.kv_watermark) of
+--policy and of the baselines: what the order is worth with the same watermark for all.
 With --bound, the least number of misses any order could reach on W1 at rate 2 while keeping p99
 TTFT within 1.1x the lowest, from each policy's own first-token trajectory (see `miss_bound`).
 """
@@ -48,6 +50,7 @@ class Job:
     policy: str
     abort: bool = False
     wait_factor: float | None = None
+    kv_watermark: float | None = None  # None: the policy's own
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ def _simulate(job: Job) -> SimResult:
     s = replace(s, abort_after=(suite.abort_after or ABORT_AFTER_S) if job.abort else None)
     if job.wait_factor is not None:
         s = replace(s, slo_wait_factor=job.wait_factor)
+    if job.kv_watermark is not None:
+        s = replace(s, kv_watermark=job.kv_watermark)
     return simulate(wl, Profile.load(suite.profile), s)
 
 
@@ -334,6 +339,10 @@ def main() -> None:
     )
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--bound", action="store_true", help="only the queueing bound on W1 at rate 2")
+    p.add_argument("--kv-watermark", type=float, help="--policy's KV watermark (default: its own)")
+    p.add_argument(
+        "--baselines-kv-watermark", type=float, help="fcfs / affinity / fair's KV watermark (default: 0)"
+    )
     a = p.parse_args()
     if a.bound:
         print(f"Machine: {machine()}.")
@@ -341,7 +350,10 @@ def main() -> None:
         return
     factors = [float(x) for x in a.wait_factors.split(",") if x.strip()]
     t0 = time.perf_counter()
-    todo = jobs(a.policy, factors)
+    todo = [
+        replace(j, kv_watermark=a.kv_watermark if j.policy == a.policy else a.baselines_kv_watermark)
+        for j in jobs(a.policy, factors)
+    ]
     with ProcessPoolExecutor(a.jobs) as pool:
         results = list(pool.map(run, todo))
     lines, passed, failed = report(results, a.policy)

@@ -35,6 +35,10 @@ class SchedulerConfig:
     slo_wait_factor: float = 2.3
     """The slo policy's bound on a request that missed the target: it waits at most this many times
     the wait FCFS would give it now before it goes first (larger: more requests on target, a longer tail)."""
+    kv_watermark: float | None = None
+    """Fraction of the KV pages a new admission must leave free while requests run, so that the
+    running ones can grow without being preempted (vLLM v0's watermark); None means the policy's own:
+    0.03 for slo, 0 (vLLM v1's behaviour) for the others."""
     waiting_served_ratio: float = 0.0
     """While decodes run, admit new prefills only if at least ratio x running requests wait (S3.3)."""
     max_waiting_steps: int = 16
@@ -55,6 +59,11 @@ class SchedulerConfig:
             raise ValueError(f"SchedulerConfig.policy={self.policy!r}; choose one of {POLICY_NAMES}")
         if self.starvation_timeout_s < 0:
             raise ValueError(f"SchedulerConfig.starvation_timeout_s={self.starvation_timeout_s}; use >= 0")
+        if self.kv_watermark is not None and not 0 <= self.kv_watermark < 1:
+            raise ValueError(
+                f"SchedulerConfig.kv_watermark={self.kv_watermark}; use a fraction of the KV pages in [0, 1) "
+                "(0 turns it off)"
+            )
         if self.waiting_served_ratio < 0:
             raise ValueError(f"SchedulerConfig.waiting_served_ratio={self.waiting_served_ratio}; use >= 0")
 

@@ -46,7 +46,9 @@ Policies (select by name):
   never longer than `slo_wait_factor` x the wait FCFS would give it now
   (the queue over the recent admission rate): then it goes first of all, in
   arrival order, as preempted requests do. Early abort drops what cannot
-  make it before it takes a seat (docs/design.md, "The slo policy").
+  make it before it takes a seat (docs/design.md, "The slo policy"). Its
+  admissions leave `KV_WATERMARK` of the KV pages free while requests run,
+  so the running ones grow without preemption (the scheduler applies it).
 """
 
 from __future__ import annotations
@@ -220,6 +222,7 @@ class Policy:
 
     name = ""
     by_age = True  # priority is the head's arrival, so the first group not yet due ends the search
+    KV_WATERMARK = 0.0  # of the KV pages, left free by admissions while requests run (None in config)
 
     def __init__(self, starvation_timeout_s: float) -> None:
         self.starvation_timeout_s = starvation_timeout_s
@@ -448,7 +451,9 @@ class SloPolicy(Policy):
     Requests move FRESH -> MISSED -> FIRST as they age (two arrival-ordered deques, O(1) per move).
     The cap is max(`MIN_CAP` x target, wait_factor x waiting / admissions per second over the last
     `RATE_WINDOW_S`): when the queue grows, so does the cap, so under sustained overload the fresh
-    band keeps a share of the seats instead of the oldest taking them all.
+    band keeps a share of the seats instead of the oldest taking them all. Admissions keep
+    `KV_WATERMARK` of the pages free while requests run: a preempted request recomputes its
+    prefill, so at capacity a preemption costs more than the admission it made room for.
     """
 
     name = "slo"
@@ -459,6 +464,7 @@ class SloPolicy(Policy):
     SIZE_BUCKET = 256  # tokens
     MIN_CAP = 5 / 3  # of the target: the least a missed request waits before it goes first
     RATE_WINDOW_S = 30.0
+    KV_WATERMARK = 0.03  # admissions leave 3 % of the pages for the running requests' growth
 
     def __init__(self, starvation_timeout_s: float, ttft_slo_s: float, wait_factor: float) -> None:
         self.ttft_slo_s = ttft_slo_s

@@ -12,10 +12,12 @@ A step, in order:
    admitted running request not yet scheduled this step is preempted and
    requeued (S4.2);
 2. waiting requests in the policy's order (policies.py), each admitted only
-   if a seat, tokens, KV pages and then an adapter slot can all be had; the
-   slot is taken last, so work refused for another reason never holds one
-   (S2.3). The number of distinct adapters in a step can never exceed the
-   number of device slots, `max_loras` (S2.1).
+   if a seat, tokens, KV pages and then an adapter slot can all be had (while
+   requests run, the pages must leave the watermark free for their growth,
+   `kv_watermark`, so fewer are preempted); the slot is taken last, so work
+   refused for another reason never holds one (S2.3). The number of distinct
+   adapters in a step can never exceed the number of device slots,
+   `max_loras` (S2.1).
 
 Anti-starvation (S2.4) is a slot reservation, and it is work-conserving: the
 policy names a waiting request whose adapter must get the next slot; the
@@ -82,6 +84,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.clock = clock
         self.policy = make_policy(config)
+        watermark = config.kv_watermark if config.kv_watermark is not None else self.policy.KV_WATERMARK
+        self.headroom_pages = math.ceil(watermark * kv.num_pages)  # admissions leave these free (S4.2)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._deadlines: list[tuple[float, int, Request]] = []  # (queue deadline, arrival, request)
@@ -402,7 +406,8 @@ class Scheduler:
                         return AdmitResult.NEEDS_SLOT
             hit = kv.match(req)
             n = min(req.num_tokens - hit.num_tokens, step.tokens, step.prefill)
-            if not kv.can_allocate(kv.pages_for(hit.num_tokens + n) - len(hit.pages)):
+            headroom = self.headroom_pages if self.running else 0  # an empty batch always admits
+            if not kv.can_allocate(kv.pages_for(hit.num_tokens + n) - len(hit.pages) + headroom):
                 kv.undo_match(req, hit)
                 step.out_of_pages = True
                 return AdmitResult.STOP
@@ -503,7 +508,7 @@ class Scheduler:
             return  # no admissions on a preempting step; S3.3 holds prefills back on purpose
         if len(self.running) >= cfg.max_num_seqs or step.tokens <= 0 or step.prefill <= 0:
             return
-        free_pages = self.kv.num_allocatable
+        free_pages = self.kv.num_allocatable - (self.headroom_pages if self.running else 0)
         adapters, reserved = self.adapters, self._reserved
         for req in self.policy.heads():
             info = self._info(req)

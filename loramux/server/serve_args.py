@@ -180,6 +180,13 @@ def _scheduling_args(g: argparse._ArgumentGroup) -> None:
         "goes first (larger: more requests on target, longer tail)",
     )
     g.add_argument(
+        "--kv-watermark",
+        type=float,
+        default=SchedulerConfig.kv_watermark,
+        help="fraction of the KV pages a new request must leave free while others run, so they grow "
+        "without preemption (vLLM v0's watermark); default: the policy's (slo 0.03, others 0)",
+    )
+    g.add_argument(
         "--starvation-timeout",
         type=float,
         default=SchedulerConfig.starvation_timeout_s,

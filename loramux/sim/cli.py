@@ -112,6 +112,12 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         default=SchedulerConfig.slo_wait_factor,
         help="slo policy: a request past the --slo target waits at most this many times FCFS's wait",
     )
+    e.add_argument(
+        "--kv-watermark",
+        type=float,
+        default=None,
+        help="fraction of KV pages admissions leave free while requests run (default: the policy's)",
+    )
     sub = p.add_subparsers(dest="sim_command")
     cal = sub.add_parser("calibrate", help="measure a profile of MODEL_DIR on this machine's executor")
     cal.add_argument("model_dir", nargs="?", default=None, help="HF model directory to measure")
@@ -208,6 +214,7 @@ def _settings(
         starvation_timeout_s=a.starvation_timeout,
         ttft_slo_s=a.slo,
         slo_wait_factor=a.slo_wait_factor,
+        kv_watermark=a.kv_watermark,
         seed=a.seed,
         **cfg,
     )  # type: ignore[arg-type]

@@ -44,6 +44,7 @@ class SimSettings:
     starvation_timeout_s: float = 5.0
     ttft_slo_s: float = SchedulerConfig.ttft_slo_s  # the slo policy's target (the report's SLO)
     slo_wait_factor: float = SchedulerConfig.slo_wait_factor
+    kv_watermark: float | None = None  # None: the policy's own (SchedulerConfig.kv_watermark)
     abort_after: float | None = None  # S-LoRA's early abort: a request waiting this long is dropped
     seed: int = 0  # prompt token ids and step-time jitter
     max_steps: int = 50_000_000
@@ -103,6 +104,7 @@ def build_engine(
         starvation_timeout_s=s.starvation_timeout_s,
         ttft_slo_s=s.ttft_slo_s,
         slo_wait_factor=s.slo_wait_factor,
+        kv_watermark=s.kv_watermark,
         page_size=profile.page_size,
         num_pages=executor.num_pages,
         enable_prefix_caching=s.enable_prefix_caching,

@@ -16,11 +16,13 @@ from loramux.sim.run import SimSettings, simulate
 from loramux.sim.workloads import SUITES
 
 
-def sim(suite_name: str, point: object, policy: str, abort: bool = False):
+def sim(suite_name: str, point: object, policy: str, abort: bool = False, **settings: object):
     suite = SUITES[suite_name]
     wl = suite.workload(point, 42)
     s = replace(
-        SimSettings(policy=policy, seed=42, **wl.engine), abort_after=suite.abort_after if abort else None
+        SimSettings(policy=policy, seed=42, **wl.engine),
+        abort_after=suite.abort_after if abort else None,
+        **settings,
     )
     recs = simulate(wl, Profile.load(suite.profile), s).records
     return m.attainment(recs), m.throughput(recs), m.ttft_stats(recs).p99
@@ -40,8 +42,13 @@ def test_S2_5_slo_with_early_abort_beats_every_policy_and_slora_on_bursty_w3(w3_
     assert p99 <= 1.1 * min(o[2] for o in others)
 
 
-def test_S2_4_slo_on_w1_keeps_more_on_target_than_fcfs_and_a_far_shorter_tail_than_fair():
-    fcfs, fair, slo = (sim("slora-a10g-sweep", 2.0, p) for p in ("fcfs", "fair", "slo"))
-    assert slo[0] >= fcfs[0] + 0.1  # attainment: fcfs 0.62
-    assert slo[2] <= 0.5 * fair[2]  # p99 TTFT: fair 55 s (a missed request waits at most the cap)
-    assert slo[1] >= 0.98 * fcfs[1]  # and no throughput lost
+def test_S2_4_slo_on_w1_rate_2_beats_fair_on_target_and_fcfs_on_the_tail():
+    """The issue's point, which slo's order alone did not reach (0.772 at 17.3 s): the watermark
+    stops the preemptions that cost every policy capacity at rate 2 (fcfs 260 of 600 requests)."""
+    base = {p: sim("slora-a10g-sweep", 2.0, p) for p in ("fcfs", "affinity", "fair")}
+    slo = sim("slora-a10g-sweep", 2.0, "slo")
+    assert slo[0] >= max(b[0] for b in base.values())  # attainment: fair 0.865
+    assert slo[1] >= 0.98 * max(b[1] for b in base.values())
+    assert slo[2] <= 1.1 * min(b[2] for b in base.values())  # p99 TTFT: fcfs 13.5 s
+    no_watermark = sim("slora-a10g-sweep", 2.0, "slo", kv_watermark=0.0)
+    assert no_watermark[0] < base["fair"][0] and no_watermark[2] > 1.1 * base["fcfs"][2]
