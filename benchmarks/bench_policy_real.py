@@ -2,6 +2,7 @@
 
     python benchmarks/bench_policy_real.py [--cache-dir DIR] [--rounds 3] [--rate 4] [--slo 2]
                                            [--duration 60] [--policies fcfs,fair,slo]
+                                           [--kv-cache-memory BYTES]
 
 Not a test. The bench's mid model (91M parameters, random weights, fp32) on this machine's CPU
 with 32 adapters (ranks 8 and 16 on q_proj and v_proj, built once in --cache-dir), each adapter
@@ -45,6 +46,12 @@ def main() -> None:
     )
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--policies", default="fcfs,fair,slo")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=int,
+        default=LoramuxSettings.kv_cache_memory,
+        help="KV pool bytes (default 1 GiB, which this workload never fills; smaller makes KV memory bind)",
+    )
     a = p.parse_args()
     from loramux.bench.artifacts import build_random_model, write_random_adapter
 
@@ -59,6 +66,7 @@ def main() -> None:
     ]
     prompts = make_prompts(reqs, 512)
     real: dict[str, list[tuple[float, float, float]]] = {pol: [] for pol in policies}
+    preempted: dict[str, list[int]] = {pol: [] for pol in policies}
     t0 = time.perf_counter()
     log = cache / "policy-real-steps.jsonl"
     log.unlink(missing_ok=True)
@@ -67,6 +75,7 @@ def main() -> None:
             settings = LoramuxSettings(
                 **ENGINE,
                 max_cpu_loras=256,
+                kv_cache_memory=a.kv_cache_memory,
                 policy=pol,
                 ttft_slo_s=a.slo,
                 tenant_per_adapter=True,
@@ -77,12 +86,14 @@ def main() -> None:
             done = sum(r.finish is not None for r in run.records)
             att = sum(t < a.slo for t in ttft) / len(run.records)
             real[pol].append((att, m.stats(ttft).p99, done / max(run.wall, 1e-9)))
+            preempted[pol].append(run.notes["preemptions"])
     real_s = time.perf_counter() - t0
     wl = from_bench(reqs, cfg, RANKS, "policy-real")
     prof, _ = profile_from_log(log, "cpu-mid-policy-real")
     sim: dict[str, tuple[float, float, float]] = {}
+    sim_preempted: dict[str, float] = {}
     for pol in policies:
-        runs = []
+        runs, pre = [], []
         for seed in range(3):
             res = simulate(
                 wl, prof, SimSettings(policy=pol, ttft_slo_s=a.slo, seed=seed, max_cpu_loras=256, **ENGINE)
@@ -90,6 +101,8 @@ def main() -> None:
             runs.append(
                 (m.attainment(res.records, a.slo), m.ttft_stats(res.records).p99, m.throughput(res.records))
             )
+            pre.append(res.preemptions)
+        sim_preempted[pol] = statistics.median(pre)
         sim[pol] = tuple(statistics.median(r[i] for r in runs) for i in range(3))  # type: ignore[assignment]
     med = {pol: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for pol, rs in real.items()}
     print(
@@ -98,15 +111,16 @@ def main() -> None:
     )
     print(
         "| policy | attainment real median (runs) | sim "
-        "| p99 TTFT s real median (runs) | sim | req/s real | sim |"
+        "| p99 TTFT s real median (runs) | sim | req/s real | sim | preemptions real median | sim |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for pol in policies:
         runs = real[pol]
         print(
             f"| {pol} | {med[pol][0]:.3f} ({', '.join(f'{r[0]:.3f}' for r in runs)}) | {sim[pol][0]:.3f} "
             f"| {med[pol][1]:.2f} ({', '.join(f'{r[1]:.2f}' for r in runs)}) | {sim[pol][1]:.2f} "
-            f"| {med[pol][2]:.2f} | {sim[pol][2]:.2f} |"
+            f"| {med[pol][2]:.2f} | {sim[pol][2]:.2f} "
+            f"| {statistics.median(preempted[pol]):g} | {sim_preempted[pol]:g} |"
         )
     for label, i, best_high in (("attainment", 0, True), ("p99 TTFT", 1, False)):
         order_real = sorted(policies, key=lambda x: med[x][i], reverse=best_high)
