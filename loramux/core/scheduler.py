@@ -387,6 +387,11 @@ class Scheduler:
             return True
         return len(self.policy) >= ratio * len(self.running)  # S3.3: no tiny prefills mid-decode
 
+    def _headroom(self) -> int:
+        """Pages an admission must leave free now: the watermark while requests run; an empty
+        batch always admits, so nothing waits for ever."""
+        return self.headroom_pages if self.running else 0
+
     def _admitter(self, step: _StepBudget) -> Callable[[Request], AdmitResult]:
         """The admission check policies call, one waiting request at a time."""
         kv, adapters, max_seqs = self.kv, self.adapters, self.config.max_num_seqs
@@ -406,8 +411,7 @@ class Scheduler:
                         return AdmitResult.NEEDS_SLOT
             hit = kv.match(req)
             n = min(req.num_tokens - hit.num_tokens, step.tokens, step.prefill)
-            headroom = self.headroom_pages if self.running else 0  # an empty batch always admits
-            if not kv.can_allocate(kv.pages_for(hit.num_tokens + n) - len(hit.pages) + headroom):
+            if not kv.can_allocate(kv.pages_for(hit.num_tokens + n) - len(hit.pages) + self._headroom()):
                 kv.undo_match(req, hit)
                 step.out_of_pages = True
                 return AdmitResult.STOP
@@ -508,7 +512,7 @@ class Scheduler:
             return  # no admissions on a preempting step; S3.3 holds prefills back on purpose
         if len(self.running) >= cfg.max_num_seqs or step.tokens <= 0 or step.prefill <= 0:
             return
-        free_pages = self.kv.num_allocatable - (self.headroom_pages if self.running else 0)
+        free_pages = self.kv.num_allocatable - self._headroom()
         adapters, reserved = self.adapters, self._reserved
         for req in self.policy.heads():
             info = self._info(req)
