@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from loramux.config import SchedulerConfig
-from tests.utils import fake_for, make_request, make_scheduler
+from tests.utils import FakeClock, fake_for, make_request, make_scheduler, step
 
 
 def _serve(s, reqs):
@@ -69,3 +69,35 @@ def test_S2_5_the_watermark_is_the_policys_unless_set(policy, setting, pages):
 def test_a_watermark_outside_0_to_1_is_refused_with_the_fix(bad):
     with pytest.raises(ValueError, match=r"kv_watermark=.*\[0, 1\)"):
         SchedulerConfig(kv_watermark=bad)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "slo"])
+def test_S2_4_a_request_that_needs_the_watermarks_pages_is_served_while_small_ones_keep_coming(policy):
+    """One request at the pool's limit (its prompt alone fills what the watermark leaves) waits only
+    until the running ones finish: it stops the admissions behind it, so the batch drains, and an
+    empty batch admits whatever the watermark. Small requests arrive every step meanwhile."""
+    clock = FakeClock()
+    s = make_scheduler(
+        num_pages=16, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, prefix=False,
+        policy=policy, kv_watermark=0.25, clock=clock,
+    )  # fmt: skip
+    ex = fake_for(s)
+    s.add_request(make_request(6, max_tokens=8))  # running when the big one arrives
+    step(s, ex)
+    big = make_request(56, max_tokens=4, arrival=clock.t)  # 14 of 16 pages at admission, 15 at the end
+    s.add_request(big)
+    small: list = []
+    for _ in range(200):
+        if big.output_token_ids and len(big.output_token_ids) == 4:
+            break
+        clock.advance(0.05)
+        r = make_request(4, max_tokens=2, arrival=clock.t)
+        small.append(r)
+        s.add_request(r)
+        step(s, ex)
+    assert len(big.output_token_ids) == 4, "the request at the limit was never served"
+    for _ in range(200):
+        if not s.has_unfinished():
+            break
+        step(s, ex)
+    assert all(len(r.output_token_ids) == 2 for r in small)
