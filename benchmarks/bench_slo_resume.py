@@ -1,0 +1,205 @@
+"""Issue 26's last W3 points and their price: resuming preempted requests after fresh work.
+
+    python benchmarks/bench_slo_resume.py [--seeds 42,1,2] [--jobs 2]
+
+Not a test, and not a policy: an experiment that shows where `fair`'s attainment at W3 cv >= 4
+comes from and what it costs. `fair` puts a preempted request back by its tenant's counter, so a
+request that already streamed (its first token is out, its TTFT counted) waits behind newcomers
+while they get their first tokens; `slo`, like vLLM, puts it back first of all. Three variants of
+`slo`, each patched onto `SloPolicy` (and the scheduler's headroom) inside the worker for its own
+simulations only, then put back:
+- `slo`: as shipped;
+- `resume-late`: a preempted request that already has its first token waits in the missed band
+  (by arrival, behind what can still make the target) and goes first once it passes the wait cap,
+  as a missed request does;
+- `resume-late+fresh`: that, and the KV watermark binds only admissions of requests that can no
+  longer make the target (a fresh admission may take the last pages; what it preempts has streamed).
+Each runs W1 (every rate) and W3 (every cv), with and without abort, on each seed, against
+fcfs / affinity / fair on the same seed, and prints per seed the issue's W1/W3 checks held (54)
+and, at the points where the variants differ, attainment, p99 TTFT, and what the issue's metrics
+do not see: p99 time per output token (a preempted request's stall shows there), median
+end-to-end latency and preemptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import bench_policy as bp
+import numpy as np
+
+from loramux.bench.report import machine
+from loramux.core import policies, scheduler
+from loramux.sim import metrics as m
+from loramux.sim.workloads import SUITES
+
+VARIANTS = ("slo", "resume-late", "resume-late+fresh")
+W1, W3 = "slora-a10g-sweep", "slora-bursty-abort"
+SHOWN = ((W1, 2.0, False), (W1, 2.5, False), (W3, 4.0, False), (W3, 8.0, False), (W3, 4.0, True))
+
+
+@dataclass(frozen=True)
+class Job:
+    seed: int
+    policy: str  # a baseline or a variant
+    suite: str
+    point: float
+    abort: bool
+    wait_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    job: Job
+    attainment: float
+    throughput: float
+    p99: float
+    tpot_p99_ms: float
+    e2e_p50: float
+    preemptions: int
+
+
+@contextmanager
+def _patched(obj: object, **attrs: object) -> Iterator[None]:
+    old = {k: obj.__dict__[k] for k in attrs}
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(obj, k, v)
+
+
+def _resume_late(self: policies.SloPolicy, req: policies.Request, front: bool = False) -> None:
+    if not (front and req.num_output_tokens > 0):
+        return SLO_ADD(self, req, front)
+    self._band[req.arrival_seq] = (self.MISSED, 0)  # type: ignore[index]
+    policies.Policy.add(self, req, front)
+    missed = list(self._missed)  # keep the deque in arrival order: it ages from its front
+    at = next((i for i, r in enumerate(missed) if r.arrival_time > req.arrival_time), len(missed))
+    self._missed.insert(at, req)
+    return None
+
+
+def _admitter_noting(self: scheduler.Scheduler, step: object) -> object:
+    inner = ADMITTER(self, step)
+
+    def admit(req: policies.Request) -> policies.AdmitResult:
+        self._offered = req  # type: ignore[attr-defined]
+        try:
+            return inner(req)
+        finally:
+            self._offered = None  # type: ignore[attr-defined]
+
+    return admit
+
+
+def _headroom_unless_fresh(self: scheduler.Scheduler) -> int:
+    req, pol = getattr(self, "_offered", None), self.policy
+    if req is not None and isinstance(pol, policies.SloPolicy) and pol._band_of(req) == pol.FRESH:
+        return 0
+    return HEADROOM(self)
+
+
+SLO_ADD = policies.SloPolicy.add
+ADMITTER = scheduler.Scheduler._admitter
+HEADROOM = scheduler.Scheduler._headroom
+
+
+@contextmanager
+def _variant(name: str) -> Iterator[None]:
+    if name == "resume-late":
+        with _patched(policies.SloPolicy, add=_resume_late):
+            yield
+    elif name == "resume-late+fresh":
+        with (
+            _patched(policies.SloPolicy, add=_resume_late),
+            _patched(scheduler.Scheduler, _admitter=_admitter_noting, _headroom=_headroom_unless_fresh),
+        ):
+            yield
+    else:
+        yield
+
+
+def run(job: Job) -> Row:
+    bp.SEED = job.seed
+    policy = job.policy if job.policy in bp.BASELINES else "slo"
+    with _variant(job.policy):
+        res = bp._simulate(bp.Job(job.suite, job.point, policy, job.abort, wait_factor=job.wait_factor))
+    recs = res.records
+    done = [r for r in recs if r.finish is not None and r.first_token is not None and not r.aborted]
+    tpot = [(r.finish - r.first_token) / max(1, r.output_len - 1) for r in done]  # type: ignore[operator]
+    e2e = [r.finish - r.arrival for r in done]  # type: ignore[operator]
+    return Row(
+        job,
+        m.attainment(recs),
+        m.throughput(recs),
+        m.ttft_stats(recs).p99,
+        1000 * float(np.percentile(tpot, 99)),
+        float(np.percentile(e2e, 50)),
+        res.preemptions,
+    )
+
+
+def checks(rows: dict[Job, Row], seed: int, variant: str, wait_factor: float | None) -> int:
+    """The issue's W1/W3 checks `variant` holds on `seed` (of 54)."""
+    held = 0
+    for suite in (W1, W3):
+        for point in SUITES[suite].points:
+            for abort in (False, True):
+                base = [rows[Job(seed, p, suite, point, abort)] for p in bp.BASELINES]
+                me = rows[Job(seed, variant, suite, point, abort, wait_factor)]
+                held += me.attainment >= max(b.attainment for b in base)
+                held += me.throughput >= 0.98 * max(b.throughput for b in base)
+                held += me.p99 <= 1.1 * min(b.p99 for b in base)
+    return held
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="42,1,2")
+    p.add_argument("--wait-factors", default="2.3,1.7", help="slo's --slo-wait-factor for the variants")
+    p.add_argument("--jobs", type=int, default=2)
+    a = p.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    factors = [float(f) for f in a.wait_factors.split(",")]
+    points = [(s, pt, ab) for s in (W1, W3) for pt in SUITES[s].points for ab in (False, True)]
+    jobs = [Job(sd, pol, s, pt, ab) for sd in seeds for s, pt, ab in points for pol in bp.BASELINES]
+    jobs += [
+        Job(sd, v, s, pt, ab, wf) for sd in seeds for v in VARIANTS for wf in factors for s, pt, ab in points
+    ]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(a.jobs) as ex:
+        rows = {r.job: r for r in ex.map(run, jobs, chunksize=4)}
+    print(f"{len(jobs)} simulations in {time.perf_counter() - t0:.0f} s; {machine()}\n")
+    print("| variant | wait factor | " + " | ".join(f"seed {s}" for s in seeds) + " | sum |")
+    print("|---|---|" + "---|" * (len(seeds) + 1))
+    for v in VARIANTS:
+        for wf in factors:
+            held = [checks(rows, s, v, wf) for s in seeds]
+            print(f"| {v} | {wf} | " + " | ".join(f"{h} / 54" for h in held) + f" | {sum(held)} |")
+    for sd in seeds:
+        print(f"\nseed {sd}: attainment / p99 TTFT s / p99 TPOT ms / median e2e s / preemptions\n")
+        cols = [(p, None) for p in ("fcfs", "fair")] + [(v, wf) for v in VARIANTS for wf in factors]
+        print("| point | " + " | ".join(p if wf is None else f"{p} {wf}" for p, wf in cols) + " |")
+        print("|---|" + "---|" * len(cols))
+        for s, pt, ab in SHOWN:
+            cells = []
+            for pol, wf in cols:
+                r = rows[Job(sd, pol, s, pt, ab, wf)]
+                cells.append(
+                    f"{r.attainment:.3f} / {r.p99:.1f} / {r.tpot_p99_ms:.0f} / {r.e2e_p50:.1f}"
+                    f" / {r.preemptions}"
+                )
+            name = ("W1 rate" if s == W1 else "W3 cv") + f" {pt:g}" + (" abort" if ab else "")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

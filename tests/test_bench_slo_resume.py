@@ -1,0 +1,37 @@
+"""Issue 26: the experiment behind docs/benchmarks.md "Where fair's lead at W3 cv >= 4 comes from"
+(S2.4 SLO ordering, S2.3 preemption). Its variants must change what they claim to change, and only
+inside their own simulation: resuming preempted requests after fresh work (with the watermark
+lifted for fresh admissions) reaches more first tokens on W3 cv 8 with more preemptions and longer
+stalls, and `SloPolicy` and `Scheduler` are as shipped afterwards."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_slo_resume
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_slo_resume
+
+
+def test_resume_late_trades_stalls_for_first_tokens_and_is_put_back():
+    b = _bench()
+    from loramux.core import policies, scheduler
+
+    shipped = (policies.SloPolicy.add, scheduler.Scheduler._admitter, scheduler.Scheduler._headroom)
+    job = dict(seed=42, suite=b.W3, point=8.0, abort=False, wait_factor=2.3)
+    slo = b.run(b.Job(policy="slo", **job))
+    late = b.run(b.Job(policy="resume-late+fresh", **job))
+    assert (policies.SloPolicy.add, scheduler.Scheduler._admitter, scheduler.Scheduler._headroom) == shipped
+    assert late.attainment > slo.attainment + 0.05
+    assert late.preemptions > 2 * slo.preemptions
+    assert late.tpot_p99_ms > 3 * slo.tpot_p99_ms
+    again = b.run(b.Job(policy="slo", **job))  # the shipped policy is back: the same run, the same result
+    assert again == slo
