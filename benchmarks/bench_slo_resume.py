@@ -14,11 +14,14 @@ simulations only, then put back:
   as a missed request does;
 - `resume-late+fresh`: that, and the KV watermark binds only admissions of requests that can no
   longer make the target (a fresh admission may take the last pages; what it preempts has streamed).
+And the converse on `fair`: `fair-resume-first` puts a preempted request back first of all, as
+`slo` and vLLM do, with VTC's order for everything else.
 Each runs W1 (every rate) and W3 (every cv), with and without abort, on each seed, against
-fcfs / affinity / fair on the same seed, and prints per seed the issue's W1/W3 checks held (54)
-and, at the points where the variants differ, attainment, p99 TTFT, and what the issue's metrics
-do not see: p99 time per output token (a preempted request's stall shows there), median
-end-to-end latency and preemptions.
+fcfs / affinity / fair on the same seed, and prints per seed the issue's W1/W3 checks held (54),
+attainment at every point for fair, fair-resume-first and slo, and, at the points where the
+variants differ, attainment, p99 TTFT, and what the issue's metrics do not see: p99 time per
+output token (a preempted request's stall shows there), median end-to-end latency and
+preemptions.
 """
 
 from __future__ import annotations
@@ -110,6 +113,44 @@ def _headroom_unless_fresh(self: scheduler.Scheduler) -> int:
 SLO_ADD = policies.SloPolicy.add
 ADMITTER = scheduler.Scheduler._admitter
 HEADROOM = scheduler.Scheduler._headroom
+FAIR = policies.FairPolicy
+FAIR_KEY, FAIR_PRIORITY, FAIR_ADD, FAIR_ADMITTED = FAIR.group_key, FAIR.priority, FAIR.add, FAIR.on_admitted
+
+
+def _fair_key(self: policies.FairPolicy, req: policies.Request) -> object:
+    if req.arrival_seq in self.__dict__.setdefault("_resumed", set()):
+        return ("resumed", req.adapter_uid)  # a group of its own, ahead of every tenant's
+    return FAIR_KEY(self, req)
+
+
+def _fair_priority(self: policies.FairPolicy, key: object, head: policies.Request) -> tuple:
+    if isinstance(key, tuple) and key[0] == "resumed":
+        return (float("-inf"), head.arrival_seq)
+    return FAIR_PRIORITY(self, key, head)
+
+
+def _fair_add(self: policies.FairPolicy, req: policies.Request, front: bool = False) -> None:
+    if not front:
+        return FAIR_ADD(self, req, front)
+    self.__dict__.setdefault("_resumed", set()).add(req.arrival_seq)
+    self._backlog[req.tenant] += 1
+    policies.Policy.add(self, req, front)
+    return None
+
+
+def _fair_admitted(self: policies.FairPolicy, req: policies.Request) -> None:
+    self.__dict__.setdefault("_resumed", set()).discard(req.arrival_seq)
+    FAIR_ADMITTED(self, req)
+
+
+def _fair_least(self: policies.FairPolicy) -> float | None:
+    """The least counter among backlogged tenants, not counting the resumed group."""
+    low = [
+        self.counters.get(q[0].tenant, 0.0)
+        for key, q in self.groups.queues.items()
+        if not (isinstance(key, tuple) and key[0] == "resumed")
+    ]
+    return min(low, default=None)
 
 
 @contextmanager
@@ -123,13 +164,23 @@ def _variant(name: str) -> Iterator[None]:
             _patched(scheduler.Scheduler, _admitter=_admitter_noting, _headroom=_headroom_unless_fresh),
         ):
             yield
+    elif name == "fair-resume-first":
+        with _patched(
+            FAIR,
+            group_key=_fair_key,
+            priority=_fair_priority,
+            add=_fair_add,
+            on_admitted=_fair_admitted,
+            _least_counter=_fair_least,
+        ):
+            yield
     else:
         yield
 
 
 def run(job: Job) -> Row:
     bp.SEED = job.seed
-    policy = job.policy if job.policy in bp.BASELINES else "slo"
+    policy = job.policy if job.policy in bp.BASELINES else "fair" if job.policy.startswith("fair") else "slo"
     with _variant(job.policy):
         res = bp._simulate(bp.Job(job.suite, job.point, policy, job.abort, wait_factor=job.wait_factor))
     recs = res.records
@@ -174,6 +225,7 @@ def main() -> None:
     jobs += [
         Job(sd, v, s, pt, ab, wf) for sd in seeds for v in VARIANTS for wf in factors for s, pt, ab in points
     ]
+    jobs += [Job(sd, "fair-resume-first", s, pt, ab) for sd in seeds for s, pt, ab in points]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.jobs) as ex:
         rows = {r.job: r for r in ex.map(run, jobs, chunksize=4)}
@@ -184,9 +236,23 @@ def main() -> None:
         for wf in factors:
             held = [checks(rows, s, v, wf) for s in seeds]
             print(f"| {v} | {wf} | " + " | ".join(f"{h} / 54" for h in held) + f" | {sum(held)} |")
+    print(f"\nattainment at every W1/W3 point: fair / fair-resume-first / slo {factors[0]}\n")
+    print("| point | " + " | ".join(f"seed {sd}" for sd in seeds) + " |")
+    print("|---|" + "---|" * len(seeds))
+    for suite, pt, ab in points:
+        cells = []
+        for sd in seeds:
+            fair, first, slo = (
+                rows[Job(sd, p, suite, pt, ab, wf)]
+                for p, wf in (("fair", None), ("fair-resume-first", None), ("slo", factors[0]))
+            )
+            cells.append(f"{fair.attainment:.3f} / {first.attainment:.3f} / {slo.attainment:.3f}")
+        name = ("W1 rate" if suite == W1 else "W3 cv") + f" {pt:g}" + (" abort" if ab else "")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     for sd in seeds:
         print(f"\nseed {sd}: attainment / p99 TTFT s / p99 TPOT ms / median e2e s / preemptions\n")
-        cols = [(p, None) for p in ("fcfs", "fair")] + [(v, wf) for v in VARIANTS for wf in factors]
+        cols = [(p, None) for p in ("fcfs", "fair", "fair-resume-first")]
+        cols += [(v, wf) for v in VARIANTS for wf in factors]
         print("| point | " + " | ".join(p if wf is None else f"{p} {wf}" for p, wf in cols) + " |")
         print("|---|" + "---|" * len(cols))
         for s, pt, ab in SHOWN:

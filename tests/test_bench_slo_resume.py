@@ -2,7 +2,8 @@
 (S2.4 SLO ordering, S2.3 preemption). Its variants must change what they claim to change, and only
 inside their own simulation: resuming preempted requests after fresh work (with the watermark
 lifted for fresh admissions) reaches more first tokens on W3 cv 8 with more preemptions and longer
-stalls, and `SloPolicy` and `Scheduler` are as shipped afterwards."""
+stalls, fair resuming them first (as vLLM and slo do) falls below slo without its stalls, and the
+policies and `Scheduler` are as shipped afterwards."""
 
 from __future__ import annotations
 
@@ -35,3 +36,18 @@ def test_resume_late_trades_stalls_for_first_tokens_and_is_put_back():
     assert late.tpot_p99_ms > 3 * slo.tpot_p99_ms
     again = b.run(b.Job(policy="slo", **job))  # the shipped policy is back: the same run, the same result
     assert again == slo
+
+
+def test_fair_resuming_preempted_requests_first_loses_its_lead_and_its_stalls():
+    b = _bench()
+    from loramux.core import policies
+
+    shipped = {k: policies.FairPolicy.__dict__[k] for k in ("add", "group_key", "priority", "on_admitted")}
+    job = dict(seed=42, suite=b.W3, point=4.0, abort=False)
+    fair = b.run(b.Job(policy="fair", **job))
+    first = b.run(b.Job(policy="fair-resume-first", **job))
+    slo = b.run(b.Job(policy="slo", **job))
+    assert {k: policies.FairPolicy.__dict__[k] for k in shipped} == shipped
+    assert fair.attainment > slo.attainment > first.attainment  # fair's lead is its resume order
+    assert first.tpot_p99_ms < fair.tpot_p99_ms / 3
+    assert b.run(b.Job(policy="fair", **job)) == fair
