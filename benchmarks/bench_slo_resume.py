@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -54,6 +55,7 @@ class Job:
     point: float
     abort: bool
     wait_factor: float | None = None
+    stall_s: float | None = None  # resume-late: at most this long behind fresh work (None: the cap)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,18 @@ def _resume_late(self: policies.SloPolicy, req: policies.Request, front: bool = 
     missed = list(self._missed)  # keep the deque in arrival order: it ages from its front
     at = next((i for i, r in enumerate(missed) if r.arrival_time > req.arrival_time), len(missed))
     self._missed.insert(at, req)
+    if STALL_S is not None:  # and first of all once it has waited STALL_S since its preemption
+        self.__dict__.setdefault("_stalled", deque()).append((self._now + STALL_S, req))
     return None
+
+
+def _age_stalled(self: policies.SloPolicy, now: float) -> None:
+    stalled = self.__dict__.get("_stalled")
+    while stalled and stalled[0][0] <= now:
+        req = stalled.popleft()[1]
+        if self._band_of(req) == self.MISSED:
+            self._move(req, self.FIRST)
+    SLO_AGE(self, now)
 
 
 def _admitter_noting(self: scheduler.Scheduler, step: object) -> object:
@@ -110,7 +123,8 @@ def _headroom_unless_fresh(self: scheduler.Scheduler) -> int:
     return HEADROOM(self)
 
 
-SLO_ADD = policies.SloPolicy.add
+SLO_ADD, SLO_AGE = policies.SloPolicy.add, policies.SloPolicy._age
+STALL_S: float | None = None  # the running job's stall bound (see Job.stall_s)
 ADMITTER = scheduler.Scheduler._admitter
 HEADROOM = scheduler.Scheduler._headroom
 FAIR = policies.FairPolicy
@@ -156,11 +170,11 @@ def _fair_least(self: policies.FairPolicy) -> float | None:
 @contextmanager
 def _variant(name: str) -> Iterator[None]:
     if name == "resume-late":
-        with _patched(policies.SloPolicy, add=_resume_late):
+        with _patched(policies.SloPolicy, add=_resume_late, _age=_age_stalled):
             yield
     elif name == "resume-late+fresh":
         with (
-            _patched(policies.SloPolicy, add=_resume_late),
+            _patched(policies.SloPolicy, add=_resume_late, _age=_age_stalled),
             _patched(scheduler.Scheduler, _admitter=_admitter_noting, _headroom=_headroom_unless_fresh),
         ):
             yield
@@ -179,7 +193,8 @@ def _variant(name: str) -> Iterator[None]:
 
 
 def run(job: Job) -> Row:
-    bp.SEED = job.seed
+    global STALL_S
+    bp.SEED, STALL_S = job.seed, job.stall_s
     policy = job.policy if job.policy in bp.BASELINES else "fair" if job.policy.startswith("fair") else "slo"
     with _variant(job.policy):
         res = bp._simulate(bp.Job(job.suite, job.point, policy, job.abort, wait_factor=job.wait_factor))
@@ -198,14 +213,16 @@ def run(job: Job) -> Row:
     )
 
 
-def checks(rows: dict[Job, Row], seed: int, variant: str, wait_factor: float | None) -> int:
+def checks(
+    rows: dict[Job, Row], seed: int, variant: str, wait_factor: float | None, stall_s: float | None = None
+) -> int:
     """The issue's W1/W3 checks `variant` holds on `seed` (of 54)."""
     held = 0
     for suite in (W1, W3):
         for point in SUITES[suite].points:
             for abort in (False, True):
                 base = [rows[Job(seed, p, suite, point, abort)] for p in bp.BASELINES]
-                me = rows[Job(seed, variant, suite, point, abort, wait_factor)]
+                me = rows[Job(seed, variant, suite, point, abort, wait_factor, stall_s)]
                 held += me.attainment >= max(b.attainment for b in base)
                 held += me.throughput >= 0.98 * max(b.throughput for b in base)
                 held += me.p99 <= 1.1 * min(b.p99 for b in base)
@@ -216,6 +233,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="42,1,2")
     p.add_argument("--wait-factors", default="2.3,1.7", help="slo's --slo-wait-factor for the variants")
+    p.add_argument("--stalls", default="1,2,5,10,20,40", help="stall bounds (s) for the curve, first seed")
     p.add_argument("--jobs", type=int, default=2)
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -226,6 +244,9 @@ def main() -> None:
         Job(sd, v, s, pt, ab, wf) for sd in seeds for v in VARIANTS for wf in factors for s, pt, ab in points
     ]
     jobs += [Job(sd, "fair-resume-first", s, pt, ab) for sd in seeds for s, pt, ab in points]
+    stalls = [float(x) for x in a.stalls.split(",") if x]
+    curve = [(v, st) for v in VARIANTS[1:] for st in stalls]
+    jobs += [Job(seeds[0], v, s, pt, ab, factors[0], st) for v, st in curve for s, pt, ab in points]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.jobs) as ex:
         rows = {r.job: r for r in ex.map(run, jobs, chunksize=4)}
@@ -265,6 +286,28 @@ def main() -> None:
                 )
             name = ("W1 rate" if s == W1 else "W3 cv") + f" {pt:g}" + (" abort" if ab else "")
             print(f"| {name} | " + " | ".join(cells) + " |")
+
+    sd, wf = seeds[0], factors[0]
+    print(f"\nThe stall bound's curve (seed {sd}, wait factor {wf}): W1/W3 checks held, then")
+    print("attainment / p99 TTFT s / p99 TPOT ms at each point; 0 is slo as shipped, 'cap' waits")
+    print("until the wait cap\n")
+    print("| variant | stall s | checks | " + " | ".join(_name(s, pt, ab) for s, pt, ab in SHOWN) + " |")
+    print("|---|---|---|" + "---|" * len(SHOWN))
+    lines = (
+        [("slo", None, "0")]
+        + [(v, st, f"{st:g}") for v, st in curve]
+        + [(v, None, "cap") for v in VARIANTS[1:]]
+    )
+    for v, st, label in lines:
+        cells = []
+        for s, pt, ab in SHOWN:
+            r = rows[Job(sd, v, s, pt, ab, wf, st)]
+            cells.append(f"{r.attainment:.3f} / {r.p99:.1f} / {r.tpot_p99_ms:.0f}")
+        print(f"| {v} | {label} | {checks(rows, sd, v, wf, st)} / 54 | " + " | ".join(cells) + " |")
+
+
+def _name(suite: str, point: float, abort: bool) -> str:
+    return ("W1 rate" if suite == W1 else "W3 cv") + f" {point:g}" + (" abort" if abort else "")
 
 
 if __name__ == "__main__":

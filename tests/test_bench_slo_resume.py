@@ -51,3 +51,15 @@ def test_fair_resuming_preempted_requests_first_loses_its_lead_and_its_stalls():
     assert fair.attainment > slo.attainment > first.attainment  # fair's lead is its resume order
     assert first.tpot_p99_ms < fair.tpot_p99_ms / 3
     assert b.run(b.Job(policy="fair", **job)) == fair
+
+
+def test_a_stall_bound_sends_a_preempted_request_first_sooner():
+    """The curve's knob: with at most 5 s behind fresh work, W1 rate 2.5's p99 time per output
+    token stays near slo's; waiting until the cap, it grows several times."""
+    b = _bench()
+    job = dict(seed=42, policy="resume-late", suite=b.W1, point=2.5, abort=False, wait_factor=2.3)
+    bounded = b.run(b.Job(stall_s=5.0, **job))
+    capped = b.run(b.Job(**job))
+    slo = b.run(b.Job(**{**job, "policy": "slo"}))
+    assert bounded.tpot_p99_ms < 2 * slo.tpot_p99_ms
+    assert capped.tpot_p99_ms > 4 * bounded.tpot_p99_ms
