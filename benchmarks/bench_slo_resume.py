@@ -1,6 +1,7 @@
 """Issue 26's last W3 points and their price: resuming preempted requests after fresh work.
 
-    python benchmarks/bench_slo_resume.py [--seeds 42,1,2] [--jobs 2]
+    python benchmarks/bench_slo_resume.py [--seeds 42,1,2] [--wait-factors 2.3,1.7]
+                                          [--stalls 1,2,5,10,20,40] [--jobs 2]
 
 Not a test, and not a policy: an experiment that shows where `fair`'s attainment at W3 cv >= 4
 comes from and what it costs. `fair` puts a preempted request back by its tenant's counter, so a
@@ -14,6 +15,9 @@ simulations only, then put back:
   as a missed request does;
 - `resume-late+fresh`: that, and the KV watermark binds only admissions of requests that can no
   longer make the target (a fresh admission may take the last pages; what it preempts has streamed).
+With --stalls, the curve from resuming first to waiting until the cap (first seed, first wait
+factor, both resume-late variants): a preempted request that already
+streamed waits behind fresh work for at most S seconds after its preemption, then goes first.
 And the converse on `fair`: `fair-resume-first` puts a preempted request back first of all, as
 `slo` and vLLM do, with VTC's order for everything else.
 Each runs W1 (every rate) and W3 (every cv), with and without abort, on each seed, against
