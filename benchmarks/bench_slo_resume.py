@@ -16,8 +16,8 @@ simulations only, then put back:
 - `resume-late+fresh`: that, and the KV watermark binds only admissions of requests that can no
   longer make the target (a fresh admission may take the last pages; what it preempts has streamed).
 With --stalls, the curve from resuming first to waiting until the cap (first seed, first wait
-factor, both resume-late variants): a preempted request that already
-streamed waits behind fresh work for at most S seconds after its preemption, then goes first.
+factor, both resume-late variants): a preempted request that already streamed waits behind fresh
+work for at most S seconds after its preemption, then goes first.
 And the converse on `fair`: `fair-resume-first` puts a preempted request back first of all, as
 `slo` and vLLM do, with VTC's order for everything else.
 Each runs W1 (every rate) and W3 (every cv), with and without abort, on each seed, against
