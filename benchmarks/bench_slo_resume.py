@@ -227,9 +227,7 @@ def checks(
             for abort in (False, True):
                 base = [rows[Job(seed, p, suite, point, abort)] for p in bp.BASELINES]
                 me = rows[Job(seed, variant, suite, point, abort, wait_factor, stall_s)]
-                held += me.attainment >= max(b.attainment for b in base)
-                held += me.throughput >= 0.98 * max(b.throughput for b in base)
-                held += me.p99 <= 1.1 * min(b.p99 for b in base)
+                held += sum(bp.latency_checks(base, me))
     return held
 
 
