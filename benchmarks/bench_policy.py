@@ -1,6 +1,7 @@
 """Issue 26's acceptance sweep: a policy against the best of fcfs / affinity / fair at every point.
 
     python benchmarks/bench_policy.py [--policy slo] [--wait-factors 1,1.5,2.3,3,4] [--jobs 2] [--bound]
+                                      [--policy-wait-factors 1,2.3]
 
 Not a test. Simulates every named workload (W1-W5, papers.md section 3; W1 and W3 with and
 without early abort, W1 at W3's abort time as it has none of its own) under fcfs, affinity,
@@ -14,6 +15,9 @@ their ratio and whether the issue's bound holds:
 - W2, W5: throughput >= 0.98x the best, adapter loads <= fcfs's;
 - W1 at rate 2: no adapter's p99 wait (to first scheduled) above 3x the median adapter's.
 With --wait-factors, the trade-off curve of `--slo-wait-factor` on W1 at rates 2 and 2.5.
+With --policy-wait-factors, every check above once per `--slo-wait-factor` of --policy (the
+baselines, which do not read it, simulated once), then a table of the checks held and failed
+at each: the whole sweep's side of a wait factor chosen for another point.
 --kv-watermark and --baselines-kv-watermark set the KV watermark (SchedulerConfig.kv_watermark) of
 --policy and of the baselines: what the order is worth with the same watermark for all.
 With --bound, the least number of misses any order could reach on W1 at rate 2 while keeping p99
@@ -49,8 +53,9 @@ class Job:
     point: object
     policy: str
     abort: bool = False
-    wait_factor: float | None = None
+    wait_factor: float | None = None  # a point of the W1 trade-off curve
     kv_watermark: float | None = None  # None: the policy's own
+    slo_wait_factor: float | None = None  # the policy's --slo-wait-factor in the checks; None: default
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,9 @@ def _simulate(job: Job) -> SimResult:
     wl = suite.workload(job.point, SEED)
     s = SimSettings(policy=job.policy, seed=SEED, **wl.engine)  # type: ignore[arg-type]
     s = replace(s, abort_after=(suite.abort_after or ABORT_AFTER_S) if job.abort else None)
-    if job.wait_factor is not None:
-        s = replace(s, slo_wait_factor=job.wait_factor)
+    factor = job.wait_factor if job.wait_factor is not None else job.slo_wait_factor
+    if factor is not None:
+        s = replace(s, slo_wait_factor=factor)
     if job.kv_watermark is not None:
         s = replace(s, kv_watermark=job.kv_watermark)
     return simulate(wl, Profile.load(suite.profile), s)
@@ -201,17 +207,21 @@ def _check(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def report(results: list[Result], policy: str) -> tuple[list[str], int, int]:
+def report(results: list[Result], policy: str) -> tuple[list[str], int, list[str]]:
+    """The tables, the number of checks that hold, and a short name for each one that fails."""
     by: dict[tuple[str, object, bool], dict[str, Result]] = defaultdict(dict)
     for r in results:
         if r.job.wait_factor is None:
             by[(r.job.suite, r.job.point, r.job.abort)][r.job.policy] = r
     lines: list[str] = []
-    passed = failed = 0
+    passed = 0
+    failed: list[str] = []
 
-    def verdict(ok: bool) -> str:
-        nonlocal passed, failed
-        passed, failed = passed + ok, failed + (not ok)
+    def verdict(ok: bool, what: str = "") -> str:
+        nonlocal passed
+        passed += ok
+        if not ok:
+            failed.append(what)
         return _check(ok)
 
     head = [
@@ -255,13 +265,13 @@ def report(results: list[Result], policy: str) -> tuple[list[str], int, int]:
                         point,
                         f"{best_att.attainment:.3f} ({best_att.job.policy})",
                         f"{me.attainment:.3f}",
-                        verdict(att_ok),
+                        verdict(att_ok, f"{title} {point} attainment"),
                         f"{best_thr:.3f}",
                         f"{me.throughput:.3f}",
-                        verdict(thr_ok),
+                        verdict(thr_ok, f"{title} {point} req/s"),
                         f"{low_p99:.1f}",
                         f"{me.p99:.1f}",
-                        verdict(p99_ok),
+                        verdict(p99_ok, f"{title} {point} p99"),
                     ]
                 )
             )
@@ -269,7 +279,8 @@ def report(results: list[Result], policy: str) -> tuple[list[str], int, int]:
     lines += [_row(["cv", "S-LoRA early abort", policy, "ok"]), _row(["---"] * 4)]
     for cv, ref in SLORA_EARLY_ABORT.items():
         me = by[("slora-bursty-abort", cv, True)][policy]
-        lines.append(_row([cv, ref, f"{me.attainment:.3f}", verdict(me.attainment > ref)]))
+        ok = verdict(me.attainment > ref, f"W3 abort {cv} vs S-LoRA")
+        lines.append(_row([cv, ref, f"{me.attainment:.3f}", ok]))
     lines += ["", "### W4: max / mean service difference <= 1.1x fair's, tokens/s >= 0.98x fcfs's", ""]
     head4 = [
         "scenario",
@@ -293,10 +304,10 @@ def report(results: list[Result], policy: str) -> tuple[list[str], int, int]:
                     f"{c.max_diff:.0f} / {c.avg_diff:.0f}",
                     f"{f.max_diff:.0f} / {f.avg_diff:.0f}",
                     f"{me.max_diff:.0f} / {me.avg_diff:.0f}",
-                    verdict(ok),
+                    verdict(ok, f"W4 {sc} difference"),
                     f"{c.tokens_per_s:.0f}",
                     f"{me.tokens_per_s:.0f}",
-                    verdict(me.tokens_per_s >= 0.98 * c.tokens_per_s),
+                    verdict(me.tokens_per_s >= 0.98 * c.tokens_per_s, f"W4 {sc} tokens/s"),
                 ]
             )
         )
@@ -314,10 +325,10 @@ def report(results: list[Result], policy: str) -> tuple[list[str], int, int]:
                         point,
                         f"{best:.3f}",
                         f"{me.throughput:.3f}",
-                        verdict(me.throughput >= 0.98 * best),
+                        verdict(me.throughput >= 0.98 * best, f"{title} {point} req/s"),
                         c.loads,
                         me.loads,
-                        verdict(me.loads <= c.loads),
+                        verdict(me.loads <= c.loads, f"{title} {point} loads"),
                     ]
                 )
             )
@@ -326,7 +337,8 @@ def report(results: list[Result], policy: str) -> tuple[list[str], int, int]:
     for pol in (*BASELINES, policy):
         r = by[("slora-a10g-sweep", 2.0, False)][pol]
         ok = r.adapter_wait_ratio <= 3.0
-        lines.append(_row([pol, f"{r.adapter_wait_ratio:.2f}", verdict(ok) if pol == policy else _check(ok)]))
+        said = verdict(ok, "W1 2 adapter p99 wait") if pol == policy else _check(ok)
+        lines.append(_row([pol, f"{r.adapter_wait_ratio:.2f}", said]))
     curve = sorted(
         (r for r in results if r.job.wait_factor is not None), key=lambda r: (r.job.point, r.job.wait_factor)
     )
@@ -342,6 +354,14 @@ def report(results: list[Result], policy: str) -> tuple[list[str], int, int]:
     return lines, passed, failed
 
 
+def _at_factor(job: Job, policy: str, factor: float | None, first: bool) -> bool:
+    """Whether `job` belongs to the report of `policy` at wait factor `factor`: the baselines
+    always, the policy's checks at that factor, the W1 curve in the first report only."""
+    if job.wait_factor is not None:
+        return first
+    return job.policy != policy or job.slo_wait_factor == factor
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--policy", default="slo")
@@ -354,23 +374,44 @@ def main() -> None:
     p.add_argument(
         "--baselines-kv-watermark", type=float, help="fcfs / affinity / fair's KV watermark (default: 0)"
     )
+    p.add_argument(
+        "--policy-wait-factors",
+        default="",
+        help="comma-separated --slo-wait-factor values of --policy: every check at each",
+    )
     a = p.parse_args()
     if a.bound:
         print(f"Machine: {machine()}.")
         print("\n".join(bound_report(a.policy, a.jobs)))
         return
     factors = [float(x) for x in a.wait_factors.split(",") if x.strip()]
+    mine = [float(x) for x in a.policy_wait_factors.split(",") if x.strip()] or [None]
     t0 = time.perf_counter()
     todo = [
         replace(j, kv_watermark=a.kv_watermark if j.policy == a.policy else a.baselines_kv_watermark)
         for j in jobs(a.policy, factors)
     ]
+    ours = [j for j in todo if j.policy == a.policy and j.wait_factor is None]
+    todo += [replace(j, slo_wait_factor=f) for f in mine[1:] for j in ours]
+    todo = [replace(j, slo_wait_factor=mine[0]) if j in ours else j for j in todo]
     with ProcessPoolExecutor(a.jobs) as pool:
         results = list(pool.map(run, todo))
-    lines, passed, failed = report(results, a.policy)
     print(f"{len(todo)} simulations in {time.perf_counter() - t0:.0f} s. Machine: {machine()}.")
-    print("\n".join(lines))
-    print(f"\n{passed} checks hold, {failed} do not.")
+    summary = []
+    for f in mine:
+        at_f = [r for r in results if _at_factor(r.job, a.policy, f, first=f == mine[0])]
+        lines, passed, failed = report(at_f, a.policy)
+        if f is not None:
+            print(f"\n## {a.policy} with --slo-wait-factor {f:g}")
+        print("\n".join(lines))
+        print(f"\n{passed} checks hold, {len(failed)} do not.")
+        summary.append((f, passed, failed))
+    if len(mine) > 1:
+        print(f"\n## {a.policy}'s wait factor: the checks held at each, and which fail\n")
+        print(_row(["wait factor", "held", "failing"]))
+        print(_row(["---"] * 3))
+        for f, passed, failed in summary:
+            print(_row([f"{f:g}", f"{passed} / {passed + len(failed)}", "; ".join(failed)]))
 
 
 if __name__ == "__main__":

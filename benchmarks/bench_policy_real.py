@@ -2,7 +2,7 @@
 
     python benchmarks/bench_policy_real.py [--cache-dir DIR] [--rounds 3] [--rate 4] [--slo 2]
                                            [--duration 60] [--policies fcfs,fair,slo]
-                                           [--kv-cache-memory BYTES]
+                                           [--kv-cache-memory BYTES] [--slo-wait-factor 2.3]
 
 Not a test. The bench's mid model (91M parameters, random weights, fp32) on this machine's CPU
 with 32 adapters (ranks 8 and 16 on q_proj and v_proj, built once in --cache-dir), each adapter
@@ -13,7 +13,8 @@ Prints, per policy, the real runs' SLO attainment (TTFT < --slo), p99 TTFT and r
 and each run) beside the simulator's prediction for the same workload (median over jitter seeds
 0-2) on a profile fitted from the step log of the first round's first run (`profile_from_log`,
 what `loramux simulate calibrate --from-log` does: this machine, this workload), and each side's
-ranking.
+ranking. --slo-wait-factor is slo's, in the real runs and the prediction alike (the other
+policies do not read it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from loramux.bench.report import machine
 from loramux.bench.systems import LoramuxSettings, make_prompts, run_loramux
+from loramux.config import SchedulerConfig
 from loramux.sim import metrics as m
 from loramux.sim.calibrate import profile_from_log
 from loramux.sim.run import SimSettings, simulate
@@ -52,6 +54,12 @@ def main() -> None:
         default=LoramuxSettings.kv_cache_memory,
         help="KV pool bytes (default 1 GiB, which this workload never fills; smaller makes KV memory bind)",
     )
+    p.add_argument(
+        "--slo-wait-factor",
+        type=float,
+        default=SchedulerConfig.slo_wait_factor,
+        help="slo's --slo-wait-factor, in the real runs and the prediction alike",
+    )
     a = p.parse_args()
     from loramux.bench.artifacts import build_random_model, write_random_adapter
 
@@ -78,6 +86,7 @@ def main() -> None:
                 kv_cache_memory=a.kv_cache_memory,
                 policy=pol,
                 ttft_slo_s=a.slo,
+                slo_wait_factor=a.slo_wait_factor,
                 tenant_per_adapter=True,
                 step_log=str(log) if k == j == 0 else None,
             )
@@ -96,7 +105,16 @@ def main() -> None:
         runs, pre = [], []
         for seed in range(3):
             res = simulate(
-                wl, prof, SimSettings(policy=pol, ttft_slo_s=a.slo, seed=seed, max_cpu_loras=256, **ENGINE)
+                wl,
+                prof,
+                SimSettings(
+                    policy=pol,
+                    ttft_slo_s=a.slo,
+                    slo_wait_factor=a.slo_wait_factor,
+                    seed=seed,
+                    max_cpu_loras=256,
+                    **ENGINE,
+                ),
             )
             runs.append(
                 (m.attainment(res.records, a.slo), m.ttft_stats(res.records).p99, m.throughput(res.records))
@@ -107,7 +125,8 @@ def main() -> None:
     med = {pol: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for pol, rs in real.items()}
     print(
         f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. {len(reqs)} requests, rate {a.rate:g}, "
-        f"{a.duration:g} s, SLO TTFT < {a.slo:g} s; {a.rounds} rounds of real runs took {real_s:.0f} s.\n"
+        f"{a.duration:g} s, SLO TTFT < {a.slo:g} s, slo's wait factor {a.slo_wait_factor:g}; "
+        f"{a.rounds} rounds of real runs took {real_s:.0f} s.\n"
     )
     print(
         "| policy | attainment real median (runs) | sim "

@@ -1,7 +1,8 @@
 """Issue 26: the queueing bound that `bench_policy.py --bound` reports (S2.4 SLO ordering). On a
 hand-worked trajectory the excess integral equals the misses' time past the target (FCFS on one
 server is tight), and the bound on misses never exceeds the misses of a trajectory that keeps
-every wait within the bound."""
+every wait within the bound. And `--policy-wait-factors`: each wait factor's report holds the
+baselines and that factor's runs alone, and the factor reaches the simulation."""
 
 from __future__ import annotations
 
@@ -47,3 +48,34 @@ def test_excess_integral_counts_the_unserved_and_ignores_the_fresh():
     # unserved one: 13 of its 14 request-seconds are counted, a lower bound as it must be
     recs = [_rec(0, 0.0, None), _rec(1, 1.0, 3.0), _rec(2, 18.0, 20.0)]
     assert b.excess_integral(recs, slo=6.0, dt=0.01) == pytest.approx(13.0, abs=0.05)
+
+
+def test_each_wait_factor_report_holds_the_baselines_and_only_that_factors_policy_runs():
+    """`--policy-wait-factors`: the report at one wait factor must compare that factor's `slo`
+    runs with the same baselines, never another factor's `slo` runs (which would pick one of two
+    results for a point at random), and carry the W1 trade-off curve once."""
+    b = _bench()
+    base = b.Job("slora-a10g-sweep", 2.0, "fcfs")
+    at_1 = b.Job("slora-a10g-sweep", 2.0, "slo", slo_wait_factor=1.0)
+    at_2 = b.Job("slora-a10g-sweep", 2.0, "slo", slo_wait_factor=2.3)
+    curve = b.Job("slora-a10g-sweep", 2.0, "slo", wait_factor=4.0)
+    mine = [j for j in (base, at_1, at_2, curve) if b._at_factor(j, "slo", 1.0, first=True)]
+    assert mine == [base, at_1, curve]
+    mine = [j for j in (base, at_1, at_2, curve) if b._at_factor(j, "slo", 2.3, first=False)]
+    assert mine == [base, at_2]
+    # without --policy-wait-factors every slo run has factor None and belongs to the one report
+    assert b._at_factor(b.Job("slora-a10g-sweep", 2.0, "slo"), "slo", None, first=True)
+
+
+def test_a_jobs_wait_factor_reaches_the_simulation_and_the_curves_point_wins(monkeypatch):
+    """The checks at `slo_wait_factor` simulate with it; a W1 curve point (`wait_factor`) keeps
+    its own; neither set: the default from SchedulerConfig."""
+    from loramux.config import SchedulerConfig
+
+    b = _bench()
+    seen = []
+    monkeypatch.setattr(b, "simulate", lambda wl, prof, s: seen.append(s.slo_wait_factor))
+    b._simulate(b.Job("slora-a10g-sweep", 2.0, "slo", slo_wait_factor=1.0))
+    b._simulate(b.Job("slora-a10g-sweep", 2.0, "slo", wait_factor=4.0, slo_wait_factor=1.0))
+    b._simulate(b.Job("slora-a10g-sweep", 2.0, "slo"))
+    assert seen == [1.0, 4.0, SchedulerConfig.slo_wait_factor]
