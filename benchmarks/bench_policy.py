@@ -391,9 +391,8 @@ def main() -> None:
         replace(j, kv_watermark=a.kv_watermark if j.policy == a.policy else a.baselines_kv_watermark)
         for j in jobs(a.policy, factors)
     ]
-    ours = [j for j in todo if j.policy == a.policy and j.wait_factor is None]
-    todo += [replace(j, slo_wait_factor=f) for f in mine[1:] for j in ours]
-    todo = [replace(j, slo_wait_factor=mine[0]) if j in ours else j for j in todo]
+    ours = [j for j in todo if j.policy == a.policy and j.wait_factor is None]  # the checks' runs
+    todo = [j for j in todo if j not in ours] + [replace(j, slo_wait_factor=f) for f in mine for j in ours]
     with ProcessPoolExecutor(a.jobs) as pool:
         results = list(pool.map(run, todo))
     print(f"{len(todo)} simulations in {time.perf_counter() - t0:.0f} s. Machine: {machine()}.")

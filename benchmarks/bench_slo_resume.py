@@ -270,8 +270,7 @@ def main() -> None:
                 for p, wf in (("fair", None), ("fair-resume-first", None), ("slo", factors[0]))
             )
             cells.append(f"{fair.attainment:.3f} / {first.attainment:.3f} / {slo.attainment:.3f}")
-        name = ("W1 rate" if suite == W1 else "W3 cv") + f" {pt:g}" + (" abort" if ab else "")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {_name(suite, pt, ab)} | " + " | ".join(cells) + " |")
     for sd in seeds:
         print(f"\nseed {sd}: attainment / p99 TTFT s / p99 TPOT ms / median e2e s / preemptions\n")
         cols = [(p, None) for p in ("fcfs", "fair", "fair-resume-first")]
@@ -286,8 +285,7 @@ def main() -> None:
                     f"{r.attainment:.3f} / {r.p99:.1f} / {r.tpot_p99_ms:.0f} / {r.e2e_p50:.1f}"
                     f" / {r.preemptions}"
                 )
-            name = ("W1 rate" if s == W1 else "W3 cv") + f" {pt:g}" + (" abort" if ab else "")
-            print(f"| {name} | " + " | ".join(cells) + " |")
+            print(f"| {_name(s, pt, ab)} | " + " | ".join(cells) + " |")
 
     sd, wf = seeds[0], factors[0]
     print(f"\nThe stall bound's curve (seed {sd}, wait factor {wf}): W1/W3 checks held, then")
