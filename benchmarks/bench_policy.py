@@ -1,7 +1,7 @@
 """Issue 26's acceptance sweep: a policy against the best of fcfs / affinity / fair at every point.
 
     python benchmarks/bench_policy.py [--policy slo] [--wait-factors 1,1.5,2.3,3,4] [--jobs 2] [--bound]
-                                      [--policy-wait-factors 1,2.3]
+                                      [--policy-wait-factors 1,2.3] [--ratio-seeds 42,1,2,3,4,5]
 
 Not a test. Simulates every named workload (W1-W5, papers.md section 3; W1 and W3 with and
 without early abort, W1 at W3's abort time as it has none of its own) under fcfs, affinity,
@@ -20,6 +20,8 @@ baselines, which do not read it, simulated once), then a table of the checks hel
 at each: the whole sweep's side of a wait factor chosen for another point.
 --kv-watermark and --baselines-kv-watermark set the KV watermark (SchedulerConfig.kv_watermark) of
 --policy and of the baselines: what the order is worth with the same watermark for all.
+With --ratio-seeds, only the last check (W1 at rate 2, adapters' p99 waits) on each of those
+seeds for every policy: the max and median adapter p99 wait, their ratio, and attainment.
 With --bound, the least number of misses any order could reach on W1 at rate 2 while keeping p99
 TTFT within 1.1x the lowest, from each policy's own first-token trajectory (see `miss_bound`).
 """
@@ -56,6 +58,7 @@ class Job:
     wait_factor: float | None = None  # a point of the W1 trade-off curve
     kv_watermark: float | None = None  # None: the policy's own
     slo_wait_factor: float | None = None  # the policy's --slo-wait-factor in the checks; None: default
+    seed: int | None = None  # the workload's and the simulation's; None: SEED
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,15 @@ class Result:
     avg_diff: float = 0.0
     tokens_per_s: float = 0.0
     adapter_wait_ratio: float = 0.0  # max over adapters of p99 wait / median adapter's
+    adapter_wait_max: float = 0.0  # the largest adapter p99 wait, s
+    adapter_wait_median: float = 0.0  # the median adapter's p99 wait, s
 
 
 def _simulate(job: Job) -> SimResult:
     suite = SUITES[job.suite]
-    wl = suite.workload(job.point, SEED)
-    s = SimSettings(policy=job.policy, seed=SEED, **wl.engine)  # type: ignore[arg-type]
+    seed = SEED if job.seed is None else job.seed
+    wl = suite.workload(job.point, seed)
+    s = SimSettings(policy=job.policy, seed=seed, **wl.engine)  # type: ignore[arg-type]
     s = replace(s, abort_after=(suite.abort_after or ABORT_AFTER_S) if job.abort else None)
     factor = job.wait_factor if job.wait_factor is not None else job.slo_wait_factor
     if factor is not None:
@@ -95,14 +101,20 @@ def run(job: Job) -> Result:
     if job.suite == "vtc-fairness":
         f = m.fairness(recs, float(int(max(r.arrival for r in recs))))
         out = replace(out, max_diff=f.max_diff, avg_diff=f.avg_diff, tokens_per_s=f.tokens_per_s)
+    top, median = adapter_waits(recs)
+    return replace(
+        out, adapter_wait_ratio=top / max(median, 1e-9), adapter_wait_max=top, adapter_wait_median=median
+    )
+
+
+def adapter_waits(recs: list[Record]) -> tuple[float, float]:
+    """The largest and the median of the adapters' p99 waits (arrival to first scheduled, s)."""
     waits: dict[int | None, list[float]] = defaultdict(list)
     for r in recs:
         if r.first_scheduled is not None:
             waits[r.adapter].append(r.first_scheduled - r.arrival)
     p99s = [float(np.percentile(w, 99)) for w in waits.values()]
-    if p99s:
-        out = replace(out, adapter_wait_ratio=max(p99s) / max(statistics.median(p99s), 1e-9))
-    return out
+    return (max(p99s), statistics.median(p99s)) if p99s else (0.0, 0.0)
 
 
 def excess_integral(recs: list[Record], slo: float = m.SLO_S, dt: float = 0.05) -> float:
@@ -166,6 +178,38 @@ def bound_report(policy: str, jobs_: int) -> list[str]:
                 ]
             )
         )
+    return lines
+
+
+def ratio_report(policy: str, seeds: list[int], jobs_: int) -> list[str]:
+    """W1 at rate 2 on each seed: every policy's max / median adapter p99 wait and attainment."""
+    pols = (*BASELINES, policy)
+    todo = [Job("slora-a10g-sweep", 2.0, pol, seed=sd) for sd in seeds for pol in pols]
+    with ProcessPoolExecutor(jobs_) as pool:
+        results = list(pool.map(run, todo))
+    lines = [
+        "",
+        "### W1 at rate 2 on each seed: max / median adapter p99 wait (ratio <= 3 holds)",
+        "",
+        _row(["seed", "policy", "attainment", "max adapter p99 wait s", "median s", "ratio", "ok"]),
+        _row(["---"] * 7),
+    ]
+    for r in results:
+        lines.append(
+            _row(
+                [
+                    r.job.seed,
+                    r.job.policy,
+                    f"{r.attainment:.3f}",
+                    f"{r.adapter_wait_max:.2f}",
+                    f"{r.adapter_wait_median:.2f}",
+                    f"{r.adapter_wait_ratio:.2f}",
+                    _check(r.adapter_wait_ratio <= 3.0),
+                ]
+            )
+        )
+    held = {pol: sum(r.adapter_wait_ratio <= 3.0 for r in results if r.job.policy == pol) for pol in pols}
+    lines += ["", "Seeds where it holds: " + ", ".join(f"{p} {held[p]} of {len(seeds)}" for p in pols) + "."]
     return lines
 
 
@@ -379,7 +423,14 @@ def main() -> None:
         default="",
         help="comma-separated --slo-wait-factor values of --policy: every check at each",
     )
+    p.add_argument("--ratio-seeds", default="", help="comma-separated seeds: only the adapter wait check")
     a = p.parse_args()
+    if a.ratio_seeds:
+        t0 = time.perf_counter()
+        lines = ratio_report(a.policy, [int(x) for x in a.ratio_seeds.split(",")], a.jobs)
+        print(f"Simulated in {time.perf_counter() - t0:.0f} s. Machine: {machine()}.")
+        print("\n".join(lines))
+        return
     if a.bound:
         print(f"Machine: {machine()}.")
         print("\n".join(bound_report(a.policy, a.jobs)))

@@ -79,3 +79,31 @@ def test_a_jobs_wait_factor_reaches_the_simulation_and_the_curves_point_wins(mon
     b._simulate(b.Job("slora-a10g-sweep", 2.0, "slo", wait_factor=4.0, slo_wait_factor=1.0))
     b._simulate(b.Job("slora-a10g-sweep", 2.0, "slo"))
     assert seen == [1.0, 4.0, SchedulerConfig.slo_wait_factor]
+
+
+def test_adapter_waits_are_the_largest_and_the_median_of_the_adapters_p99_waits():
+    """`--ratio-seeds` and the W1 rate-2 check: per adapter the p99 of arrival -> first scheduled,
+    then the largest and the median over adapters; requests never scheduled do not count."""
+    b = _bench()
+    recs = [
+        Record(0, 1, "a1", 0.0, 8, 8, first_scheduled=1.0),
+        Record(1, 1, "a1", 0.0, 8, 8, first_scheduled=1.0),
+        Record(2, 2, "a2", 5.0, 8, 8, first_scheduled=7.0),
+        Record(3, 3, "a3", 0.0, 8, 8, first_scheduled=9.0),
+        Record(4, 3, "a3", 0.0, 8, 8, first_scheduled=None),  # aborted in the queue
+    ]
+    top, median = b.adapter_waits(recs)
+    assert (top, median) == (pytest.approx(9.0), pytest.approx(2.0))  # adapters' p99s: 1, 2, 9
+    assert b.adapter_waits([Record(0, 1, "a1", 0.0, 8, 8)]) == (0.0, 0.0)
+
+
+def test_a_jobs_seed_reaches_the_workload_and_the_simulation(monkeypatch):
+    """`--ratio-seeds`: a job's seed draws its workload and seeds the simulation; None is SEED."""
+    b = _bench()
+    seen = []
+    monkeypatch.setattr(b, "simulate", lambda wl, prof, s: seen.append((s.seed, wl.requests[0].arrival)))
+    b._simulate(b.Job("slora-a10g-sweep", 2.0, "slo", seed=5))
+    b._simulate(b.Job("slora-a10g-sweep", 2.0, "slo"))
+    b._simulate(b.Job("slora-a10g-sweep", 2.0, "slo", seed=b.SEED))
+    assert [s for s, _ in seen] == [5, b.SEED, b.SEED]
+    assert seen[0][1] != seen[1][1] and seen[1] == seen[2]  # another seed, another trace

@@ -7,19 +7,11 @@ policies and `Scheduler` are as shipped afterwards."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.utils import import_benchmark
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_slo_resume
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return bench_slo_resume
+    return import_benchmark("bench_slo_resume")
 
 
 def test_resume_late_trades_stalls_for_first_tokens_and_is_put_back():

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
 from loramux.config import SchedulerConfig
 from loramux.core.adapters import AdapterManager
 from loramux.core.kv_manager import KVCacheManager
@@ -108,3 +113,13 @@ def stop_across_chunks(pieces: list[str]) -> str:
         if p and len(stop) == 2 and "\ufffd" not in stop and full.find(stop) == b - 1:
             return stop
     raise AssertionError(f"no chunk boundary to stop at in {pieces!r}")
+
+
+def import_benchmark(name: str) -> ModuleType:
+    """A script under benchmarks/ as a module (its sibling imports found while it loads)."""
+    where = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, where)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(where)

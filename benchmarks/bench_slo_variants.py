@@ -1,0 +1,208 @@
+"""Issue 26: `slo`'s wait cap and margin, varied, on every check of the issue and several draws.
+
+    python benchmarks/bench_slo_variants.py [--seeds 42,1,2] [--variants slo,cap-follows,...] [--jobs 2]
+
+Not a test, and not a policy: an experiment. Each variant is patched onto `SloPolicy` inside the
+worker for its own simulations only, then put back (nothing in `loramux/` changes):
+- `slo`: as shipped;
+- `cap-follows`: a request that went first because it passed the wait cap goes back behind the
+  fresh work when the cap grows past its wait again (a burst arrives); as shipped, it stays first;
+- `margin-1/12`: a fresh request counts as missed 0.5 s before the 6 s target instead of 1 s;
+- `learned-margin`: that margin is the p90 of the last 64 admission -> first token times seen;
+- `saturation-switch` (the issue's "LIFO only past saturation"): while FCFS's estimated wait
+  (waiting / admissions per second, as the cap uses) is under 1.5x the target, a missed request
+  goes first at once, as in FCFS; past it, the cap as shipped.
+For each seed, the workloads are drawn and simulated with that seed, fcfs / affinity / fair once,
+and `bench_policy.report` counts the checks each variant holds (86: W1-W5 and the adapter wait
+ratio). Prints the checks held per variant and seed, the failing ones on the first seed, and
+attainment / p99 TTFT / adapter wait ratio at the W1 and W3 points where the variants differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import replace
+
+import bench_policy as bp
+from bench_slo_resume import W1, W3, _name, _patched
+
+from loramux.bench.report import machine
+from loramux.core import policies
+
+SLO = policies.SloPolicy
+SLO_AGE, SLO_MOVE, SLO_SCHEDULE = SLO._age, SLO._move, SLO.schedule
+SATURATION = 1.5  # saturation-switch: FCFS's estimated wait, in targets, past which the cap applies
+LEAD_WINDOW, LEAD_QUANTILE = 64, 0.9  # learned-margin
+
+
+def _move_noting(self: policies.SloPolicy, req: policies.Request, band: int) -> None:
+    """As shipped; and while aging, a move to FIRST is a promotion past the cap: remember it."""
+    SLO_MOVE(self, req, band)
+    if band == self.FIRST and self.__dict__.get("_aging"):
+        self.__dict__.setdefault("_capped", deque()).append(req)
+
+
+def _age_cap_follows(self: policies.SloPolicy, now: float) -> None:
+    """As shipped, then what went first past the cap goes back to MISSED, youngest first, while
+    its wait is under the cap now (promotions pop the oldest missed request, so the remembered
+    ones are older than any missed one and stay in arrival order)."""
+    self._aging = True  # type: ignore[attr-defined]
+    try:
+        SLO_AGE(self, now)
+    finally:
+        self._aging = False  # type: ignore[attr-defined]
+    capped = self.__dict__.setdefault("_capped", deque())
+    too_long = now - self.wait_cap(now)
+    while capped and (not _waits_capped(self, capped[-1]) or capped[-1].arrival_time > too_long):
+        req = capped.pop()
+        if _waits_capped(self, req):
+            SLO_MOVE(self, req, self.MISSED)
+            self._missed.appendleft(req)
+
+
+def _waits_capped(self: policies.SloPolicy, req: policies.Request) -> bool:
+    """Still waiting first because of the cap: never admitted since (a preempted request is
+    first for that reason, and stays)."""
+    return self._band_of(req) == self.FIRST and req.first_scheduled_time is None
+
+
+def _age_learned_margin(self: policies.SloPolicy, now: float) -> None:
+    lead = self.__dict__.get("_lead")
+    if lead is None:
+        return SLO_AGE(self, now)
+    margin = min(lead, self.ttft_slo_s / 2) / self.ttft_slo_s
+    with _patched_instance(self, MARGIN=margin):
+        SLO_AGE(self, now)
+    return None
+
+
+@contextmanager
+def _patched_instance(obj: object, **attrs: object) -> Iterator[None]:
+    """Set `attrs` on `obj` itself (not its class, so an inherited one may be shadowed), then
+    remove them."""
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k in attrs:
+            delattr(obj, k)
+
+
+def _on_tokens_learning(self: policies.SloPolicy, reqs: list[policies.Request]) -> None:
+    pending = self.__dict__.setdefault("_pending", [])
+    for r in reqs:
+        if r.num_output_tokens == 1 and r.num_preemptions == 0 and r.first_scheduled_time is not None:
+            pending.append(r.first_scheduled_time)
+
+
+def _schedule_learning(self: policies.SloPolicy, admit: object, view: object, now: float) -> None:
+    """The first tokens of the last step came out by this step's start: their lead times end now.
+    (`on_output_tokens` is inherited, so it is set on the instance, not patched on the class.)"""
+    if "on_output_tokens" not in self.__dict__:
+        self.on_output_tokens = _on_tokens_learning.__get__(self)  # type: ignore[method-assign]
+    pending = self.__dict__.setdefault("_pending", [])
+    if pending:
+        leads = self.__dict__.setdefault("_leads", deque(maxlen=LEAD_WINDOW))
+        leads.extend(now - t for t in pending)
+        pending.clear()
+        ordered = sorted(leads)
+        self._lead = ordered[min(len(ordered) - 1, int(LEAD_QUANTILE * len(ordered)))]  # type: ignore[attr-defined]
+    SLO_SCHEDULE(self, admit, view, now)  # type: ignore[arg-type]
+
+
+def _wait_cap_switch(self: policies.SloPolicy, now: float) -> float:
+    window = self._admissions
+    while window and window[0] < now - self.RATE_WINDOW_S:
+        window.popleft()
+    span = 0.0 if self._start is None else min(self.RATE_WINDOW_S, now - self._start)
+    fcfs_wait = len(self) * span / len(window) if window and span > 0 else 0.0
+    if fcfs_wait < SATURATION * self.ttft_slo_s:
+        return 0.0
+    return max(self.MIN_CAP * self.ttft_slo_s, self.wait_factor * fcfs_wait)
+
+
+VARIANTS: dict[str, Callable[[], AbstractContextManager[None]]] = {
+    "slo": nullcontext,
+    "cap-follows": lambda: _patched(SLO, _age=_age_cap_follows, _move=_move_noting),
+    "margin-1/12": lambda: _patched(SLO, MARGIN=1 / 12),
+    "learned-margin": lambda: _patched(SLO, _age=_age_learned_margin, schedule=_schedule_learning),
+    "saturation-switch": lambda: _patched(SLO, wait_cap=_wait_cap_switch),
+}
+
+
+def run(item: tuple[str, bp.Job]) -> tuple[str, bp.Result]:
+    variant, job = item
+    with VARIANTS[variant]():
+        return variant, bp.run(job)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="42,1,2")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--jobs", type=int, default=2)
+    a = p.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    variants = a.variants.split(",")
+    every = [j for j in bp.jobs("slo", []) if j.wait_factor is None]
+    todo = [("", replace(j, seed=sd)) for sd in seeds for j in every if j.policy != "slo"]
+    todo += [(v, replace(j, seed=sd)) for v in variants for sd in seeds for j in every if j.policy == "slo"]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(a.jobs) as ex:
+        done = list(ex.map(run, [(v or "slo", j) for v, j in todo], chunksize=2))
+    print(f"{len(todo)} simulations in {time.perf_counter() - t0:.0f} s; {machine()}\n")
+    base = {
+        sd: [r for (v, _), (_, r) in zip(todo, done, strict=True) if not v and r.job.seed == sd]
+        for sd in seeds
+    }
+    mine = {
+        (v, sd): [r for (w, _), (_, r) in zip(todo, done, strict=True) if w == v and r.job.seed == sd]
+        for v in variants
+        for sd in seeds
+    }
+    held = {k: bp.report(base[k[1]] + rs, "slo")[1:] for k, rs in mine.items()}
+    print("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | sum |")
+    print("|---|" + "---|" * (len(seeds) + 1))
+    for v in variants:
+        counts = [held[(v, sd)][0] for sd in seeds]
+        total = sum(n + len(held[(v, sd)][1]) for sd, n in zip(seeds, counts, strict=True))
+        print(
+            f"| {v} | "
+            + " | ".join(f"{n} / {n + len(held[(v, s)][1])}" for s, n in zip(seeds, counts, strict=True))
+            + f" | {sum(counts)} / {total} |"
+        )
+    print(f"\nfailing on seed {seeds[0]}:\n")
+    for v in variants:
+        print(f"- {v}: " + "; ".join(held[(v, seeds[0])][1]))
+    shown = [(W1, 2.0, False), (W1, 2.5, False)]
+    shown += [(W3, cv, ab) for cv in (2.0, 4.0, 6.0, 8.0) for ab in (False, True)]
+    for sd in seeds:
+        print(f"\nseed {sd}: attainment / p99 TTFT s (W1 rate 2 also: the adapter wait ratio)\n")
+        cols = [*bp.BASELINES, *variants]
+        print("| point | " + " | ".join(cols) + " |")
+        print("|---|" + "---|" * len(cols))
+        for suite, pt, ab in shown:
+            cells = []
+            for c in cols:
+                rs = base[sd] if c in bp.BASELINES else mine[(c, sd)]
+                r = next(
+                    r
+                    for r in rs
+                    if r.job.policy == ("slo" if c in variants else c)
+                    and (r.job.suite, r.job.point, r.job.abort) == (suite, pt, ab)
+                )
+                cell = f"{r.attainment:.3f} / {r.p99:.1f}"
+                if (suite, pt, ab) == (W1, 2.0, False):
+                    cell += f" / {r.adapter_wait_ratio:.2f}"
+                cells.append(cell)
+            print(f"| {_name(suite, pt, ab)} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
