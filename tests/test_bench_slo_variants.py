@@ -88,8 +88,8 @@ def test_variants_change_w3_and_w1_as_recorded_and_leave_slo_as_shipped():
 
 def test_a_smaller_or_learned_margin_serves_the_request_slo_misses_on_w1_seed_1():
     """W1 rate 2, seed 1: slo misses one request (658 tokens, its last second spent with the pool
-    full); counting it missed 0.5 s before the target, or after the admission -> first token time
-    seen (under 0.5 s), serves it on time. The learned margin must learn: unlearned it is slo."""
+    full); counting it missed 0.5 s before the target, or the p90 of the admission -> first token
+    times seen before it, serves it on time. The learned margin must learn: unlearned it is slo."""
     b = _bench()
     job = b.bp.Job(b.W1, 2.0, "slo", seed=1)
     slo = b.run(("slo", job))[1]
