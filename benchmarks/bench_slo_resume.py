@@ -75,14 +75,19 @@ class Row:
 
 @contextmanager
 def _patched(obj: object, **attrs: object) -> Iterator[None]:
-    old = {k: obj.__dict__[k] for k in attrs}
+    """Set `attrs` on `obj` (a class: an inherited one is shadowed), then put back what it had."""
+    missing = object()
+    old = {k: obj.__dict__.get(k, missing) for k in attrs}
     for k, v in attrs.items():
         setattr(obj, k, v)
     try:
         yield
     finally:
         for k, v in old.items():
-            setattr(obj, k, v)
+            if v is missing:
+                delattr(obj, k)
+            else:
+                setattr(obj, k, v)
 
 
 def _resume_late(self: policies.SloPolicy, req: policies.Request, front: bool = False) -> None:

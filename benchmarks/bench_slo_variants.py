@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 
 import bench_policy as bp
@@ -72,26 +72,11 @@ def _waits_capped(self: policies.SloPolicy, req: policies.Request) -> bool:
 
 
 def _age_learned_margin(self: policies.SloPolicy, now: float) -> None:
+    """As shipped, with the margin the lead times give once there are some."""
     lead = self.__dict__.get("_lead")
-    if lead is None:
-        return SLO_AGE(self, now)
-    margin = min(lead, self.ttft_slo_s / 2) / self.ttft_slo_s
-    with _patched_instance(self, MARGIN=margin):
-        SLO_AGE(self, now)
-    return None
-
-
-@contextmanager
-def _patched_instance(obj: object, **attrs: object) -> Iterator[None]:
-    """Set `attrs` on `obj` itself (not its class, so an inherited one may be shadowed), then
-    remove them."""
-    for k, v in attrs.items():
-        setattr(obj, k, v)
-    try:
-        yield
-    finally:
-        for k in attrs:
-            delattr(obj, k)
+    if lead is not None:
+        self.MARGIN = min(lead, self.ttft_slo_s / 2) / self.ttft_slo_s  # type: ignore[misc]
+    SLO_AGE(self, now)
 
 
 def _on_tokens_learning(self: policies.SloPolicy, reqs: list[policies.Request]) -> None:
@@ -102,10 +87,7 @@ def _on_tokens_learning(self: policies.SloPolicy, reqs: list[policies.Request]) 
 
 
 def _schedule_learning(self: policies.SloPolicy, admit: object, view: object, now: float) -> None:
-    """The first tokens of the last step came out by this step's start: their lead times end now.
-    (`on_output_tokens` is inherited, so it is set on the instance, not patched on the class.)"""
-    if "on_output_tokens" not in self.__dict__:
-        self.on_output_tokens = _on_tokens_learning.__get__(self)  # type: ignore[method-assign]
+    """The first tokens of the last step came out by this step's start: their lead times end now."""
     pending = self.__dict__.setdefault("_pending", [])
     if pending:
         leads = self.__dict__.setdefault("_leads", deque(maxlen=LEAD_WINDOW))
@@ -131,7 +113,9 @@ VARIANTS: dict[str, Callable[[], AbstractContextManager[None]]] = {
     "slo": nullcontext,
     "cap-follows": lambda: _patched(SLO, _age=_age_cap_follows, _move=_move_noting),
     "margin-1/12": lambda: _patched(SLO, MARGIN=1 / 12),
-    "learned-margin": lambda: _patched(SLO, _age=_age_learned_margin, schedule=_schedule_learning),
+    "learned-margin": lambda: _patched(
+        SLO, _age=_age_learned_margin, on_output_tokens=_on_tokens_learning, schedule=_schedule_learning
+    ),
     "saturation-switch": lambda: _patched(SLO, wait_cap=_wait_cap_switch),
 }
 
@@ -151,18 +135,15 @@ def main() -> None:
     seeds = [int(s) for s in a.seeds.split(",")]
     variants = a.variants.split(",")
     every = [j for j in bp.jobs("slo", []) if j.wait_factor is None]
-    todo = [("", replace(j, seed=sd)) for sd in seeds for j in every if j.policy != "slo"]
+    todo = [("slo", replace(j, seed=sd)) for sd in seeds for j in every if j.policy != "slo"]
     todo += [(v, replace(j, seed=sd)) for v in variants for sd in seeds for j in every if j.policy == "slo"]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.jobs) as ex:
-        done = list(ex.map(run, [(v or "slo", j) for v, j in todo], chunksize=2))
+        done = list(ex.map(run, todo, chunksize=2))
     print(f"{len(todo)} simulations in {time.perf_counter() - t0:.0f} s; {machine()}\n")
-    base = {
-        sd: [r for (v, _), (_, r) in zip(todo, done, strict=True) if not v and r.job.seed == sd]
-        for sd in seeds
-    }
+    base = {sd: [r for _, r in done if r.job.policy != "slo" and r.job.seed == sd] for sd in seeds}
     mine = {
-        (v, sd): [r for (w, _), (_, r) in zip(todo, done, strict=True) if w == v and r.job.seed == sd]
+        (v, sd): [r for w, r in done if r.job.policy == "slo" and w == v and r.job.seed == sd]
         for v in variants
         for sd in seeds
     }
