@@ -12,17 +12,26 @@ worker for its own simulations only, then put back (nothing in `loramux/` change
 - `saturation-switch` (the issue's "LIFO only past saturation"): while FCFS's estimated wait
   (waiting / admissions per second, as the cap uses) is under 1.5x the target, a missed request
   goes first at once, as in FCFS; past it, the cap as shipped.
+- `vtc-bound-B` (B in `VTC_BOUNDS`; the issue's "VTC as a bound on service difference rather than
+  the order"): slo's order, except that a tenant whose VTC counter (input + 2 x output tokens, as
+  `fair` charges; lifted to the least backlogged counter on becoming backlogged) is more than B
+  tokens above the least counter among backlogged tenants waits behind every other tenant's work,
+  least counter first, slo's order within the tenant. Its preempted requests wait too, as `fair`
+  puts them back by their tenant's counter (exempting them, vLLM's resume order, leaves W4
+  overload at 172 / 69 for B = 50, against 108 / 33). Only the request reserving an adapter slot
+  is exempt.
 For each seed, the workloads are drawn and simulated with that seed, fcfs / affinity / fair once,
 and `bench_policy.report` counts the checks each variant holds (86: W1-W5 and the adapter wait
 ratio). Prints the checks held per variant and seed, the failing ones on the first seed, and
-attainment / p99 TTFT / adapter wait ratio at the W1 and W3 points where the variants differ.
+attainment / p99 TTFT / adapter wait ratio at the W1 and W3 points where the variants differ,
+and W4's service difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -33,11 +42,14 @@ from bench_slo_resume import W1, W3, _name, _patched
 
 from loramux.bench.report import machine
 from loramux.core import policies
+from loramux.sim.workloads import SUITES
 
 SLO = policies.SloPolicy
 SLO_AGE, SLO_MOVE, SLO_SCHEDULE = SLO._age, SLO._move, SLO.schedule
+SLO_ADD, SLO_REMOVE, SLO_ADMITTED, SLO_PRIORITY = SLO.add, SLO.remove, SLO.on_admitted, SLO.priority
 SATURATION = 1.5  # saturation-switch: FCFS's estimated wait, in targets, past which the cap applies
 LEAD_WINDOW, LEAD_QUANTILE = 64, 0.9  # learned-margin
+W4 = "vtc-fairness"
 
 
 def _move_noting(self: policies.SloPolicy, req: policies.Request, band: int) -> None:
@@ -109,6 +121,115 @@ def _wait_cap_switch(self: policies.SloPolicy, now: float) -> float:
     return max(self.MIN_CAP * self.ttft_slo_s, self.wait_factor * fcfs_wait)
 
 
+OVER = 3  # vtc-bound: the band after MISSED, for the tenants past the bound
+VTC_BOUNDS = (4000, 1000, 250, 50)  # tokens
+VTC_BOUND = 0.0  # the variant's bound, set in the worker by `_vtc_bound`
+
+
+class _Vtc:
+    """vtc-bound's bookkeeping on one SloPolicy: fair's counters and backlog, the least backlogged
+    counter as of the step's start, and which tenants are past the bound."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, float] = {}
+        self.backlog: Counter[str] = Counter()
+        self.least = 0.0
+        self.over: set[str] = set()
+        self.view: object = None
+
+    def is_over(self, tenant: str) -> bool:
+        return self.counters.get(tenant, 0.0) > self.least + VTC_BOUND
+
+    def left(self, tenant: str) -> None:
+        self.backlog[tenant] -= 1
+        if not self.backlog[tenant]:
+            del self.backlog[tenant]
+
+
+def _vtc(self: policies.SloPolicy) -> _Vtc:
+    v = self.__dict__.get("_vtc")
+    if v is None:
+        v = self.__dict__["_vtc"] = _Vtc()
+    return v
+
+
+def _group_key_tenant(self: policies.SloPolicy, req: policies.Request) -> object:
+    band, bucket = self._band[req.arrival_seq]  # type: ignore[index]
+    return (band, bucket, req.adapter_uid, req.tenant)
+
+
+def _priority_bounded(self: policies.SloPolicy, key: object, head: policies.Request) -> policies.Priority:
+    band, bucket, uid, tenant = key  # type: ignore[misc]
+    prio = SLO_PRIORITY(self, (band, bucket, uid), head)
+    v = _vtc(self)
+    if (band == self.FIRST and head is getattr(v.view, "reservation", None)) or not v.is_over(tenant):
+        return prio
+    return (OVER, v.counters[tenant], *prio)  # within the tenant, slo's bands
+
+
+def _add_counted(self: policies.SloPolicy, req: policies.Request, front: bool = False) -> None:
+    v = _vtc(self)
+    t = req.tenant
+    if not v.backlog[t] and not front:  # becoming backlogged: lifted, as fair does
+        low = min((v.counters.get(u, 0.0) for u in v.backlog), default=None)
+        own = v.counters.get(t, 0.0)
+        v.counters[t] = own if low is None else max(own, low)
+    v.backlog[t] += 1
+    SLO_ADD(self, req, front)
+
+
+def _remove_counted(self: policies.SloPolicy, req: policies.Request) -> bool:
+    removed = SLO_REMOVE(self, req)
+    if removed:
+        _vtc(self).left(req.tenant)
+    return removed
+
+
+def _admitted_charged(self: policies.SloPolicy, req: policies.Request) -> None:
+    v = _vtc(self)
+    v.left(req.tenant)
+    if req.num_preemptions == 0:
+        v.counters[req.tenant] = v.counters.get(req.tenant, 0.0) + req.num_prompt_tokens
+    SLO_ADMITTED(self, req)
+
+
+def _tokens_charged(self: policies.SloPolicy, reqs: list[policies.Request]) -> None:
+    counters = _vtc(self).counters
+    for r in reqs:
+        counters[r.tenant] = counters.get(r.tenant, 0.0) + 2.0
+
+
+def _schedule_bounded(self: policies.SloPolicy, admit: object, view: object, now: float) -> None:
+    """The least backlogged counter as of this step; the groups of a tenant that fell back under
+    the bound are re-filed (a rise in priority surfaces by itself, a fall would not)."""
+    v = _vtc(self)
+    v.view = view
+    v.least = min((v.counters.get(u, 0.0) for u in v.backlog), default=0.0)
+    over = {t for t in v.backlog if v.is_over(t)}
+    back = v.over - over
+    v.over = over
+    if back:
+        for key in list(self.groups.queues):
+            if key[3] in back:  # type: ignore[index]
+                self.groups.refile(key)
+    SLO_SCHEDULE(self, admit, view, now)  # type: ignore[arg-type]
+
+
+def _vtc_bound(bound: float) -> AbstractContextManager[None]:
+    global VTC_BOUND
+    VTC_BOUND = bound
+    return _patched(
+        SLO,
+        group_key=_group_key_tenant,
+        priority=_priority_bounded,
+        add=_add_counted,
+        remove=_remove_counted,
+        on_admitted=_admitted_charged,
+        on_output_tokens=_tokens_charged,
+        schedule=_schedule_bounded,
+    )
+
+
 VARIANTS: dict[str, Callable[[], AbstractContextManager[None]]] = {
     "slo": nullcontext,
     "cap-follows": lambda: _patched(SLO, _age=_age_cap_follows, _move=_move_noting),
@@ -117,6 +238,7 @@ VARIANTS: dict[str, Callable[[], AbstractContextManager[None]]] = {
         SLO, _age=_age_learned_margin, on_output_tokens=_on_tokens_learning, schedule=_schedule_learning
     ),
     "saturation-switch": lambda: _patched(SLO, wait_cap=_wait_cap_switch),
+    **{f"vtc-bound-{b}": (lambda b=b: _vtc_bound(b)) for b in VTC_BOUNDS},
 }
 
 
@@ -183,6 +305,18 @@ def main() -> None:
                     cell += f" / {r.adapter_wait_ratio:.2f}"
                 cells.append(cell)
             print(f"| {_name(suite, pt, ab)} | " + " | ".join(cells) + " |")
+        print(f"\nseed {sd}: W4 max / mean service difference, tokens/s\n")
+        cols = ["fcfs", "fair", *variants]
+        print("| scenario | " + " | ".join(cols) + " |")
+        print("|---|" + "---|" * len(cols))
+        for sc in SUITES[W4].points:
+            cells = []
+            for c in cols:
+                rs = base[sd] if c in bp.BASELINES else mine[(c, sd)]
+                pol = "slo" if c in variants else c
+                r = next(r for r in rs if r.job.policy == pol and (r.job.suite, r.job.point) == (W4, sc))
+                cells.append(f"{r.max_diff:.0f} / {r.avg_diff:.0f}, {r.tokens_per_s:.0f}")
+            print(f"| {sc} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
