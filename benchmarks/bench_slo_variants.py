@@ -20,6 +20,9 @@ worker for its own simulations only, then put back (nothing in `loramux/` change
   puts them back by their tenant's counter (exempting them, vLLM's resume order, leaves W4
   overload at 172 / 69 for B = 50, against 108 / 33). Only the request reserving an adapter slot
   is exempt.
+- `fresh-watermark`: the KV watermark binds only admissions of requests that can no longer make
+  the target (bench_slo_resume's `resume-late+fresh` without its resume order: a preempted
+  request goes back first, as shipped).
 For each seed, the workloads are drawn and simulated with that seed, fcfs / affinity / fair once,
 and `bench_policy.report` counts the checks each variant holds (86: W1-W5 and the adapter wait
 ratio). Prints the checks held per variant and seed, the failing ones on the first seed, and
@@ -38,10 +41,10 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 
 import bench_policy as bp
-from bench_slo_resume import W1, W3, _name, _patched
+from bench_slo_resume import W1, W3, _admitter_noting, _headroom_unless_fresh, _name, _patched
 
 from loramux.bench.report import machine
-from loramux.core import policies
+from loramux.core import policies, scheduler
 from loramux.sim.workloads import SUITES
 
 SLO = policies.SloPolicy
@@ -239,6 +242,9 @@ VARIANTS: dict[str, Callable[[], AbstractContextManager[None]]] = {
     ),
     "saturation-switch": lambda: _patched(SLO, wait_cap=_wait_cap_switch),
     **{f"vtc-bound-{b}": (lambda b=b: _vtc_bound(b)) for b in VTC_BOUNDS},
+    "fresh-watermark": lambda: _patched(
+        scheduler.Scheduler, _admitter=_admitter_noting, _headroom=_headroom_unless_fresh
+    ),
 }
 
 

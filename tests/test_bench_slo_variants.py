@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from loramux.core import policies
+from loramux.core import policies, scheduler
 from loramux.core.request import Request
 from tests.utils import import_benchmark
 
@@ -73,7 +73,8 @@ def test_saturation_switch_caps_at_zero_below_saturation_and_as_shipped_past_it(
 
 def test_variants_change_w3_and_w1_as_recorded_and_leave_slo_as_shipped():
     """W3 cv 8 (seed 42): cap-follows reaches more first tokens than slo; W1 rate 2: the
-    saturation switch holds the adapter wait ratio (<= 3) that slo does not."""
+    saturation switch holds the adapter wait ratio (<= 3) that slo does not, and the watermark
+    for missed admissions only loses requests on target (0.878 against 0.937)."""
     b = _bench()
     bp = b.bp
     w3 = bp.Job(b.W3, 8.0, "slo")
@@ -84,6 +85,10 @@ def test_variants_change_w3_and_w1_as_recorded_and_leave_slo_as_shipped():
     assert follows.attainment > slo3.attainment + 0.02
     assert slo1.adapter_wait_ratio > 3.0 >= switch.adapter_wait_ratio
     assert b.run(("slo", w3))[1] == slo3  # put back: the same run, the same result
+    # the watermark for missed admissions only: fresh ones take the last pages, and W1 loses
+    headroom = scheduler.Scheduler._headroom
+    assert b.run(("fresh-watermark", w1))[1].attainment < slo1.attainment - 0.03
+    assert scheduler.Scheduler._headroom is headroom
 
 
 def test_a_smaller_or_learned_margin_serves_the_request_slo_misses_on_w1_seed_1():
