@@ -39,11 +39,6 @@ WARMUP_S = 30.0  # as the fairness metric's
 POLICIES = ("fcfs", "fair", "slo")
 
 
-def cost(r: SimRequest) -> float:
-    """VTC's service for one request: input + 2 x output tokens."""
-    return r.input_len + 2.0 * r.output_len
-
-
 def waterfill(backlog: np.ndarray, capacity: float) -> np.ndarray:
     """Split `capacity` equally among the entries with backlog, none taking more than its own."""
     alloc = np.zeros_like(backlog)
@@ -66,7 +61,8 @@ def fluid_waits(reqs: list[SimRequest], capacity: float, per_tenant: bool, dt: f
         queues[key(r)].append(r)
     names = list(queues)
     k = len(names)
-    prefix = [np.cumsum([0.0] + [cost(r) for r in queues[t]]) for t in names]  # work before each
+    # the work before each request: VTC's service, as the fairness metric counts it
+    prefix = [np.cumsum([0.0] + [m.service(r) for r in queues[t]]) for t in names]  # type: ignore[arg-type]
     arrived = np.zeros(k, int)  # requests of each queue that have arrived
     started = np.zeros(k, int)  # requests of each queue whose service began
     served = np.zeros(k)  # service each queue has had

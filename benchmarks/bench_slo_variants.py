@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -130,23 +130,21 @@ VTC_BOUND = 0.0  # the variant's bound, set in the worker by `_vtc_bound`
 
 
 class _Vtc:
-    """vtc-bound's bookkeeping on one SloPolicy: fair's counters and backlog, the least backlogged
-    counter as of the step's start, and which tenants are past the bound."""
+    """vtc-bound's bookkeeping on one SloPolicy: a shadow `FairPolicy` that sees every request
+    come and go, so the counters, their lift and the least backlogged counter are fair's own; the
+    least counter as of the step's start, and which tenants are past the bound."""
 
     def __init__(self) -> None:
-        self.counters: dict[str, float] = {}
-        self.backlog: Counter[str] = Counter()
+        self.fair = policies.FairPolicy(starvation_timeout_s=0.0)
         self.least = 0.0
         self.over: set[str] = set()
         self.view: object = None
 
-    def is_over(self, tenant: str) -> bool:
-        return self.counters.get(tenant, 0.0) > self.least + VTC_BOUND
+    def counter(self, tenant: str) -> float:
+        return self.fair.counters.get(tenant, 0.0)
 
-    def left(self, tenant: str) -> None:
-        self.backlog[tenant] -= 1
-        if not self.backlog[tenant]:
-            del self.backlog[tenant]
+    def is_over(self, tenant: str) -> bool:
+        return self.counter(tenant) > self.least + VTC_BOUND
 
 
 def _vtc(self: policies.SloPolicy) -> _Vtc:
@@ -167,39 +165,30 @@ def _priority_bounded(self: policies.SloPolicy, key: object, head: policies.Requ
     v = _vtc(self)
     if (band == self.FIRST and head is getattr(v.view, "reservation", None)) or not v.is_over(tenant):
         return prio
-    return (OVER, v.counters[tenant], *prio)  # within the tenant, slo's bands
+    return (OVER, v.counter(tenant), *prio)  # within the tenant, slo's bands
 
 
 def _add_counted(self: policies.SloPolicy, req: policies.Request, front: bool = False) -> None:
-    v = _vtc(self)
-    t = req.tenant
-    if not v.backlog[t] and not front:  # becoming backlogged: lifted, as fair does
-        low = min((v.counters.get(u, 0.0) for u in v.backlog), default=None)
-        own = v.counters.get(t, 0.0)
-        v.counters[t] = own if low is None else max(own, low)
-    v.backlog[t] += 1
+    _vtc(self).fair.add(req, front)  # lifted on becoming backlogged, as fair does
     SLO_ADD(self, req, front)
 
 
 def _remove_counted(self: policies.SloPolicy, req: policies.Request) -> bool:
     removed = SLO_REMOVE(self, req)
     if removed:
-        _vtc(self).left(req.tenant)
+        _vtc(self).fair.remove(req)
     return removed
 
 
 def _admitted_charged(self: policies.SloPolicy, req: policies.Request) -> None:
-    v = _vtc(self)
-    v.left(req.tenant)
-    if req.num_preemptions == 0:
-        v.counters[req.tenant] = v.counters.get(req.tenant, 0.0) + req.num_prompt_tokens
+    fair = _vtc(self).fair
+    fair.groups.remove(fair.group_key(req), req)  # as fair's own admission takes it off its queue
+    fair.on_admitted(req)
     SLO_ADMITTED(self, req)
 
 
 def _tokens_charged(self: policies.SloPolicy, reqs: list[policies.Request]) -> None:
-    counters = _vtc(self).counters
-    for r in reqs:
-        counters[r.tenant] = counters.get(r.tenant, 0.0) + 2.0
+    _vtc(self).fair.on_output_tokens(reqs)
 
 
 def _schedule_bounded(self: policies.SloPolicy, admit: object, view: object, now: float) -> None:
@@ -207,8 +196,9 @@ def _schedule_bounded(self: policies.SloPolicy, admit: object, view: object, now
     the bound are re-filed (a rise in priority surfaces by itself, a fall would not)."""
     v = _vtc(self)
     v.view = view
-    v.least = min((v.counters.get(u, 0.0) for u in v.backlog), default=0.0)
-    over = {t for t in v.backlog if v.is_over(t)}
+    least = v.fair._least_counter()
+    v.least = 0.0 if least is None else least
+    over = {t for t in v.fair._backlog if v.is_over(t)}
     back = v.over - over
     v.over = over
     if back:

@@ -140,15 +140,15 @@ def test_vtc_bound_puts_a_tenant_past_the_bound_behind_the_others_preempted_or_n
         heavy, light = _tenant_req(0, "heavy", 0.0), _tenant_req(1, "light", 0.5)
         pol.add(heavy)
         pol.add(light)
-        b._vtc(pol).counters["heavy"] += 40  # within the bound: deadline order
+        b._vtc(pol).fair.counters["heavy"] += 40  # within the bound: deadline order
         assert order(pol)[:2] == ["heavy-0", "light-1"]
-        b._vtc(pol).counters["heavy"] += 20  # 60 tokens above light: past it
+        b._vtc(pol).fair.counters["heavy"] += 20  # 60 tokens above light: past it
         assert order(pol)[:2] == ["light-1", "heavy-0"]
         pre = _tenant_req(2, "heavy", 0.2)
         pre.num_preemptions = 1
         pol.add(pre, front=True)  # first as shipped, but its tenant is past the bound
         assert order(pol) == ["light-1", "heavy-2", "heavy-0"]
-        b._vtc(pol).counters["light"] += 30  # the least counter catches up: heavy is back within
+        b._vtc(pol).fair.counters["light"] += 30  # the least counter catches up: heavy is back within
         assert order(pol)[0] == "heavy-2"
     assert "_vtc" not in policies.SloPolicy.__dict__ and policies.SloPolicy.priority is b.SLO_PRIORITY
 
