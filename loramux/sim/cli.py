@@ -49,6 +49,13 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
         "--slo", type=float, default=6.0, help="TTFT target in seconds (the metrics' and the slo policy's)"
     )
     p.add_argument(
+        "--tpot-slo",
+        type=float,
+        default=None,
+        help="a time-per-output-token target in seconds: the report's attainment then also counts "
+        "it (TTFT under --slo and TPOT at or under this; vLLM's --goodput ttft:..,tpot:..)",
+    )
+    p.add_argument(
         "--abort-after",
         type=float,
         default=None,
@@ -266,6 +273,8 @@ def run_simulate(a: argparse.Namespace) -> Path | None:
         print(f"{'slora':22s} S-LoRA's generator with --rates, --num-adapters, --alpha, --cv, --duration")
         print(f"profiles: {', '.join(shipped_profiles())}")
         return None
+    if a.tpot_slo is not None and not a.tpot_slo > 0:
+        raise SystemExit(f"--tpot-slo {a.tpot_slo:g}: a TPOT target must be positive, in seconds (e.g. 0.15)")
     title, default_profile, sweep, wls, abort = plan(a)
     profile = Profile.load(a.profile or default_profile)
     abort = None if a.no_abort else (a.abort_after if a.abort_after is not None else abort)
@@ -287,12 +296,13 @@ def run_simulate(a: argparse.Namespace) -> Path | None:
         f"max_num_batched_tokens {s.max_num_batched_tokens}, max_loras {s.max_loras}, KV pages "
         f"{s.num_pages or profile.num_pages} of {profile.page_size} tokens"
         + (f", early abort after {abort:g} s of waiting" if abort else "")
-        + f". Seed {a.seed}. SLO: TTFT < {a.slo:g} s.",
+        + f". Seed {a.seed}. SLO: TTFT < {a.slo:g} s"
+        + ("." if a.tpot_slo is None else f"; with a TPOT target, also TPOT <= {a.tpot_slo:g} s."),
         f"Simulated {sum(len(r.records) for _, r in results)} requests in "
         f"{time.perf_counter() - t0:.1f} s of wall time ({len(results)} runs; first run: "
         f"{len(first.records)} requests, {first.steps} steps, {first.wall_seconds:.1f} s).",
     ]
     fairness = all(len({r.tenant for r in res.records}) <= 32 for _, res in results) or sweep == "scenario"
-    path, _ = write_report(out, title, intro, sweep, results, a.slo, fairness)
+    path, _ = write_report(out, title, intro, sweep, results, a.slo, fairness, a.tpot_slo)
     print(path.read_text())
     return path

@@ -4,6 +4,9 @@ Boundary: records in, numbers out; no engine.
 
     ttft          = first token - arrival (queueing, adapter load and prefill included)
     attainment    = mean over all issued requests of 1[ttft < slo]; aborted or unserved -> 0
+    tpot          = (finish - first token) / (output tokens - 1), 0 for one token      (vLLM's TPOT)
+    attainment with a TPOT target = mean of 1[ttft < slo and tpot <= tpot_slo]; unfinished -> 0
+                    (DistServe's SLO attainment; vLLM's `--goodput ttft:.. tpot:..` over requests)
     satisfaction  = mean over all issued requests of (1 - ttft^2 / slo^2 if ttft < slo else 0)
     throughput    = completed / (last completion - first arrival)       (S-LoRA's; capped by load)
     capacity      = the highest rate whose attainment is >= 0.9
@@ -57,10 +60,26 @@ def token_throughput(records: Sequence[Record]) -> float:
     return sum(r.output_tokens for r in records if not r.aborted) / span if span > 0 else 0.0
 
 
-def attainment(records: Sequence[Record], slo: float = SLO_S) -> float:
+def tpot(r: Record) -> float | None:
+    """Time per output token after the first (vLLM's TPOT); None while unfinished or if aborted."""
+    if r.first_token is None or r.finish is None or r.aborted:
+        return None
+    return (r.finish - r.first_token) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+
+
+def attainment(records: Sequence[Record], slo: float = SLO_S, tpot_slo: float | None = None) -> float:
+    """The share of issued requests whose TTFT is under `slo`; with `tpot_slo`, those that also
+    finish with a TPOT at or under it (a stream that stalls after its first token misses)."""
     if not records:
         return 0.0
-    return sum(1 for r in records if (t := ttft(r)) is not None and t < slo) / len(records)
+    hit = sum(
+        1
+        for r in records
+        if (t := ttft(r)) is not None
+        and t < slo
+        and (tpot_slo is None or ((d := tpot(r)) is not None and d <= tpot_slo))
+    )
+    return hit / len(records)
 
 
 def satisfaction(records: Sequence[Record], slo: float = SLO_S) -> float:
@@ -115,11 +134,7 @@ def per_token_latency(records: Sequence[Record]) -> float:
 
 def decode_per_token(records: Sequence[Record]) -> float:
     """Punica's decode latency per token: the decode phase only, queueing and prefill left out."""
-    done = [
-        (r.finish - r.first_token) / (r.output_tokens - 1)
-        for r in records
-        if r.finish is not None and r.first_token is not None and not r.aborted and r.output_tokens > 1
-    ]
+    done = [d for r in records if r.output_tokens > 1 and (d := tpot(r)) is not None]
     return float(np.mean(done)) if done else math.nan
 
 

@@ -33,7 +33,9 @@ class Row:
     tokens_per_s: float
     ttft: m.Stats
     e2e: m.Stats
+    tpot: m.Stats  # time per output token after the first, s (vLLM's TPOT)
     attainment: float
+    attainment_tpot: float | None  # with the TPOT target as well (None: no target given)
     satisfaction: float
     per_token_latency: float
     decode_per_token: float
@@ -46,7 +48,9 @@ class Row:
     wall_seconds: float  # real
 
 
-def summarize(point: object, res: SimResult, slo: float, fairness: bool = False) -> Row:
+def summarize(
+    point: object, res: SimResult, slo: float, fairness: bool = False, tpot_slo: float | None = None
+) -> Row:
     recs = res.records
     horizon = float(int(max((r.arrival for r in recs), default=0.0)))
     return Row(
@@ -59,7 +63,9 @@ def summarize(point: object, res: SimResult, slo: float, fairness: bool = False)
         m.token_throughput(recs),
         m.ttft_stats(recs),
         m.e2e_stats(recs),
+        m.stats(d for r in recs if (d := m.tpot(r)) is not None),
         m.attainment(recs, slo),
+        None if tpot_slo is None else m.attainment(recs, slo, tpot_slo),
         m.satisfaction(recs, slo),
         m.per_token_latency(recs),
         m.decode_per_token(recs),
@@ -77,18 +83,21 @@ def _f(x: float, nd: int = 2) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def markdown_table(rows: Sequence[Row], sweep: str) -> str:
+def markdown_table(rows: Sequence[Row], sweep: str, tpot_slo: float | None = None) -> str:
+    both = "" if tpot_slo is None else f" / with TPOT <= {1000 * tpot_slo:g} ms"
     head = (
-        f"| {sweep} | policy | req/s | tok/s | TTFT mean / p50 / p90 / p99 (s) | e2e p50 (s) | attainment "
+        f"| {sweep} | policy | req/s | tok/s | TTFT mean / p50 / p90 / p99 (s) | e2e p50 (s) | "
+        f"TPOT p50 / p99 (ms) | attainment{both} "
         "| satisfaction | adapter loads/s | longest wait (s) | aborted | sim s / wall s |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         t = r.ttft
+        att = _f(r.attainment) + ("" if r.attainment_tpot is None else f" / {_f(r.attainment_tpot)}")
         lines.append(
             f"| {r.point} | {r.policy} | {_f(r.throughput)} | {_f(r.tokens_per_s, 0)} | "
             f"{_f(t.mean)} / {_f(t.p50)} / {_f(t.p90)} / {_f(t.p99)} | {_f(r.e2e.p50)} | "
-            f"{_f(r.attainment)} | "
+            f"{_f(1000 * r.tpot.p50, 0)} / {_f(1000 * r.tpot.p99, 0)} | {att} | "
             f"{_f(r.satisfaction)} | {_f(r.loads_per_s)} | {_f(r.longest_wait, 1)} | {r.aborted} | "
             f"{_f(r.sim_seconds, 0)} / {_f(r.wall_seconds, 1)} |"
         )
@@ -224,8 +233,9 @@ def write_report(
     results: Sequence[tuple[str, SimResult]],
     slo: float,
     fairness: bool,
+    tpot_slo: float | None = None,
 ) -> tuple[Path, list[Row]]:
-    rows = [summarize(p, res, slo, fairness) for p, res in results]
+    rows = [summarize(p, res, slo, fairness, tpot_slo) for p, res in results]
     pngs = plot_all(out, sweep, results, rows, slo)
     policies = list(dict.fromkeys(r.policy for r in rows))
     caps = []
@@ -234,7 +244,7 @@ def write_report(
         for pol in policies:
             cap = m.capacity((float(r.point), r.attainment) for r in rows if r.policy == pol)
             caps.append(f"- capacity ({pol}): {'below the lowest rate' if cap is None else f'{cap:g} req/s'}")
-    body = [f"# {title}", "", *intro, "", markdown_table(rows, sweep), ""]
+    body = [f"# {title}", "", *intro, "", markdown_table(rows, sweep, tpot_slo), ""]
     if caps:
         body += ["Capacity (highest rate with attainment >= 0.9):", "", *caps, ""]
     ft = fairness_table(rows, sweep)

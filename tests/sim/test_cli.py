@@ -85,6 +85,19 @@ def test_cli_trace_replay_and_errors(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results[0]["completed"] == 3
     assert results[0]["fairness"] is not None  # two tenants: VTC's service difference is reported
+    assert results[0]["attainment_tpot"] is None and results[0]["tpot"]["n"] == 3
+    # a TPOT target beside the TTFT one (vLLM's --goodput): one far below any step misses every stream
+    report = run_cli("--trace", str(trace), "--out", str(out), "--profile", "cpu-mid", "--tpot-slo", "1e-6")
+    assert "attainment / with TPOT <= 0.001 ms" in report
+    (r,) = json.loads((out / "results.json").read_text())
+    assert r["attainment"] == 1.0 and r["attainment_tpot"] == 0.0 and r["tpot"]["p50"] > 1e-6
+    proc = subprocess.run(
+        [sys.executable, "-m", "loramux.cli", "simulate", "--trace", str(trace), "--tpot-slo", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "--tpot-slo 0: a TPOT target must be positive" in proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "loramux.cli", "simulate", "--workload", "nope"],
         capture_output=True,

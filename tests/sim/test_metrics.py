@@ -46,6 +46,26 @@ def test_attainment_counts_aborted_and_unserved_as_misses():
     assert m.attainment(rs, slo=8.0) == pytest.approx(3 / 4)
 
 
+def test_attainment_with_a_tpot_target_counts_a_stalled_stream_as_a_miss():
+    """DistServe's SLO attainment (vLLM's --goodput ttft:.. tpot:..): TTFT under the target and
+    TPOT = (finish - first token) / (tokens - 1) at or under its own."""
+    rs = [
+        rec(0, 0.0, 1.0, 1.9),  # 10 tokens: 0.1 s per token after the first
+        rec(1, 0.0, 1.0, 10.0),  # on time, then 1 s per token: a stalled stream
+        rec(2, 0.0, 7.0, 7.9),  # fast stream, late first token
+        rec(3, 0.0, 2.0, 2.0, out=1),  # one token: TPOT 0
+        rec(4, 0.0, 1.0, None),  # first token out, never finished
+        rec(5, 0.0, None, 3.0, aborted=True),
+    ]
+    assert m.tpot(rs[0]) == pytest.approx(0.1)
+    assert m.tpot(rs[3]) == 0.0
+    assert m.tpot(rs[4]) is None and m.tpot(rs[5]) is None
+    assert m.attainment(rs) == pytest.approx(4 / 6)
+    assert m.attainment(rs, tpot_slo=0.1) == pytest.approx(2 / 6)
+    assert m.attainment(rs, tpot_slo=1.0) == pytest.approx(3 / 6)
+    assert m.decode_per_token(rs) == pytest.approx((0.1 + 1.0 + 0.1) / 3)
+
+
 def test_satisfaction_is_quadratic_in_ttft():
     rs = [
         rec(0, 0.0, 3.0, 4.0),
