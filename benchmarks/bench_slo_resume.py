@@ -297,8 +297,7 @@ def main() -> None:
         print(f"\nseed {sd}: attainment / p99 TTFT s / p99 TPOT ms / median e2e s / preemptions\n")
         cols = [(p, None) for p in ("fcfs", "fair", "fair-resume-first")]
         cols += [(v, wf) for v in VARIANTS for wf in factors]
-        print("| point | " + " | ".join(p if wf is None else f"{p} {wf}" for p, wf in cols) + " |")
-        print("|---|" + "---|" * len(cols))
+        _head("point", [_label(p, wf) for p, wf in cols])
         for s, pt, ab in SHOWN:
             cells = []
             for pol, wf in cols:
@@ -364,17 +363,26 @@ def _tpot_tables(rows: dict[Job, Row], seeds: list[int], points: list, wf: float
                 f"{attainment_held(rows, sd, pol, f, t)}; {checks(rows, sd, pol, f, None, t)}"
                 for t in targets
             ]
-            print(f"| {pol if f is None else f'{pol} {f}'} | {sd} | " + " | ".join(cells) + " |")
+            print(f"| {_label(pol, f)} | {sd} | " + " | ".join(cells) + " |")
     sd = seeds[0]
     print(f"\nseed {sd}: attainment with no TPOT target / " + " / ".join(heads[1:]) + "\n")
-    print("| point | " + " | ".join(p if f is None else f"{p} {f}" for p, f in cols) + " |")
-    print("|---|" + "---|" * len(cols))
+    _head("point", [_label(p, f) for p, f in cols])
     for suite, pt, ab in points:
         cells = []
         for pol, f in cols:
             r = rows[Job(sd, pol, suite, pt, ab, f)]
             cells.append(" / ".join(f"{x:.3f}" for x in (r.attainment, *r.joint)))
         print(f"| {_name(suite, pt, ab)} | " + " | ".join(cells) + " |")
+
+
+def _label(policy: str, wait_factor: float | None) -> str:
+    return policy if wait_factor is None else f"{policy} {wait_factor}"
+
+
+def _head(first: str, names: list[str]) -> None:
+    """A Markdown table's header row and rule."""
+    print(f"| {first} | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
 
 
 def _name(suite: str, point: float, abort: bool) -> str:
