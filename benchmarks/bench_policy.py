@@ -22,6 +22,8 @@ at each: the whole sweep's side of a wait factor chosen for another point.
 --policy and of the baselines: what the order is worth with the same watermark for all.
 With --ratio-seeds, only the last check (W1 at rate 2, adapters' p99 waits) on each of those
 seeds for every policy: the max and median adapter p99 wait, their ratio, and attainment.
+With --tpot-slo S, every attainment above (every policy's) also asks the request's TPOT to be at
+most S seconds (DistServe's SLO attainment); S-LoRA's published numbers stay TTFT alone.
 With --bound, the least number of misses any order could reach on W1 at rate 2 while keeping p99
 TTFT within 1.1x the lowest, from each policy's own first-token trajectory (see `miss_bound`).
 """
@@ -59,6 +61,7 @@ class Job:
     kv_watermark: float | None = None  # None: the policy's own
     slo_wait_factor: float | None = None  # the policy's --slo-wait-factor in the checks; None: default
     seed: int | None = None  # the workload's and the simulation's; None: SEED
+    tpot_slo: float | None = None  # attainment also asks TPOT <= this (s); None: TTFT alone
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ def _records(job: Job) -> list[Record]:
 def run(job: Job) -> Result:
     res = _simulate(job)
     recs = res.records
-    out = Result(job, m.attainment(recs), m.throughput(recs), m.ttft_stats(recs).p99, res.adapter_loads)
+    att = m.attainment(recs, tpot_slo=job.tpot_slo)
+    out = Result(job, att, m.throughput(recs), m.ttft_stats(recs).p99, res.adapter_loads)
     if job.suite == "vtc-fairness":
         f = m.fairness(recs, float(int(max(r.arrival for r in recs))))
         out = replace(out, max_diff=f.max_diff, avg_diff=f.avg_diff, tokens_per_s=f.tokens_per_s)
@@ -424,6 +428,11 @@ def main() -> None:
         help="comma-separated --slo-wait-factor values of --policy: every check at each",
     )
     p.add_argument("--ratio-seeds", default="", help="comma-separated seeds: only the adapter wait check")
+    p.add_argument(
+        "--tpot-slo",
+        type=float,
+        help="seconds: every policy's attainment also asks TPOT <= this (DistServe's; vLLM's --goodput)",
+    )
     a = p.parse_args()
     if a.ratio_seeds:
         t0 = time.perf_counter()
@@ -439,7 +448,11 @@ def main() -> None:
     mine = [float(x) for x in a.policy_wait_factors.split(",") if x.strip()] or [None]
     t0 = time.perf_counter()
     todo = [
-        replace(j, kv_watermark=a.kv_watermark if j.policy == a.policy else a.baselines_kv_watermark)
+        replace(
+            j,
+            kv_watermark=a.kv_watermark if j.policy == a.policy else a.baselines_kv_watermark,
+            tpot_slo=a.tpot_slo,
+        )
         for j in jobs(a.policy, factors)
     ]
     ours = [j for j in todo if j.policy == a.policy and j.wait_factor is None]  # the checks' runs
@@ -447,6 +460,8 @@ def main() -> None:
     with ProcessPoolExecutor(a.jobs) as pool:
         results = list(pool.map(run, todo))
     print(f"{len(todo)} simulations in {time.perf_counter() - t0:.0f} s. Machine: {machine()}.")
+    if a.tpot_slo is not None:
+        print(f"Attainment counts a request when TTFT < {m.SLO_S:g} s and TPOT <= {a.tpot_slo:g} s.")
     summary = []
     for f in mine:
         at_f = [r for r in results if _at_factor(r.job, a.policy, f, first=f == mine[0])]

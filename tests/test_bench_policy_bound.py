@@ -107,3 +107,18 @@ def test_a_jobs_seed_reaches_the_workload_and_the_simulation(monkeypatch):
     b._simulate(b.Job("slora-a10g-sweep", 2.0, "slo", seed=b.SEED))
     assert [s for s, _ in seen] == [5, b.SEED, b.SEED]
     assert seen[0][1] != seen[1][1] and seen[1] == seen[2]  # another seed, another trace
+
+
+def test_a_jobs_tpot_target_counts_in_every_attainment(monkeypatch):
+    """`--tpot-slo`: a request whose first token is on time but whose stream then runs slower
+    than the target misses; without the flag attainment is TTFT alone."""
+    from types import SimpleNamespace
+
+    b = _bench()
+    recs = [
+        Record(0, 1, "a1", 0.0, 8, 11, first_scheduled=0.5, first_token=1.0, finish=2.0, output_tokens=11),
+        Record(1, 1, "a1", 0.0, 8, 11, first_scheduled=0.5, first_token=1.0, finish=11.0, output_tokens=11),
+    ]
+    monkeypatch.setattr(b, "_simulate", lambda job: SimpleNamespace(records=recs, adapter_loads=0))
+    assert b.run(b.Job("slora-a10g-sweep", 2.0, "slo")).attainment == 1.0
+    assert b.run(b.Job("slora-a10g-sweep", 2.0, "slo", tpot_slo=0.1)).attainment == 0.5
