@@ -36,6 +36,7 @@ class Record:
     first_token: float | None = None
     finish: float | None = None
     output_tokens: int = 0
+    aborted: bool = False  # finished for a reason other than its length or a stop
 
 
 @dataclass
@@ -123,6 +124,7 @@ def run_loramux(
                 rec.first_token = t
             if out.finished:
                 rec.finish, rec.output_tokens = t, len(out.outputs[0].token_ids)
+                rec.aborted = out.outputs[0].finish_reason not in ("length", "stop")
     wall = max(rec.finish or 0.0 for rec in records.values()) - min(rec.arrival for rec in records.values())
     snap = eng.snapshot()
     if getattr(eng, "step_log", None) is not None:

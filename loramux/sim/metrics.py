@@ -28,6 +28,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -60,7 +61,16 @@ def token_throughput(records: Sequence[Record]) -> float:
     return sum(r.output_tokens for r in records if not r.aborted) / span if span > 0 else 0.0
 
 
-def tpot(r: Record) -> float | None:
+class Timed(Protocol):
+    """What TPOT reads of a request: the simulator's `Record` or the online bench's."""
+
+    first_token: float | None
+    finish: float | None
+    output_tokens: int
+    aborted: bool
+
+
+def tpot(r: Timed) -> float | None:
     """Time per output token after the first (vLLM's TPOT); None while unfinished or if aborted."""
     if r.first_token is None or r.finish is None or r.aborted:
         return None
