@@ -23,11 +23,11 @@ work for at most S seconds after its preemption, then goes first.
 And the converse on `fair`: `fair-resume-first` puts a preempted request back first of all, as
 `slo` and vLLM do, with VTC's order for everything else.
 Each runs W1 (every rate) and W3 (every cv), with and without abort, on each seed, against
-fcfs / affinity / fair on the same seed, and prints per seed the issue's W1/W3 checks held (54),
-attainment at every point for fair, fair-resume-first and slo, and, at the points where the
-variants differ, attainment, p99 TTFT, and what the issue's metrics do not see: p99 time per
-output token (a preempted request's stall shows there), median end-to-end latency and
-preemptions.
+fcfs / affinity / fair on the same seed, and prints per seed the issue's W1/W3 checks held (54)
+and those slo fails, by name, attainment at every point for fair, fair-resume-first and slo,
+and, at the points where the variants differ, attainment, p99 TTFT, and what the issue's
+metrics do not see: p99 time per output token (a preempted request's stall shows there), median
+end-to-end latency and preemptions.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import bench_policy as bp
 import numpy as np
@@ -227,24 +228,42 @@ def run(job: Job) -> Row:
     )
 
 
-def checks(
+def checks(*args: Any, **kwargs: Any) -> int:
+    """The issue's W1/W3 checks held, of 54: `failing`'s arguments, its list counted the other way."""
+    return 3 * len(_points()) - len(failing(*args, **kwargs))
+
+
+def failing(
     rows: dict[Job, Row],
     seed: int,
     variant: str,
     wait_factor: float | None,
     stall_s: float | None = None,
     target: int | None = None,
-) -> int:
-    """The issue's W1/W3 checks `variant` holds on `seed` (of 54); with `target`, attainment on
-    every side counts TPOT_TARGETS_S[target] besides the TTFT target."""
-    held = 0
-    for suite in (W1, W3):
-        for point in SUITES[suite].points:
-            for abort in (False, True):
-                base = [_at(rows[Job(seed, p, suite, point, abort)], target) for p in bp.BASELINES]
-                me = _at(rows[Job(seed, variant, suite, point, abort, wait_factor, stall_s)], target)
-                held += sum(bp.latency_checks(base, me))
-    return held
+) -> list[str]:
+    """The W1/W3 checks `variant` fails on `seed`, each named with its value against the bound
+    ("W3 cv 8 p99 128.8 > 1.1 x 107.0"); with `target`, attainment on every side counts
+    TPOT_TARGETS_S[target] besides the TTFT target."""
+    out = []
+    for suite, point, abort in _points():
+        base = [_at(rows[Job(seed, p, suite, point, abort)], target) for p in bp.BASELINES]
+        me = _at(rows[Job(seed, variant, suite, point, abort, wait_factor, stall_s)], target)
+        at, tput, p99 = bp.latency_checks(base, me)
+        name = _name(suite, point, abort)
+        if not at:
+            out.append(f"{name} attainment {me.attainment:.3f} < {max(r.attainment for r in base):.3f}")
+        if not tput:
+            out.append(
+                f"{name} throughput {me.throughput:.3f} < 0.98 x {max(r.throughput for r in base):.3f}"
+            )
+        if not p99:
+            out.append(f"{name} p99 {me.p99:.1f} > 1.1 x {min(r.p99 for r in base):.1f}")
+    return out
+
+
+def _points() -> list[tuple[str, float, bool]]:
+    """The issue's 18 W1/W3 points: every rate and every cv, with and without abort."""
+    return [(s, pt, ab) for s in (W1, W3) for pt in SUITES[s].points for ab in (False, True)]
 
 
 def _at(r: Row, target: int | None) -> Row:
@@ -261,7 +280,7 @@ def main() -> None:
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     factors = [float(f) for f in a.wait_factors.split(",")]
-    points = [(s, pt, ab) for s in (W1, W3) for pt in SUITES[s].points for ab in (False, True)]
+    points = _points()
     jobs = [Job(sd, pol, s, pt, ab) for sd in seeds for s, pt, ab in points for pol in bp.BASELINES]
     jobs += [
         Job(sd, v, s, pt, ab, wf) for sd in seeds for v in VARIANTS for wf in factors for s, pt, ab in points
@@ -280,6 +299,14 @@ def main() -> None:
         for wf in factors:
             held = [checks(rows, s, v, wf) for s in seeds]
             print(f"| {v} | {wf} | " + " | ".join(f"{h} / 54" for h in held) + f" | {sum(held)} |")
+    tpot = f"TPOT <= {1000 * TPOT_TARGETS_S[0]:g} ms"
+    print(f"\nThe W1/W3 checks slo fails, on TTFT alone and with {tpot} on every side\n")
+    print(f"| wait factor | seed | TTFT only | {tpot} |")
+    print("|---|---|---|---|")
+    for wf in factors:
+        for sd in seeds:
+            cells = ["; ".join(failing(rows, sd, "slo", wf, target=t)) or "none" for t in (None, 0)]
+            print(f"| {wf} | {sd} | " + " | ".join(cells) + " |")
     _tpot_tables(rows, seeds, points, factors[0])
     print(f"\nattainment at every W1/W3 point: fair / fair-resume-first / slo {factors[0]}\n")
     print("| point | " + " | ".join(f"seed {sd}" for sd in seeds) + " |")
@@ -334,15 +361,9 @@ def attainment_held(
     side counted with TPOT_TARGETS_S[target] besides the TTFT target (None: TTFT alone, the issue's
     check)."""
     held = 0
-    for suite in (W1, W3):
-        for point in SUITES[suite].points:
-            for abort in (False, True):
-                best = max(
-                    _at(rows[Job(seed, p, suite, point, abort)], target).attainment for p in bp.BASELINES
-                )
-                held += (
-                    _at(rows[Job(seed, policy, suite, point, abort, wait_factor)], target).attainment >= best
-                )
+    for suite, point, abort in _points():
+        best = max(_at(rows[Job(seed, p, suite, point, abort)], target).attainment for p in bp.BASELINES)
+        held += _at(rows[Job(seed, policy, suite, point, abort, wait_factor)], target).attainment >= best
     return held
 
 

@@ -7,6 +7,8 @@ policies and `Scheduler` are as shipped afterwards."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tests.utils import import_benchmark
 
 
@@ -71,3 +73,32 @@ def test_a_tpot_target_turns_fairs_lead_at_w3_cv4_into_slos():
     for r in (fair, slo):  # a tighter TPOT target only removes requests
         assert list(r.joint) == sorted(r.joint) and r.joint[-1] <= r.attainment
     assert fair.attainment - fair.joint[0] > 5 * (slo.attainment - slo.joint[0])
+
+
+def test_failing_names_each_failed_check_with_its_bound_and_checks_counts_the_rest():
+    """The per-seed list of failing W1/W3 checks in docs/benchmarks.md: a p99 over 1.1x the
+    lowest baseline's, and an attainment under the best that a TPOT target turns around."""
+    b = _bench()
+    base = {"fcfs": (0.80, 10.0, 0.78), "affinity": (0.70, 12.0, 0.69), "fair": (0.90, 20.0, 0.60)}
+    rows = {}
+    for suite, point, abort in b._points():
+        for pol, (att, p99, joint) in base.items():
+            job = b.Job(0, pol, suite, point, abort)
+            rows[job] = b.Row(job, att, 1.0, p99, 50.0, 1.0, 0, (joint,) * len(b.TPOT_TARGETS_S))
+        job = b.Job(0, "slo", suite, point, abort, 2.3)
+        rows[job] = b.Row(job, 0.95, 1.0, 10.5, 50.0, 1.0, 0, (0.9,) * len(b.TPOT_TARGETS_S))
+    late = b.Job(0, "slo", b.W3, 8.0, False, 2.3)
+    rows[late] = replace(rows[late], p99=11.2)
+    behind = b.Job(0, "slo", b.W1, 2.0, True, 2.3)
+    rows[behind] = replace(rows[behind], attainment=0.85)
+    assert b.failing(rows, 0, "slo", 2.3) == [
+        "W1 rate 2 abort attainment 0.850 < 0.900",
+        "W3 cv 8 p99 11.2 > 1.1 x 10.0",
+    ]
+    assert b.failing(rows, 0, "slo", 2.3, target=0) == ["W3 cv 8 p99 11.2 > 1.1 x 10.0"]
+    assert b.checks(rows, 0, "slo", 2.3) == 52
+    assert b.checks(rows, 0, "slo", 2.3, target=0) == 53
+    rows[behind] = replace(rows[behind], attainment=0.95, throughput=0.985)  # >= 0.98 x the best's
+    assert b.failing(rows, 0, "slo", 2.3) == ["W3 cv 8 p99 11.2 > 1.1 x 10.0"]
+    rows[behind] = replace(rows[behind], throughput=0.9)
+    assert b.failing(rows, 0, "slo", 2.3)[0] == "W1 rate 2 abort throughput 0.900 < 0.98 x 1.000"
