@@ -1,7 +1,8 @@
 """Issue 26's acceptance sweep: a policy against the best of fcfs / affinity / fair at every point.
 
     python benchmarks/bench_policy.py [--policy slo] [--wait-factors 1,1.5,2.3,3,4] [--jobs 2] [--bound]
-                                      [--policy-wait-factors 1,2.3] [--ratio-seeds 42,1,2,3,4,5]
+                                      [--policy-wait-factors 1,2.3 [--plot map.png]]
+                                      [--ratio-seeds 42,1,2,3,4,5]
 
 Not a test. Simulates every named workload (W1-W5, papers.md section 3; W1 and W3 with and
 without early abort, W1 at W3's abort time as it has none of its own) under fcfs, affinity,
@@ -17,7 +18,11 @@ their ratio and whether the issue's bound holds:
 With --wait-factors, the trade-off curve of `--slo-wait-factor` on W1 at rates 2 and 2.5.
 With --policy-wait-factors, every check above once per `--slo-wait-factor` of --policy (the
 baselines, which do not read it, simulated once), then a table of the checks held and failed
-at each: the whole sweep's side of a wait factor chosen for another point.
+at each: the whole sweep's side of a wait factor chosen for another point; and a map of the 18
+W1/W3 points (rows) by wait factor (columns) that says which of each point's three checks fail
+there and at which factors the point holds all three. With --plot PATH as well, that map as a
+figure: per point, the curve over the wait factors of its p99 TTFT / the lowest baseline's (x)
+against its attainment less the best baseline's (y), with the region where both hold shaded.
 --kv-watermark and --baselines-kv-watermark set the KV watermark (SchedulerConfig.kv_watermark) of
 --policy and of the baselines: what the order is worth with the same watermark for all.
 With --ratio-seeds, only the last check (W1 at rate 2, adapters' p99 waits) on each of those
@@ -36,6 +41,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -247,6 +253,125 @@ def latency_checks(base: list, me: object) -> tuple[bool, bool, bool]:
     )
 
 
+LATENCY_SUITES = {"slora-a10g-sweep": "W1 rate", "slora-bursty-abort": "W3 cv"}  # the W1/W3 points
+CHECKS = ("att", "req/s", "p99")  # short names of latency_checks' three, in its order
+
+
+@dataclass(frozen=True)
+class FactorPoint:
+    """One W1/W3 point under --policy at one wait factor, against the baselines at that point."""
+
+    point: str  # e.g. "W3 cv 4 abort"
+    factor: float
+    attainment_gap: float  # the policy's attainment less the best baseline's: >= 0 holds
+    p99_ratio: float  # the policy's p99 TTFT over the lowest baseline's: <= 1.1 holds
+    held: tuple[bool, bool, bool]  # latency_checks: attainment, throughput, p99 TTFT
+
+    @property
+    def failing(self) -> str:
+        return " ".join(c for c, ok in zip(CHECKS, self.held, strict=True) if not ok) or "ok"
+
+
+def factor_points(results: list[Result], policy: str) -> list[FactorPoint]:
+    """Every W1/W3 point in `results` at every wait factor --policy was run at (its
+    `slo_wait_factor`), point by point in the suites' order, against the baselines there."""
+    by: dict[tuple[str, object, bool], dict[object, Result]] = defaultdict(dict)
+    for r in results:
+        j = r.job
+        if j.suite in LATENCY_SUITES and j.wait_factor is None:
+            by[(j.suite, j.point, j.abort)][j.slo_wait_factor if j.policy == policy else j.policy] = r
+    out = []
+    for suite, label in LATENCY_SUITES.items():
+        for point in SUITES[suite].points:
+            for abort in (False, True):
+                rs = by.get((suite, point, abort))
+                if not rs:
+                    continue
+                base = [rs[b] for b in BASELINES]
+                best = max(r.attainment for r in base)
+                low = min(r.p99 for r in base)
+                for f in sorted(k for k in rs if k not in BASELINES):  # type: ignore[type-var]
+                    me = rs[f]
+                    name = f"{label} {point:g}" + (" abort" if abort else "")  # type: ignore[str-format]
+                    gap, ratio = me.attainment - best, me.p99 / max(low, 1e-9)
+                    out.append(FactorPoint(name, float(f), gap, ratio, latency_checks(base, me)))  # type: ignore[arg-type]
+    return out
+
+
+def factor_map(fps: list[FactorPoint], policy: str) -> list[str]:
+    """The map: a row per point, a column per wait factor, the checks failing in each cell, the
+    factors where the point holds all three, and the points held per factor."""
+    factors = sorted({fp.factor for fp in fps})
+    names = list(dict.fromkeys(fp.point for fp in fps))
+    at = {(fp.point, fp.factor): fp for fp in fps}
+    lines = [
+        "",
+        f"### {policy}'s wait factor, point by point: the W1/W3 checks that fail "
+        "(att: attainment >= the best, req/s >= 0.98x the best, p99 TTFT <= 1.1x the lowest)",
+        "",
+        _row(["point", *[f"{f:g}" for f in factors], "holds all three at"]),
+        _row(["---"] * (len(factors) + 2)),
+    ]
+    for n in names:
+        good = [f"{f:g}" for f in factors if all(at[(n, f)].held)]
+        lines.append(_row([n, *[at[(n, f)].failing for f in factors], ", ".join(good) or "**none**"]))
+    held = [sum(all(at[(n, f)].held) for n in names) for f in factors]
+    lines.append(_row(["points holding all three", *[f"{h} / {len(names)}" for h in held], ""]))
+    return lines
+
+
+def plot_factor_points(fps: list[FactorPoint], path: Path, policy: str) -> None:
+    """The map as curves: one per point over the wait factors, p99 ratio against attainment gap,
+    the region where both checks hold shaded; a hollow marker where a check fails."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for ax, abort in zip(axes, (False, True), strict=True):
+        names = list(dict.fromkeys(fp.point for fp in fps if fp.point.endswith(" abort") == abort))
+        for i, n in enumerate(names):
+            curve = [fp for fp in fps if fp.point == n]
+            color = plt.cm.tab10(i % 10)
+            xs, ys = [fp.p99_ratio for fp in curve], [fp.attainment_gap for fp in curve]
+            ax.plot(xs, ys, color=color, lw=1, label=n)
+            for fp, x, y in zip(curve, xs, ys, strict=True):
+                ax.scatter(x, y, s=28, color=color, facecolors=color if all(fp.held) else "none", zorder=3)
+            for fp in (curve[0], curve[-1]):
+                ax.annotate(
+                    f"{fp.factor:g}",
+                    (fp.p99_ratio, fp.attainment_gap),
+                    fontsize=7,
+                    color=color,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        x0, x1 = ax.get_xlim()
+        x0, x1 = min(x0, 0.95), max(x1, 1.15)  # the bound at 1.1 in view on both panels
+        y0, y1 = ax.get_ylim()
+        ax.fill_between([x0, 1.1], 0, y1, color="green", alpha=0.08, lw=0)
+        ax.axvline(1.1, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.set_xlabel(f"{policy}'s p99 TTFT / the lowest baseline's (holds <= 1.1)")
+        ax.set_title("with early abort" if abort else "without abort", fontsize=10)
+        ax.grid(alpha=0.3)
+        if names:
+            ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel(f"{policy}'s attainment - the best baseline's (holds >= 0)")
+    fig.suptitle(
+        f"{policy} over --slo-wait-factor (numbers: the first and last factor; hollow: a check fails there; "
+        "shaded: attainment and p99 both hold)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _row(cells: list[object]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -433,6 +558,9 @@ def main() -> None:
         type=float,
         help="seconds: every policy's attainment also asks TPOT <= this (DistServe's; vLLM's --goodput)",
     )
+    p.add_argument(
+        "--plot", type=Path, help="with --policy-wait-factors: the point-by-point map as a figure (PNG)"
+    )
     a = p.parse_args()
     if a.ratio_seeds:
         t0 = time.perf_counter()
@@ -446,6 +574,8 @@ def main() -> None:
         return
     factors = [float(x) for x in a.wait_factors.split(",") if x.strip()]
     mine = [float(x) for x in a.policy_wait_factors.split(",") if x.strip()] or [None]
+    if a.plot and len(mine) < 2:
+        p.error("--plot draws the map of --policy-wait-factors: give it two or more factors")
     t0 = time.perf_counter()
     todo = [
         replace(
@@ -477,6 +607,11 @@ def main() -> None:
         print(_row(["---"] * 3))
         for f, passed, failed in summary:
             print(_row([f"{f:g}", f"{passed} / {passed + len(failed)}", "; ".join(failed)]))
+        fps = factor_points(results, a.policy)
+        print("\n".join(factor_map(fps, a.policy)))
+        if a.plot:
+            plot_factor_points(fps, a.plot, a.policy)
+            print(f"\nFigure: {a.plot}")
 
 
 if __name__ == "__main__":

@@ -122,3 +122,45 @@ def test_a_jobs_tpot_target_counts_in_every_attainment(monkeypatch):
     monkeypatch.setattr(b, "_simulate", lambda job: SimpleNamespace(records=recs, adapter_loads=0))
     assert b.run(b.Job("slora-a10g-sweep", 2.0, "slo")).attainment == 1.0
     assert b.run(b.Job("slora-a10g-sweep", 2.0, "slo", tpot_slo=0.1)).attainment == 0.5
+
+
+def test_the_factor_map_names_each_points_failing_checks_and_the_factors_where_it_holds(tmp_path):
+    """`--policy-wait-factors` with the map (and `--plot`): each W1/W3 point at each factor is
+    measured against that point's baselines (attainment less the best, p99 over the lowest), the
+    cell names the checks that fail, a point held at no factor says so, and the figure is a PNG."""
+    b = _bench()
+    W1, W3 = "slora-a10g-sweep", "slora-bursty-abort"
+
+    def res(suite, point, policy, att, p99, factor=None, thr=1.8):
+        return b.Result(b.Job(suite, point, policy, slo_wait_factor=factor), att, thr, p99, 0)
+
+    results = [
+        res(W3, 4.0, "fcfs", 0.58, 32.8),
+        res(W3, 4.0, "affinity", 0.57, 36.3),
+        res(W3, 4.0, "fair", 0.79, 88.6),
+        res(W3, 4.0, "slo", 0.70, 25.0, factor=1.0),  # attainment under fair's
+        res(W3, 4.0, "slo", 0.80, 37.0, factor=2.3),  # p99 over 1.1 x 32.8 = 36.08
+        res(W1, 2.0, "fcfs", 0.62, 13.5),
+        res(W1, 2.0, "affinity", 0.61, 15.6),
+        res(W1, 2.0, "fair", 0.865, 55.0),
+        res(W1, 2.0, "slo", 0.92, 11.5, factor=1.0),
+        res(W1, 2.0, "slo", 0.937, 12.4, factor=2.3, thr=1.7),  # req/s under 0.98 x 1.8
+    ]
+    fps = b.factor_points(results, "slo")
+    assert [(fp.point, fp.factor) for fp in fps] == [
+        ("W1 rate 2", 1.0),
+        ("W1 rate 2", 2.3),
+        ("W3 cv 4", 1.0),
+        ("W3 cv 4", 2.3),
+    ]
+    w3 = fps[3]
+    assert w3.attainment_gap == pytest.approx(0.80 - 0.79)
+    assert w3.p99_ratio == pytest.approx(37.0 / 32.8)
+    assert [fp.failing for fp in fps] == ["ok", "req/s", "att", "p99"]
+    lines = b.factor_map(fps, "slo")
+    assert "| W1 rate 2 | ok | req/s | 1 |" in lines
+    assert "| W3 cv 4 | att | p99 | **none** |" in lines
+    assert "| points holding all three | 1 / 2 | 0 / 2 |  |" in lines
+    out = tmp_path / "map.png"
+    b.plot_factor_points(fps, out, "slo")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
