@@ -2,7 +2,7 @@
 
     python benchmarks/bench_policy.py [--policy slo] [--wait-factors 1,1.5,2.3,3,4] [--jobs 2] [--bound]
                                       [--policy-wait-factors 1,2.3 [--plot map.png]]
-                                      [--ratio-seeds 42,1,2,3,4,5]
+                                      [--ratio-seeds 42,1,2,3,4,5] [--map-seeds 1,2 --policy-wait-factors 2,3]
 
 Not a test. Simulates every named workload (W1-W5, papers.md section 3; W1 and W3 with and
 without early abort, W1 at W3's abort time as it has none of its own) under fcfs, affinity,
@@ -23,6 +23,8 @@ W1/W3 points (rows) by wait factor (columns) that says which of each point's thr
 there and at which factors the point holds all three. With --plot PATH as well, that map as a
 figure: per point, the curve over the wait factors of its p99 TTFT / the lowest baseline's (x)
 against its attainment less the best baseline's (y), with the region where both hold shaded.
+With --map-seeds as well, only that map (W1/W3 alone), once per seed, and per seed the most
+points any one factor holds, and the points no factor holds.
 --kv-watermark and --baselines-kv-watermark set the KV watermark (SchedulerConfig.kv_watermark) of
 --policy and of the baselines: what the order is worth with the same watermark for all.
 With --ratio-seeds, only the last check (W1 at rate 2, adapters' p99 waits) on each of those
@@ -221,6 +223,45 @@ def ratio_report(policy: str, seeds: list[int], jobs_: int) -> list[str]:
     held = {pol: sum(r.adapter_wait_ratio <= 3.0 for r in results if r.job.policy == pol) for pol in pols}
     lines += ["", "Seeds where it holds: " + ", ".join(f"{p} {held[p]} of {len(seeds)}" for p in pols) + "."]
     return lines
+
+
+def map_report(
+    policy: str, seeds: list[int], factors: list[float], tpot_slo: float | None, jobs_: int
+) -> list[str]:
+    """Simulates each seed's W1/W3 points under the baselines and --policy at each wait factor,
+    then `seed_maps` of the results."""
+    todo = [
+        Job(suite, point, pol, abort, slo_wait_factor=f, seed=sd, tpot_slo=tpot_slo)
+        for sd in seeds
+        for suite in LATENCY_SUITES
+        for point in SUITES[suite].points
+        for abort in (False, True)
+        for pol, f in [*((b, None) for b in BASELINES), *((policy, f) for f in factors)]
+    ]
+    with ProcessPoolExecutor(jobs_) as pool:
+        results = list(pool.map(run, todo))
+    return [f"{len(todo)} simulations.", *seed_maps(results, policy, seeds)]
+
+
+def seed_maps(results: list[Result], policy: str, seeds: list[int]) -> list[str]:
+    """The point-by-point map of --policy's wait factors on each seed, then a line per seed: the
+    most points one factor holds (and at which factors), and the points no factor holds."""
+    lines: list[str] = []
+    summary = [
+        _row(["seed", "most points one factor holds", "at", "points no factor holds"]),
+        _row(["---"] * 4),
+    ]
+    for sd in seeds:
+        fps = factor_points([r for r in results if r.job.seed == sd], policy)
+        lines += ["", f"## Seed {sd}", *factor_map(fps, policy)]
+        factors = sorted({fp.factor for fp in fps})
+        names = list(dict.fromkeys(fp.point for fp in fps))
+        held = {f: sum(all(fp.held) for fp in fps if fp.factor == f) for f in factors}
+        most = max(held.values())
+        never = [n for n in names if not any(all(fp.held) for fp in fps if fp.point == n)]
+        at = ", ".join(f"{f:g}" for f in factors if held[f] == most)
+        summary.append(_row([sd, f"{most} / {len(names)}", at, "; ".join(never) or "none"]))
+    return [*lines, "", "## Per seed", "", *summary]
 
 
 def jobs(policy: str, wait_factors: list[float]) -> list[Job]:
@@ -559,6 +600,9 @@ def main() -> None:
         help="seconds: every policy's attainment also asks TPOT <= this (DistServe's; vLLM's --goodput)",
     )
     p.add_argument(
+        "--map-seeds", default="", help="comma-separated seeds: only the W1/W3 map of --policy-wait-factors"
+    )
+    p.add_argument(
         "--plot", type=Path, help="with --policy-wait-factors: the point-by-point map as a figure (PNG)"
     )
     a = p.parse_args()
@@ -574,8 +618,15 @@ def main() -> None:
         return
     factors = [float(x) for x in a.wait_factors.split(",") if x.strip()]
     mine = [float(x) for x in a.policy_wait_factors.split(",") if x.strip()] or [None]
-    if a.plot and len(mine) < 2:
-        p.error("--plot draws the map of --policy-wait-factors: give it two or more factors")
+    if (a.plot or a.map_seeds) and len(mine) < 2:
+        p.error("--plot and --map-seeds map --policy-wait-factors: give it two or more factors")
+    if a.map_seeds:
+        t0 = time.perf_counter()
+        seeds = [int(x) for x in a.map_seeds.split(",")]
+        lines = map_report(a.policy, seeds, mine, a.tpot_slo, a.jobs)  # type: ignore[arg-type]
+        print(f"Simulated in {time.perf_counter() - t0:.0f} s. Machine: {machine()}.")
+        print("\n".join(lines))
+        return
     t0 = time.perf_counter()
     todo = [
         replace(

@@ -129,23 +129,7 @@ def test_the_factor_map_names_each_points_failing_checks_and_the_factors_where_i
     measured against that point's baselines (attainment less the best, p99 over the lowest), the
     cell names the checks that fail, a point held at no factor says so, and the figure is a PNG."""
     b = _bench()
-    W1, W3 = "slora-a10g-sweep", "slora-bursty-abort"
-
-    def res(suite, point, policy, att, p99, factor=None, thr=1.8):
-        return b.Result(b.Job(suite, point, policy, slo_wait_factor=factor), att, thr, p99, 0)
-
-    results = [
-        res(W3, 4.0, "fcfs", 0.58, 32.8),
-        res(W3, 4.0, "affinity", 0.57, 36.3),
-        res(W3, 4.0, "fair", 0.79, 88.6),
-        res(W3, 4.0, "slo", 0.70, 25.0, factor=1.0),  # attainment under fair's
-        res(W3, 4.0, "slo", 0.80, 37.0, factor=2.3),  # p99 over 1.1 x 32.8 = 36.08
-        res(W1, 2.0, "fcfs", 0.62, 13.5),
-        res(W1, 2.0, "affinity", 0.61, 15.6),
-        res(W1, 2.0, "fair", 0.865, 55.0),
-        res(W1, 2.0, "slo", 0.92, 11.5, factor=1.0),
-        res(W1, 2.0, "slo", 0.937, 12.4, factor=2.3, thr=1.7),  # req/s under 0.98 x 1.8
-    ]
+    results = _map_results(b)
     fps = b.factor_points(results, "slo")
     assert [(fp.point, fp.factor) for fp in fps] == [
         ("W1 rate 2", 1.0),
@@ -164,3 +148,38 @@ def test_the_factor_map_names_each_points_failing_checks_and_the_factors_where_i
     out = tmp_path / "map.png"
     b.plot_factor_points(fps, out, "slo")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _map_results(b, seed=None):
+    """Hand-built W3 cv 4 and W1 rate 2 results: baselines, and slo at wait factors 1 and 2.3."""
+    W1, W3 = "slora-a10g-sweep", "slora-bursty-abort"
+
+    def res(suite, point, policy, att, p99, factor=None, thr=1.8):
+        job = b.Job(suite, point, policy, slo_wait_factor=factor, seed=seed)
+        return b.Result(job, att, thr, p99, 0)
+
+    return [
+        res(W3, 4.0, "fcfs", 0.58, 32.8),
+        res(W3, 4.0, "affinity", 0.57, 36.3),
+        res(W3, 4.0, "fair", 0.79, 88.6),
+        res(W3, 4.0, "slo", 0.70, 25.0, factor=1.0),  # attainment under fair's
+        res(W3, 4.0, "slo", 0.80, 37.0, factor=2.3),  # p99 over 1.1 x 32.8 = 36.08
+        res(W1, 2.0, "fcfs", 0.62, 13.5),
+        res(W1, 2.0, "affinity", 0.61, 15.6),
+        res(W1, 2.0, "fair", 0.865, 55.0),
+        res(W1, 2.0, "slo", 0.92, 11.5, factor=1.0),
+        res(W1, 2.0, "slo", 0.937, 12.4, factor=2.3, thr=1.7),  # req/s under 0.98 x 1.8
+    ]
+
+
+def test_seed_maps_say_per_seed_the_most_points_one_factor_holds_and_the_points_no_factor_holds():
+    """`--map-seeds`: one map per seed from that seed's runs only, then a line per seed."""
+    b = _bench()
+    light = [  # on seed 7 slo holds W3 cv 4 at both factors
+        b.Result(r.job, 0.80, r.throughput, 30.0, 0) if r.job.policy == "slo" and r.job.point == 4.0 else r
+        for r in _map_results(b, seed=7)
+    ]
+    lines = b.seed_maps(_map_results(b, seed=42) + light, "slo", [42, 7])
+    assert lines.index("## Seed 42") < lines.index("## Seed 7")
+    assert "| 42 | 1 / 2 | 1 | W3 cv 4 |" in lines
+    assert "| 7 | 2 / 2 | 1 | none |" in lines
