@@ -57,6 +57,18 @@ BASELINES = ("fcfs", "affinity", "fair")
 SLORA_EARLY_ABORT = {1.0: 0.858, 2.0: 0.817, 4.0: 0.743, 6.0: 0.690, 8.0: 0.637}  # papers.md, W3
 SEED = 42
 ABORT_AFTER_S = SUITES["slora-bursty-abort"].abort_after  # W1 has none of its own: W3's, for W1 with abort
+LATENCY_SUITES = {"slora-a10g-sweep": "W1 rate", "slora-bursty-abort": "W3 cv"}  # the W1/W3 points
+CHECKS = ("att", "req/s", "p99")  # short names of latency_checks' three, in its order
+
+
+def latency_points() -> list[tuple[str, object, bool]]:
+    """The issue's 18 W1/W3 points: every rate and every cv, with and without abort."""
+    return [(s, pt, ab) for s in LATENCY_SUITES for pt in SUITES[s].points for ab in (False, True)]
+
+
+def point_name(suite: str, point: object, abort: bool) -> str:
+    """E.g. "W3 cv 4 abort"."""
+    return f"{LATENCY_SUITES[suite]} {point:g}" + (" abort" if abort else "")  # type: ignore[str-format]
 
 
 @dataclass(frozen=True)
@@ -233,9 +245,7 @@ def map_report(
     todo = [
         Job(suite, point, pol, abort, slo_wait_factor=f, seed=sd, tpot_slo=tpot_slo)
         for sd in seeds
-        for suite in LATENCY_SUITES
-        for point in SUITES[suite].points
-        for abort in (False, True)
+        for suite, point, abort in latency_points()
         for pol, f in [*((b, None) for b in BASELINES), *((policy, f) for f in factors)]
     ]
     with ProcessPoolExecutor(jobs_) as pool:
@@ -254,13 +264,11 @@ def seed_maps(results: list[Result], policy: str, seeds: list[int]) -> list[str]
     for sd in seeds:
         fps = factor_points([r for r in results if r.job.seed == sd], policy)
         lines += ["", f"## Seed {sd}", *factor_map(fps, policy)]
-        factors = sorted({fp.factor for fp in fps})
-        names = list(dict.fromkeys(fp.point for fp in fps))
-        held = {f: sum(all(fp.held) for fp in fps if fp.factor == f) for f in factors}
+        held, good = points_held(fps), holds_at(fps)
         most = max(held.values())
-        never = [n for n in names if not any(all(fp.held) for fp in fps if fp.point == n)]
-        at = ", ".join(f"{f:g}" for f in factors if held[f] == most)
-        summary.append(_row([sd, f"{most} / {len(names)}", at, "; ".join(never) or "none"]))
+        at = ", ".join(f"{f:g}" for f, h in held.items() if h == most)
+        never = "; ".join(n for n, fs in good.items() if not fs) or "none"
+        summary.append(_row([sd, f"{most} / {len(good)}", at, never]))
     return [*lines, "", "## Per seed", "", *summary]
 
 
@@ -294,10 +302,6 @@ def latency_checks(base: list, me: object) -> tuple[bool, bool, bool]:
     )
 
 
-LATENCY_SUITES = {"slora-a10g-sweep": "W1 rate", "slora-bursty-abort": "W3 cv"}  # the W1/W3 points
-CHECKS = ("att", "req/s", "p99")  # short names of latency_checks' three, in its order
-
-
 @dataclass(frozen=True)
 class FactorPoint:
     """One W1/W3 point under --policy at one wait factor, against the baselines at that point."""
@@ -322,42 +326,51 @@ def factor_points(results: list[Result], policy: str) -> list[FactorPoint]:
         if j.suite in LATENCY_SUITES and j.wait_factor is None:
             by[(j.suite, j.point, j.abort)][j.slo_wait_factor if j.policy == policy else j.policy] = r
     out = []
-    for suite, label in LATENCY_SUITES.items():
-        for point in SUITES[suite].points:
-            for abort in (False, True):
-                rs = by.get((suite, point, abort))
-                if not rs:
-                    continue
-                base = [rs[b] for b in BASELINES]
-                best = max(r.attainment for r in base)
-                low = min(r.p99 for r in base)
-                for f in sorted(k for k in rs if k not in BASELINES):  # type: ignore[type-var]
-                    me = rs[f]
-                    name = f"{label} {point:g}" + (" abort" if abort else "")  # type: ignore[str-format]
-                    gap, ratio = me.attainment - best, me.p99 / max(low, 1e-9)
-                    out.append(FactorPoint(name, float(f), gap, ratio, latency_checks(base, me)))  # type: ignore[arg-type]
+    for key in latency_points():
+        rs = by.get(key)
+        if not rs:
+            continue
+        base = [rs[b] for b in BASELINES]
+        best = max(r.attainment for r in base)
+        low = min(r.p99 for r in base)
+        for f in sorted(k for k in rs if k not in BASELINES):  # type: ignore[type-var]
+            me = rs[f]
+            gap, ratio = me.attainment - best, me.p99 / max(low, 1e-9)
+            out.append(FactorPoint(point_name(*key), float(f), gap, ratio, latency_checks(base, me)))  # type: ignore[arg-type]
     return out
+
+
+def holds_at(fps: list[FactorPoint]) -> dict[str, list[float]]:
+    """Per point, in order, the wait factors at which it holds all three checks."""
+    out: dict[str, list[float]] = {fp.point: [] for fp in fps}
+    for fp in sorted(fps, key=lambda fp: fp.factor):
+        if all(fp.held):
+            out[fp.point].append(fp.factor)
+    return out
+
+
+def points_held(fps: list[FactorPoint]) -> dict[float, int]:
+    """Per wait factor, in order, how many points hold all three checks there."""
+    return {f: sum(all(fp.held) for fp in fps if fp.factor == f) for f in sorted({fp.factor for fp in fps})}
 
 
 def factor_map(fps: list[FactorPoint], policy: str) -> list[str]:
     """The map: a row per point, a column per wait factor, the checks failing in each cell, the
     factors where the point holds all three, and the points held per factor."""
-    factors = sorted({fp.factor for fp in fps})
-    names = list(dict.fromkeys(fp.point for fp in fps))
+    held, good = points_held(fps), holds_at(fps)
     at = {(fp.point, fp.factor): fp for fp in fps}
     lines = [
         "",
         f"### {policy}'s wait factor, point by point: the W1/W3 checks that fail "
         "(att: attainment >= the best, req/s >= 0.98x the best, p99 TTFT <= 1.1x the lowest)",
         "",
-        _row(["point", *[f"{f:g}" for f in factors], "holds all three at"]),
-        _row(["---"] * (len(factors) + 2)),
+        _row(["point", *[f"{f:g}" for f in held], "holds all three at"]),
+        _row(["---"] * (len(held) + 2)),
     ]
-    for n in names:
-        good = [f"{f:g}" for f in factors if all(at[(n, f)].held)]
-        lines.append(_row([n, *[at[(n, f)].failing for f in factors], ", ".join(good) or "**none**"]))
-    held = [sum(all(at[(n, f)].held) for n in names) for f in factors]
-    lines.append(_row(["points holding all three", *[f"{h} / {len(names)}" for h in held], ""]))
+    for n, fs in good.items():
+        cells = [at[(n, f)].failing for f in held]
+        lines.append(_row([n, *cells, ", ".join(f"{f:g}" for f in fs) or "**none**"]))
+    lines.append(_row(["points holding all three", *[f"{h} / {len(good)}" for h in held.values()], ""]))
     return lines
 
 

@@ -47,7 +47,6 @@ import numpy as np
 from loramux.bench.report import machine
 from loramux.core import policies, scheduler
 from loramux.sim import metrics as m
-from loramux.sim.workloads import SUITES
 
 VARIANTS = ("slo", "resume-late", "resume-late+fresh")
 W1, W3 = "slora-a10g-sweep", "slora-bursty-abort"
@@ -261,9 +260,7 @@ def failing(
     return out
 
 
-def _points() -> list[tuple[str, float, bool]]:
-    """The issue's 18 W1/W3 points: every rate and every cv, with and without abort."""
-    return [(s, pt, ab) for s in (W1, W3) for pt in SUITES[s].points for ab in (False, True)]
+_points = bp.latency_points  # the issue's 18 W1/W3 points
 
 
 def _at(r: Row, target: int | None) -> Row:
@@ -406,8 +403,7 @@ def _head(first: str, names: list[str]) -> None:
     print("|---|" + "---|" * len(names))
 
 
-def _name(suite: str, point: float, abort: bool) -> str:
-    return ("W1 rate" if suite == W1 else "W3 cv") + f" {point:g}" + (" abort" if abort else "")
+_name = bp.point_name  # "W3 cv 4 abort"
 
 
 if __name__ == "__main__":
