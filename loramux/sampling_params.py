@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+MAX_LOGPROBS = 20  # the most alternatives per token (OpenAI's top_logprobs cap)
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit generator seed (torch's and vLLM's range)
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily, as vLLM's _SAMPLING_EPS
 
@@ -143,8 +144,8 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens={self.min_tokens}; it must lie in [0, max_tokens={self.max_tokens}]"
             )
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs={self.logprobs}; it must lie in [0, 20]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs={self.logprobs}; it must lie in [0, {MAX_LOGPROBS}]")
         if not isinstance(self.n, int) or not 1 <= self.n <= 128:
             raise ValueError(f"n={self.n!r}; it must be an integer in [1, 128]")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1):

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from loramux.engine.chat import render_chat
 from loramux.engine.llm_engine import EngineDeadError
 from loramux.engine.outputs import RequestOutput
-from loramux.sampling_params import SamplingParams
+from loramux.sampling_params import MAX_LOGPROBS, SamplingParams
 from loramux.server.async_engine import AsyncEngine
 from loramux.server.errors import raise_if_ended_badly, to_api_error
 from loramux.server.metrics import Metrics
@@ -70,7 +70,7 @@ class Generate:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         prompt = self._render_chat(body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        k = (body.top_logprobs or 0) if body.logprobs else None
+        k = _top_logprobs(body)
         params = body.sampling_params(limit or 1, k, structured_params(body))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start_all(
@@ -367,6 +367,21 @@ def _tool_delta(body: ChatCompletionRequest) -> Render:
         return _delta(i, {"tool_calls": [{**c, "index": k} for k, c in enumerate(calls)]}, finish)
 
     return render
+
+
+def _top_logprobs(body: ChatCompletionRequest) -> int | None:
+    """Chat's (logprobs, top_logprobs) as the sampler's k: None when logprobs is off. As OpenAI and
+    vLLM do, top_logprobs without logprobs=true is refused rather than ignored."""
+    k = body.top_logprobs
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise APIError(400, f"top_logprobs={k}; it must lie in [0, {MAX_LOGPROBS}]", param="top_logprobs")
+    if k is not None and not body.logprobs:
+        raise APIError(
+            400,
+            f"top_logprobs={k} needs logprobs=true; set logprobs to true or leave top_logprobs out",
+            param="top_logprobs",
+        )
+    return (k or 0) if body.logprobs else None
 
 
 def _delta(i: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

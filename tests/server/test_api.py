@@ -234,6 +234,28 @@ def test_bad_parameters_answer_400_in_openai_shape(client, kwargs, match):
     assert ei.value.status_code == 400 and match in error_of(ei.value)["message"]
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(top_logprobs=2), "top_logprobs=2 needs logprobs=true"),
+        (dict(logprobs=False, top_logprobs=0), "top_logprobs=0 needs logprobs=true"),
+        (dict(logprobs=True, top_logprobs=50), "top_logprobs=50; it must lie in [0, 20]"),
+        (dict(logprobs=True, top_logprobs=-1), "top_logprobs=-1; it must lie in [0, 20]"),
+    ],
+)
+def test_chat_top_logprobs_is_refused_by_its_own_name_and_never_ignored(client, kwargs, match):
+    """Issue 16 (sampling options as vLLM takes them): chat's top_logprobs without logprobs=true
+    answers 400, as OpenAI and vLLM do, rather than answering without the alternatives asked
+    for; an out-of-range value is named as top_logprobs (the field sent), not as the sampler's
+    logprobs."""
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2, **kwargs
+        )
+    err = error_of(ei.value)
+    assert match in err["message"] and err["param"] == "top_logprobs"
+
+
 def test_malformed_json_and_missing_fields_answer_400(server):
     r = httpx.post(
         server.v1 + "/completions", content=b"{not json", headers={"content-type": "application/json"}
