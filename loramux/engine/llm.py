@@ -90,15 +90,29 @@ class LLM:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, rendered with the model's chat
-        template (encoded without special tokens: the template writes its own BOS), as vLLM's."""
+        template (encoded without special tokens: the template writes its own BOS), as vLLM's;
+        `continue_final_message`, `tools` and `chat_template_kwargs` reach the template as there."""
         tok = self.get_tokenizer()
         if tok is None:
             raise ValueError("this model has no tokenizer, so chat is unavailable; use generate()")
         one = bool(messages) and isinstance(messages[0], dict)
         convs = [messages] if one else messages
-        prompts = [render_chat(tok, list(c), add_generation_prompt) for c in convs]  # type: ignore[arg-type]
+        prompts = [
+            render_chat(
+                tok,
+                list(c),  # type: ignore[arg-type]
+                add_generation_prompt,
+                continue_final_message,
+                tools,
+                chat_template_kwargs,
+            )
+            for c in convs
+        ]
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 
 

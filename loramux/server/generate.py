@@ -172,16 +172,17 @@ class Generate:
             )
         except ClientGone:
             return Response(status_code=499)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": obj,
-                "created": int(time.time()),
-                "model": body.model,
-                "choices": [choice(i, o, body) for i, o in enumerate(outs)],
-                "usage": _usage(outs, body.n),
-            }
-        )
+        answer: dict[str, Any] = {
+            "id": rid,
+            "object": obj,
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": [choice(i, o, body) for i, o in enumerate(outs)],
+            "usage": _usage(outs, body.n),
+        }
+        if obj == "chat.completion" and body.return_token_ids:
+            answer["prompt_token_ids"] = outs[0].prompt_token_ids  # the rendered chat, as vLLM's
+        return JSONResponse(answer)
 
     async def _stream(
         self,
@@ -284,9 +285,16 @@ class Generate:
         tok = self.engine.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer, so chat is unavailable; use /v1/completions")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
         try:
-            return render_chat(tok, messages)
+            return render_chat(
+                tok,
+                messages,
+                body.add_generation_prompt,
+                body.continue_final_message,
+                body.tools,
+                body.chat_template_kwargs,
+            )
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
 

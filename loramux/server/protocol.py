@@ -57,6 +57,9 @@ UNSUPPORTED_FIELDS = (
     "truncate_prompt_tokens",
     "allowed_token_ids",
     "bad_words",
+    "echo",  # chat's (vLLM: repeat the last message); completions' is declared there
+    "chat_template",  # per request: vLLM refuses it too unless --trust-request-chat-template
+    "documents",
 )
 
 
@@ -184,6 +187,18 @@ class ChatMessage(_Request):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template reads it: its text, and the fields set among name,
+        tool_calls and tool_call_id (vLLM passes them on the same way)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -208,6 +223,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # how the chat template renders the messages (vLLM's chat extras)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Request):
@@ -218,6 +237,9 @@ class TokenizeRequest(_Request):
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
 
