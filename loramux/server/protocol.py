@@ -116,6 +116,13 @@ class _Sampling(_Request):
                 raise APIError(
                     400, f"{name} is not supported by loramux; leave it out (docs/vllm-compat.md)", param=name
                 )
+        if self.stream_options is not None and not self.stream:
+            raise APIError(
+                400,
+                "stream_options applies to streamed answers only; set stream to true or leave "
+                "stream_options out",
+                param="stream_options",
+            )
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(
                 400,

@@ -242,13 +242,25 @@ MODELS = _field(st.sampled_from(["base", "a", "b"]), st.sampled_from(["nope", ""
 REQUIRED = {"prompt", "messages"}
 
 
+def _consistent(body: dict) -> dict:
+    """A valid body keeps the fields that only go with another one only where that one is set
+    (OpenAI and vLLM refuse stream_options without stream, and top_logprobs without logprobs)."""
+    if not body.get("stream"):
+        body.pop("stream_options", None)
+    if body.get("logprobs") is not True:
+        body.pop("top_logprobs", None)
+    return body
+
+
 def _body(path: str, fields: dict, hostile: bool) -> st.SearchStrategy[tuple[str, dict]]:
     """Every field at its valid edges; `hostile`: then one or two fields pushed past them, so the
     value reaches whatever checks (or fails to check) it, not a refusal of another field."""
     required = {k: v[0] for k, v in fields.items() if k in REQUIRED}
     optional = {k: v[0] for k, v in fields.items() if k not in REQUIRED}
     valid = st.builds(
-        lambda m, body: {"model": m, **body}, MODELS[0], st.fixed_dictionaries(required, optional=optional)
+        lambda m, body: _consistent({"model": m, **body}),
+        MODELS[0],
+        st.fixed_dictionaries(required, optional=optional),
     )
     if not hostile:
         return valid.map(lambda b: (path, b))

@@ -225,6 +225,7 @@ def error_of(exc: openai.APIStatusError) -> dict:
         (dict(prompt=[5] * 300), "exceeds the model's limit"),
         (dict(n=200), "n=200"),
         (dict(extra_body={"top_p": 0}), "top_p=0"),
+        (dict(stream_options={"include_usage": True}), "stream_options applies to streamed answers only"),
     ],
 )
 def test_bad_parameters_answer_400_in_openai_shape(client, kwargs, match):
