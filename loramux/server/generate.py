@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -38,6 +39,7 @@ Body = CompletionRequest | ChatCompletionRequest
 Streams = list[AsyncIterator[RequestOutput]]
 # A choice of a streamed chunk from (choice index, output), or None when there is nothing to send.
 Render = Callable[[int, RequestOutput], dict[str, Any] | None]
+Shape = Callable[[int, list[int], list[Any]], dict[str, Any]]  # (choice, token ids, logprobs) -> JSON
 
 
 class ClientGone(Exception):
@@ -64,7 +66,10 @@ class Generate:
         streams = await self._start_all(rid, body.prompts(), params, body.model, body.user or "")
         if body.stream:
             chunk = _Chunks(rid, "text_completion", body.model)
-            return _sse(self._stream(chunk, body, streams, self._completion_delta(body)))
+            render = self._completion_delta(body)
+            if body.logprobs is not None:
+                render = _with_logprobs(render, self._completion_logprobs_from())
+            return _sse(self._stream(chunk, body, streams, render))
         return await self._answer(request, rid, "text_completion", body, streams, self._completion_choice)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -80,6 +85,8 @@ class Generate:
             chunk = _Chunks(rid, "chat.completion.chunk", body.model)
             roles = [_delta(i, {"role": "assistant", "content": ""}, None) for i in range(len(streams))]
             render = _chat_delta if not tool_mode(body) else _tool_delta(body)
+            if body.logprobs:
+                render = _with_logprobs(render, lambda i, ids, lps: self._chat_logprobs(ids, lps))
             return _sse(self._stream(chunk, body, streams, render, roles))
         return await self._answer(request, rid, "chat.completion", body, streams, self._chat_choice)
 
@@ -269,16 +276,28 @@ class Generate:
         tok = self.engine.tokenizer
         return tok.decode(out.prompt_token_ids) if tok is not None else ""
 
-    def _completion_logprobs(self, ids: list[int], lps: list[Any]) -> dict[str, Any]:
-        """OpenAI's legacy shape: tokens as decoded text, their offsets in the completion text."""
+    def _completion_logprobs(self, ids: list[int], lps: list[Any], start: int = 0) -> dict[str, Any]:
+        """OpenAI's legacy shape: tokens as decoded text, their offsets in the completion text
+        (from `start`, where a streamed chunk's tokens begin)."""
         tt = TokenText(self.engine.tokenizer)
         texts = [tt.text(t) for t in ids]
         return {
             "tokens": texts,
             "token_logprobs": [_json_logprob(lp.token_logprob) for lp in lps],
             "top_logprobs": [{tt.text(a): _json_logprob(v) for a, v in lp.top} for lp in lps],
-            "text_offset": tt.offsets(texts),
+            "text_offset": tt.offsets(texts, start),
         }
+
+    def _completion_logprobs_from(self) -> Shape:
+        """The legacy shape chunk by chunk: each choice's offsets go on from its last chunk's."""
+        at: Counter[int] = Counter()
+
+        def shape(i: int, ids: list[int], lps: list[Any]) -> dict[str, Any]:
+            lp = self._completion_logprobs(ids, lps, at[i])
+            at[i] += sum(map(len, lp["tokens"]))
+            return lp
+
+        return shape
 
     # --- chat ---
     def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
@@ -309,15 +328,15 @@ class Generate:
         choice: dict[str, Any] = {
             "index": i,
             "message": message,
-            "logprobs": self._chat_logprobs(comp) if body.logprobs else None,
+            "logprobs": self._chat_logprobs(comp.token_ids, comp.logprobs) if body.logprobs else None,
             "finish_reason": finish,
         }
         if body.return_token_ids:
             choice["token_ids"] = comp.token_ids
         return choice
 
-    def _chat_logprobs(self, comp: Any) -> dict[str, Any] | None:
-        if comp.logprobs is None:
+    def _chat_logprobs(self, ids: list[int], lps: list[Any] | None) -> dict[str, Any] | None:
+        if lps is None:
             return None
         tt = TokenText(self.engine.tokenizer)
 
@@ -326,7 +345,7 @@ class Generate:
 
         content = [
             {**entry(t, lp.token_logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
-            for t, lp in zip(comp.token_ids, comp.logprobs, strict=False)
+            for t, lp in zip(ids, lps, strict=False)
         ]
         return {"content": content}
 
@@ -390,6 +409,26 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
             param="top_logprobs",
         )
     return (k or 0) if body.logprobs else None
+
+
+def _with_logprobs(render: Render, shape: Shape) -> Render:
+    """`render`, with each chunk it sends carrying the logprobs of the tokens that came since the
+    choice's last chunk (a chunk held back, e.g. for half a character, passes its tokens on), so
+    that a choice's chunks add up to the logprobs of the whole answer."""
+    seen: Counter[int] = Counter()  # tokens per choice so far (the outputs' deltas: the lists grow)
+    sent: Counter[int] = Counter()
+
+    def wrapped(i: int, out: RequestOutput) -> dict[str, Any] | None:
+        comp = out.outputs[0]
+        seen[i] += len(comp.delta_token_ids)
+        choice = render(i, out)
+        if choice is not None and comp.logprobs is not None:
+            a, b = sent[i], seen[i]
+            sent[i] = b
+            choice["logprobs"] = shape(i, comp.token_ids[a:b], comp.logprobs[a:b])
+        return choice
+
+    return wrapped
 
 
 def _delta(i: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

@@ -699,6 +699,72 @@ def test_logprobs_in_openais_shapes_with_decoded_tokens_offsets_and_bytes(client
     assert raw.decode("utf-8", errors="replace") == tok.decode(cids)  # the bytes add up to the text
 
 
+def test_streamed_logprobs_add_up_to_the_whole_answers(client):
+    """Issue 16 (logprobs as vLLM gives them): a streamed answer's chunks carry their tokens'
+    logprobs (they were all null), and a choice's chunks add up to the logprobs of the same
+    request answered whole: tokens, offsets and alternatives, completions and chat, with n = 2."""
+    prompt = words(53)
+    kw = dict(max_tokens=7, temperature=0, n=2, extra_body={"ignore_eos": True})
+    whole = client.completions.create(model="r8_all", prompt=prompt, logprobs=2, **kw)
+    parts: dict[int, dict[str, list]] = {}
+    for ch in client.completions.create(model="r8_all", prompt=prompt, logprobs=2, stream=True, **kw):
+        for c in ch.choices:
+            got = parts.setdefault(c.index, {"tokens": [], "lp": [], "top": [], "offset": []})
+            assert c.logprobs is not None or (c.text == "" and c.finish_reason is not None)
+            if c.logprobs is not None:
+                got["tokens"] += c.logprobs.tokens
+                got["lp"] += c.logprobs.token_logprobs
+                got["top"] += c.logprobs.top_logprobs
+                got["offset"] += c.logprobs.text_offset
+    assert sorted(parts) == [0, 1]
+    for c in whole.choices:
+        got, want = parts[c.index], c.logprobs
+        assert got["tokens"] == want.tokens and got["offset"] == want.text_offset and len(want.tokens) == 7
+        assert got["lp"] == pytest.approx(want.token_logprobs, abs=1e-4)
+        assert [sorted(t) for t in got["top"]] == [sorted(t) for t in want.top_logprobs]
+
+    messages = [{"role": "user", "content": prompt}]
+    whole = client.chat.completions.create(
+        model="r8_all", messages=messages, logprobs=True, top_logprobs=2, **kw
+    )
+    content: dict[int, list] = {0: [], 1: []}
+    stream = client.chat.completions.create(
+        model="r8_all", messages=messages, logprobs=True, top_logprobs=2, stream=True, **kw
+    )
+    for ch in stream:
+        for c in ch.choices:
+            if c.logprobs is not None:
+                content[c.index] += c.logprobs.content
+    for c in whole.choices:
+        got, want = content[c.index], c.logprobs.content
+        assert [e.token for e in got] == [e.token for e in want] and len(want) == 7
+        assert [e.bytes for e in got] == [e.bytes for e in want]
+        assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-4)
+        assert [[a.token for a in e.top_logprobs] for e in got] == [
+            [a.token for a in e.top_logprobs] for e in want
+        ]
+
+
+def test_a_held_back_chunk_passes_its_tokens_logprobs_to_the_next():
+    """Half a character is held back (no chunk), so its token's logprob rides on the next chunk:
+    none is dropped and none is sent twice, whatever the outputs' lists hold by then."""
+    from loramux.core.outputs import SampleLogprobs
+    from loramux.engine.outputs import CompletionOutput, RequestOutput
+    from loramux.server.generate import _chat_delta, _with_logprobs
+
+    ids = [7, 8, 9]
+    lps = [SampleLogprobs(-0.1 * k, []) for k in range(1, 4)]  # the engine's growing lists
+
+    def out(delta_ids: list[int], text: str, finish: str | None = None) -> RequestOutput:
+        comp = CompletionOutput(0, "", ids, finish, None, lps, text, delta_ids)
+        return RequestOutput("r", None, [1], [comp], finish is not None)
+
+    render = _with_logprobs(_chat_delta, lambda i, t, lp: {"ids": t, "lp": [x.token_logprob for x in lp]})
+    assert render(0, out([7], "")) is None  # held back
+    assert render(0, out([8], "é"))["logprobs"] == {"ids": [7, 8], "lp": [-0.1, -0.2]}
+    assert render(0, out([9], "", "length"))["logprobs"] == {"ids": [9], "lp": [pytest.approx(-0.3)]}
+
+
 def test_penalties_logit_bias_and_refusals_through_the_openai_client(client, offline):
     """Issue 16, point 2: the penalty fields and logit_bias reach the sampler for completions and
     chat and answer as the offline engine does; best_of > n is refused with the reason."""
