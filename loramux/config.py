@@ -187,6 +187,9 @@ class ModelConfig:
     enforce_eager: bool = False
     """No CUDA graphs: decode steps run eagerly on CUDA too (vLLM's --enforce-eager). The CPU
     always runs eagerly."""
+    chat_template: str | None = None
+    """A Jinja chat template (its text) used instead of the tokenizer's own (vLLM's
+    --chat-template); None: the tokenizer's."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -194,6 +197,23 @@ class ModelConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"ModelConfig.device={self.device!r}; use auto, cpu or cuda")
         _positive("ModelConfig", "max_model_len", self.max_model_len)
+        if self.chat_template is not None:
+            _check_template(self.chat_template)
+
+
+def _check_template(text: str) -> None:
+    """A chat template must be a Jinja template that parses (checked at start, not per request)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("ModelConfig.chat_template is empty; give a Jinja template, or None")
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as e:
+        raise ValueError(
+            f"ModelConfig.chat_template is not a Jinja template: {e} (line {e.lineno})"
+        ) from None
 
 
 @dataclass(frozen=True)

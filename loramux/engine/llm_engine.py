@@ -124,6 +124,10 @@ class LLMEngine:
 
             executor = ModelRunner(config.model, config.cache, config.lora, config.scheduler.max_num_seqs)
             tokenizer = tokenizer or load_tokenizer(config.model.model)
+        if config.model.chat_template is not None:
+            if tokenizer is None:
+                raise ValueError("a chat template needs a tokenizer, and this engine has none")
+            tokenizer.chat_template = config.model.chat_template
         self.executor = executor
         self.tokenizer = tokenizer
         self.clock = clock

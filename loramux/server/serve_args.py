@@ -47,6 +47,21 @@ def byte_count(text: str) -> int:
     return int(value)
 
 
+def chat_template(text: str) -> str:
+    """`--chat-template`'s value as vLLM reads it: a file's text, or the template itself when it
+    holds Jinja's braces or a newline; anything else is a path that does not open."""
+    try:
+        with open(text, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        if any(c in text for c in "{}\n"):
+            return text
+        raise argparse.ArgumentTypeError(
+            f"--chat-template {text!r}: cannot read it ({e.strerror}); give a template file, or the "
+            "template inline"
+        ) from None
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """`loramux serve`'s flags, one function per group (a Ray replica and the tests parse the same)."""
     _server_args(p)
@@ -275,6 +290,13 @@ def _model_args(g: argparse._ArgumentGroup) -> None:
         "--enforce-eager",
         action="store_true",
         help="no CUDA graphs: decode steps run eagerly on CUDA too (the CPU always does)",
+    )
+    g.add_argument(
+        "--chat-template",
+        type=chat_template,
+        default=None,
+        metavar="FILE_OR_TEMPLATE",
+        help="a Jinja chat template, as a file or inline, used instead of the tokenizer's (vLLM's flag)",
     )
 
 

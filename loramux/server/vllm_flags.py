@@ -91,11 +91,6 @@ FLAGS = (
         "refuse",
         "loramux reads the tokenizer from the model directory: copy its files there",
     ),
-    VllmFlag(
-        "--chat-template",
-        "refuse",
-        "loramux uses the model's own chat template: write it to chat_template.jinja in the model directory",
-    ),
     VllmFlag("--fully-sharded-loras", "refuse", "adapters are not sharded: one device per engine", False),
     VllmFlag(
         "--long-lora-scaling-factors", "refuse", "LongLoRA's scaled rotary embeddings are not implemented"

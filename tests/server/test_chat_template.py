@@ -221,3 +221,42 @@ def test_chat_options_that_cannot_be_honoured_answer_400_by_name(client, server,
         client.chat.completions.create(model="base", messages=messages, max_tokens=2, extra_body=extra)
     assert match in ei.value.response.json()["error"]["message"]
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_serve_chat_template_flag_and_llm_setting_replace_the_tokenizers(tiny_models, tmp_path):
+    """vLLM's `--chat-template FILE` (and `LLM(..., chat_template=...)`): the model directory's
+    tokenizer has a template of its own, and the given one is what renders the chat instead."""
+    path = tiny_models["llama"].path
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.chat_template and tok.chat_template != TEMPLATE
+    want = tok.encode(
+        tok.apply_chat_template(
+            SEEN, chat_template=TEMPLATE, tools=TOOLS, add_generation_prompt=True, tokenize=False
+        ),
+        add_special_tokens=False,
+    )
+    assert want != oracle(tok, SEEN, tools=TOOLS, add_generation_prompt=True)  # the templates differ
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
+    args = [str(path), "--served-model-name", "base", "--num-pages", "64", "--page-size", "4"]
+    server = start_server(
+        [*args, "--device", "cpu", "--chat-template", str(tmp_path / "t.jinja")], tmp_path / "log"
+    )
+    try:
+        r = httpx.post(
+            server.url + "/tokenize", json={"model": "base", "messages": SENT, "tools": TOOLS}, timeout=30
+        )
+        assert r.json()["tokens"] == want, r.text
+        out = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0).chat.completions.create(
+            model="base",
+            messages=SENT,
+            tools=TOOLS,
+            tool_choice="none",
+            max_tokens=2,
+            extra_body={"return_token_ids": True},
+        )
+        assert out.model_extra["prompt_token_ids"] == want
+    finally:
+        server.stop()
+    llm = LLM(str(path), num_pages=64, page_size=4, device="cpu", chat_template=TEMPLATE)
+    sp = SamplingParams(temperature=0, max_tokens=1)
+    assert llm.chat(SENT, sp, use_tqdm=False, tools=TOOLS)[0].prompt_token_ids == want

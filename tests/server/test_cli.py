@@ -77,7 +77,6 @@ def _serve(*flags: str) -> subprocess.CompletedProcess:
         (["--tensor-parallel-size", "2"], "--replicas N"),
         (["--quantization", "awq"], "serve a bf16/fp16/fp32 checkpoint"),
         (["--kv-cache-dtype", "fp8"], "set --dtype"),
-        (["--chat-template", "t.jinja"], "chat_template.jinja in the model directory"),
         (["--guided-decoding-backend", "outlines"], "xgrammar"),
     ],
 )
@@ -87,6 +86,20 @@ def test_vllm_flags_that_would_change_results_are_refused_naming_the_alternative
     assert r.returncode == 2 and f"{' '.join(flags)} is not supported" in r.stderr and fix in r.stderr, (
         r.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "value,fix",
+    [
+        ("t.jinja", "--chat-template 't.jinja': cannot read it (No such file or directory)"),
+        ("{% for m in messages %}", "chat_template is not a Jinja template: Unexpected end of template"),
+    ],
+)
+def test_a_chat_template_that_cannot_be_used_stops_the_start(value, fix):
+    """vLLM's --chat-template (a file, or the template inline): a path that does not open, or a
+    template that does not parse, is an error at start (exit 2), not at the first chat request."""
+    r = _serve("--chat-template", value)
+    assert r.returncode == 2 and fix in r.stderr, r.stderr
 
 
 def test_a_vllm_command_line_starts_unchanged(tmp_path):
