@@ -66,9 +66,8 @@ class Generate:
         streams = await self._start_all(rid, body.prompts(), params, body.model, body.user or "")
         if body.stream:
             chunk = _Chunks(rid, "text_completion", body.model)
-            render = self._completion_delta(body)
-            if body.logprobs is not None:
-                render = _with_logprobs(render, self._completion_logprobs_from())
+            shape = self._completion_logprobs_from() if body.logprobs is not None else None
+            render = _with_tokens(self._completion_delta(body), shape, body.return_token_ids)
             return _sse(self._stream(chunk, body, streams, render))
         return await self._answer(request, rid, "text_completion", body, streams, self._completion_choice)
 
@@ -82,12 +81,15 @@ class Generate:
             rid, [prompt], params, body.model, body.user or "", fill=limit is None
         )
         if body.stream:
+            head = {"prompt_token_ids": prompt} if body.return_token_ids else {}  # as vLLM's first chunk
             chunk = _Chunks(rid, "chat.completion.chunk", body.model)
             roles = [_delta(i, {"role": "assistant", "content": ""}, None) for i in range(len(streams))]
-            render = _chat_delta if not tool_mode(body) else _tool_delta(body)
+            shape: Shape | None = None
             if body.logprobs:
-                render = _with_logprobs(render, lambda i, ids, lps: self._chat_logprobs(ids, lps))
-            return _sse(self._stream(chunk, body, streams, render, roles))
+                shape = lambda i, ids, lps: self._chat_logprobs(ids, lps)  # noqa: E731
+            render = _chat_delta if not tool_mode(body) else _tool_delta(body)
+            render = _with_tokens(render, shape, body.return_token_ids)
+            return _sse(self._stream(chunk, body, streams, render, roles, head))
         return await self._answer(request, rid, "chat.completion", body, streams, self._chat_choice)
 
     # --- starting and ending requests ---
@@ -198,13 +200,15 @@ class Generate:
         streams: Streams,
         render: Render,
         opening: Sequence[dict[str, Any]] = (),
+        head: dict[str, Any] | None = None,
     ) -> AsyncIterator[str]:
-        """The answer as server-sent events: `opening` choices, then each choice's deltas as they
-        come, then the usage if asked for. Closing it (the client left) aborts what is unfinished."""
+        """The answer as server-sent events: `opening` choices (their chunks with the fields in
+        `head`), then each choice's deltas as they come, then the usage if asked for. Closing it
+        (the client left) aborts what is unfinished."""
         finals: list[RequestOutput] = []
         async with self._closing(streams, finals, body.model):
             for c in opening:
-                yield chunk([c])
+                yield chunk([c], **(head or {}))
             async for i, out in _merge(streams):
                 raise_if_ended_badly(out, body.model)
                 c = render(i, out)
@@ -255,17 +259,14 @@ class Generate:
             if body.echo and i not in echoed:  # the prompt goes first, once per choice
                 echoed.add(i)
                 head = self._prompt_text(out)
-            if not head and not comp.delta_text and not out.finished and not body.return_token_ids:
-                return None
-            choice = {
+            if not head and not comp.delta_text and not out.finished:
+                return None  # half a character is held back: its token rides on the next chunk
+            return {
                 "index": i,
                 "text": head + comp.delta_text,
                 "logprobs": None,
                 "finish_reason": comp.finish_reason,
             }
-            if body.return_token_ids:
-                choice["token_ids"] = comp.delta_token_ids
-            return choice
 
         return render
 
@@ -411,10 +412,13 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
     return (k or 0) if body.logprobs else None
 
 
-def _with_logprobs(render: Render, shape: Shape) -> Render:
-    """`render`, with each chunk it sends carrying the logprobs of the tokens that came since the
-    choice's last chunk (a chunk held back, e.g. for half a character, passes its tokens on), so
-    that a choice's chunks add up to the logprobs of the whole answer."""
+def _with_tokens(render: Render, shape: Shape | None, token_ids: bool) -> Render:
+    """`render`, with each chunk it sends carrying the tokens that came since the choice's last
+    chunk (a chunk held back, e.g. for half a character, passes its tokens on): their logprobs
+    in `shape`'s form, and their ids when `token_ids`. A choice's chunks add up to the whole
+    answer's."""
+    if shape is None and not token_ids:
+        return render
     seen: Counter[int] = Counter()  # tokens per choice so far (the outputs' deltas: the lists grow)
     sent: Counter[int] = Counter()
 
@@ -422,9 +426,13 @@ def _with_logprobs(render: Render, shape: Shape) -> Render:
         comp = out.outputs[0]
         seen[i] += len(comp.delta_token_ids)
         choice = render(i, out)
-        if choice is not None and comp.logprobs is not None:
-            a, b = sent[i], seen[i]
-            sent[i] = b
+        if choice is None:
+            return None
+        a, b = sent[i], seen[i]
+        sent[i] = b
+        if token_ids:
+            choice["token_ids"] = comp.token_ids[a:b]
+        if shape is not None and comp.logprobs is not None:
             choice["logprobs"] = shape(i, comp.token_ids[a:b], comp.logprobs[a:b])
         return choice
 
@@ -444,13 +452,16 @@ class _Chunks:
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def __call__(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+    def __call__(
+        self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None, **extra: Any
+    ) -> str:
         obj: dict[str, Any] = {
             "id": self.rid,
             "object": self.object,
             "created": self.created,
             "model": self.model,
             "choices": choices,
+            **extra,
         }
         if usage is not None:
             obj["usage"] = usage

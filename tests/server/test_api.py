@@ -701,15 +701,17 @@ def test_logprobs_in_openais_shapes_with_decoded_tokens_offsets_and_bytes(client
 
 def test_streamed_logprobs_add_up_to_the_whole_answers(client):
     """Issue 16 (logprobs as vLLM gives them): a streamed answer's chunks carry their tokens'
-    logprobs (they were all null), and a choice's chunks add up to the logprobs of the same
-    request answered whole: tokens, offsets and alternatives, completions and chat, with n = 2."""
+    logprobs (they were all null) and, with return_token_ids, their ids (chat's were missing, and
+    its first chunks carry the prompt's, as vLLM's); a choice's chunks add up to the same request
+    answered whole: tokens, offsets and alternatives, completions and chat, with n = 2."""
     prompt = words(53)
-    kw = dict(max_tokens=7, temperature=0, n=2, extra_body={"ignore_eos": True})
+    kw = dict(max_tokens=7, temperature=0, n=2, extra_body={"ignore_eos": True, "return_token_ids": True})
     whole = client.completions.create(model="r8_all", prompt=prompt, logprobs=2, **kw)
     parts: dict[int, dict[str, list]] = {}
     for ch in client.completions.create(model="r8_all", prompt=prompt, logprobs=2, stream=True, **kw):
         for c in ch.choices:
-            got = parts.setdefault(c.index, {"tokens": [], "lp": [], "top": [], "offset": []})
+            got = parts.setdefault(c.index, {"tokens": [], "lp": [], "top": [], "offset": [], "ids": []})
+            got["ids"] += c.model_extra.get("token_ids") or []
             assert c.logprobs is not None or (c.text == "" and c.finish_reason is not None)
             if c.logprobs is not None:
                 got["tokens"] += c.logprobs.tokens
@@ -720,6 +722,7 @@ def test_streamed_logprobs_add_up_to_the_whole_answers(client):
     for c in whole.choices:
         got, want = parts[c.index], c.logprobs
         assert got["tokens"] == want.tokens and got["offset"] == want.text_offset and len(want.tokens) == 7
+        assert got["ids"] == c.model_extra["token_ids"]
         assert got["lp"] == pytest.approx(want.token_logprobs, abs=1e-4)
         assert [sorted(t) for t in got["top"]] == [sorted(t) for t in want.top_logprobs]
 
@@ -728,14 +731,22 @@ def test_streamed_logprobs_add_up_to_the_whole_answers(client):
         model="r8_all", messages=messages, logprobs=True, top_logprobs=2, **kw
     )
     content: dict[int, list] = {0: [], 1: []}
-    stream = client.chat.completions.create(
-        model="r8_all", messages=messages, logprobs=True, top_logprobs=2, stream=True, **kw
+    ids: dict[int, list] = {0: [], 1: []}
+    stream = list(
+        client.chat.completions.create(
+            model="r8_all", messages=messages, logprobs=True, top_logprobs=2, stream=True, **kw
+        )
     )
+    assert [ch.model_extra["prompt_token_ids"] for ch in stream[:2]] == [
+        whole.model_extra["prompt_token_ids"]
+    ] * 2
     for ch in stream:
         for c in ch.choices:
+            ids[c.index] += c.model_extra.get("token_ids") or []
             if c.logprobs is not None:
                 content[c.index] += c.logprobs.content
     for c in whole.choices:
+        assert ids[c.index] == c.model_extra["token_ids"]
         got, want = content[c.index], c.logprobs.content
         assert [e.token for e in got] == [e.token for e in want] and len(want) == 7
         assert [e.bytes for e in got] == [e.bytes for e in want]
@@ -750,7 +761,7 @@ def test_a_held_back_chunk_passes_its_tokens_logprobs_to_the_next():
     none is dropped and none is sent twice, whatever the outputs' lists hold by then."""
     from loramux.core.outputs import SampleLogprobs
     from loramux.engine.outputs import CompletionOutput, RequestOutput
-    from loramux.server.generate import _chat_delta, _with_logprobs
+    from loramux.server.generate import _chat_delta, _with_tokens
 
     ids = [7, 8, 9]
     lps = [SampleLogprobs(-0.1 * k, []) for k in range(1, 4)]  # the engine's growing lists
@@ -759,10 +770,13 @@ def test_a_held_back_chunk_passes_its_tokens_logprobs_to_the_next():
         comp = CompletionOutput(0, "", ids, finish, None, lps, text, delta_ids)
         return RequestOutput("r", None, [1], [comp], finish is not None)
 
-    render = _with_logprobs(_chat_delta, lambda i, t, lp: {"ids": t, "lp": [x.token_logprob for x in lp]})
+    shape = lambda i, t, lp: {"ids": t, "lp": [x.token_logprob for x in lp]}  # noqa: E731
+    render = _with_tokens(_chat_delta, shape, token_ids=True)
     assert render(0, out([7], "")) is None  # held back
-    assert render(0, out([8], "é"))["logprobs"] == {"ids": [7, 8], "lp": [-0.1, -0.2]}
-    assert render(0, out([9], "", "length"))["logprobs"] == {"ids": [9], "lp": [pytest.approx(-0.3)]}
+    second = render(0, out([8], "é"))
+    assert second["logprobs"] == {"ids": [7, 8], "lp": [-0.1, -0.2]} and second["token_ids"] == [7, 8]
+    last = render(0, out([9], "", "length"))
+    assert last["logprobs"] == {"ids": [9], "lp": [pytest.approx(-0.3)]} and last["token_ids"] == [9]
 
 
 def test_penalties_logit_bias_and_refusals_through_the_openai_client(client, offline):
