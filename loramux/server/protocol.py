@@ -91,6 +91,7 @@ class _Sampling(_Request):
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
     min_tokens: int = 0
     user: str | None = None
     return_token_ids: bool = False
@@ -155,6 +156,7 @@ class _Sampling(_Request):
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 ignore_eos=self.ignore_eos,
+                skip_special_tokens=self.skip_special_tokens,
                 logprobs=logprobs,
                 n=self.n,
                 presence_penalty=self.presence_penalty or 0.0,

@@ -756,6 +756,20 @@ def test_streamed_logprobs_add_up_to_the_whole_answers(client):
         ]
 
 
+def test_skip_special_tokens_reaches_the_detokenizer(client, offline):
+    """Issue 16 (sampling options as vLLM takes them): `skip_special_tokens: false` shows the
+    special tokens in the text (it was ignored: they were always dropped)."""
+    tok = offline.llm.get_tokenizer()
+    bos = tok.bos_token_id
+    kw = dict(model=BASE, prompt=words(57), max_tokens=3, temperature=0, logit_bias={str(bos): 100})
+    shown = client.completions.create(
+        **kw, extra_body={"ignore_eos": True, "skip_special_tokens": False, "return_token_ids": True}
+    )
+    assert shown.choices[0].model_extra["token_ids"] == [bos] * 3
+    assert shown.choices[0].text == tok.bos_token * 3
+    assert client.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text == ""
+
+
 def test_a_held_back_chunk_passes_its_tokens_logprobs_to_the_next():
     """Half a character is held back (no chunk), so its token's logprob rides on the next chunk:
     none is dropped and none is sent twice, whatever the outputs' lists hold by then."""
