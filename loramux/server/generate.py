@@ -63,7 +63,10 @@ class Generate:
         limit = 16 if body.max_tokens is None else body.max_tokens
         params = body.sampling_params(limit, body.logprobs, structured_params(body))
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self._start_all(rid, body.prompts(), params, body.model, body.user or "")
+        prompts = body.prompts()
+        if not body.add_special_tokens:  # the text as it is: no second BOS before a formatted prompt
+            prompts = [self._plain_ids(p) if isinstance(p, str) else p for p in prompts]
+        streams = await self._start_all(rid, prompts, params, body.model, body.user or "")
         if body.stream:
             chunk = _Chunks(rid, "text_completion", body.model)
             shape = self._completion_logprobs_from() if body.logprobs is not None else None
@@ -269,6 +272,12 @@ class Generate:
             }
 
         return render
+
+    def _plain_ids(self, text: str) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer; send token ids", param="prompt")
+        return list(tok.encode(text, add_special_tokens=False))
 
     def _prompt_text(self, out: RequestOutput) -> str:
         """The prompt as text, for echo (token-id prompts are decoded)."""

@@ -179,6 +179,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    add_special_tokens: bool = True  # vLLM's: false encodes a text prompt without BOS and the like
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

@@ -82,3 +82,27 @@ def test_chat_endpoint_sends_the_template_with_one_bos(bos_model, tmp_path):
         server.stop()
     assert out.usage.prompt_tokens == len(want_prompt)  # one BOS, not two
     assert out.choices[0].model_extra["token_ids"] == want[0].outputs[0].token_ids
+
+
+def test_completions_add_special_tokens_false_sends_the_text_without_bos(bos_model, tmp_path):
+    """Issue 16 (vLLM's request fields): a completions prompt already formatted with its BOS is
+    sent with `add_special_tokens: false`; loramux ignored the field and added a second one."""
+    tok = AutoTokenizer.from_pretrained(bos_model)
+    text = tok.bos_token + "hello world"
+    plain = tok.encode(text, add_special_tokens=False)
+    assert plain.count(tok.bos_token_id) == 1 and tok.encode(text).count(tok.bos_token_id) == 2
+    args = [str(bos_model), "--served-model-name", "base", "--num-pages", "64", "--page-size", "4"]
+    server = start_server([*args, "--device", "cpu"], tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+
+        def prompt_ids(**extra) -> list[int]:
+            out = client.completions.create(
+                model="base", prompt=text, max_tokens=1, extra_body={"return_token_ids": True, **extra}
+            )
+            return out.choices[0].model_extra["prompt_token_ids"]
+
+        assert prompt_ids(add_special_tokens=False) == plain
+        assert prompt_ids() == tok.encode(text)  # the default adds it, as vLLM's
+    finally:
+        server.stop()
