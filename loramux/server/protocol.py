@@ -57,6 +57,12 @@ UNSUPPORTED_FIELDS = (
     "truncate_prompt_tokens",
     "allowed_token_ids",
     "bad_words",
+    "priority",  # vLLM's priority scheduling; 0 (the default) passes
+    "cache_salt",  # vLLM's per-request prefix-cache isolation (loramux isolates per adapter)
+    "return_tokens_as_token_ids",
+    "logits_processors",
+    "prompt_embeds",
+    "kv_transfer_params",  # disaggregated prefill
     "echo",  # chat's (vLLM: repeat the last message); completions' is declared there
     "chat_template",  # per request: vLLM refuses it too unless --trust-request-chat-template
     "documents",
