@@ -55,8 +55,8 @@ class LLM:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]})."""
         plist = _as_prompt_list(prompts)
         n = len(plist)
-        params = _broadcast(sampling_params or SamplingParams(), n, "sampling_params")
-        loras = _broadcast(lora_request, n, "lora_request")
+        params = _broadcast(sampling_params or SamplingParams(), n, "sampling_params", SamplingParams)
+        loras = _broadcast(lora_request, n, "lora_request", LoRARequest)
         for lora in {lr for lr in loras if lr is not None}:
             self.engine.ensure_lora(lora)
         for spec in {p.structured_outputs for p in params if p.structured_outputs is not None}:
@@ -137,12 +137,20 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]
     return out
 
 
-def _broadcast(value: Any, n: int, what: str) -> list[Any]:
+def _broadcast(value: Any, n: int, what: str, kind: type) -> list[Any]:
+    """One `kind` (or None, for lora_request) per prompt: one given for all, or one each. A
+    value of another type is a TypeError naming it (e.g. vLLM's positional use_tqdm)."""
     if isinstance(value, list | tuple):
         if len(value) != n:
             raise ValueError(f"{what} has {len(value)} entries for {n} prompts; give one, or one per prompt")
-        return list(value)
-    return [value] * n
+        values = list(value)
+    else:
+        values = [value] * n
+    for v in values:
+        if not isinstance(v, kind) and not (v is None and kind is LoRARequest):
+            hint = "; pass use_tqdm by keyword" if isinstance(v, bool) else ""
+            raise TypeError(f"{what} takes a {kind.__name__} or a list of them, not {type(v).__name__}{hint}")
+    return values
 
 
 def _merge_samples(outs: list[RequestOutput]) -> RequestOutput:

@@ -110,3 +110,24 @@ def test_bin_model_weights_are_refused(tiny_models, tmp_path):
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(ValueError, match=r"config\.json is missing"):
         LLM(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        (
+            (SamplingParams(max_tokens=1), True),
+            {},
+            "lora_request takes a LoRARequest .* not bool; pass use_tqdm",
+        ),
+        (({"max_tokens": 1},), {}, "sampling_params takes a SamplingParams or a list of them, not dict"),
+        ((SamplingParams(max_tokens=1),), {"lora_request": ["r1_qv"]}, "lora_request takes a LoRARequest"),
+    ],
+)
+def test_generate_arguments_of_the_wrong_type_are_named(llm, args, kwargs, match):
+    """vLLM's older positional `generate(prompts, params, use_tqdm)` put True where loramux reads
+    lora_request; that was an AttributeError deep inside. Now a TypeError names the argument, and
+    nothing was queued."""
+    with pytest.raises(TypeError, match=match):
+        llm.generate(["hello"], *args, use_tqdm=False, **kwargs)
+    assert not llm.engine.has_unfinished_requests()
