@@ -209,15 +209,17 @@ class Generate:
         `head`), then each choice's deltas as they come, then the usage if asked for. Closing it
         (the client left) aborts what is unfinished."""
         finals: list[RequestOutput] = []
+        made: Counter[int] = Counter()  # tokens per choice so far
         async with self._closing(streams, finals, body.model):
             for c in opening:
                 yield chunk([c], **(head or {}))
             async for i, out in _merge(streams):
                 raise_if_ended_badly(out, body.model)
+                made[i] += len(out.outputs[0].delta_token_ids)
                 c = render(i, out)
                 if c is None:
                     continue  # e.g. the detokenizer holds back a partial character
-                yield chunk([c])
+                yield chunk([c], usage=_usage_so_far(out, made[i]) if body.continuous_usage else None)
                 if out.finished:
                     finals.append(out)
                     self.metrics.finished(body.model, out)
@@ -419,6 +421,11 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
             param="top_logprobs",
         )
     return (k or 0) if body.logprobs else None
+
+
+def _usage_so_far(out: RequestOutput, made: int) -> dict[str, int]:
+    p = len(out.prompt_token_ids)
+    return {"prompt_tokens": p, "completion_tokens": made, "total_tokens": p + made}
 
 
 def _with_tokens(render: Render, shape: Shape | None, token_ids: bool) -> Render:

@@ -179,6 +179,12 @@ class _Sampling(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's `continuous_usage_stats` (with include_usage): each chunk carries its choice's
+        usage so far."""
+        return self.include_usage and bool(self.stream_options.get("continuous_usage_stats"))  # type: ignore[union-attr]
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]

@@ -758,6 +758,28 @@ def test_streamed_logprobs_add_up_to_the_whole_answers(client):
         ]
 
 
+def test_continuous_usage_stats_put_each_choices_usage_so_far_on_its_chunks(client):
+    """Issue 16 (vLLM's stream_options): with `continuous_usage_stats` every chunk of a choice
+    carries that choice's usage so far (it was ignored); without it only the last chunk has one."""
+    kw = dict(model=BASE, prompt=words(59), max_tokens=6, temperature=0, n=2, stream=True)
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(**kw, stream_options=opts, extra_body={"ignore_eos": True}))
+    made = {0: [], 1: []}
+    for ch in chunks[:-1]:
+        (c,) = ch.choices
+        made[c.index].append(ch.usage.completion_tokens)
+        assert ch.usage.total_tokens == ch.usage.prompt_tokens + ch.usage.completion_tokens
+    for counts in made.values():
+        assert counts == sorted(counts) and counts[-1] == 6 and counts[0] >= 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    plain = list(
+        client.completions.create(
+            **kw, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}
+        )
+    )
+    assert all(ch.usage is None for ch in plain[:-1]) and plain[-1].usage.completion_tokens == 12
+
+
 def test_skip_special_tokens_reaches_the_detokenizer(client, offline):
     """Issue 16 (sampling options as vLLM takes them): `skip_special_tokens: false` shows the
     special tokens in the text (it was ignored: they were always dropped)."""
