@@ -101,6 +101,12 @@ def client(server):
     return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
 
 
+def tokenize(server, **body) -> list[int]:
+    r = httpx.post(server.url + "/tokenize", json={"model": "base", **body}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
 def test_the_oracle_tells_the_fields_apart(tok):
     """The template really writes what these tests check: without the tool fields, or with the
     arguments left as text, or without the kwarg, the ids differ."""
@@ -156,31 +162,14 @@ def test_continue_final_message_leaves_the_last_message_open(client, server, tok
         },
     )
     assert out.model_extra["prompt_token_ids"] == want
-    r = httpx.post(
-        server.url + "/tokenize",
-        json={
-            "model": "base",
-            "messages": SENT,
-            "tools": TOOLS,
-            "chat_template_kwargs": {"enable_thinking": False},
-        },
-        timeout=30,
+    assert (
+        tokenize(server, messages=PARTIAL, add_generation_prompt=False, continue_final_message=True) == want
     )
-    assert r.status_code == 200, r.text
-    assert r.json()["tokens"] == oracle(
-        tok, SEEN, tools=TOOLS, add_generation_prompt=True, enable_thinking=False
-    )
-    r = httpx.post(
-        server.url + "/tokenize",
-        json={
-            "model": "base",
-            "messages": PARTIAL,
-            "add_generation_prompt": False,
-            "continue_final_message": True,
-        },
-        timeout=30,
-    )
-    assert r.json()["tokens"] == want
+
+
+def test_tokenize_renders_chat_as_the_chat_endpoint_does(server, tok):
+    got = tokenize(server, messages=SENT, tools=TOOLS, chat_template_kwargs={"enable_thinking": False})
+    assert got == oracle(tok, SEEN, tools=TOOLS, add_generation_prompt=True, enable_thinking=False)
 
 
 def test_llm_chat_takes_the_same_options(tool_model, tok):
@@ -242,10 +231,7 @@ def test_serve_chat_template_flag_and_llm_setting_replace_the_tokenizers(tiny_mo
         [*args, "--device", "cpu", "--chat-template", str(tmp_path / "t.jinja")], tmp_path / "log"
     )
     try:
-        r = httpx.post(
-            server.url + "/tokenize", json={"model": "base", "messages": SENT, "tools": TOOLS}, timeout=30
-        )
-        assert r.json()["tokens"] == want, r.text
+        assert tokenize(server, messages=SENT, tools=TOOLS) == want
         out = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0).chat.completions.create(
             model="base",
             messages=SENT,
