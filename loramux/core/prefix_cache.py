@@ -5,6 +5,12 @@ mediates every reference-count change on the pages it holds. It does not know
 requests or adapters; callers pass a namespace id (the adapter uid, None for
 the base model) and the identity string the KV-event hash chain starts from.
 
+Salted namespaces: a request with a cache salt (vLLM's `cache_salt`) uses the
+namespace `(ns, salt)`, opened on its first insert below the open namespace
+`ns` and dropped again when it empties or `ns` closes. Requests share KV only
+when adapter and salt both agree, so one tenant cannot detect another's
+prompts by their cache hits.
+
 Layout: each namespace has its own root, so a lookup can never cross from one
 adapter (or adapter version) to another. Each node below a root is one full
 page whose key is the tuple of that page's tokens:
@@ -38,7 +44,7 @@ from typing import NamedTuple
 
 from loramux.core.page_pool import PagePool
 
-Namespace = int | None  # adapter uid; None is the base model
+Namespace = int | None | tuple[int | None, str]  # adapter uid (None: the base model), or (uid, salt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,11 @@ class KVCopy(NamedTuple):
 def namespace_seed(identity: str) -> int:
     """The hash a namespace's chain starts from: distinct identities give distinct chains."""
     return int.from_bytes(hashlib.blake2b(identity.encode(), digest_size=8).digest(), "little")
+
+
+def salted_identity(identity: str, salt: str) -> str:
+    """A salted namespace's identity: its namespace's, and a digest of the salt (never the salt)."""
+    return f"{identity}#salt:{hashlib.blake2b(salt.encode(), digest_size=8).hexdigest()}"
 
 
 def chain_hash(parent: int, tokens: tuple[int, ...]) -> int:
@@ -270,6 +281,8 @@ class RadixPrefixCache(PrefixCache):
             self._spaces[ns] = _Space(ns, identity)
 
     def close_namespace(self, ns: Namespace) -> None:
+        for key in [k for k in self._spaces if isinstance(k, tuple) and k[0] == ns]:
+            self.close_namespace(key)  # its salted namespaces go with it
         space = self._spaces.get(ns)
         if space is None:
             return
@@ -314,7 +327,8 @@ class RadixPrefixCache(PrefixCache):
         if pages:
             self._lock(pages)
             self._lru.pop(self._by_page[pages[-1]], None)
-        return MatchResult(pages, host, node)
+        # no cursor at a root: a salted namespace may be dropped and opened anew before the insert
+        return MatchResult(pages, host, None if node is space.root else node)
 
     def unmatch(self, ns: Namespace, hit: MatchResult) -> None:
         self.release(ns, hit.pages)
@@ -343,7 +357,9 @@ class RadixPrefixCache(PrefixCache):
         self.pool.incref([page])  # the cache's own reference
 
     def insert(self, ns, cursor, token_ids, page_ids, start, end) -> InsertResult:  # type: ignore[override]
-        space = self._spaces.get(ns)
+        space = self._spaces.get(ns) if start < end else None
+        if space is None and isinstance(ns, tuple) and start < end:
+            space = self._open_salted(ns)
         if space is None or space.closing or start >= end:
             return InsertResult(cursor, [])
         node = cursor if cursor is not None else space.root
@@ -496,6 +512,8 @@ class RadixPrefixCache(PrefixCache):
         assert parent is not None
         del parent.children[node.key]  # type: ignore[arg-type]
         self._events.removed(node, on_host=not node.on_device)
+        if parent.parent is None:
+            self._drop_if_empty(node.ns)
         return parent
 
     def _remove_chain(self, node: _Node) -> None:
@@ -503,8 +521,17 @@ class RadixPrefixCache(PrefixCache):
         while node.parent is not None and not node.children and self._is_idle_device_leaf(node):
             node = self._remove(node)
 
+    def _open_salted(self, ns: tuple[int | None, str]) -> _Space | None:
+        base = self._spaces.get(ns[0])
+        if base is None or base.closing:
+            return None
+        space = self._spaces[ns] = _Space(ns, salted_identity(base.identity, ns[1]))
+        return space
+
     def _drop_if_empty(self, space: _Space) -> None:
-        if space.closing and not space.root.children and self._spaces.get(space.key) is space:
+        """Forget a closing namespace once empty; a salted one too, so salts leave nothing behind."""
+        dropping = space.closing or isinstance(space.key, tuple)
+        if dropping and not space.root.children and self._spaces.get(space.key) is space:
             del self._spaces[space.key]
 
     # --- events, copies and checks ---

@@ -49,7 +49,9 @@ class Request:
     `adapter_uid` is the id of one *load* of an adapter (None means the base
     model): reloading an adapter under the same name gives a new uid, so its
     prefix-cache namespace is new too. `tenant` is the fairness account; it
-    defaults to the adapter's name, or "base".
+    defaults to the adapter's name, or "base". `cache_salt` (vLLM's) gives its
+    KV a namespace of its own within the adapter's: only requests with the same
+    adapter and the same salt share cached pages.
     """
 
     request_id: str
@@ -67,6 +69,7 @@ class Request:
     # Activated LoRA: the adapter applies from this position on; the tokens before it are the base
     # model's, so their KV is cached (and found) in the base model's namespace. 0: every token.
     lora_start: int = 0
+    cache_salt: str | None = None
     # Opaque to the control plane: the executor's sampling parameters.
     sampling: Any = None
 
@@ -94,6 +97,11 @@ class Request:
         if self.max_tokens < 1:
             raise ValueError(
                 f"request {self.request_id!r}: max_tokens={self.max_tokens}; it must be at least 1"
+            )
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise ValueError(
+                f"request {self.request_id!r}: cache_salt={self.cache_salt!r}; give a non-empty string, "
+                "or leave it out"
             )
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ValueError(
@@ -123,10 +131,12 @@ class Request:
         return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
-    def cache_uid(self) -> int | None:
+    def cache_uid(self) -> int | tuple[int | None, str] | None:
         """The prefix-cache namespace of its KV: the adapter's, or the base model's for the
-        tokens before an activated LoRA's start (the only ones it caches)."""
-        return self.adapter_uid if self.lora_start == 0 else None
+        tokens before an activated LoRA's start (the only ones it caches); with a cache salt,
+        (that namespace, the salt)."""
+        ns = self.adapter_uid if self.lora_start == 0 else None
+        return ns if self.cache_salt is None else (ns, self.cache_salt)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -70,7 +70,8 @@ def encode_event(e: KVEvent, page_size: int) -> dict[str, Any]:
 
 
 def _lora_name(identity: str) -> str | None:
-    """`lora:<name>:<version>` -> name; the base model -> None."""
+    """`lora:<name>:<version>` (and a salted `...#salt:<digest>`) -> name; the base model -> None."""
+    identity = identity.split("#salt:", 1)[0]
     if identity.startswith("lora:"):
         return identity[5:].rsplit(":", 1)[0]
     return None

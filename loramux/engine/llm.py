@@ -52,8 +52,9 @@ class LLM:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]})."""
-        plist = _as_prompt_list(prompts)
+        """Generate for every prompt (text, token ids, or a dict, as vLLM's: {"prompt": ...} or
+        {"prompt_token_ids": [...]}, with an optional "cache_salt")."""
+        plist, salts = _as_prompt_list(prompts)
         n = len(plist)
         params = _broadcast(sampling_params or SamplingParams(), n, "sampling_params", SamplingParams)
         loras = _broadcast(lora_request, n, "lora_request", LoRARequest)
@@ -62,11 +63,10 @@ class LLM:
         for spec in {p.structured_outputs for p in params if p.structured_outputs is not None}:
             self.engine.grammar_future(spec).result()  # a grammar that cannot compile: ValueError now
         groups = []
-        for prompt, p, lora in zip(plist, params, loras, strict=True):
+        for prompt, p, lora, salt in zip(plist, params, loras, salts, strict=True):
             self._counter += 1
-            groups.append(
-                self.engine.add_request_n(f"llm-{self._counter}", prompt, p, lora.lora_name if lora else None)
-            )
+            name = lora.lora_name if lora else None
+            groups.append(self.engine.add_request_n(f"llm-{self._counter}", prompt, p, name, cache_salt=salt))
         done: dict[str, RequestOutput] = {}
         owner = {rid: i for i, ids in enumerate(groups) for rid in ids}
         left = [len(ids) for ids in groups]
@@ -116,12 +116,14 @@ class LLM:
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]:
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> tuple[list[str | list[int]], list[str | None]]:
+    """The prompts as text or token ids, and each one's cache_salt (a dict prompt's, else None)."""
     if isinstance(prompts, str | dict) or (
         isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
     ):
         prompts = [prompts]  # type: ignore[list-item]
     out: list[str | list[int]] = []
+    salts: list[str | None] = []
     for p in prompts:  # type: ignore[union-attr]
         if isinstance(p, dict):
             if "prompt_token_ids" in p:
@@ -134,7 +136,8 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int]]
             out.append(p)  # type: ignore[arg-type]
         else:
             raise TypeError(f"a prompt must be text, a list of token ids or a dict, not {type(p).__name__}")
-    return out
+        salts.append(p.get("cache_salt") if isinstance(p, dict) else None)
+    return out, salts
 
 
 def _broadcast(value: Any, n: int, what: str, kind: type) -> list[Any]:

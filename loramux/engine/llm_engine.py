@@ -408,13 +408,15 @@ class LLMEngine:
         fill_max_tokens: bool = False,
         after: str | None = None,
         group: _Group | None = None,
+        cache_salt: str | None = None,
     ) -> str:
         """Queue a prompt (text or token ids); raises ValueError for bad input, at once.
 
         With `fill_max_tokens`, max_tokens becomes whatever room the model's length limit leaves
         (the chat API's default when the client sets no limit). With `after`, the request waits
         until that one has produced its first token, so the prompt's KV is in the prefix cache
-        and this request reuses it (the n samples of one prompt, which share one `group`).
+        and this request reuses it (the n samples of one prompt, which share one `group`). With
+        `cache_salt`, its KV is cached and found only among requests with the same salt.
         """
         self._check_alive()
         if params.n != 1:
@@ -449,6 +451,7 @@ class LLMEngine:
             queue_deadline=math.inf if params.max_queue_time is None else now + params.max_queue_time,
             sampling=params,
             lora_start=_activation(ids, self._invocations.get(lora_name or "", ())),
+            cache_salt=cache_salt,
         )
         grammar = (
             None if params.structured_outputs is None else self.grammar_future(params.structured_outputs)
@@ -487,6 +490,7 @@ class LLMEngine:
         lora_name: str | None = None,
         tenant: str = "",
         fill_max_tokens: bool = False,
+        cache_salt: str | None = None,
     ) -> list[str]:
         """`params.n` samples of one prompt as requests `<id>-0` ... (just `<id>` when n is 1).
         The first runs at once; the others are queued once its first token exists, so they find
@@ -494,13 +498,26 @@ class LLMEngine:
         gives sample i the seed + i."""
         ids = sample_ids(request_id, params.n)
         if params.n == 1:
-            return [self.add_request(request_id, prompt, params, lora_name, None, tenant, fill_max_tokens)]
+            return [
+                self.add_request(
+                    request_id,
+                    prompt,
+                    params,
+                    lora_name,
+                    None,
+                    tenant,
+                    fill_max_tokens,
+                    cache_salt=cache_salt,
+                )
+            ]
         group = _Group(params.n, None if fill_max_tokens else params.max_tokens)
         try:
             for i, rid in enumerate(ids):  # the later samples follow the first (`after`)
                 p = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
                 after = ids[0] if i else None
-                self.add_request(rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after, group)
+                self.add_request(
+                    rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after, group, cache_salt
+                )
                 self._followers.setdefault(ids[0], [])
         except Exception:
             for rid in reversed(ids):  # nothing half-admitted (the later samples first)

@@ -152,6 +152,7 @@ class AsyncEngine:
         lora_name: str | None = None,
         tenant: str = "",
         fill_max_tokens: bool = False,
+        cache_salt: str | None = None,
     ) -> list[RequestStream]:
         """Queue `params.n` samples of one prompt (LLMEngine.add_request_n); bad input raises here
         (ValueError, AdapterNotFoundError, QueueFullError, EngineDeadError).
@@ -168,7 +169,14 @@ class AsyncEngine:
             queues.append(q)
         try:
             await self.call(
-                self.engine.add_request_n, request_id, prompt, params, lora_name, tenant, fill_max_tokens
+                self.engine.add_request_n,
+                request_id,
+                prompt,
+                params,
+                lora_name,
+                tenant,
+                fill_max_tokens,
+                cache_salt,
             )
         except BaseException:
             for rid in ids:

@@ -66,7 +66,7 @@ class Generate:
         prompts = body.prompts()
         if not body.add_special_tokens:  # the text as it is: no second BOS before a formatted prompt
             prompts = [self._plain_ids(p) if isinstance(p, str) else p for p in prompts]
-        streams = await self._start_all(rid, prompts, params, body.model, body.user or "")
+        streams = await self._start_all(rid, prompts, params, body)
         if body.stream:
             chunk = _Chunks(rid, "text_completion", body.model)
             shape = self._completion_logprobs_from() if body.logprobs is not None else None
@@ -80,9 +80,7 @@ class Generate:
         k = _top_logprobs(body)
         params = body.sampling_params(limit or 1, k, structured_params(body))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self._start_all(
-            rid, [prompt], params, body.model, body.user or "", fill=limit is None
-        )
+        streams = await self._start_all(rid, [prompt], params, body, fill=limit is None)
         if body.stream:
             head = {"prompt_token_ids": prompt} if body.return_token_ids else {}  # as vLLM's first chunk
             chunk = _Chunks(rid, "chat.completion.chunk", body.model)
@@ -101,12 +99,12 @@ class Generate:
         rid: str,
         prompts: list[str | list[int]],
         params: SamplingParams,
-        model: str,
-        tenant: str,
+        body: Body,
         fill: bool = False,
     ) -> Streams:
         """One stream per (prompt, sample), prompt-major: stream k is choice k. A refused prompt
         aborts the ones already started and answers for all."""
+        model = body.model
         lora = None if model == self.base_name else model
         streams: Streams = []
         try:
@@ -116,7 +114,9 @@ class Generate:
                     logger.info("request %s-%d model=%s prompt=%r", rid, i, model, prompt)
                 else:
                     logger.debug("request %s-%d model=%s", rid, i, model)
-                streams += await self.aengine.add_request_n(f"{rid}-{i}", prompt, params, lora, tenant, fill)
+                streams += await self.aengine.add_request_n(
+                    f"{rid}-{i}", prompt, params, lora, body.user or "", fill, body.cache_salt
+                )
         except Exception as e:
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]

@@ -58,7 +58,6 @@ UNSUPPORTED_FIELDS = (
     "allowed_token_ids",
     "bad_words",
     "priority",  # vLLM's priority scheduling; 0 (the default) passes
-    "cache_salt",  # vLLM's per-request prefix-cache isolation (loramux isolates per adapter)
     "return_tokens_as_token_ids",
     "logits_processors",
     "prompt_embeds",
@@ -101,6 +100,7 @@ class _Sampling(_Request):
     min_tokens: int = 0
     user: str | None = None
     return_token_ids: bool = False
+    cache_salt: str | None = None  # vLLM's: cached KV is shared only among requests with this salt
     max_queue_time: float | None = None  # loramux: seconds it may wait to start; then 503 queue_timeout
     # structured output, any one form (server/structured.py)
     response_format: dict[str, Any] | None = None

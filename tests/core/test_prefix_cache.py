@@ -1,5 +1,7 @@
 """Prefix cache namespaced per adapter: reuse, isolation, unload, events, LRU (S5.1-S5.6)."""
 
+import pytest
+
 from loramux.core.page_pool import PagePool
 from loramux.core.prefix_cache import RadixPrefixCache, chain_hash, namespace_seed
 from loramux.core.request import RequestStatus
@@ -185,6 +187,65 @@ def test_S5_4_unloaded_adapter_name_is_refused_but_queued_work_finishes():
     run(s, ex)
     assert r1.status is r2.status is RequestStatus.FINISHED_LENGTH
     assert s.adapters.resident_uids == []  # the weights went after its last request
+
+
+# --- S5.2 cache salts (vLLM's cache_salt) ---------------------------------------------------
+
+
+def test_S5_2_a_cache_salt_shares_pages_only_with_the_same_adapter_and_salt():
+    """Same tokens, same adapter: a request finds the pages of an earlier one only when their
+    salts agree; no salt is a salt of its own. Outputs are the unsalted ones (nothing else
+    changes), and every step passes the page-count integrity check."""
+    s = make_scheduler(num_pages=64, page_size=PS, adapters=("a",))
+    ex = fake_for(s)
+    prompt = list(range(1, 14))  # 3 full pages, the last token recomputed
+    first = finish_one(s, ex, make_request(prompt, max_tokens=2, lora="a", cache_salt="t1"))
+    for salt, lora in ((None, "a"), ("t2", "a"), ("t1", None)):
+        other = finish_one(s, ex, make_request(prompt, max_tokens=2, lora=lora, cache_salt=salt))
+        assert other.num_cached_tokens == 0, (salt, lora)
+    same = finish_one(s, ex, make_request(prompt, max_tokens=2, lora="a", cache_salt="t1"))
+    assert same.num_cached_tokens == 12 and same.output_token_ids == first.output_token_ids
+    assert same.output_token_ids == ex.reference_tokens(same.adapter_uid, prompt, 2, set())
+
+
+def test_S5_4_salted_namespaces_go_with_their_adapter_and_when_they_empty():
+    """Salts are per tenant, so there may be many: a salted namespace is dropped once its last
+    page is evicted (nothing left behind per salt), and all of them when the adapter unloads."""
+    s = make_scheduler(num_pages=64, page_size=PS, adapters=("a",))
+    ex = fake_for(s)
+    uid = s.adapters.get("a").uid
+    for salt in ("t1", "t2"):
+        finish_one(s, ex, make_request(list(range(1, 10)), max_tokens=1, lora="a", cache_salt=salt))
+    cache = s.kv.cache
+    assert {(uid, "t1"), (uid, "t2")} <= set(cache.namespaces())
+    assert cache.pages_in((uid, "t1")) == 2
+    cache.evict(cache.num_evictable)
+    assert not any(isinstance(ns, tuple) for ns in cache.namespaces()) and uid in cache.namespaces()
+    finish_one(s, ex, make_request(list(range(1, 10)), max_tokens=1, lora="a", cache_salt="t1"))
+    assert cache.pages_in((uid, "t1")) == 2  # opened anew
+    s.unregister_adapter("a")
+    assert not [ns for ns in cache.namespaces() if ns == uid or (isinstance(ns, tuple) and ns[0] == uid)]
+    s.check_integrity()
+
+
+def test_S5_5_a_salted_namespace_chains_its_own_hashes_and_never_names_its_salt():
+    s = make_scheduler(num_pages=32, page_size=PS, adapters=("a",), events=True)
+    ex = fake_for(s)
+    prompt = list(range(1, 10))
+    finish_one(s, ex, make_request(prompt, max_tokens=1, lora="a"))
+    finish_one(s, ex, make_request(prompt, max_tokens=1, lora="a", cache_salt="secret-tenant"))
+    stored = [e for e in s.kv.cache.take_events() if e.kind == "stored"]
+    plain = s.adapters.get("a").identity
+    salted = [e for e in stored if e.namespace != plain]
+    assert len(salted) == 2 and salted[0].namespace.startswith(plain + "#salt:")
+    assert "secret-tenant" not in salted[0].namespace
+    assert not {e.block_hash for e in salted} & {e.block_hash for e in stored if e.namespace == plain}
+    assert salted[0].block_hash == chain_hash(namespace_seed(salted[0].namespace), (1, 2, 3, 4))
+
+
+def test_a_cache_salt_must_be_a_non_empty_string():
+    with pytest.raises(ValueError, match="cache_salt=''; give a non-empty string"):
+        make_request(8, cache_salt="")
 
 
 # --- S5.5 KV events -------------------------------------------------------------------------

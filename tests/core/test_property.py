@@ -52,6 +52,7 @@ def workloads(draw):
                 adapter=adapter,
                 arrival=draw(st.integers(0, 25)),
                 eos=draw(st.booleans()),
+                salt=draw(st.sampled_from([None, None, "t1", "t2"])),  # vLLM's cache_salt
             )
         )
     page_size = draw(st.sampled_from([1, 2, 4]))
@@ -136,6 +137,7 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
                 arrival_time=clock.t,
                 ignore_eos=not spec["eos"],
                 eos_token_ids=frozenset({0}),
+                cache_salt=spec["salt"],
             )
             try:
                 s.add_request(req)

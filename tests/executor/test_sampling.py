@@ -299,3 +299,28 @@ def test_n_samples_share_the_prompts_kv_and_follow_their_seeds(llm):
             if o.finished:
                 cached[o.request_id] = o.num_cached_tokens
     assert cached[ids[0]] == 0 and all(cached[r] == 12 for r in ids[1:])  # 3 pages, shared
+
+
+def test_a_prompt_dicts_cache_salt_keeps_its_kv_to_its_salt_and_n_samples_share_it(llm):
+    """vLLM's prompt dict {"prompt_token_ids": ..., "cache_salt": ...} in LLM.generate: another
+    salt (or none) misses the pages a salted prompt cached, the same salt hits them, and the n
+    samples of a salted prompt share its pages (they follow it in its salted namespace)."""
+    prompt = [5, 16, 27, 38, 49, 61, 72, 83, 94, 105, 116, 127, 138]  # 3 full pages of 4
+    sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    def cached(salt: str | None, params: SamplingParams = sp) -> list[int]:
+        p = {"prompt_token_ids": prompt} if salt is None else {"prompt_token_ids": prompt, "cache_salt": salt}
+        (out,) = llm.generate([p], params, use_tqdm=False)
+        return [out.num_cached_tokens]
+
+    assert cached("a") == [0]
+    assert cached("b") == [0] and cached(None) == [0]
+    assert cached("a") == [12]
+    engine = llm.engine
+    ids = engine.add_request_n("salted", prompt + [7], dataclasses.replace(sp, n=3), cache_salt="c")
+    got = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                got[o.request_id] = o.num_cached_tokens
+    assert got[ids[0]] == 0 and all(got[r] == 12 for r in ids[1:])

@@ -227,7 +227,6 @@ def error_of(exc: openai.APIStatusError) -> dict:
         (dict(extra_body={"top_p": 0}), "top_p=0"),
         (dict(stream_options={"include_usage": True}), "stream_options applies to streamed answers only"),
         (dict(extra_body={"priority": 3}), "priority is not supported by loramux"),
-        (dict(extra_body={"cache_salt": "tenant-7"}), "cache_salt is not supported by loramux"),
     ],
 )
 def test_bad_parameters_answer_400_in_openai_shape(client, kwargs, match):
@@ -304,6 +303,33 @@ def test_S6_3_runtime_load_unload_and_reload_with_different_weights(server, clie
     assert second == offline(prompt, "r64_mlp") and second != first  # new weights, no stale KV
     assert server.metrics()["loramux_prefix_cache_hit_tokens_total"] == hits  # the old pages were not reused
     httpx.post(server.v1 + "/unload_lora_adapter", json={"lora_name": "swap"})
+
+
+def test_S5_2_cache_salt_shares_cached_prompts_only_within_one_salt(server, client, offline):
+    """vLLM's `cache_salt`: a tenant's requests find each other's cached prompt pages, another
+    salt (or none) finds none of them, even on the same adapter; answers do not change."""
+    prompt = words(61, 30)
+
+    def run(salt: str | None) -> tuple[list[int], float]:
+        before = server.metrics()["loramux_prefix_cache_hit_tokens_total"]
+        extra = {"ignore_eos": True, "return_token_ids": True}
+        if salt is not None:
+            extra["cache_salt"] = salt
+        out = client.completions.create(
+            model="r8_all", prompt=prompt, max_tokens=3, temperature=0, extra_body=extra
+        )
+        return out.choices[0].model_extra["token_ids"], server.metrics()[
+            "loramux_prefix_cache_hit_tokens_total"
+        ] - before
+
+    first, _ = run("tenant-1")
+    for other in ("tenant-2", None):
+        ids, hits = run(other)
+        assert hits == 0 and ids == first, other
+    ids, hits = run("tenant-1")
+    assert hits > 0 and ids == first == offline(prompt, "r8_all", 3)
+    with pytest.raises(openai.BadRequestError, match="cache_salt=''; give a non-empty string"):
+        client.completions.create(model="r8_all", prompt=prompt, max_tokens=1, extra_body={"cache_salt": ""})
 
 
 def test_S6_3_S5_4_unload_while_a_request_runs_lets_it_finish_then_frees_it(server, adapter_dirs):

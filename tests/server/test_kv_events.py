@@ -76,7 +76,16 @@ def test_stored_and_removed_events_with_per_namespace_hashes(served):
     client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
     for model in ("base", "a", "b"):
         client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0)
-    seen, events = _batches(sub, lambda ev: all(len(_stored(ev, n)) >= 3 for n in (None, "a", "b")))
+    salted = {"cache_salt": "tenant-9"}  # b again, in a namespace of its own
+    client.completions.create(model="b", prompt=PROMPT, max_tokens=2, temperature=0, extra_body=salted)
+    seen, events = _batches(
+        sub, lambda ev: all(len(_stored(ev, n)) >= 3 for n in (None, "a")) and len(_stored(ev, "b")) >= 6
+    )
+    b_salted = _stored(events, "b")[3:6]  # named by its adapter, chained from a seed of its own
+    assert [e["token_ids"] for e in b_salted] == [PROMPT[0:4], PROMPT[4:8], PROMPT[8:12]]
+    assert not {e["block_hashes"][0] for e in b_salted} & {
+        e["block_hashes"][0] for e in _stored(events, "b")[:3]
+    }
     first_pages = {}
     for lora in (None, "a", "b"):
         chain = _stored(events, lora)[:3]
