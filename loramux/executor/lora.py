@@ -60,7 +60,7 @@ _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\."
     r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_(A\.weight|B\.weight|magnitude_vector)$"
 )
-# Every field of PEFT's LoraConfig (0.21) and what loramux does with it (docs/vllm-compat.md has the
+# Every field of PEFT's LoraConfig (0.21, 0.22) and what loramux does with it (docs/vllm-compat.md has the
 # table). Served: applied exactly as PEFT applies it, or without effect once trained (dropout, the
 # initialisation of weights that are then saved, metadata). Refused when set, with the reason and
 # the fix. A field in neither set, with a value, is refused too: it may change outputs.
@@ -86,6 +86,7 @@ REFUSED_FIELDS = {
     "loftq_config": "LoftQ adapters expect LoftQ's quantized base weights, not the base model's",
     "corda_config": "CorDA adapters expect CorDA's residual base weights, not the base model's",
     "lora_ga_config": "LoRA-GA adapters expect LoRA-GA's modified base weights, not the base model's",
+    "astra_config": "Astra adapters expect Astra's residual base weights, not the base model's",
     "use_bdlora": "BD-LoRA (use_bdlora) is not supported; train a plain LoRA adapter",
     "arrow_config": "Arrow routing (arrow_config) mixes adapters per token, which loramux does not do",
     "kasa_config": "KaSA (kasa_config) is not supported; train a plain LoRA adapter",
@@ -93,7 +94,7 @@ REFUSED_FIELDS = {
     "monteclora_config": "MonteCLoRA (monteclora_config) is not supported; train a plain LoRA adapter",
 }
 # Initialisations that change the base weights: the adapter is trained against a residual model.
-_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "astra")
 
 Module = tuple[int, str]  # (layer index, projection name)
 
