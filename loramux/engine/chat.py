@@ -40,10 +40,12 @@ def render_chat(
     continue_final_message: bool = False,
     tools: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> list[int]:
     """The prompt ids for `messages`: ending with the assistant's turn (add_generation_prompt), or
     with the last message left open for the model to continue (continue_final_message). ValueError
-    names what is wrong when the options clash or the template cannot render them."""
+    names what is wrong when the options clash or the template cannot render them. `chat_template`
+    replaces the tokenizer's (vLLM's LLM.chat argument)."""
     if add_generation_prompt and continue_final_message:
         raise ValueError(
             "add_generation_prompt and continue_final_message cannot both be true; set "
@@ -56,7 +58,7 @@ def render_chat(
     if clash:
         raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}; use the request's own field")
     conversation = [_for_template(m, i) for i, m in enumerate(messages)]
-    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     try:
         text = tokenizer.apply_chat_template(
             conversation,

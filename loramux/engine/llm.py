@@ -93,10 +93,12 @@ class LLM:
         continue_final_message: bool = False,
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, rendered with the model's chat
         template (encoded without special tokens: the template writes its own BOS), as vLLM's;
-        `continue_final_message`, `tools` and `chat_template_kwargs` reach the template as there."""
+        `continue_final_message`, `tools` and `chat_template_kwargs` reach the template as there, and
+        `chat_template` (its text) replaces the model's for this call."""
         tok = self.get_tokenizer()
         if tok is None:
             raise ValueError("this model has no tokenizer, so chat is unavailable; use generate()")
@@ -110,10 +112,14 @@ class LLM:
                 continue_final_message,
                 tools,
                 chat_template_kwargs,
+                chat_template,
             )
             for c in convs
         ]
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
+
+
+_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})  # of vLLM's prompt dicts
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> tuple[list[str | list[int]], list[str | None]]:
@@ -126,6 +132,13 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> tuple[list[str | list
     salts: list[str | None] = []
     for p in prompts:  # type: ignore[union-attr]
         if isinstance(p, dict):
+            other = sorted(set(p) - _PROMPT_KEYS)
+            if other:
+                raise ValueError(
+                    f"a prompt dict holds {', '.join(map(repr, other))}, which loramux does not take "
+                    f"(it serves text: no multi_modal_data); use 'prompt' or 'prompt_token_ids', and "
+                    f"optionally 'cache_salt'"
+                )
             if "prompt_token_ids" in p:
                 out.append(list(p["prompt_token_ids"]))
             elif "prompt" in p:

@@ -131,3 +131,12 @@ def test_generate_arguments_of_the_wrong_type_are_named(llm, args, kwargs, match
     with pytest.raises(TypeError, match=match):
         llm.generate(["hello"], *args, use_tqdm=False, **kwargs)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_prompt_dict_keys_loramux_does_not_take_are_named(llm):
+    """vLLM's prompt dicts may carry images (multi_modal_data); loramux serves text, so such a
+    key is a ValueError naming it, not dropped while the text alone is answered."""
+    image = {"prompt": "describe", "multi_modal_data": {"image": object()}}
+    with pytest.raises(ValueError, match="holds 'multi_modal_data', which loramux does not take"):
+        llm.generate([image], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()

@@ -246,3 +246,6 @@ def test_serve_chat_template_flag_and_llm_setting_replace_the_tokenizers(tiny_mo
     llm = LLM(str(path), num_pages=64, page_size=4, device="cpu", chat_template=TEMPLATE)
     sp = SamplingParams(temperature=0, max_tokens=1)
     assert llm.chat(SENT, sp, use_tqdm=False, tools=TOOLS)[0].prompt_token_ids == want
+    plain = LLM(str(path), num_pages=64, page_size=4, device="cpu")  # vLLM's LLM.chat(chat_template=)
+    got = plain.chat(SENT, sp, use_tqdm=False, tools=TOOLS, chat_template=TEMPLATE)
+    assert got[0].prompt_token_ids == want
