@@ -78,6 +78,9 @@ def _serve(*flags: str) -> subprocess.CompletedProcess:
         (["--quantization", "awq"], "serve a bf16/fp16/fp32 checkpoint"),
         (["--kv-cache-dtype", "fp8"], "set --dtype"),
         (["--guided-decoding-backend", "outlines"], "xgrammar"),
+        (["--enable-auto-tool-choice"], 'send tool_choice "required" or name a function'),
+        (["--tool-call-parser", "hermes"], "loramux has no tool-call parsers"),
+        (["--reasoning-parser", "deepseek_r1"], "does not split reasoning from content"),
     ],
 )
 def test_vllm_flags_that_would_change_results_are_refused_naming_the_alternative(flags, fix):
