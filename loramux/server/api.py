@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -55,14 +56,38 @@ class ServerConfig:
     """Write prompt text to the log (off: only ids and lengths)."""
     max_request_bytes: int = 8 << 20
     """Larger request bodies are refused with 413 before they are read whole."""
+    allowed_origins: tuple[str, ...] = ()
+    """CORS (vLLM's --allowed-origins): origins browsers may call from; none: no CORS headers."""
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    prompt_tokens_details: bool = False
+    """Usage gives prompt_tokens_details.cached_tokens (vLLM's --enable-prompt-tokens-details)."""
+    docs: bool = True
+    """Serve /docs and /openapi.json."""
 
 
 def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
-    app = FastAPI(title="loramux", version=__version__, docs_url="/docs", redoc_url=None, responses=DECLARED)
+    app = FastAPI(
+        title="loramux",
+        version=__version__,
+        docs_url="/docs" if cfg.docs else None,
+        openapi_url="/openapi.json" if cfg.docs else None,
+        redoc_url=None,
+        responses=DECLARED,
+    )
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    if cfg.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.allowed_origins),
+            allow_methods=list(cfg.allowed_methods),
+            allow_headers=list(cfg.allowed_headers),
+            allow_credentials=cfg.allow_credentials,
+        )
     api = _API(aengine, cfg, metrics)
-    gen = Generate(aengine, metrics, cfg.served_model_name, cfg.log_prompts)
+    gen = Generate(aengine, metrics, cfg.served_model_name, cfg.log_prompts, cfg.prompt_tokens_details)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(api.check_key)])
     v1.add_api_route("/models", api.models, methods=["GET"])
     v1.add_api_route("/models/{model_id:path}", api.model, methods=["GET"])

@@ -34,6 +34,10 @@ def base_model(args: argparse.Namespace) -> tuple[str, str, list[tuple[str, str]
     when no model is given."""
     loras = list(args.lora_modules)
     model, name = args.model, args.served_model_name
+    flag = getattr(args, "model_flag", None)
+    if flag is not None and model is not None and flag != model:
+        raise ValueError(f"two models: {model!r} and --model {flag!r}; give one of them")
+    model = model or flag
     if model is None:
         from loramux import demo
 
@@ -65,6 +69,12 @@ def build_server(args: argparse.Namespace, register_loras: bool = True) -> Built
         allowed_lora_dirs=tuple(args.allowed_lora_dirs),
         log_prompts=args.log_prompts,
         max_request_bytes=args.max_request_bytes,
+        allowed_origins=tuple(args.allowed_origins or ()),
+        allowed_methods=tuple(args.allowed_methods),
+        allowed_headers=tuple(args.allowed_headers),
+        allow_credentials=args.allow_credentials,
+        prompt_tokens_details=args.enable_prompt_tokens_details,
+        docs=not args.disable_fastapi_docs,
     )
     app = build_app(aengine, cfg, metrics)
     aengine.start()

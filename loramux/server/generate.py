@@ -47,9 +47,17 @@ class ClientGone(Exception):
 
 
 class Generate:
-    def __init__(self, aengine: AsyncEngine, metrics: Metrics, base_name: str, log_prompts: bool) -> None:
+    def __init__(
+        self,
+        aengine: AsyncEngine,
+        metrics: Metrics,
+        base_name: str,
+        log_prompts: bool,
+        prompt_tokens_details: bool = False,
+    ) -> None:
         self.aengine, self.engine, self.metrics = aengine, aengine.engine, metrics
         self.base_name, self.log_prompts = base_name, log_prompts
+        self.details = prompt_tokens_details
 
     # --- the routes ---
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -190,7 +198,7 @@ class Generate:
             "created": int(time.time()),
             "model": body.model,
             "choices": [choice(i, o, body) for i, o in enumerate(outs)],
-            "usage": _usage(outs, body.n),
+            "usage": _usage(outs, body.n, self.details),
         }
         if obj == "chat.completion" and body.return_token_ids:
             answer["prompt_token_ids"] = outs[0].prompt_token_ids  # the rendered chat, as vLLM's
@@ -210,6 +218,7 @@ class Generate:
         (the client left) aborts what is unfinished."""
         finals: list[RequestOutput] = []
         made: Counter[int] = Counter()  # tokens per choice so far
+        done: dict[int, RequestOutput] = {}  # finished choices, by index (they end in any order)
         async with self._closing(streams, finals, body.model):
             for c in opening:
                 yield chunk([c], **(head or {}))
@@ -222,9 +231,10 @@ class Generate:
                 yield chunk([c], usage=_usage_so_far(out, made[i]) if body.continuous_usage else None)
                 if out.finished:
                     finals.append(out)
+                    done[i] = out
                     self.metrics.finished(body.model, out)
         if body.include_usage:
-            yield chunk([], usage=_usage(finals, body.n))
+            yield chunk([], usage=_usage([done[i] for i in sorted(done)], body.n, self.details))
 
     @contextlib.asynccontextmanager
     async def _closing(
@@ -533,10 +543,16 @@ def _event(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _usage(outs: list[RequestOutput], n: int = 1) -> dict[str, int]:
+def _usage(outs: list[RequestOutput], n: int = 1, details: bool = False) -> dict[str, Any]:
+    """Token counts of an answer (outs prompt-major, n per prompt); with `details`, the prompt
+    tokens found in the prefix cache, each prompt's first sample's (vLLM's cached_tokens)."""
     p = sum(len(o.prompt_token_ids) for o in outs) // n  # each prompt counts once, whatever n
     c = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    if details:
+        cached = sum(o.num_cached_tokens for o in outs[::n])
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 def _json_logprob(x: float) -> float:

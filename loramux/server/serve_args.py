@@ -82,6 +82,13 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="HF model directory; without one, serve the built-in demo (shipped in the package)",
     )
+    p.add_argument(
+        "--model",
+        dest="model_flag",
+        default=None,
+        metavar="MODEL",
+        help="the model directory, as vLLM's --model (the same as the positional MODEL)",
+    )
     p.add_argument("--served-model-name", default=None, help="the `model` id of the base model")
     p.add_argument(
         "--lora-modules",
@@ -120,6 +127,22 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         default=8 << 20,
         help="request bodies larger than this are refused (413) before they are read",
     )
+    p.add_argument(
+        "--allowed-origins",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="CORS: origins browsers may call from, as vLLM takes them (e.g. '[\"*\"]'); unset: no CORS",
+    )
+    p.add_argument("--allowed-methods", type=json.loads, default=["*"], metavar="JSON", help="CORS methods")
+    p.add_argument("--allowed-headers", type=json.loads, default=["*"], metavar="JSON", help="CORS headers")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    p.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="usage gives prompt_tokens_details.cached_tokens: prompt tokens found in the prefix cache",
+    )
+    p.add_argument("--disable-fastapi-docs", action="store_true", help="no /docs and no /openapi.json")
     p.add_argument("--log-level", default="info", help="log level: debug, info, warning, error")
     p.add_argument(
         "--step-log",

@@ -25,6 +25,7 @@ class VllmFlag:
     value: bool = True  # takes a value (False: a bare switch)
     target: str | None = None  # "map": the loramux setting it sets
     accepted: tuple[str, ...] = ()  # "refuse": values that change nothing here (then ignored)
+    secret: bool = False  # its value never reaches the log
 
 
 FLAGS = (
@@ -56,6 +57,51 @@ FLAGS = (
         "preemption recomputes; --host-kv-pages keeps evicted prefix pages in host memory",
     ),
     VllmFlag("--max-logprobs", "ignore", "loramux returns up to 20 logprobs, as OpenAI's API allows"),
+    VllmFlag("--download-dir", "ignore", "loramux reads a local model directory; nothing is downloaded"),
+    VllmFlag("--revision", "ignore", "loramux reads a local model directory, as it is"),
+    VllmFlag("--tokenizer-revision", "ignore", "loramux reads a local model directory, as it is"),
+    VllmFlag("--code-revision", "ignore", "loramux runs no code from the model directory"),
+    VllmFlag(
+        "--hf-token", "ignore", "loramux reads a local model directory; nothing is downloaded", secret=True
+    ),
+    VllmFlag("--distributed-executor-backend", "ignore", "one engine in one process per device"),
+    VllmFlag("--async-scheduling", "ignore", "the engine thread schedules the next step itself", False),
+    VllmFlag(
+        "--task",
+        "refuse",
+        "loramux serves text generation only",
+        accepted=("auto", "generate"),
+    ),
+    VllmFlag(
+        "--scheduling-policy",
+        "refuse",
+        "loramux orders requests by --policy (fcfs, affinity, fair, slo); it has no priorities",
+        accepted=("fcfs",),
+    ),
+    VllmFlag(
+        "--response-role",
+        "refuse",
+        'chat answers come from the role "assistant"',
+        accepted=("assistant",),
+    ),
+    VllmFlag(
+        "--cpu-offload-gb",
+        "refuse",
+        "weights stay on the device; --host-kv-pages keeps evicted prefix pages in host memory",
+        accepted=("0",),
+    ),
+    VllmFlag(
+        "--return-tokens-as-token-ids",
+        "refuse",
+        "logprobs name tokens by their text; send return_token_ids for the ids",
+        False,
+    ),
+    VllmFlag(
+        "--enable-sleep-mode",
+        "refuse",
+        "sleep mode (freeing the device between uses) is not implemented",
+        False,
+    ),
     VllmFlag("--max-seq-len-to-capture", "ignore", "loramux's CUDA graphs hold decode steps of any length"),
     VllmFlag("--max-parallel-loading-workers", "ignore", "weights are read by one reader"),
     VllmFlag(
@@ -143,7 +189,7 @@ def apply_vllm_args(args: argparse.Namespace) -> None:
         value = getattr(args, f.flag.removeprefix("--").replace("-", "_"))
         if value is None:
             continue
-        shown = f.flag if value is True else f"{f.flag} {value}"
+        shown = f.flag if value is True or f.secret else f"{f.flag} {value}"
         if f.kind == "map":
             current = getattr(args, f.target)  # type: ignore[arg-type]
             setattr(args, f.target, type(current)(value) if current is not None else int(value))  # type: ignore[arg-type]

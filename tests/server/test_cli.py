@@ -81,6 +81,10 @@ def _serve(*flags: str) -> subprocess.CompletedProcess:
         (["--enable-auto-tool-choice"], 'send tool_choice "required" or name a function'),
         (["--tool-call-parser", "hermes"], "loramux has no tool-call parsers"),
         (["--reasoning-parser", "deepseek_r1"], "does not split reasoning from content"),
+        (["--scheduling-policy", "priority"], "it has no priorities"),
+        (["--task", "embed"], "text generation only"),
+        (["--return-tokens-as-token-ids"], "send return_token_ids for the ids"),
+        (["--enable-sleep-mode"], "sleep mode"),
     ],
 )
 def test_vllm_flags_that_would_change_results_are_refused_naming_the_alternative(flags, fix):
@@ -142,6 +146,60 @@ def test_a_vllm_command_line_starts_unchanged(tmp_path):
     import re
 
     assert re.search(r"room for \d+ requests of max_model_len \d+ tokens at once", log), log
+
+
+def test_more_of_a_vllm_command_line_starts_and_does_what_it_says(tmp_path):
+    """vLLM's --model form, hub and scheduler flags that change nothing here (logged, the token
+    never), and the ones that do something: CORS (--allowed-origins), usage's cached prompt
+    tokens (--enable-prompt-tokens-details) and no API docs (--disable-fastapi-docs). They were
+    "unrecognized arguments"."""
+    import httpx
+
+    from loramux import demo
+    from tests.server.conftest import start_server
+
+    model_dir, _ = demo.demo_paths()
+    flags = [
+        "--model", str(model_dir), "--served-model-name", "base",
+        "--download-dir", "/nowhere", "--revision", "main", "--hf-token", "hf_SECRET",
+        "--task", "generate", "--scheduling-policy", "fcfs", "--response-role", "assistant",
+        "--async-scheduling", "--allowed-origins", '["http://app.example"]',
+        "--enable-prompt-tokens-details", "--disable-fastapi-docs",
+    ]  # fmt: skip
+    server = start_server(flags, tmp_path / "log.txt")
+    try:
+        prompt = {"model": "base", "prompt": "say: hello there lora adapters\n", "max_tokens": 2}
+        usages = [
+            httpx.post(server.v1 + "/completions", json=prompt, timeout=60).json()["usage"] for _ in "ab"
+        ]
+        assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert usages[1]["prompt_tokens_details"]["cached_tokens"] > 0  # the same prompt, cached
+        pre = httpx.options(
+            server.v1 + "/completions",
+            headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"},
+            timeout=30,
+        )
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example"
+        other = httpx.get(server.v1 + "/models", headers={"Origin": "http://elsewhere.example"}, timeout=30)
+        assert "access-control-allow-origin" not in other.headers
+        assert httpx.get(server.url + "/docs", timeout=30).status_code == 404
+        assert httpx.get(server.url + "/openapi.json", timeout=30).status_code == 404
+    finally:
+        server.stop()
+    log = server.log_text()
+    assert "hf_SECRET" not in log and "--hf-token: accepted, no effect" in log
+    for shown in (
+        "--download-dir /nowhere",
+        "--revision main",
+        "--task generate",
+        "--scheduling-policy fcfs",
+    ):
+        assert f"{shown}: accepted, no effect" in log, log
+
+
+def test_the_model_positional_and_model_flag_must_agree():
+    r = _serve("--model", "other")  # _serve passes "m" as the positional
+    assert r.returncode != 0 and "two models: 'm' and --model 'other'; give one of them" in r.stderr, r.stderr
 
 
 def test_help_shows_a_default_once_and_simulate_explains_every_flag():
