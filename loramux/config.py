@@ -190,6 +190,10 @@ class ModelConfig:
     chat_template: str | None = None
     """A Jinja chat template (its text) used instead of the tokenizer's own (vLLM's
     --chat-template); None: the tokenizer's."""
+    generation_config: str = "auto"
+    """vLLM's --generation-config: "auto" takes the default temperature, top_p, top_k and
+    repetition_penalty of a request that sets none from the model's generation_config.json;
+    "vllm" uses SamplingParams' own defaults."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -199,6 +203,11 @@ class ModelConfig:
         _positive("ModelConfig", "max_model_len", self.max_model_len)
         if self.chat_template is not None:
             _check_template(self.chat_template)
+        if self.generation_config not in ("auto", "vllm"):
+            raise ValueError(
+                f"ModelConfig.generation_config={self.generation_config!r}; use auto (the model's "
+                "generation_config.json) or vllm (no model defaults)"
+            )
 
 
 def _check_template(text: str) -> None:
@@ -269,3 +278,6 @@ class RuntimeInfo:
     vocab_size: int
     device: str
     dtype: str
+    sampling_defaults: tuple[tuple[str, float], ...] = ()
+    """(SamplingParams field, value) a request that sets the field takes from the model's
+    generation_config.json (ModelConfig.generation_config "auto")."""

@@ -45,6 +45,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams with the model's generation_config.json defaults (temperature,
+        top_p, top_k, repetition_penalty), used when generate() is given none."""
+        return SamplingParams(**dict(self.engine.runtime.sampling_defaults))  # type: ignore[arg-type]
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -56,7 +61,9 @@ class LLM:
         {"prompt_token_ids": [...]}, with an optional "cache_salt")."""
         plist, salts = _as_prompt_list(prompts)
         n = len(plist)
-        params = _broadcast(sampling_params or SamplingParams(), n, "sampling_params", SamplingParams)
+        params = _broadcast(
+            sampling_params or self.get_default_sampling_params(), n, "sampling_params", SamplingParams
+        )
         loras = _broadcast(lora_request, n, "lora_request", LoRARequest)
         for lora in {lr for lr in loras if lr is not None}:
             self.engine.ensure_lora(lora)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from loramux.config import EngineConfig, RuntimeInfo
+from loramux.config import EngineConfig, ModelConfig, RuntimeInfo
 from loramux.core.adapters import AdapterInfo, AdapterManager, AdapterNotFoundError, AdapterPlan
 from loramux.core.kv_manager import KVCacheManager
 from loramux.core.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput, TokenMasks
@@ -138,6 +138,7 @@ class LLMEngine:
             vocab_size=executor.vocab_size,
             device=str(getattr(executor, "device", "cpu")),
             dtype=str(getattr(executor, "dtype", "n/a")).replace("torch.", ""),
+            sampling_defaults=_sampling_defaults(config.model),
         )
         c = config.cache
         events = c.enable_kv_events or config.kv_events is not None
@@ -805,6 +806,35 @@ def _activation(ids: list[int], invocation: tuple[int, ...]) -> int:
         if tuple(ids[start : start + n]) == invocation:
             return start
     return NEVER
+
+
+# generation_config.json's sampling fields, as vLLM's --generation-config auto takes them
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def _sampling_defaults(model: ModelConfig) -> tuple[tuple[str, float], ...]:
+    """The model's default sampling values (vLLM's --generation-config auto), logged once."""
+    gen = Path(model.model) / "generation_config.json"
+    if model.generation_config != "auto" or not gen.is_file():
+        return ()
+    import json
+
+    raw = json.loads(gen.read_text())
+    found = tuple(
+        (k, int(raw[k]) if k == "top_k" else float(raw[k]))
+        for k in _GENERATION_DEFAULTS
+        if isinstance(raw.get(k), int | float) and not isinstance(raw.get(k), bool)
+    )
+    if found:
+        shown = ", ".join(f"{k}={v}" for k, v in found)
+        logger.info(
+            "default sampling from the model's generation_config.json: %s (a request's own values "
+            "win; --generation-config vllm turns these off)",
+            shown,
+        )
+    if raw.get("min_p"):
+        logger.warning("generation_config.json sets min_p=%s, which loramux does not apply", raw["min_p"])
+    return found
 
 
 def _eos_ids(model_path: str, tokenizer: Any) -> set[int]:

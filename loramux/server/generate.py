@@ -58,6 +58,7 @@ class Generate:
         self.aengine, self.engine, self.metrics = aengine, aengine.engine, metrics
         self.base_name, self.log_prompts = base_name, log_prompts
         self.details = prompt_tokens_details
+        self.defaults = dict(self.engine.runtime.sampling_defaults)  # the model's generation_config
 
     # --- the routes ---
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -69,7 +70,7 @@ class Generate:
                 param="echo",
             )
         limit = 16 if body.max_tokens is None else body.max_tokens
-        params = body.sampling_params(limit, body.logprobs, structured_params(body))
+        params = body.sampling_params(limit, body.logprobs, structured_params(body), self.defaults)
         rid = f"cmpl-{uuid.uuid4().hex}"
         prompts = body.prompts()
         if not body.add_special_tokens:  # the text as it is: no second BOS before a formatted prompt
@@ -86,7 +87,7 @@ class Generate:
         prompt = self._render_chat(body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         k = _top_logprobs(body)
-        params = body.sampling_params(limit or 1, k, structured_params(body))
+        params = body.sampling_params(limit or 1, k, structured_params(body), self.defaults)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start_all(rid, [prompt], params, body, fill=limit is None)
         if body.stream:

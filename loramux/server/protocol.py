@@ -113,10 +113,16 @@ class _Sampling(_Request):
     guided_whitespace_pattern: str | None = None
 
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, structured: StructuredOutputsParams | None = None
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        structured: StructuredOutputsParams | None = None,
+        defaults: dict[str, float] | None = None,
     ) -> SamplingParams:
         """The body's sampling fields; `structured` is what server/structured.py made of its
-        structured-output fields."""
+        structured-output fields; `defaults` fill temperature, top_p, top_k and
+        repetition_penalty where the body sets none (the model's generation_config.json)."""
+        d = defaults or {}
         extra = self.model_extra or {}
         for name in UNSUPPORTED_FIELDS:
             if extra.get(name) not in (None, False, [], {}):
@@ -153,9 +159,9 @@ class _Sampling(_Request):
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=self.top_k or 0,
+                temperature=d.get("temperature", 1.0) if self.temperature is None else self.temperature,
+                top_p=d.get("top_p", 1.0) if self.top_p is None else self.top_p,
+                top_k=int(d.get("top_k", 0)) if self.top_k is None else self.top_k,
                 seed=self.seed,
                 min_tokens=self.min_tokens,
                 stop=tuple(stop),
@@ -167,7 +173,11 @@ class _Sampling(_Request):
                 n=self.n,
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
-                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                repetition_penalty=(
+                    d.get("repetition_penalty", 1.0)
+                    if self.repetition_penalty is None
+                    else self.repetition_penalty
+                ),
                 logit_bias=bias,
                 max_queue_time=self.max_queue_time,
                 structured_outputs=structured,

@@ -315,6 +315,13 @@ def _model_args(g: argparse._ArgumentGroup) -> None:
         help="no CUDA graphs: decode steps run eagerly on CUDA too (the CPU always does)",
     )
     g.add_argument(
+        "--generation-config",
+        default="auto",
+        choices=["auto", "vllm"],
+        help="auto: a request that sets no temperature, top_p, top_k or repetition_penalty takes "
+        "the model's generation_config.json values (vLLM's default); vllm: SamplingParams' defaults",
+    )
+    g.add_argument(
         "--chat-template",
         type=chat_template,
         default=None,

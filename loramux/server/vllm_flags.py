@@ -127,12 +127,6 @@ FLAGS = (
     VllmFlag("--load-format", "refuse", "loramux reads safetensors", accepted=("auto", "safetensors")),
     VllmFlag("--tokenizer-mode", "refuse", "loramux uses the fast (Rust) tokenizer", accepted=("auto",)),
     VllmFlag(
-        "--generation-config",
-        "refuse",
-        "loramux reads generation_config.json from the model directory (eos ids only)",
-        accepted=("auto",),
-    ),
-    VllmFlag(
         "--tokenizer",
         "refuse",
         "loramux reads the tokenizer from the model directory: copy its files there",
