@@ -138,7 +138,12 @@ FIELDS = {
     ),
     "n": _field(st.sampled_from([1, 2, 3, 8]), st.sampled_from([-1, 0, 128, 129])),
     "stream": _field(st.booleans(), None),
-    "stream_options": _field(st.just({"include_usage": True}), None),
+    "stream_options": _field(
+        st.sampled_from([{"include_usage": True}, {"include_usage": True, "continuous_usage_stats": True}]),
+        None,
+    ),
+    "cache_salt": _field(st.sampled_from([None, "t1", "x" * 4096]), st.sampled_from(["", 5, ["t"]])),
+    "skip_special_tokens": _field(st.booleans(), None),
     "stop": _field(
         st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=3), max_size=4)),
         st.sampled_from(["", [""], "x" * 2000, ["\x00", "🙂"]]),
@@ -197,6 +202,7 @@ FIELDS["response_format"] = _field(
 FIELDS["guided_regex"] = _field(st.just("[0-9]{1,4}"), st.sampled_from(["[", "(?<=a)b"]))
 COMPLETION_ONLY = {
     "echo": _field(st.booleans(), None),
+    "add_special_tokens": _field(st.booleans(), None),
     "logprobs": _field(st.sampled_from([None, 0, 1, 5, 20]), st.sampled_from([21, -1, VOCAB, VOCAB + 1])),
     "prompt": _field(
         st.one_of(
@@ -222,11 +228,19 @@ CHAT_ONLY = {
             st.just([]),
             st.just([{"role": "root", "content": "x"}]),
             st.just([{"role": "user", "content": 5}]),
+            st.just([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]),
+            st.just([{"role": "assistant", "tool_calls": [{"type": "function"}]}]),
+            st.just([{"role": "tool", "content": "x", "tool_call_id": "c", "tool_calls": [{}]}]),
         ),
     ),
     "max_completion_tokens": FIELDS["max_tokens"],
     "logprobs": _field(st.booleans(), None),
     "top_logprobs": _field(st.sampled_from([None, 0, 5, 20]), st.sampled_from([21, -1])),
+    "continue_final_message": _field(st.booleans(), None),
+    "chat_template_kwargs": _field(
+        st.sampled_from([None, {"enable_thinking": False}]),
+        st.sampled_from([{"tools": 1}, {"messages": []}, {"tokenize": True}, {"return_dict": True}]),
+    ),
     "tools": _field(
         st.just([{"type": "function", "function": {"name": "f", "parameters": SCHEMA}}]),
         st.sampled_from(
@@ -249,6 +263,8 @@ def _consistent(body: dict) -> dict:
         body.pop("stream_options", None)
     if body.get("logprobs") is not True:
         body.pop("top_logprobs", None)
+    if body.get("continue_final_message"):
+        body["add_generation_prompt"] = False  # the two exclude each other
     return body
 
 
