@@ -357,10 +357,12 @@ class RadixPrefixCache(PrefixCache):
         self.pool.incref([page])  # the cache's own reference
 
     def insert(self, ns, cursor, token_ids, page_ids, start, end) -> InsertResult:  # type: ignore[override]
-        space = self._spaces.get(ns) if start < end else None
-        if space is None and isinstance(ns, tuple) and start < end:
+        if start >= end:
+            return InsertResult(cursor, [])
+        space = self._spaces.get(ns)
+        if space is None and isinstance(ns, tuple):
             space = self._open_salted(ns)
-        if space is None or space.closing or start >= end:
+        if space is None or space.closing:
             return InsertResult(cursor, [])
         node = cursor if cursor is not None else space.root
         assert node.ns is space, "insert cursor belongs to another namespace"

@@ -131,14 +131,15 @@ class LLMEngine:
         self.executor = executor
         self.tokenizer = tokenizer
         self.clock = clock
+        gen = _generation_config(config.model.model)
         self.runtime = RuntimeInfo(
             num_pages=executor.num_pages,
             max_model_len=executor.max_model_len,
-            eos_token_ids=tuple(sorted(_eos_ids(config.model.model, tokenizer))),
+            eos_token_ids=tuple(sorted(_eos_ids(gen, tokenizer))),
             vocab_size=executor.vocab_size,
             device=str(getattr(executor, "device", "cpu")),
             dtype=str(getattr(executor, "dtype", "n/a")).replace("torch.", ""),
-            sampling_defaults=_sampling_defaults(config.model),
+            sampling_defaults=_sampling_defaults(config.model, gen),
         )
         c = config.cache
         events = c.enable_kv_events or config.kv_events is not None
@@ -812,14 +813,20 @@ def _activation(ids: list[int], invocation: tuple[int, ...]) -> int:
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
-def _sampling_defaults(model: ModelConfig) -> tuple[tuple[str, float], ...]:
-    """The model's default sampling values (vLLM's --generation-config auto), logged once."""
-    gen = Path(model.model) / "generation_config.json"
-    if model.generation_config != "auto" or not gen.is_file():
-        return ()
+def _generation_config(model_path: str) -> dict[str, Any]:
+    """The model directory's generation_config.json ({} without one)."""
+    gen = Path(model_path) / "generation_config.json"
+    if not gen.is_file():
+        return {}
     import json
 
-    raw = json.loads(gen.read_text())
+    return json.loads(gen.read_text())
+
+
+def _sampling_defaults(model: ModelConfig, raw: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    """The model's default sampling values (vLLM's --generation-config auto), logged once."""
+    if model.generation_config != "auto":
+        return ()
     found = tuple(
         (k, int(raw[k]) if k == "top_k" else float(raw[k]))
         for k in _GENERATION_DEFAULTS
@@ -837,17 +844,14 @@ def _sampling_defaults(model: ModelConfig) -> tuple[tuple[str, float], ...]:
     return found
 
 
-def _eos_ids(model_path: str, tokenizer: Any) -> set[int]:
+def _eos_ids(raw: dict[str, Any], tokenizer: Any) -> set[int]:
+    """The tokenizer's eos id and generation_config.json's (`raw`) eos_token_id(s)."""
     ids: set[int] = set()
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
-    gen = Path(model_path) / "generation_config.json"
-    if gen.is_file():
-        import json
-
-        value = json.loads(gen.read_text()).get("eos_token_id")
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(int(v) for v in value)
+    value = raw.get("eos_token_id")
+    if isinstance(value, int):
+        ids.add(value)
+    elif isinstance(value, list):
+        ids.update(int(v) for v in value)
     return ids

@@ -201,14 +201,7 @@ class _API:
             raise APIError(400, "send exactly one of `prompt` and `messages`", param="prompt")
         if body.messages is not None:
             try:
-                ids = render_chat(
-                    tok,
-                    body.messages,
-                    body.add_generation_prompt,
-                    body.continue_final_message,
-                    body.tools,
-                    body.chat_template_kwargs,
-                )
+                ids = render_chat(tok, body.messages, **body.template_options())
             except ValueError as e:
                 raise APIError(400, str(e), param="messages") from e
         else:

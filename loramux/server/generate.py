@@ -329,14 +329,7 @@ class Generate:
             raise APIError(400, "this model has no tokenizer, so chat is unavailable; use /v1/completions")
         messages = [m.for_template() for m in body.messages]
         try:
-            return render_chat(
-                tok,
-                messages,
-                body.add_generation_prompt,
-                body.continue_final_message,
-                body.tools,
-                body.chat_template_kwargs,
-            )
+            return render_chat(tok, messages, **body.template_options())
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
 

@@ -74,6 +74,24 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True)
 
 
+class _ChatTemplateFields(_Request):
+    """How the chat template renders messages (vLLM's chat extras), for chat and /tokenize alike."""
+
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_options(self) -> dict[str, Any]:
+        """These fields as `render_chat`'s keyword arguments."""
+        return {
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+            "tools": self.tools,
+            "chat_template_kwargs": self.chat_template_kwargs,
+        }
+
+
 class _Sampling(_Request):
     """Fields completions and chat share (OpenAI's, plus vLLM's common extras)."""
 
@@ -247,31 +265,22 @@ class ChatMessage(_Request):
         return "".join(parts)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_Sampling, _ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    # how the chat template renders the messages (vLLM's chat extras)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_ChatTemplateFields):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    tools: list[dict[str, Any]] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
 
