@@ -15,6 +15,7 @@ import sys
 from loramux import __version__
 from loramux.server.builder import build_server
 from loramux.server.serve_args import add_serve_args
+from loramux.server.vllm_argv import expand_serve_argv
 from loramux.server.vllm_flags import apply_vllm_args
 
 logger = logging.getLogger("loramux")
@@ -31,14 +32,15 @@ def serve(args: argparse.Namespace) -> None:
 
     built = build_server(args)
     rt = built.aengine.engine.runtime
+    scheme = "https" if args.ssl_certfile else "http"
+    where = f"unix socket {args.uds}" if args.uds else f"{scheme}://{args.host}:{args.port}{args.root_path}"
     logger.info(
-        "serving %s (%s, %s) with %d adapters on http://%s:%d: %d KV pages of %d tokens, max_model_len %d",
+        "serving %s (%s, %s) with %d adapters on %s: %d KV pages of %d tokens, max_model_len %d",
         built.name,
         rt.device,
         rt.dtype,
         len(built.loras),
-        args.host,
-        args.port,
+        where,
         rt.num_pages,
         args.page_size,
         rt.max_model_len,
@@ -55,9 +57,31 @@ def serve(args: argparse.Namespace) -> None:
             log_level=args.log_level,
             access_log=False,
             timeout_graceful_shutdown=args.shutdown_timeout,
+            uds=args.uds,
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
+            ssl_ca_certs=args.ssl_ca_certs,
+            ssl_cert_reqs=args.ssl_cert_reqs,
+            ssl_ciphers=args.ssl_ciphers or "TLSv1",
+            log_config=getattr(args, "log_config", None) or uvicorn.config.LOGGING_CONFIG,
         )
     finally:
         built.aengine.shutdown()
+
+
+def _log_config(path: str) -> dict:
+    """Apply a logging dictConfig file (JSON) and return it, for uvicorn to apply too."""
+    import json
+    import logging.config
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        logging.config.dictConfig(config)
+        return config
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        print(f"loramux: error: --log-config-file {path}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -93,9 +117,19 @@ def main(argv: list[str] | None = None) -> None:
     from loramux.sim.cli import add_simulate_args
 
     add_simulate_args(simulate)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # vLLM's dialect: --config FILE.yaml, --flag_name
+        try:
+            argv = ["serve", *expand_serve_argv(argv[1:], serve_parser._option_string_actions)]
+        except ValueError as e:
+            serve_parser.error(str(e))
     args = parser.parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = getattr(args, "log_config_file", None)
+    if log_config:  # vLLM's --log-config-file: one dictConfig (JSON) for loramux's and uvicorn's logs
+        args.log_config = _log_config(log_config)
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
             serve(args)

@@ -7,6 +7,7 @@ never written back here. Pure Python: the control plane imports it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -194,8 +195,16 @@ class ModelConfig:
     """vLLM's --generation-config: "auto" takes the default temperature, top_p, top_k and
     repetition_penalty of a request that sets none from the model's generation_config.json;
     "vllm" uses SamplingParams' own defaults."""
+    override_generation_config: tuple[tuple[str, float], ...] = ()
+    """vLLM's --override-generation-config: default temperature, top_p, top_k or
+    repetition_penalty set here (a mapping is taken too), over generation_config.json's with
+    "auto", alone with "vllm"."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "override_generation_config", _sampling_overrides(self.override_generation_config)
+        )
+        object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"ModelConfig.dtype={self.dtype!r}; use auto, float32, bfloat16 or float16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -208,6 +217,31 @@ class ModelConfig:
                 f"ModelConfig.generation_config={self.generation_config!r}; use auto (the model's "
                 "generation_config.json) or vllm (no model defaults)"
             )
+
+
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's other names for dtypes
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def _sampling_overrides(value: Any) -> tuple[tuple[str, float], ...]:
+    """--override-generation-config's {field: number} as sorted pairs; ValueError names a field
+    loramux does not take, or a value that is no number."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = sorted((str(k), v) for k, v in pairs)
+    except (TypeError, ValueError):
+        raise ValueError(
+            'override_generation_config takes a JSON object, e.g. {"temperature": 0.5}'
+        ) from None
+    for k, v in pairs:
+        if k not in SAMPLING_DEFAULT_FIELDS:
+            raise ValueError(
+                f"override_generation_config: {k!r} is not taken; loramux takes defaults for "
+                f"{', '.join(SAMPLING_DEFAULT_FIELDS)} (a request's max_tokens bounds its length)"
+            )
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"override_generation_config: {k} must be a number, not {v!r}")
+    return tuple((k, int(v) if k == "top_k" else float(v)) for k, v in pairs)
 
 
 def _check_template(text: str) -> None:

@@ -62,3 +62,42 @@ def test_llm_takes_every_engine_setting(tiny_models):
     assert llm.engine.config.scheduler.max_queue_len == 5
     with pytest.raises(TypeError, match="not an engine setting"):
         LLM(str(tiny_models["llama"].path), max_queue_length=5)
+
+
+def test_llm_takes_vllms_engine_argument_names(tiny_models, caplog):
+    """vLLM's offline LoRA snippet, `LLM(model, enable_lora=True, max_lora_rank=..., ...)`, was a
+    TypeError ("'enable_lora' is not an engine setting"). vLLM's names now map to loramux's
+    settings (block_size, gpu_memory_utilization), change nothing with a log line
+    (enable_lora, trust_remote_code, tensor_parallel_size=1), or are refused naming the
+    alternative; an unknown name is still the TypeError. The table is `serve`'s (S6.2)."""
+    import logging
+
+    from loramux import LLM
+
+    path = str(tiny_models["llama"].path)
+    with caplog.at_level(logging.INFO, logger="loramux"):
+        llm = LLM(
+            path,
+            device="cpu",
+            enable_lora=True,
+            max_lora_rank=8,
+            max_loras=2,
+            trust_remote_code=True,
+            tensor_parallel_size=1,
+            block_size=8,
+            gpu_memory_utilization=0.002,
+        )
+    c = llm.engine.config
+    assert (c.cache.page_size, c.cache.memory_utilization, c.lora.max_loras) == (8, 0.002, 2)
+    assert "LLM(enable_lora): accepted, no effect in loramux (LoRA is always on" in caplog.text
+    assert "LLM(tensor_parallel_size=1): accepted, no effect in loramux (the default)" in caplog.text
+    with pytest.raises(ValueError, match=r"LLM\(tensor_parallel_size=2\) is not supported: .*--replicas N"):
+        LLM(path, device="cpu", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="serve a bf16/fp16/fp32 checkpoint"):
+        LLM(path, device="cpu", quantization="awq")
+    with pytest.raises(TypeError, match="'bogus' is not an engine setting"):
+        LLM(path, device="cpu", bogus=1)
+    assert (
+        ModelConfig("m", dtype="half").dtype == "float16"
+        and ModelConfig("m", dtype="float").dtype == "float32"
+    )

@@ -4,8 +4,8 @@ Every `import` and `from ... import` in loramux/ (also those inside functions: a
 still a dependency) is read with ast; `from loramux import demo` counts as an import of the module
 loramux.demo. A package may import only itself and packages on lower floors:
 
-    config, sampling_params, lora_request, workload < core < executor < engine (and the package root)
-        < bench < demo < server, sim < ray < cli
+    config, sampling_params, lora_request, workload, vllm_args < core < executor < engine
+        (and the package root) < bench < demo < server, sim < ray < cli
 
 and no module may reach the scheduler's or the KV manager's insides from above the engine.
 """
@@ -23,6 +23,7 @@ FLOOR: dict[str, float] = {
     "sampling_params": 0,
     "lora_request": 0,
     "workload": 0,  # S-LoRA's traffic generator, drawn by the bench and the simulator
+    "vllm_args": 0,  # vLLM's argument names: the table `serve` and `LLM(...)` both read
     "core": 1,
     "executor": 2,
     "engine": 3,

@@ -33,6 +33,13 @@ def _reserved(cls: type) -> frozenset[str]:
     return frozenset({n for n, p in sig.parameters.items() if p.kind in named and n != "self"} | {"messages"})
 
 
+def check_template_kwargs(tokenizer: Any, kwargs: dict[str, Any]) -> None:
+    """ValueError if chat_template_kwargs set one of apply_chat_template's own arguments."""
+    clash = sorted(_reserved(type(tokenizer)) & set(kwargs))
+    if clash:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}; use the request's own field")
+
+
 def render_chat(
     tokenizer: Any,
     messages: list[dict[str, Any]],
@@ -54,9 +61,7 @@ def render_chat(
     if continue_final_message and not messages:
         raise ValueError("continue_final_message needs a last message to continue")
     extra = dict(chat_template_kwargs or {})
-    clash = sorted(_reserved(type(tokenizer)) & set(extra))
-    if clash:
-        raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}; use the request's own field")
+    check_template_kwargs(tokenizer, extra)
     conversation = [_for_template(m, i) for i, m in enumerate(messages)]
     template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     try:

@@ -19,6 +19,7 @@ from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.outputs import RequestOutput
 from loramux.lora_request import LoRARequest
 from loramux.sampling_params import SamplingParams
+from loramux.vllm_args import vllm_settings
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -26,8 +27,9 @@ Prompt = str | list[int] | dict[str, Any]
 class LLM:
     """Offline generation, vLLM's `LLM`: `LLM(model, **settings)`, where the settings are the
     engine's (`EngineConfig.setting_names()`: max_loras, max_num_seqs, page_size, num_pages,
-    max_queue_len, dtype, device, ...) and `kv_events` a `KVEventsConfig`; an unknown one is a
-    TypeError naming it."""
+    max_queue_len, dtype, device, ...) or vLLM's names for them (enable_lora=True,
+    gpu_memory_utilization, block_size, tensor_parallel_size=1, ...: loramux/vllm_args.py), and
+    `kv_events` a `KVEventsConfig`; an unknown one is a TypeError naming it."""
 
     def __init__(
         self,
@@ -38,6 +40,7 @@ class LLM:
         **settings: Any,
     ) -> None:
         if engine is None:
+            settings = vllm_settings(settings, set(EngineConfig.setting_names()))  # vLLM's names
             engine = LLMEngine(EngineConfig.create(model, kv_events=kv_events, **settings))
         self.engine = engine
         self._counter = 0

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from loramux.config import EngineConfig, ModelConfig, RuntimeInfo
+from loramux.config import SAMPLING_DEFAULT_FIELDS, EngineConfig, ModelConfig, RuntimeInfo
 from loramux.core.adapters import AdapterInfo, AdapterManager, AdapterNotFoundError, AdapterPlan
 from loramux.core.kv_manager import KVCacheManager
 from loramux.core.outputs import RunnerOutput, SampleLogprobs, SchedulerOutput, TokenMasks
@@ -809,10 +809,6 @@ def _activation(ids: list[int], invocation: tuple[int, ...]) -> int:
     return NEVER
 
 
-# generation_config.json's sampling fields, as vLLM's --generation-config auto takes them
-_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
-
-
 def _generation_config(model_path: str) -> dict[str, Any]:
     """The model directory's generation_config.json ({} without one)."""
     gen = Path(model_path) / "generation_config.json"
@@ -824,24 +820,32 @@ def _generation_config(model_path: str) -> dict[str, Any]:
 
 
 def _sampling_defaults(model: ModelConfig, raw: dict[str, Any]) -> tuple[tuple[str, float], ...]:
-    """The model's default sampling values (vLLM's --generation-config auto), logged once."""
-    if model.generation_config != "auto":
-        return ()
-    found = tuple(
-        (k, int(raw[k]) if k == "top_k" else float(raw[k]))
-        for k in _GENERATION_DEFAULTS
-        if isinstance(raw.get(k), int | float) and not isinstance(raw.get(k), bool)
-    )
-    if found:
-        shown = ", ".join(f"{k}={v}" for k, v in found)
+    """The default sampling values: the model's generation_config.json's (vLLM's
+    --generation-config auto) under --override-generation-config's; logged once."""
+    found: dict[str, float] = {}
+    if model.generation_config == "auto":
+        found = {
+            k: int(raw[k]) if k == "top_k" else float(raw[k])
+            for k in SAMPLING_DEFAULT_FIELDS
+            if isinstance(raw.get(k), int | float) and not isinstance(raw.get(k), bool)
+        }
+        if raw.get("min_p"):
+            logger.warning("generation_config.json sets min_p=%s, which loramux does not apply", raw["min_p"])
+    overrides = dict(model.override_generation_config)
+    from_file = [f"{k}={v}" for k, v in found.items() if k not in overrides]
+    if from_file:
         logger.info(
             "default sampling from the model's generation_config.json: %s (a request's own values "
             "win; --generation-config vllm turns these off)",
-            shown,
+            ", ".join(from_file),
         )
-    if raw.get("min_p"):
-        logger.warning("generation_config.json sets min_p=%s, which loramux does not apply", raw["min_p"])
-    return found
+    if overrides:
+        logger.info(
+            "default sampling from --override-generation-config: %s (a request's own values win)",
+            ", ".join(f"{k}={v}" for k, v in overrides.items()),
+        )
+    found.update(overrides)
+    return tuple((k, found[k]) for k in SAMPLING_DEFAULT_FIELDS if k in found)
 
 
 def _eos_ids(raw: dict[str, Any], tokenizer: Any) -> set[int]:

@@ -27,10 +27,20 @@ class Catalog:
     base: str  # the base model's `model` id
     modules: dict[str, str]  # --lora-modules
     allowed: tuple[Path, ...]  # --allowed-lora-dirs, resolved
+    aliases: tuple[str, ...] = ()  # the base model's other ids (--served-model-name's further names)
 
     @classmethod
-    def create(cls, base: str, modules: list[tuple[str, str]], allowed_dirs: list[str]) -> Catalog:
-        return cls(base, dict(modules), tuple(Path(d).resolve() for d in allowed_dirs))
+    def create(
+        cls,
+        base: str,
+        modules: list[tuple[str, str]],
+        allowed_dirs: list[str],
+        aliases: tuple[str, ...] = (),
+    ) -> Catalog:
+        return cls(base, dict(modules), tuple(Path(d).resolve() for d in allowed_dirs), aliases)
+
+    def is_base(self, name: str) -> bool:
+        return name == self.base or name in self.aliases
 
     def path(self, name: str) -> str:
         """The adapter folder of `name`; APIError 404 (unknown) or 403 (outside the folders)."""

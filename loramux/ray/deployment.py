@@ -52,6 +52,7 @@ from ray import serve
 
 from loramux.ray.asgi import call_asgi
 from loramux.ray.catalog import Catalog
+from loramux.server.api import check_api_key
 from loramux.server.protocol import APIError
 
 logger = logging.getLogger("loramux.ray")
@@ -63,10 +64,10 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/ping", "/version", "/docs", "/o
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:
-    from loramux.server.builder import base_model
+    from loramux.server.builder import base_model, model_aliases
 
     _, name, loras = base_model(args)
-    return Catalog.create(name, loras, args.allowed_lora_dirs)
+    return Catalog.create(name, loras, args.allowed_lora_dirs, model_aliases(args))
 
 
 class _Held:
@@ -248,7 +249,7 @@ class Router:
     def __init__(self, replica: Any, args: argparse.Namespace) -> None:
         self.replica = replica
         self.catalog = _catalog(args)
-        self.api_key = args.api_key
+        self.api_keys = tuple(args.api_key or ())
         self.created = int(time.time())
         self.reports: dict[str, tuple[float, str]] = {}
 
@@ -264,16 +265,12 @@ class Router:
             del self.reports[r]
 
     def check_key(self, request: Request) -> None:
-        if self.api_key is not None and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
-            raise APIError(
-                401, "missing or wrong API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
+        check_api_key(self.api_keys, request)
 
     def model_cards(self) -> list[dict[str, Any]]:
         base = {"id": self.catalog.base, "object": "model", "created": self.created, "owned_by": "loramux"}
-        return [{**base, "parent": None}] + [
-            {**base, "id": n, "parent": self.catalog.base} for n in self.catalog.names()
-        ]
+        bases = [{**base, "id": n, "parent": None} for n in (self.catalog.base, *self.catalog.aliases)]
+        return bases + [{**base, "id": n, "parent": self.catalog.base} for n in self.catalog.names()]
 
     def metrics_text(self) -> str:
         self._prune(time.monotonic())
@@ -284,7 +281,7 @@ class Router:
         body = await request.body()
         model = _model_of(body)
         handle = self.replica.options(stream=True)
-        if model is not None and model != self.catalog.base:
+        if model is not None and not self.catalog.is_base(model):
             handle = handle.options(multiplexed_model_id=model)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
         gen = handle.answer.remote(request.method, request.url.path, request.url.query, headers, body)
@@ -410,11 +407,32 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+# flags of one engine's own HTTP server, which Ray Serve's proxy and the router replace
+_ONE_SERVER_ONLY = (
+    "uds",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_ca_certs",
+    "root_path",
+    "middleware",
+    "enable_request_id_headers",
+    "enable_server_load_tracking",
+)
+
+
 def _replicas(args: argparse.Namespace) -> int:
-    """--replicas (1 when unset); ValueError naming the fix below 1."""
+    """--replicas (1 when unset); ValueError naming the fix below 1, or for a flag of one
+    engine's own HTTP server (TLS, a Unix socket, ...), which Ray Serve's proxy does not take."""
     n = 1 if args.replicas is None else args.replicas
     if n < 1:
         raise ValueError(f"--replicas must be at least 1, got {n}")
+    for name in _ONE_SERVER_ONLY:
+        if getattr(args, name, None):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} is not supported with --replicas: Ray Serve's HTTP proxy answers there; "
+                f"use {flag} with one engine, or put a proxy that does it in front of the cluster"
+            )
     return n
 
 
@@ -443,10 +461,12 @@ def app_builder(config: dict[str, Any]) -> Any:
     `import_path: loramux.ray:app_builder`, `args: {argv: [MODEL, --lora-modules, ..., --replicas, N]}`
     (the flags of `loramux serve`)."""
     from loramux.server.serve_args import add_serve_args
+    from loramux.server.vllm_argv import expand_serve_argv
 
     parser = argparse.ArgumentParser(prog="loramux.ray:app_builder")
     add_serve_args(parser)
-    args = parser.parse_args([str(a) for a in config.get("argv", [])])
+    argv = expand_serve_argv([str(a) for a in config.get("argv", [])], parser._option_string_actions)
+    args = parser.parse_args(argv)
     return build_app(args)
 
 

@@ -8,14 +8,14 @@ error is answered in OpenAI's shape; the engine keeps serving everyone else.
 Routes: GET /v1/models; POST /v1/completions and /v1/chat/completions (both
 with `stream`); POST /v1/load_lora_adapter and /v1/unload_lora_adapter;
 POST /tokenize and /detokenize; GET /version; GET /health and GET /metrics
-(these two need no API key).
+(these two need no API key); GET /load with --enable-server-load-tracking.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from loramux.server.async_engine import AsyncEngine
 from loramux.server.errors import DECLARED, BodyLimit, install_error_handlers
 from loramux.server.generate import Generate
 from loramux.server.metrics import Metrics
+from loramux.server.middleware import LoadTracker, RequestIdHeaders, ServerLoad, add_user_middleware
 from loramux.server.paths import allowed_path
 from loramux.server.protocol import (
     APIError,
@@ -39,32 +40,11 @@ from loramux.server.protocol import (
     TokenizeRequest,
     UnloadLoRARequest,
 )
+from loramux.server.server_config import ServerConfig
 
 logger = logging.getLogger("loramux.server")
+_GENERATION = ("/v1/completions", "/v1/chat/completions")  # what --enable-server-load-tracking counts
 _STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"}}
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    served_model_name: str
-    """The `model` id of the base model."""
-    api_key: str | None = None
-    """If set, every /v1 route needs `Authorization: Bearer <key>`."""
-    allowed_lora_dirs: tuple[str, ...] = ()
-    """Runtime adapter loads must resolve inside one of these; none: runtime loading is off."""
-    log_prompts: bool = False
-    """Write prompt text to the log (off: only ids and lengths)."""
-    max_request_bytes: int = 8 << 20
-    """Larger request bodies are refused with 413 before they are read whole."""
-    allowed_origins: tuple[str, ...] = ()
-    """CORS (vLLM's --allowed-origins): origins browsers may call from; none: no CORS headers."""
-    allowed_methods: tuple[str, ...] = ("*",)
-    allowed_headers: tuple[str, ...] = ("*",)
-    allow_credentials: bool = False
-    prompt_tokens_details: bool = False
-    """Usage gives prompt_tokens_details.cached_tokens (vLLM's --enable-prompt-tokens-details)."""
-    docs: bool = True
-    """Serve /docs and /openapi.json."""
 
 
 def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
@@ -74,9 +54,11 @@ def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> Fast
         docs_url="/docs" if cfg.docs else None,
         openapi_url="/openapi.json" if cfg.docs else None,
         redoc_url=None,
+        root_path=cfg.root_path,
         responses=DECLARED,
     )
     install_error_handlers(app)
+    add_user_middleware(app, cfg.middleware)  # innermost: our middleware has acted before theirs
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
     if cfg.allowed_origins:
         app.add_middleware(
@@ -86,8 +68,18 @@ def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> Fast
             allow_headers=list(cfg.allowed_headers),
             allow_credentials=cfg.allow_credentials,
         )
+    load = ServerLoad()
+    if cfg.load_tracking:
+        app.add_middleware(LoadTracker, paths=frozenset(_GENERATION), load=load)
+
+        async def server_load() -> dict[str, int]:
+            return {"server_load": load.in_flight}
+
+        app.add_api_route("/load", server_load, methods=["GET"])
+    if cfg.request_id_headers:
+        app.add_middleware(RequestIdHeaders)  # outermost: every answer, refusals included
     api = _API(aengine, cfg, metrics)
-    gen = Generate(aengine, metrics, cfg.served_model_name, cfg.log_prompts, cfg.prompt_tokens_details)
+    gen = Generate(aengine, metrics, cfg)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(api.check_key)])
     v1.add_api_route("/models", api.models, methods=["GET"])
     v1.add_api_route("/models/{model_id:path}", api.model, methods=["GET"])
@@ -108,6 +100,18 @@ def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> Fast
     return app
 
 
+def check_api_key(keys: tuple[str, ...], request: Request) -> None:
+    """401 in OpenAI's shape unless `keys` is empty or the request sends one of them as a bearer
+    token (compared in constant time)."""
+    if not keys:
+        return
+    sent = request.headers.get("authorization", "").encode()
+    if not any(hmac.compare_digest(sent, f"Bearer {k}".encode()) for k in keys):
+        raise APIError(
+            401, "missing or wrong API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
+        )
+
+
 class _API:
     def __init__(self, aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> None:
         self.aengine = aengine
@@ -118,14 +122,7 @@ class _API:
         self.allowed = [Path(d).resolve() for d in cfg.allowed_lora_dirs]
 
     async def check_key(self, request: Request) -> None:
-        key = self.cfg.api_key
-        if key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        if auth != f"Bearer {key}":
-            raise APIError(
-                401, "missing or wrong API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
+        check_api_key(self.cfg.api_keys, request)
 
     # --- adapters and models ---
     async def model(self, model_id: str) -> dict[str, Any]:
@@ -143,10 +140,17 @@ class _API:
             return {"id": name, **common, "root": root, "parent": parent, **extra}
 
         limit = self.engine.runtime.max_model_len
-        data = [card(base, self.engine.config.model.model, None, max_model_len=limit)]
+        root = self.engine.config.model.model
+        data = [card(name, root, None, max_model_len=limit) for name in self.cfg.base_names]
         return {"object": "list", "data": data + [card(a.name, a.path, base) for a in infos]}
 
     async def load_lora(self, body: LoadLoRARequest) -> dict[str, Any]:
+        if body.lora_name in self.cfg.base_names:
+            raise APIError(
+                400,
+                f"{body.lora_name!r} is the base model's name; give the adapter another lora_name",
+                param="lora_name",
+            )
         path = allowed_path(body.lora_path, self.allowed)
         try:
             info = await self.aengine.call(self.engine.add_lora, body.lora_name, str(path), body.pinned)
@@ -186,7 +190,7 @@ class _API:
         (asked on the engine thread: the adapters change there)."""
         if (
             model is not None
-            and model != self.cfg.served_model_name
+            and model not in self.cfg.base_names
             and not await self.aengine.call(self.engine.has_lora, model)
         ):
             raise APIError(404, f"the model {model!r} does not exist", code="model_not_found", param="model")
@@ -201,7 +205,8 @@ class _API:
             raise APIError(400, "send exactly one of `prompt` and `messages`", param="prompt")
         if body.messages is not None:
             try:
-                ids = render_chat(tok, body.messages, **body.template_options())
+                options = body.template_options(self.cfg.default_chat_template_kwargs)
+                ids = render_chat(tok, body.messages, **options)
             except ValueError as e:
                 raise APIError(400, str(e), param="messages") from e
         else:

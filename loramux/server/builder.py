@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loramux.server.serve_args import engine_config
+from loramux.server.server_config import ServerConfig
 
 logger = logging.getLogger("loramux")
 
@@ -31,9 +32,10 @@ class Built:
 
 def base_model(args: argparse.Namespace) -> tuple[str, str, list[tuple[str, str]]]:
     """(model directory, served name, adapters named at start); the demo shipped in the package
-    when no model is given."""
+    when no model is given. The name is the first of --served-model-name's; `model_aliases` has
+    the others."""
     loras = list(args.lora_modules)
-    model, name = args.model, args.served_model_name
+    model, name = args.model, (args.served_model_name or [None])[0]
     flag = getattr(args, "model_flag", None)
     if flag is not None and model is not None and flag != model:
         raise ValueError(f"two models: {model!r} and --model {flag!r}; give one of them")
@@ -47,25 +49,18 @@ def base_model(args: argparse.Namespace) -> tuple[str, str, list[tuple[str, str]
     return model, name or Path(model).name, loras
 
 
-def build_server(args: argparse.Namespace, register_loras: bool = True) -> Built:
-    """The engine, its thread (started) and the app, from `serve`'s flags. One Ray replica builds
-    the same, with `register_loras=False`: its adapters load on demand."""
-    from loramux.engine.llm_engine import LLMEngine
-    from loramux.server.api import ServerConfig, build_app
-    from loramux.server.async_engine import AsyncEngine
-    from loramux.server.metrics import Metrics
+def model_aliases(args: argparse.Namespace) -> tuple[str, ...]:
+    """The base model's other ids: --served-model-name's names after the first (vLLM's form)."""
+    names = args.served_model_name or []
+    return tuple(n for n in dict.fromkeys(names[1:]) if n != names[0])
 
-    model, name, loras = base_model(args)
-    engine = LLMEngine(engine_config(args, model))
-    if register_loras:
-        for lora_name, path in loras:
-            info = engine.add_lora(lora_name, path)
-            logger.info("adapter %s: rank %d from %s", lora_name, info.rank, path)
-    metrics = Metrics(engine.limits(), name)
-    aengine = AsyncEngine(engine)
-    cfg = ServerConfig(
+
+def server_config(args: argparse.Namespace, name: str) -> ServerConfig:
+    """The HTTP server's settings from `serve`'s flags; `name` is the base model's id."""
+    return ServerConfig(
         served_model_name=name,
-        api_key=args.api_key,
+        model_aliases=model_aliases(args),
+        api_keys=tuple(args.api_key or ()),
         allowed_lora_dirs=tuple(args.allowed_lora_dirs),
         log_prompts=args.log_prompts,
         max_request_bytes=args.max_request_bytes,
@@ -75,7 +70,40 @@ def build_server(args: argparse.Namespace, register_loras: bool = True) -> Built
         allow_credentials=args.allow_credentials,
         prompt_tokens_details=args.enable_prompt_tokens_details,
         docs=not args.disable_fastapi_docs,
+        request_id_headers=args.enable_request_id_headers,
+        load_tracking=args.enable_server_load_tracking,
+        force_include_usage=args.enable_force_include_usage,
+        max_log_len=args.max_log_len,
+        middleware=tuple(args.middleware),
+        root_path=args.root_path,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+        default_chat_template_kwargs=args.default_chat_template_kwargs or {},
     )
+
+
+def build_server(args: argparse.Namespace, register_loras: bool = True) -> Built:
+    """The engine, its thread (started) and the app, from `serve`'s flags. One Ray replica builds
+    the same, with `register_loras=False`: its adapters load on demand."""
+    from loramux.engine.chat import check_template_kwargs
+    from loramux.engine.llm_engine import LLMEngine
+    from loramux.server.api import build_app
+    from loramux.server.async_engine import AsyncEngine
+    from loramux.server.metrics import Metrics
+
+    model, name, loras = base_model(args)
+    cfg = server_config(args, name)  # before the engine: a bad flag fails at once
+    clash = [n for n, _ in loras if n in cfg.base_names]
+    if clash:
+        raise ValueError(f"--lora-modules {clash[0]}: that is the base model's name; rename the adapter")
+    engine = LLMEngine(engine_config(args, model))
+    if engine.tokenizer is not None:
+        check_template_kwargs(engine.tokenizer, cfg.default_chat_template_kwargs)
+    if register_loras:
+        for lora_name, path in loras:
+            info = engine.add_lora(lora_name, path)
+            logger.info("adapter %s: rank %d from %s", lora_name, info.rank, path)
+    metrics = Metrics(engine.limits(), name, cfg.model_aliases)
+    aengine = AsyncEngine(engine)
     app = build_app(aengine, cfg, metrics)
     aengine.start()
     if register_loras and loras:  # their weights are read in the background as the port opens

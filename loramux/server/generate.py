@@ -30,6 +30,7 @@ from loramux.server.async_engine import AsyncEngine
 from loramux.server.errors import raise_if_ended_badly, to_api_error
 from loramux.server.metrics import Metrics
 from loramux.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from loramux.server.server_config import ServerConfig
 from loramux.server.structured import call, structured_params, tool_calls
 from loramux.server.token_text import TokenText
 
@@ -42,22 +43,28 @@ Render = Callable[[int, RequestOutput], dict[str, Any] | None]
 Shape = Callable[[int, list[int], list[Any]], dict[str, Any]]  # (choice, token ids, logprobs) -> JSON
 
 
+def _request_ids(kind: str, request: Request, body: Body) -> tuple[str, str]:
+    """(the answer's id, the engine's id prefix), as vLLM names requests: the X-Request-Id
+    header, else the body's `request_id`, else a new one. A client's id gets a unique suffix in
+    the engine, so two requests sent with one id never share a stream."""
+    given = request.headers.get("x-request-id") or (body.model_extra or {}).get("request_id")
+    if given is None:
+        rid = f"{kind}-{uuid.uuid4().hex}"
+        return rid, rid
+    if not isinstance(given, str) or not given:
+        raise APIError(400, "request_id must be a non-empty string", param="request_id")
+    return f"{kind}-{given}", f"{kind}-{given}-{uuid.uuid4().hex[:12]}"
+
+
 class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
 
 class Generate:
-    def __init__(
-        self,
-        aengine: AsyncEngine,
-        metrics: Metrics,
-        base_name: str,
-        log_prompts: bool,
-        prompt_tokens_details: bool = False,
-    ) -> None:
-        self.aengine, self.engine, self.metrics = aengine, aengine.engine, metrics
-        self.base_name, self.log_prompts = base_name, log_prompts
-        self.details = prompt_tokens_details
+    def __init__(self, aengine: AsyncEngine, metrics: Metrics, cfg: ServerConfig) -> None:
+        self.aengine, self.engine, self.metrics, self.cfg = aengine, aengine.engine, metrics, cfg
+        self.base_names = frozenset(cfg.base_names)
+        self.details = cfg.prompt_tokens_details
         self.defaults = dict(self.engine.runtime.sampling_defaults)  # the model's generation_config
 
     # --- the routes ---
@@ -71,11 +78,11 @@ class Generate:
             )
         limit = 16 if body.max_tokens is None else body.max_tokens
         params = body.sampling_params(limit, body.logprobs, structured_params(body), self.defaults)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid, engine_id = _request_ids("cmpl", request, body)
         prompts = body.prompts()
         if not body.add_special_tokens:  # the text as it is: no second BOS before a formatted prompt
             prompts = [self._plain_ids(p) if isinstance(p, str) else p for p in prompts]
-        streams = await self._start_all(rid, prompts, params, body)
+        streams = await self._start_all(engine_id, prompts, params, body)
         if body.stream:
             chunk = _Chunks(rid, "text_completion", body.model)
             shape = self._completion_logprobs_from() if body.logprobs is not None else None
@@ -88,8 +95,8 @@ class Generate:
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         k = _top_logprobs(body)
         params = body.sampling_params(limit or 1, k, structured_params(body), self.defaults)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self._start_all(rid, [prompt], params, body, fill=limit is None)
+        rid, engine_id = _request_ids("chatcmpl", request, body)
+        streams = await self._start_all(engine_id, [prompt], params, body, fill=limit is None)
         if body.stream:
             head = {"prompt_token_ids": prompt} if body.return_token_ids else {}  # as vLLM's first chunk
             chunk = _Chunks(rid, "chat.completion.chunk", body.model)
@@ -114,13 +121,14 @@ class Generate:
         """One stream per (prompt, sample), prompt-major: stream k is choice k. A refused prompt
         aborts the ones already started and answers for all."""
         model = body.model
-        lora = None if model == self.base_name else model
+        lora = None if model in self.base_names else model
         streams: Streams = []
         try:
             await self.aengine.prepare(params)  # a grammar compiles off the engine thread (400 if it can't)
             for i, prompt in enumerate(prompts):
-                if self.log_prompts:
-                    logger.info("request %s-%d model=%s prompt=%r", rid, i, model, prompt)
+                if self.cfg.log_prompts:
+                    shown = prompt if self.cfg.max_log_len is None else prompt[: self.cfg.max_log_len]
+                    logger.info("request %s-%d model=%s prompt=%r", rid, i, model, shown)
                 else:
                     logger.debug("request %s-%d model=%s", rid, i, model)
                 streams += await self.aengine.add_request_n(
@@ -234,7 +242,7 @@ class Generate:
                     finals.append(out)
                     done[i] = out
                     self.metrics.finished(body.model, out)
-        if body.include_usage:
+        if body.include_usage or self.cfg.force_include_usage:
             yield chunk([], usage=_usage([done[i] for i in sorted(done)], body.n, self.details))
 
     @contextlib.asynccontextmanager
@@ -328,8 +336,11 @@ class Generate:
         if tok is None:
             raise APIError(400, "this model has no tokenizer, so chat is unavailable; use /v1/completions")
         messages = [m.for_template() for m in body.messages]
+        options = body.template_options(self.cfg.default_chat_template_kwargs)
+        if self.cfg.exclude_tools_when_tool_choice_none and body.tool_choice == "none":
+            options["tools"] = None  # vLLM's --exclude-tools-when-tool-choice-none
         try:
-            return render_chat(tok, messages, **body.template_options())
+            return render_chat(tok, messages, **options)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
 

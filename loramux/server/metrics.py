@@ -30,8 +30,9 @@ _LOAD = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
-    def __init__(self, limits: EngineLimits, base_name: str) -> None:
+    def __init__(self, limits: EngineLimits, base_name: str, aliases: tuple[str, ...] = ()) -> None:
         self.base_name = base_name  # the base model's label (the engine calls it "")
+        self.aliases = frozenset(aliases)  # the base model's other ids: counted under base_name
         disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
         r = self.registry = CollectorRegistry()
 
@@ -106,6 +107,7 @@ class Metrics:
 
     # --- per request, as it ends ---
     def finished(self, adapter: str, out: RequestOutput) -> None:
+        adapter = self.base_name if adapter in self.aliases else adapter
         comp = out.outputs[0]
         self.requests.labels(adapter, comp.finish_reason or "unknown").inc()
         self.prompt_tokens.labels(adapter).inc(len(out.prompt_token_ids))
@@ -122,7 +124,7 @@ class Metrics:
 
     def ended(self, adapter: str, outcome: str) -> None:
         """A request that ended without a final output: aborted, rejected or failed."""
-        self.requests.labels(adapter, outcome).inc()
+        self.requests.labels(self.base_name if adapter in self.aliases else adapter, outcome).inc()
 
     # --- from the engine ---
     def render(self, snap: EngineSnapshot) -> bytes:

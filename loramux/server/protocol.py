@@ -82,13 +82,14 @@ class _ChatTemplateFields(_Request):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def template_options(self) -> dict[str, Any]:
-        """These fields as `render_chat`'s keyword arguments."""
+    def template_options(self, default_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """These fields as `render_chat`'s keyword arguments; `default_kwargs` (the server's
+        --default-chat-template-kwargs) under the request's own chat_template_kwargs."""
         return {
             "add_generation_prompt": self.add_generation_prompt,
             "continue_final_message": self.continue_final_message,
             "tools": self.tools,
-            "chat_template_kwargs": self.chat_template_kwargs,
+            "chat_template_kwargs": {**(default_kwargs or {}), **(self.chat_template_kwargs or {})},
         }
 
 

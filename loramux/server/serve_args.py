@@ -12,6 +12,7 @@ import json
 import os
 
 from loramux.config import (
+    DTYPE_ALIASES,
     POLICY_NAMES,
     CacheConfig,
     EngineConfig,
@@ -45,6 +46,31 @@ def byte_count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: the KV pool needs a positive size")
     return int(value)
+
+
+def dtype(text: str) -> str:
+    """`--dtype`'s value, vLLM's aliases too: half is float16, float is float32."""
+    return DTYPE_ALIASES.get(text, text)
+
+
+def token_count(text: str) -> int:
+    """A token count as vLLM reads `--max-model-len`: a whole number, or one with a suffix: k, m,
+    g (1000s, decimals allowed: 25.6k) or K, M, G (1024s, whole numbers only: 32K)."""
+    t = text.strip()
+    decimal, binary = {"k": 10**3, "m": 10**6, "g": 10**9}, {"K": 2**10, "M": 2**20, "G": 2**30}
+    try:
+        if t[-1:] in decimal:
+            value = float(t[:-1]) * decimal[t[-1]]
+            if value != int(value):
+                raise ValueError
+            return int(value)
+        if t[-1:] in binary:
+            return int(t[:-1]) * binary[t[-1]]
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a token count; write e.g. 4096, 32k (32000) or 32K (32768)"
+        ) from None
 
 
 def chat_template(text: str) -> str:
@@ -89,7 +115,14 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="the model directory, as vLLM's --model (the same as the positional MODEL)",
     )
-    p.add_argument("--served-model-name", default=None, help="the `model` id of the base model")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the `model` id of the base model; more names are aliases a request may use too (vLLM's "
+        "form); default: the model directory's name",
+    )
     p.add_argument(
         "--lora-modules",
         nargs="+",
@@ -102,10 +135,14 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="address to listen on (loopback unless you say otherwise)"
     )
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    env_key = os.environ.get("LORAMUX_API_KEY") or os.environ.get("VLLM_API_KEY")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("LORAMUX_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1 routes (or set LORAMUX_API_KEY)",
+        nargs="+",
+        default=[env_key] if env_key else None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 routes and /tokenize, any one of the keys "
+        "given; default: the environment's LORAMUX_API_KEY, else vLLM's VLLM_API_KEY",
     )
     p.add_argument(
         "--allowed-lora-dirs",
@@ -143,6 +180,75 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         help="usage gives prompt_tokens_details.cached_tokens: prompt tokens found in the prefix cache",
     )
     p.add_argument("--disable-fastapi-docs", action="store_true", help="no /docs and no /openapi.json")
+    p.add_argument(
+        "--enable-request-id-headers",
+        action="store_true",
+        help="every answer carries X-Request-Id: the request's own X-Request-Id, else a new one",
+    )
+    p.add_argument(
+        "--enable-server-load-tracking",
+        action="store_true",
+        help='GET /load answers {"server_load": N}: generation and tokenizer requests in flight',
+    )
+    p.add_argument(
+        "--enable-force-include-usage",
+        action="store_true",
+        help="streams end with a usage chunk even without stream_options.include_usage",
+    )
+    p.add_argument(
+        "--max-log-len",
+        type=int,
+        default=None,
+        help="with --log-prompts: log at most this many characters (or token ids) of each prompt",
+    )
+    p.add_argument(
+        "--middleware",
+        action="append",
+        default=[],
+        metavar="IMPORT.PATH",
+        help="ASGI middleware to add (repeatable): a class is added with app.add_middleware, a "
+        "function as an HTTP middleware (@app.middleware('http')), as vLLM does",
+    )
+    p.add_argument(
+        "--default-chat-template-kwargs",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="chat_template_kwargs every chat request starts from (its own override them), e.g. "
+        "'{\"enable_thinking\": false}'",
+    )
+    p.add_argument(
+        "--exclude-tools-when-tool-choice-none",
+        action="store_true",
+        help='a chat request with tool_choice "none" renders its prompt without its tools',
+    )
+    p.add_argument(
+        "--root-path",
+        default="",
+        help="the path prefix a reverse proxy serves this server under (ASGI root_path)",
+    )
+    p.add_argument(
+        "--uds", default=None, metavar="PATH", help="listen on this Unix socket instead of --host/--port"
+    )
+    p.add_argument("--ssl-keyfile", default=None, help="TLS: the private key file (PEM)")
+    p.add_argument("--ssl-certfile", default=None, help="TLS: the certificate file (PEM); serves https")
+    p.add_argument("--ssl-ca-certs", default=None, help="TLS: CA certificates to check client certificates")
+    p.add_argument(
+        "--ssl-cert-reqs",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="TLS: client certificates are 0 not asked for, 1 optional, 2 required (Python's ssl.CERT_*)",
+    )
+    p.add_argument(
+        "--ssl-ciphers", default=None, help="TLS: cipher suites (OpenSSL's list format; TLS 1.2 and below)"
+    )
+    p.add_argument(
+        "--log-config-file",
+        default=None,
+        metavar="JSON",
+        help="a logging.config dictConfig file (JSON) for loramux's and uvicorn's logs, as vLLM takes",
+    )
     p.add_argument("--log-level", default="info", help="log level: debug, info, warning, error")
     p.add_argument(
         "--step-log",
@@ -154,11 +260,6 @@ def _server_args(p: argparse.ArgumentParser) -> None:
 
 
 def _adapter_args(g: argparse._ArgumentGroup) -> None:
-    g.add_argument(
-        "--enable-lora",
-        action="store_true",
-        help="accepted for vLLM compatibility: LoRA is always on in loramux",
-    )
     g.add_argument(
         "--max-loras",
         type=int,
@@ -188,7 +289,7 @@ def _scheduling_args(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--max-num-batched-tokens",
-        type=int,
+        type=token_count,
         default=SchedulerConfig.max_num_batched_tokens,
         help="most tokens (decodes plus prefill chunks) in one step",
     )
@@ -298,13 +399,14 @@ def _model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--dtype",
         default="auto",
+        type=dtype,
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and KV dtype; auto: float32 on CPU, bfloat16 on CUDA",
+        help="weights and KV dtype (vLLM's half and float too); auto: float32 on CPU, bfloat16 on CUDA",
     )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument(
         "--max-model-len",
-        type=int,
+        type=token_count,
         default=None,
         help="longest prompt plus output; default: the model's own limit",
     )
@@ -320,6 +422,14 @@ def _model_args(g: argparse._ArgumentGroup) -> None:
         choices=["auto", "vllm"],
         help="auto: a request that sets no temperature, top_p, top_k or repetition_penalty takes "
         "the model's generation_config.json values (vLLM's default); vllm: SamplingParams' defaults",
+    )
+    g.add_argument(
+        "--override-generation-config",
+        type=json.loads,
+        default=(),
+        metavar="JSON",
+        help="default temperature, top_p, top_k or repetition_penalty, e.g. '{\"temperature\": 0.5}': "
+        "over generation_config.json's with --generation-config auto, alone with vllm",
     )
     g.add_argument(
         "--chat-template",

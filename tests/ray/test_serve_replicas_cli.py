@@ -207,6 +207,34 @@ def test_S6_1_the_serve_config_builder_takes_serves_flags(tiny_models):
     assert isinstance(app, serve.Application)
     with pytest.raises(ValueError, match="--replicas must be at least 1"):
         app_builder({"argv": ["model", "--replicas", "0"]})
+    with pytest.raises(ValueError, match="--ssl-certfile is not supported with --replicas"):
+        app_builder({"argv": ["model", "--replicas", "2", "--ssl_certfile", "c.pem"]})  # vLLM's spelling too
+
+
+def test_S6_1_the_router_serves_every_served_model_name_and_any_api_key():
+    """--served-model-name base alias and --api-key k1 k2 on the cluster's router, as on one engine."""
+    import argparse
+
+    from starlette.requests import Request
+
+    from loramux.ray.deployment import Router
+    from loramux.server.protocol import APIError
+    from loramux.server.serve_args import add_serve_args
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(["m", "--served-model-name", "base", "alias", "--api-key", "k1", "k2"])
+    router = Router(None, args)
+    cards = router.model_cards()
+    assert [(c["id"], c["parent"]) for c in cards] == [("base", None), ("alias", None)]
+    assert router.catalog.is_base("alias") and not router.catalog.is_base("other")
+
+    def request(key: str) -> Request:
+        return Request({"type": "http", "headers": [(b"authorization", f"Bearer {key}".encode())]})
+
+    router.check_key(request("k2"))
+    with pytest.raises(APIError, match="missing or wrong API key"):
+        router.check_key(request("k3"))
 
 
 def test_S6_1_an_adapter_evicted_while_a_request_holds_it_goes_when_that_request_is_done():

@@ -85,6 +85,10 @@ def _serve(*flags: str) -> subprocess.CompletedProcess:
         (["--task", "embed"], "text generation only"),
         (["--return-tokens-as-token-ids"], "send return_token_ids for the ids"),
         (["--enable-sleep-mode"], "sleep mode"),
+        (["--otlp-traces-endpoint", "grpc://x:4317"], "GET /metrics has Prometheus histograms"),
+        (["--disable-sliding-window"], "lower --max-model-len to the window instead"),
+        (["--kv-transfer-config", "{}"], "KV transfer between engines"),
+        (["--preemption-mode", "swap"], "recomputed"),
     ],
 )
 def test_vllm_flags_that_would_change_results_are_refused_naming_the_alternative(flags, fix):

@@ -42,6 +42,27 @@ def test_llm_takes_the_models_defaults_unless_told_vllm(greedy_model):
     assert auto.generate([PROMPT], use_tqdm=False)[0].outputs[0].token_ids == greedy.token_ids  # no params
 
 
+def test_override_generation_config_sits_over_the_models_or_alone(greedy_model):
+    """vLLM's --override-generation-config: merged over generation_config.json's values with
+    "auto", the only defaults with "vllm"; a field loramux does not take is refused by name."""
+    over = LLM(
+        str(greedy_model), num_pages=64, page_size=4, device="cpu", override_generation_config={"top_k": 5}
+    )
+    d = over.get_default_sampling_params()
+    assert (d.temperature, d.top_k) == (0.0, 5)
+    alone = LLM(
+        str(greedy_model),
+        num_pages=64,
+        page_size=4,
+        device="cpu",
+        generation_config="vllm",
+        override_generation_config={"temperature": 0.5},
+    )
+    assert alone.get_default_sampling_params() == SamplingParams(temperature=0.5)
+    with pytest.raises(ValueError, match="'max_new_tokens' is not taken"):
+        LLM(str(greedy_model), device="cpu", override_generation_config={"max_new_tokens": 9})
+
+
 def test_a_request_without_a_temperature_takes_the_models_and_its_own_wins(greedy_model, tmp_path):
     args = [str(greedy_model), "--served-model-name", "base", "--num-pages", "64", "--page-size", "4"]
     server = start_server([*args, "--device", "cpu"], tmp_path / "log")
