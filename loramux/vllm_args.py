@@ -19,6 +19,16 @@ from typing import Any
 logger = logging.getLogger("loramux")
 
 
+_CHUNKED = "every prefill is chunked within --max-num-batched-tokens (and --max-prefill-tokens)"
+_TEXT_ONLY = "loramux serves text-only models: no image or audio inputs"
+_GRAPH_SIZES = "loramux picks its graphs' batch sizes from --max-num-seqs"
+_CONFIG_AS_IS = "loramux reads config.json as it is: edit a copy of the model folder"
+_NO_TRACES = "loramux exports no OpenTelemetry traces; GET /metrics has Prometheus histograms per adapter"
+_HTTP_LIMITS = "bodies are bounded by --max-request-bytes (the server parses HTTP with httptools)"
+_ONE_DEVICE = "one engine serves on one device; scale out with --replicas N (data parallel on Ray Serve)"
+_LOCAL_DIR = "loramux reads a local model directory; nothing is downloaded"
+
+
 @dataclass(frozen=True)
 class VllmFlag:
     flag: str
@@ -60,13 +70,11 @@ FLAGS = (
         "preemption recomputes; --host-kv-pages keeps evicted prefix pages in host memory",
     ),
     VllmFlag("--max-logprobs", "ignore", "loramux returns up to 20 logprobs, as OpenAI's API allows"),
-    VllmFlag("--download-dir", "ignore", "loramux reads a local model directory; nothing is downloaded"),
+    VllmFlag("--download-dir", "ignore", _LOCAL_DIR),
     VllmFlag("--revision", "ignore", "loramux reads a local model directory, as it is"),
     VllmFlag("--tokenizer-revision", "ignore", "loramux reads a local model directory, as it is"),
     VllmFlag("--code-revision", "ignore", "loramux runs no code from the model directory"),
-    VllmFlag(
-        "--hf-token", "ignore", "loramux reads a local model directory; nothing is downloaded", secret=True
-    ),
+    VllmFlag("--hf-token", "ignore", _LOCAL_DIR, secret=True),
     VllmFlag("--distributed-executor-backend", "ignore", "one engine in one process per device"),
     VllmFlag("--async-scheduling", "ignore", "the engine thread schedules the next step itself", False),
     VllmFlag(
@@ -114,17 +122,17 @@ FLAGS = (
     VllmFlag(
         "--max-num-partial-prefills",
         "ignore",
-        "every prefill is chunked within --max-num-batched-tokens (and --max-prefill-tokens)",
+        _CHUNKED,
     ),
     VllmFlag(
         "--max-long-partial-prefills",
         "ignore",
-        "every prefill is chunked within --max-num-batched-tokens (and --max-prefill-tokens)",
+        _CHUNKED,
     ),
     VllmFlag(
         "--long-prefill-token-threshold",
         "ignore",
-        "every prefill is chunked within --max-num-batched-tokens (and --max-prefill-tokens)",
+        _CHUNKED,
     ),
     VllmFlag("--scheduler-delay-factor", "ignore", "loramux admits waiting requests as each step frees room"),
     VllmFlag("--num-lookahead-slots", "ignore", "loramux decodes one token per request per step"),
@@ -136,10 +144,8 @@ FLAGS = (
         "ignore",
         "loramux does not use torch.compile (CUDA graphs: --enforce-eager); -O N is this flag",
     ),
-    VllmFlag("--cuda-graph-sizes", "ignore", "loramux picks its graphs' batch sizes from --max-num-seqs"),
-    VllmFlag(
-        "--max-cudagraph-capture-size", "ignore", "loramux picks its graphs' batch sizes from --max-num-seqs"
-    ),
+    VllmFlag("--cuda-graph-sizes", "ignore", _GRAPH_SIZES),
+    VllmFlag("--max-cudagraph-capture-size", "ignore", _GRAPH_SIZES),
     VllmFlag("--disable-cascade-attn", "ignore", "loramux has no cascade attention", False),
     VllmFlag(
         "--enable-expert-parallel", "ignore", "loramux serves dense models: there are no experts", False
@@ -151,12 +157,12 @@ FLAGS = (
         "ignore",
         "loramux hashes prefix pages its own way (KV events carry those hashes)",
     ),
-    VllmFlag("--limit-mm-per-prompt", "ignore", "loramux serves text-only models: no image or audio inputs"),
-    VllmFlag("--mm-processor-kwargs", "ignore", "loramux serves text-only models: no image or audio inputs"),
+    VllmFlag("--limit-mm-per-prompt", "ignore", _TEXT_ONLY),
+    VllmFlag("--mm-processor-kwargs", "ignore", _TEXT_ONLY),
     VllmFlag(
         "--disable-mm-preprocessor-cache",
         "ignore",
-        "loramux serves text-only models: no image or audio inputs",
+        _TEXT_ONLY,
         False,
     ),
     VllmFlag("--calculate-kv-scales", "ignore", "the KV cache has the weights' dtype (no fp8 scales)", False),
@@ -166,12 +172,12 @@ FLAGS = (
     VllmFlag(
         "--h11-max-incomplete-event-size",
         "ignore",
-        "bodies are bounded by --max-request-bytes (the server parses HTTP with httptools)",
+        _HTTP_LIMITS,
     ),
     VllmFlag(
         "--h11-max-header-count",
         "ignore",
-        "bodies are bounded by --max-request-bytes (the server parses HTTP with httptools)",
+        _HTTP_LIMITS,
     ),
     VllmFlag("--enable-log-outputs", "ignore", "loramux does not log answers", False),
     VllmFlag(
@@ -201,20 +207,16 @@ FLAGS = (
     VllmFlag(
         "--otlp-traces-endpoint",
         "refuse",
-        "loramux exports no OpenTelemetry traces; GET /metrics has Prometheus histograms per adapter",
+        _NO_TRACES,
     ),
     VllmFlag(
         "--collect-detailed-traces",
         "refuse",
-        "loramux exports no OpenTelemetry traces; GET /metrics has Prometheus histograms per adapter",
+        _NO_TRACES,
     ),
-    VllmFlag(
-        "--hf-overrides", "refuse", "loramux reads config.json as it is: edit a copy of the model folder"
-    ),
-    VllmFlag(
-        "--rope-scaling", "refuse", "loramux reads config.json as it is: edit a copy of the model folder"
-    ),
-    VllmFlag("--rope-theta", "refuse", "loramux reads config.json as it is: edit a copy of the model folder"),
+    VllmFlag("--hf-overrides", "refuse", _CONFIG_AS_IS),
+    VllmFlag("--rope-scaling", "refuse", _CONFIG_AS_IS),
+    VllmFlag("--rope-theta", "refuse", _CONFIG_AS_IS),
     VllmFlag(
         "--disable-sliding-window",
         "refuse",
@@ -279,13 +281,13 @@ FLAGS = (
     VllmFlag(
         "--tensor-parallel-size",
         "refuse",
-        "one engine serves on one device; scale out with --replicas N (data parallel on Ray Serve)",
+        _ONE_DEVICE,
         accepted=("1",),
     ),
     VllmFlag(
         "--pipeline-parallel-size",
         "refuse",
-        "one engine serves on one device; scale out with --replicas N (data parallel on Ray Serve)",
+        _ONE_DEVICE,
         accepted=("1",),
     ),
     VllmFlag("--data-parallel-size", "map", "engines behind one endpoint (Ray Serve)", target="replicas"),
