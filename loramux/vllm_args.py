@@ -181,6 +181,18 @@ FLAGS = (
     ),
     VllmFlag("--enable-log-outputs", "ignore", "loramux does not log answers", False),
     VllmFlag(
+        "--log-error-stack",
+        "ignore",
+        "an unhandled server error and an engine failure are always logged with their stack",
+        False,
+    ),
+    VllmFlag(
+        "--logprobs-mode",
+        "refuse",
+        "logprobs are those of the model's raw distribution (vLLM's default, raw_logprobs)",
+        accepted=("raw_logprobs",),
+    ),
+    VllmFlag(
         "--api-server-count",
         "refuse",
         "one server process per engine; scale out with --replicas N",

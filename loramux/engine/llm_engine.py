@@ -424,6 +424,10 @@ class LLMEngine:
         if params.n != 1:
             raise ValueError("add_request takes n=1; use add_request_n for several samples of a prompt")
         rid = request_id or uuid.uuid4().hex
+        if rid in self._states:
+            raise ValueError(
+                f"request id {rid!r} is in use by an unfinished request; give each request its own id"
+            )
         text, ids = self._tokenize(prompt)
         vocab = self.runtime.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -499,6 +503,11 @@ class LLMEngine:
         the prompt's pages in the prefix cache, in the request's own adapter namespace. A seed
         gives sample i the seed + i."""
         ids = sample_ids(request_id, params.n)
+        taken = next((rid for rid in ids if rid in self._states), None)
+        if taken is not None:  # before any sample is queued: the unfinished one keeps its id
+            raise ValueError(
+                f"request id {taken!r} is in use by an unfinished request; give each request its own id"
+            )
         if params.n == 1:
             return [
                 self.add_request(

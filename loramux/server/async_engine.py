@@ -161,6 +161,11 @@ class AsyncEngine:
         away, the handler was cancelled) aborts that request and frees its pages at once.
         """
         ids = sample_ids(request_id, params.n)
+        taken = next((rid for rid in ids if rid in self._streams), None)
+        if taken is not None:  # refused before its stream could replace the running request's
+            raise ValueError(
+                f"request id {taken!r} is in use by an unfinished request; give each request its own id"
+            )
         loop = asyncio.get_running_loop()
         queues: list[asyncio.Queue[Any]] = []
         for rid in ids:

@@ -13,6 +13,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from loramux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.executor.fake import FakeExecutor
@@ -98,3 +100,35 @@ def test_closing_a_stream_early_aborts_and_frees_pages():
         assert kv.pool.num_free + kv.cache.num_evictable == kv.pool.num_pages  # none held by a request
     finally:
         engine.shutdown()
+
+
+def test_a_request_id_in_use_is_refused_and_the_running_request_keeps_its_stream():
+    """Two requests with one id used to share one output stream: the second replaced the first's
+    and the first's client waited forever. Now the second is a ValueError naming the id, before
+    anything of it is queued, and the first finishes (S6.1: bad input never hangs another)."""
+    engine, _ = slow_engine()
+    engine.start()
+
+    async def go() -> tuple[int, str]:
+        first = await engine.add_request("same", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+        try:
+            await engine.add_request("same", [4, 5], SamplingParams(max_tokens=2))
+            error = ""
+        except ValueError as e:
+            error = str(e)
+        outs = [o async for o in first]
+        return len(outs[-1].outputs[0].token_ids), error
+
+    try:
+        tokens, error = asyncio.run(asyncio.wait_for(go(), 30))
+    finally:
+        engine.shutdown()
+    assert tokens == 3 and "request id 'same' is in use by an unfinished request" in error
+    direct = slow_engine()[0].engine
+    direct.add_request("r", [1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="request id 'r' is in use"):
+        direct.add_request("r", [3], SamplingParams(max_tokens=1))
+    direct.add_request("s-1", [1], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="request id 's-1' is in use"):
+        direct.add_request_n("s", [1], SamplingParams(max_tokens=1, n=2))
+    assert "s-0" not in direct._states  # nothing of the refused request was queued
