@@ -281,7 +281,7 @@ class Router:
         body = await request.body()
         model = _model_of(body)
         handle = self.replica.options(stream=True)
-        if model is not None and not self.catalog.is_base(model):
+        if model and not self.catalog.is_base(model):
             handle = handle.options(multiplexed_model_id=model)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
         gen = handle.answer.remote(request.method, request.url.path, request.url.query, headers, body)

@@ -69,6 +69,7 @@ class Generate:
 
     # --- the routes ---
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        body.model = body.model or self.cfg.served_model_name  # vLLM's default: the base model
         if body.echo and body.logprobs is not None:
             raise APIError(
                 400,
@@ -91,6 +92,7 @@ class Generate:
         return await self._answer(request, rid, "text_completion", body, streams, self._completion_choice)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        body.model = body.model or self.cfg.served_model_name  # vLLM's default: the base model
         prompt = self._render_chat(body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         k = _top_logprobs(body)

@@ -98,7 +98,7 @@ class _Sampling(_Request):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    model: str
+    model: str | None = None  # none (or ""): the base model, as vLLM takes it
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None

@@ -364,3 +364,18 @@ def test_vllms_api_key_variable_protects_the_server_too(monkeypatch):
     monkeypatch.setenv("LORAMUX_API_KEY", "ours")
     assert _parser().parse_args(["m"]).api_key == ["ours"]
     assert _parser().parse_args(["m", "--api-key", "k"]).api_key == ["k"]
+
+
+def test_a_request_without_a_model_is_the_base_models_as_in_vllm(server):
+    """vLLM's `model` is optional: none (or "") means the base model, answered under its first
+    name. loramux answered 400 ("model: Field required")."""
+    body = {"prompt": [5, 9, 14, 30], "max_tokens": 6, "ignore_eos": True, "return_token_ids": True}
+    named = post(server, "/v1/completions", {**body, "model": "base"}).json()["choices"][0]["token_ids"]
+    for extra in ({}, {"model": ""}):
+        r = post(server, "/v1/completions", {**body, **extra})
+        assert r.status_code == 200 and r.json()["model"] == "base", r.text
+        assert r.json()["choices"][0]["token_ids"] == named  # greedy (the override): the same answer
+    chat = post(
+        server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    )
+    assert chat.status_code == 200 and chat.json()["model"] == "base", chat.text
