@@ -102,6 +102,10 @@ class SamplingParams:
     """Keep going past eos (benchmarks use it for fixed lengths)."""
     logprobs: int | None = None
     """Return the sampled token's logprob and this many top alternatives (0..20)."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's logprob (given the tokens before it) and this many top
+    alternatives (0..20), as vLLM's: the request then computes its whole prompt (no prefix-cache
+    hit), and `RequestOutput.prompt_logprobs` holds them (None for the first token)."""
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     n: int = 1
@@ -146,6 +150,8 @@ class SamplingParams:
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs={self.logprobs}; it must lie in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs={self.prompt_logprobs}; it must lie in [0, {MAX_LOGPROBS}]")
         if not isinstance(self.n, int) or not 1 <= self.n <= 128:
             raise ValueError(f"n={self.n!r}; it must be an integer in [1, 128]")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1):
@@ -197,8 +203,10 @@ class SamplingParams:
                     f"{field} names token id {bad[0]}, outside this model's vocabulary [0, {vocab_size}); "
                     f"use ids below {vocab_size} (POST /tokenize shows a text's ids)"
                 )
-        if self.logprobs is not None and self.logprobs > vocab_size:
-            raise ValueError(
-                f"logprobs={self.logprobs} asks for more alternatives than the vocabulary's "
-                f"{vocab_size} tokens; ask for at most {vocab_size}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and k > vocab_size:
+                raise ValueError(
+                    f"{name}={k} asks for more alternatives than the vocabulary's "
+                    f"{vocab_size} tokens; ask for at most {vocab_size}"
+                )

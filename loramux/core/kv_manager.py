@@ -85,7 +85,7 @@ class KVCacheManager:
     def match(self, req: Request) -> PrefixHit:
         """Cached full pages of `req`'s known tokens, leaving at least one token to compute."""
         assert not req.page_ids, f"{req!r} already holds pages"
-        max_pages = (req.num_tokens - 1) // self.page_size
+        max_pages = 0 if req.full_prefill else (req.num_tokens - 1) // self.page_size
         if req.lora_start:  # activated LoRA: only the pages before its start are the base model's
             max_pages = min(max_pages, req.lora_start // self.page_size)
         hit = self.cache.match(req.cache_uid, req.token_ids, max_pages)

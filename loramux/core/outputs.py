@@ -65,6 +65,7 @@ class SchedulerOutput:
 class SampleLogprobs(NamedTuple):
     token_logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
+    rank: int | None = None  # the token's rank in its distribution (1: the most likely); prompt tokens
 
 
 class RunnerOutput(NamedTuple):
@@ -77,3 +78,6 @@ class RunnerOutput(NamedTuple):
     sampled_token_ids: list[int | None]
     logprobs: list[SampleLogprobs | None] | None = None
     errors: dict[str, str] | None = None
+    # request id -> (p, logprobs of the prompt tokens at positions p + 1, p + 2, ...): what this
+    # step's rows of a request that asked for prompt logprobs gave (each row predicts the next)
+    prompt_logprobs: dict[str, tuple[int, list[SampleLogprobs]]] | None = None

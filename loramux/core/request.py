@@ -70,6 +70,9 @@ class Request:
     # model's, so their KV is cached (and found) in the base model's namespace. 0: every token.
     lora_start: int = 0
     cache_salt: str | None = None
+    # Compute every prompt token, never taking cached pages (the executor reports each prompt
+    # token's logprob: vLLM's prompt_logprobs); its pages are still cached for others.
+    full_prefill: bool = False
     # Opaque to the control plane: the executor's sampling parameters.
     sampling: Any = None
 

@@ -96,6 +96,7 @@ class _State:
     group: _Group | None = None
     grammar: concurrent.futures.Future[Any] | None = None  # structured output: the compiled grammar
     constraint: Constraint | None = None  # its matcher, made when the request first samples
+    prompt_logprobs: list[SampleLogprobs | None] | None = None  # entry i: prompt token i's (0: None)
 
 
 @dataclass
@@ -458,6 +459,7 @@ class LLMEngine:
             sampling=params,
             lora_start=_activation(ids, self._invocations.get(lora_name or "", ())),
             cache_salt=cache_salt,
+            full_prefill=params.prompt_logprobs is not None,
         )
         grammar = (
             None if params.structured_outputs is None else self.grammar_future(params.structured_outputs)
@@ -483,6 +485,7 @@ class LLMEngine:
             [] if params.logprobs is not None else None,
             group=group,
             grammar=grammar,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
         if grammar is not None:
             self._constrained.add(rid)
@@ -646,6 +649,12 @@ class LLMEngine:
 
     def _outputs(self, out: SchedulerOutput, result: RunnerOutput, update: StepUpdate) -> list[RequestOutput]:
         now = self.clock()
+        for rid, (start, found) in (result.prompt_logprobs or {}).items():
+            st = self._states.get(rid)
+            if st is not None and st.prompt_logprobs is not None:
+                have = len(st.prompt_logprobs) - (start + 1)  # a recompute (preemption) repeats rows
+                if have >= 0:
+                    st.prompt_logprobs.extend(found[have:])
         lps: dict[str, SampleLogprobs] = {}
         if result.logprobs is not None:
             pairs = zip(out.seqs, result.logprobs, strict=True)
@@ -770,6 +779,7 @@ class LLMEngine:
             req.num_cached_tokens or 0,
             st.metrics,
             st.error,
+            st.prompt_logprobs,
         )
 
     def _record_end(self, st: _State, reason: str, now: float) -> None:

@@ -49,3 +49,6 @@ class RequestOutput:
     error: Exception | None = None
     """Why it ended with finish_reason "error": a fault of this request alone (RequestFailedError),
     or what stopped a later sample of n from starting (its adapter was unloaded, ...)."""
+    prompt_logprobs: list[SampleLogprobs | None] | None = None
+    """With SamplingParams.prompt_logprobs: each prompt token's logprob given the ones before it
+    (and `rank`, and the top alternatives); None for the first token, as vLLM's."""

@@ -32,14 +32,14 @@ import torch
 
 from loramux.config import CacheConfig, LoRAConfig, ModelConfig
 from loramux.core.adapters import AdapterPlan
-from loramux.core.outputs import RunnerOutput, ScheduledSeq, SchedulerOutput
+from loramux.core.outputs import RunnerOutput, SampleLogprobs, ScheduledSeq, SchedulerOutput
 from loramux.core.prefix_cache import KVCopy
 from loramux.executor.attention import AttentionMetadata, KernelMetadata, PrefillChunk, decode_mask
 from loramux.executor.cuda_graphs import DecodeGraphs, capture_sizes, graph_mode
 from loramux.executor.kernels import use_triton
 from loramux.executor.loader import load_model, resolve_device, resolve_dtype
 from loramux.executor.lora import AdapterSpec, HostAdapter, LoRASlots, inspect_adapter, read_adapter
-from loramux.executor.sampler import apply_token_masks, sample, sample_each
+from loramux.executor.sampler import apply_token_masks, prompt_logprobs, sample, sample_each
 from loramux.executor.step_inputs import StepInputs
 from loramux.executor.vocab_adapters import base_embedding_in_file
 from loramux.sampling_params import SamplingParams
@@ -316,8 +316,9 @@ class ModelRunner:
             batch = self._prepare_packed(out.seqs) if self.triton else self._prepare(out.seqs)
             with self.slots.state.batch(batch.segments, self.device, batch.blocks):
                 hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        prompt_lps = self._prompt_logprobs(out.seqs, batch, hidden)
         if not batch.sample_rows:
-            return RunnerOutput([None] * len(out.seqs))
+            return RunnerOutput([None] * len(out.seqs), prompt_logprobs=prompt_lps)
         rows = batch.sample_index
         if rows is None:
             rows = torch.tensor(batch.sample_rows, device=self.device)
@@ -363,7 +364,29 @@ class ModelRunner:
             sampled[i] = tok
             lps[i] = lp
         errors = {seqs[j].request_id: f"sampling failed ({why})" for j, why in failed.items()}
-        return RunnerOutput(sampled, lps, errors or None)
+        return RunnerOutput(sampled, lps, errors or None, prompt_lps)
+
+    def _prompt_logprobs(
+        self, seqs: list[ScheduledSeq], batch: _Batch, hidden: torch.Tensor
+    ) -> dict[str, tuple[int, list[SampleLogprobs]]] | None:
+        """For each sequence that asked for prompt logprobs (vLLM's prompt_logprobs), the logprob
+        of every prompt token this step's rows predict: row j (position start_pos + j) predicts
+        the prompt's token at start_pos + j + 1. Nothing is computed for the others."""
+        found: dict[str, tuple[int, list[SampleLogprobs]]] = {}
+        for i, s in enumerate(seqs):
+            k = s.sampling.prompt_logprobs if isinstance(s.sampling, SamplingParams) else None
+            n = min(len(s.token_ids), s.num_prompt - 1 - s.start_pos)  # rows whose next token is prompt
+            if k is None or n <= 0:
+                continue
+            t0, lps = batch.first_rows[i], []
+            for a in range(0, n, _PROMPT_ROWS):  # [rows, vocab] logits a slice at a time
+                b = min(n, a + _PROMPT_ROWS)
+                self.slots.state.head_slots = [s.lora_slot] * (b - a)  # a trained lm_head applies too
+                logits = self.model.compute_logits(hidden[t0 + a : t0 + b])
+                self.slots.state.head_slots = []
+                lps += prompt_logprobs(logits, list(s.context[s.start_pos + 1 + a : s.start_pos + 1 + b]), k)
+            found[s.request_id] = (s.start_pos, lps)
+        return found or None
 
     def _graph_size(self, seqs: list[ScheduledSeq]) -> int | None:
         """The CUDA graph bucket this step replays in, or None to run it eagerly: graphs hold
@@ -402,6 +425,7 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         segments: list[tuple[int, int, int]] = []
         sample_rows, sample_seqs = [], []
+        first_rows: dict[int, int] = {}
         for i in order:
             s = seqs[i]
             t0, n = len(ids), len(s.token_ids)
@@ -419,7 +443,7 @@ class ModelRunner:
                 slots = (pages.unsqueeze(1) * ps + torch.arange(ps, device=self.device)).view(-1)
                 slot_mapping.append(slots[s.start_pos : ctx])
                 prefills.append(PrefillChunk(t0, t0 + n, s.start_pos, pages))
-            _add_rows(s, i, t0, segments, sample_rows, sample_seqs)
+            _add_rows(s, i, t0, segments, sample_rows, sample_seqs, first_rows)
         dev = self.device
         mapping = torch.cat(
             [m if isinstance(m, torch.Tensor) else torch.tensor(m, device=dev) for m in slot_mapping]
@@ -440,6 +464,7 @@ class ModelRunner:
             segments,
             sample_rows,
             sample_seqs,
+            first_rows=first_rows,
         )
 
     def _prepare_packed(
@@ -463,6 +488,7 @@ class ModelRunner:
         starts = [0]
         segments: list[tuple[int, int, int]] = []
         sample_rows, sample_seqs = [], []
+        first_rows: dict[int, int] = {}
         for i in order:
             s = seqs[i]
             t0, n = len(ids), len(s.token_ids)
@@ -474,7 +500,7 @@ class ModelRunner:
             tables.append(pages[: -(-ctx // ps)])
             ctx_lens.append(ctx)
             starts.append(t0 + n)
-            _add_rows(s, i, t0, segments, sample_rows, sample_seqs)
+            _add_rows(s, i, t0, segments, sample_rows, sample_seqs, first_rows)
         blocks = block_list(segments)
         sample = sample_rows
         if size is None:
@@ -514,6 +540,7 @@ class ModelRunner:
             sample_seqs,
             dev["blocks"].view(3, len(blocks) // 3),
             dev["sample"][: len(sample_rows)],
+            first_rows,
         )
 
 
@@ -524,6 +551,9 @@ def _graph_inputs_len(width: int) -> Callable[[int], int]:
     return lambda size: size * (8 + width) + size + 1
 
 
+_PROMPT_ROWS = 256  # prompt-logprob rows per logits slice: 128 MiB of float32 at a 128k vocabulary
+
+
 def _add_rows(
     s: ScheduledSeq,
     i: int,
@@ -531,10 +561,12 @@ def _add_rows(
     segments: list[tuple[int, int, int]],
     sample_rows: list[int],
     sample_seqs: list[int],
+    first_rows: dict[int, int],
 ) -> None:
-    """Sequence i's rows [t0, t0 + n): its LoRA segment (merged with the previous one of the same
-    slot) and, if it samples, its last row."""
+    """Sequence i's rows [t0, t0 + n): its first row, its LoRA segment (merged with the previous
+    one of the same slot) and, if it samples, its last row."""
     n = len(s.token_ids)
+    first_rows[i] = t0
     first = t0 + max(0, s.lora_start - s.start_pos)  # activated LoRA: the rows from its start
     if s.lora_slot is not None and first < t0 + n:
         if segments and segments[-1][0] == s.lora_slot and segments[-1][2] == first:
@@ -556,3 +588,4 @@ class _Batch:
     sample_seqs: list[int]  # index in SchedulerOutput.seqs of each sampled row
     blocks: torch.Tensor | None = None  # Triton path: the LoRA kernels' block list, on the device
     sample_index: torch.Tensor | None = None  # Triton path: sample_rows, on the device
+    first_rows: dict[int, int] = field(default_factory=dict)  # seq index -> its first row

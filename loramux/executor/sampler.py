@@ -185,6 +185,24 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     return logits.softmax(dim=-1)
 
 
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[SampleLogprobs]:
+    """Each row's logprob of the prompt token that follows it (`next_ids`), its rank (1: the
+    most likely) and the `k` most likely tokens: vLLM's prompt_logprobs, from the raw logits."""
+    logp = logits.log_softmax(dim=-1)
+    nxt = torch.tensor(next_ids, device=logits.device)
+    own = logp.gather(1, nxt.unsqueeze(1))  # [N, 1]
+    ranks = ((logp > own).sum(dim=-1) + 1).tolist()
+    own_lps = own.squeeze(1).tolist()
+    if not k:
+        return [SampleLogprobs(lp, [], r) for lp, r in zip(own_lps, ranks, strict=True)]
+    top = logp.topk(k)
+    ids, vals = top.indices.tolist(), top.values.tolist()
+    return [
+        SampleLogprobs(lp, list(zip(i, v, strict=True)), r)
+        for lp, r, i, v in zip(own_lps, ranks, ids, vals, strict=True)
+    ]
+
+
 def _logprobs(
     logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]
 ) -> list[SampleLogprobs | None]:

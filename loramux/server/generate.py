@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -43,6 +44,17 @@ Render = Callable[[int, RequestOutput], dict[str, Any] | None]
 Shape = Callable[[int, list[int], list[Any]], dict[str, Any]]  # (choice, token ids, logprobs) -> JSON
 
 
+def _whole_answer_for_prompt_logprobs(body: Body, params: SamplingParams) -> None:
+    """Prompt logprobs come with a whole answer; a stream that asks for them is a 400."""
+    if body.stream and params.prompt_logprobs is not None:
+        asked = "prompt_logprobs" if body.prompt_logprobs is not None else "echo with logprobs"
+        raise APIError(
+            400,
+            f"{asked} comes with a whole answer in loramux; set stream to false",
+            param="prompt_logprobs" if body.prompt_logprobs is not None else "echo",
+        )
+
+
 def _request_ids(kind: str, request: Request, body: Body) -> tuple[str, str]:
     """(the answer's id, the engine's id prefix), as vLLM names requests: the X-Request-Id
     header, else the body's `request_id`, else a new one. A client's id gets a unique suffix in
@@ -70,15 +82,11 @@ class Generate:
     # --- the routes ---
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         body.model = body.model or self.cfg.served_model_name  # vLLM's default: the base model
-        if body.echo and body.logprobs is not None:
-            raise APIError(
-                400,
-                "echo with logprobs needs the prompt's logprobs, which loramux does not compute; "
-                "drop one of them",
-                param="echo",
-            )
         limit = 16 if body.max_tokens is None else body.max_tokens
         params = body.sampling_params(limit, body.logprobs, structured_params(body), self.defaults)
+        if body.echo and body.logprobs is not None and params.prompt_logprobs is None:
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)  # the echoed tokens' too
+        _whole_answer_for_prompt_logprobs(body, params)
         rid, engine_id = _request_ids("cmpl", request, body)
         prompts = body.prompts()
         if not body.add_special_tokens:  # the text as it is: no second BOS before a formatted prompt
@@ -97,6 +105,7 @@ class Generate:
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         k = _top_logprobs(body)
         params = body.sampling_params(limit or 1, k, structured_params(body), self.defaults)
+        _whole_answer_for_prompt_logprobs(body, params)
         rid, engine_id = _request_ids("chatcmpl", request, body)
         streams = await self._start_all(engine_id, [prompt], params, body, fill=limit is None)
         if body.stream:
@@ -213,6 +222,8 @@ class Generate:
         }
         if obj == "chat.completion" and body.return_token_ids:
             answer["prompt_token_ids"] = outs[0].prompt_token_ids  # the rendered chat, as vLLM's
+        if obj == "chat.completion" and body.prompt_logprobs is not None:
+            answer["prompt_logprobs"] = self._prompt_logprobs(outs[0])  # beside choices, as vLLM's
         return JSONResponse(answer)
 
     async def _stream(
@@ -270,7 +281,12 @@ class Generate:
             "finish_reason": comp.finish_reason,
         }
         if body.logprobs is not None and comp.logprobs is not None:
-            choice["logprobs"] = self._completion_logprobs(comp.token_ids, comp.logprobs)
+            ids, lps = comp.token_ids, list(comp.logprobs)
+            if body.echo and out.prompt_logprobs is not None:  # the echoed prompt's tokens first
+                ids, lps = out.prompt_token_ids + ids, out.prompt_logprobs + lps
+            choice["logprobs"] = self._completion_logprobs(ids, lps)
+        if body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self._prompt_logprobs(out)
         if body.return_token_ids:
             choice["token_ids"] = comp.token_ids
             choice["prompt_token_ids"] = out.prompt_token_ids
@@ -314,12 +330,32 @@ class Generate:
         (from `start`, where a streamed chunk's tokens begin)."""
         tt = TokenText(self.engine.tokenizer)
         texts = [tt.text(t) for t in ids]
-        return {
+        return {  # an echoed prompt's first token has no logprob: None, as OpenAI's
             "tokens": texts,
-            "token_logprobs": [_json_logprob(lp.token_logprob) for lp in lps],
-            "top_logprobs": [{tt.text(a): _json_logprob(v) for a, v in lp.top} for lp in lps],
+            "token_logprobs": [None if lp is None else _json_logprob(lp.token_logprob) for lp in lps],
+            "top_logprobs": [
+                None if lp is None else {tt.text(a): _json_logprob(v) for a, v in lp.top} for lp in lps
+            ],
             "text_offset": tt.offsets(texts, start),
         }
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None] | None:
+        """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}} for the token itself and its top alternatives (ranks 1, 2, ...)."""
+        if out.prompt_logprobs is None:
+            return None
+        tt = TokenText(self.engine.tokenizer)
+        shaped: list[dict[str, Any] | None] = []
+        for tok, lp in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
+            if lp is None:
+                shaped.append(None)
+                continue
+            entry = {str(t): {"logprob": _json_logprob(v), "rank": r} for r, (t, v) in enumerate(lp.top, 1)}
+            entry[str(tok)] = {"logprob": _json_logprob(lp.token_logprob), "rank": lp.rank}
+            for t, e in entry.items():
+                e["decoded_token"] = tt.text(int(t))
+            shaped.append(entry)
+        return shaped
 
     def _completion_logprobs_from(self) -> Shape:
         """The legacy shape chunk by chunk: each choice's offsets go on from its last chunk's."""

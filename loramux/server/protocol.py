@@ -50,7 +50,6 @@ UNSUPPORTED_FIELDS = (
     "min_p",
     "tools",  # chat only (declared there)
     "tool_choice",
-    "prompt_logprobs",
     "suffix",
     "use_beam_search",
     "length_penalty",
@@ -99,6 +98,7 @@ class _Sampling(_Request):
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None  # none (or ""): the base model, as vLLM takes it
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and this many alternatives
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -189,6 +189,7 @@ class _Sampling(_Request):
                 ignore_eos=self.ignore_eos,
                 skip_special_tokens=self.skip_special_tokens,
                 logprobs=logprobs,
+                prompt_logprobs=self.prompt_logprobs,
                 n=self.n,
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,

@@ -144,6 +144,8 @@ FIELDS = {
     ),
     "cache_salt": _field(st.sampled_from([None, "t1", "x" * 4096]), st.sampled_from(["", 5, ["t"]])),
     "skip_special_tokens": _field(st.booleans(), None),
+    "prompt_logprobs": _field(st.sampled_from([None, 0, 1, 20]), st.sampled_from([-1, 21, 2**70, True, "1"])),
+    "request_id": _field(st.sampled_from(["r", "x" * 1000, "same"]), st.sampled_from(["", 5, ["r"]])),
     "stop": _field(
         st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=3), max_size=4)),
         st.sampled_from(["", [""], "x" * 2000, ["\x00", "🙂"]]),

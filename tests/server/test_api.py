@@ -882,7 +882,7 @@ def test_penalties_logit_bias_and_refusals_through_the_openai_client(client, off
         client.completions.create(model=BASE, prompt=prompt, max_tokens=2, best_of=3)
     with pytest.raises(openai.BadRequestError, match="presence_penalty"):
         client.completions.create(model=BASE, prompt=prompt, max_tokens=2, presence_penalty=5)
-    for field, value in [("min_p", 0.1), ("prompt_logprobs", 1)]:
+    for field, value in [("min_p", 0.1), ("suffix", "x")]:
         with pytest.raises(openai.BadRequestError, match=f"{field} is not supported"):  # named, never ignored
             client.chat.completions.create(
                 model=BASE,
@@ -932,5 +932,47 @@ def test_echo_prepends_the_prompt_streamed_or_not(client):
     assert streamed == echoed
     ids = client.completions.create(**{**kw, "prompt": [11, 42, 99]}, echo=True).choices[0].text
     assert ids.endswith(client.completions.create(**{**kw, "prompt": [11, 42, 99]}).choices[0].text)
-    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
-        client.completions.create(echo=True, logprobs=1, **kw)
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs comes with a whole answer"):
+        client.completions.create(echo=True, logprobs=1, stream=True, **kw)
+
+
+def test_echo_with_logprobs_and_prompt_logprobs_score_the_prompt(client, offline):
+    """What evaluation harnesses send to score an adapter on a text (lm-eval's loglikelihood:
+    echo, logprobs, max_tokens 1): the prompt's tokens come first in `logprobs`, the first with
+    null, as OpenAI's legacy API; vLLM's `prompt_logprobs` gives {id: {logprob, rank,
+    decoded_token}} per prompt token (completions: per choice; chat: beside the choices). The
+    values equal the offline LLM's, which tests/executor/test_prompt_logprobs.py holds to PEFT's."""
+    prompt = [11, 42, 99, 7, 31, 64]
+    llm = offline.llm
+    ref = llm.generate(
+        [prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2), use_tqdm=False
+    )[0].prompt_logprobs
+    r = client.completions.create(
+        model=BASE, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=2
+    ).choices[0]
+    lp = r.logprobs
+    assert len(lp.tokens) == len(prompt) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for got, want in zip(lp.token_logprobs[1 : len(prompt)], ref[1:], strict=True):
+        assert abs(got - want.token_logprob) < 1e-4
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset[0] == 0 and r.text.startswith("".join(lp.tokens[: len(prompt)]))
+    plain = client.completions.create(
+        model=BASE, prompt=prompt, max_tokens=1, extra_body={"prompt_logprobs": 1}
+    ).choices[0]
+    shaped = plain.model_extra["prompt_logprobs"]
+    assert shaped[0] is None and len(shaped) == len(prompt)
+    for tok, entry, want in zip(prompt[1:], shaped[1:], ref[1:], strict=True):
+        mine = entry[str(tok)]
+        assert abs(mine["logprob"] - want.token_logprob) < 1e-4 and mine["rank"] == want.rank
+        assert isinstance(mine["decoded_token"], str) and len(entry) in (1, 2)  # the token, the top 1
+    chat = client.chat.completions.create(
+        model=BASE,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=1,
+        extra_body={"prompt_logprobs": 0, "return_token_ids": True},
+    )
+    assert len(chat.model_extra["prompt_logprobs"]) == len(chat.model_extra["prompt_token_ids"])
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs comes with a whole answer"):
+        client.completions.create(model=BASE, prompt=prompt, stream=True, extra_body={"prompt_logprobs": 1})
+    with pytest.raises(openai.BadRequestError, match=r"prompt_logprobs=21; it must lie in \[0, 20\]"):
+        client.completions.create(model=BASE, prompt=prompt, extra_body={"prompt_logprobs": 21})
