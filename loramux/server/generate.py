@@ -44,14 +44,14 @@ Render = Callable[[int, RequestOutput], dict[str, Any] | None]
 Shape = Callable[[int, list[int], list[Any]], dict[str, Any]]  # (choice, token ids, logprobs) -> JSON
 
 
-def _whole_answer_for_prompt_logprobs(body: Body, params: SamplingParams) -> None:
-    """Prompt logprobs come with a whole answer; a stream that asks for them is a 400."""
-    if body.stream and params.prompt_logprobs is not None:
-        asked = "prompt_logprobs" if body.prompt_logprobs is not None else "echo with logprobs"
+def _whole_answer_for_prompt_logprobs(body: Body) -> None:
+    """vLLM's prompt_logprobs come with a whole answer; a stream that asks is a 400, as in vLLM
+    (echo with logprobs streams: the prompt's tokens ride on its echo chunk)."""
+    if body.stream and body.prompt_logprobs is not None:
         raise APIError(
             400,
-            f"{asked} comes with a whole answer in loramux; set stream to false",
-            param="prompt_logprobs" if body.prompt_logprobs is not None else "echo",
+            "prompt_logprobs are not available when stream is true; set stream to false",
+            param="prompt_logprobs",
         )
 
 
@@ -86,7 +86,7 @@ class Generate:
         params = body.sampling_params(limit, body.logprobs, structured_params(body), self.defaults)
         if body.echo and body.logprobs is not None and params.prompt_logprobs is None:
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)  # the echoed tokens' too
-        _whole_answer_for_prompt_logprobs(body, params)
+        _whole_answer_for_prompt_logprobs(body)
         rid, engine_id = _request_ids("cmpl", request, body)
         prompts = body.prompts()
         if not body.add_special_tokens:  # the text as it is: no second BOS before a formatted prompt
@@ -94,8 +94,9 @@ class Generate:
         streams = await self._start_all(engine_id, prompts, params, body)
         if body.stream:
             chunk = _Chunks(rid, "text_completion", body.model)
-            shape = self._completion_logprobs_from() if body.logprobs is not None else None
-            render = _with_tokens(self._completion_delta(body), shape, body.return_token_ids)
+            echoed: dict[int, tuple[list[int], list[Any]]] = {}  # choice -> its prompt's tokens, once
+            shape = self._completion_logprobs_from(echoed) if body.logprobs is not None else None
+            render = _with_tokens(self._completion_delta(body, echoed), shape, body.return_token_ids)
             return _sse(self._stream(chunk, body, streams, render))
         return await self._answer(request, rid, "text_completion", body, streams, self._completion_choice)
 
@@ -105,7 +106,7 @@ class Generate:
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         k = _top_logprobs(body)
         params = body.sampling_params(limit or 1, k, structured_params(body), self.defaults)
-        _whole_answer_for_prompt_logprobs(body, params)
+        _whole_answer_for_prompt_logprobs(body)
         rid, engine_id = _request_ids("chatcmpl", request, body)
         streams = await self._start_all(engine_id, [prompt], params, body, fill=limit is None)
         if body.stream:
@@ -292,7 +293,11 @@ class Generate:
             choice["prompt_token_ids"] = out.prompt_token_ids
         return choice
 
-    def _completion_delta(self, body: CompletionRequest) -> Render:
+    def _completion_delta(
+        self, body: CompletionRequest, prompts: dict[int, tuple[list[int], list[Any]]]
+    ) -> Render:
+        """Each choice's text since its last chunk; with echo, its first chunk starts with the
+        prompt, whose tokens and logprobs (when asked) it leaves in `prompts` for the logprobs."""
         echoed: set[int] = set()
 
         def render(i: int, out: RequestOutput) -> dict[str, Any] | None:
@@ -301,6 +306,8 @@ class Generate:
             if body.echo and i not in echoed:  # the prompt goes first, once per choice
                 echoed.add(i)
                 head = self._prompt_text(out)
+                if out.prompt_logprobs is not None:
+                    prompts[i] = (out.prompt_token_ids, out.prompt_logprobs)
             if not head and not comp.delta_text and not out.finished:
                 return None  # half a character is held back: its token rides on the next chunk
             return {
@@ -357,11 +364,15 @@ class Generate:
             shaped.append(entry)
         return shaped
 
-    def _completion_logprobs_from(self) -> Shape:
-        """The legacy shape chunk by chunk: each choice's offsets go on from its last chunk's."""
+    def _completion_logprobs_from(self, prompts: dict[int, tuple[list[int], list[Any]]]) -> Shape:
+        """The legacy shape chunk by chunk: each choice's offsets go on from its last chunk's; an
+        echoed prompt's tokens (left in `prompts`) go first in the chunk that echoes it."""
         at: Counter[int] = Counter()
 
         def shape(i: int, ids: list[int], lps: list[Any]) -> dict[str, Any]:
+            if i in prompts:
+                prompt_ids, prompt_lps = prompts.pop(i)
+                ids, lps = prompt_ids + ids, prompt_lps + lps
             lp = self._completion_logprobs(ids, lps, at[i])
             at[i] += sum(map(len, lp["tokens"]))
             return lp

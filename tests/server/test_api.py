@@ -932,8 +932,12 @@ def test_echo_prepends_the_prompt_streamed_or_not(client):
     assert streamed == echoed
     ids = client.completions.create(**{**kw, "prompt": [11, 42, 99]}, echo=True).choices[0].text
     assert ids.endswith(client.completions.create(**{**kw, "prompt": [11, 42, 99]}).choices[0].text)
-    with pytest.raises(openai.BadRequestError, match="echo with logprobs comes with a whole answer"):
-        client.completions.create(echo=True, logprobs=1, stream=True, **kw)
+    whole = client.completions.create(echo=True, logprobs=2, **kw).choices[0].logprobs
+    chunks = client.completions.create(echo=True, logprobs=2, stream=True, **kw)
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs is not None]
+    for key in ("tokens", "token_logprobs", "text_offset"):  # the prompt's tokens ride on the echo chunk
+        assert [x for p in parts for x in getattr(p, key)] == getattr(whole, key), key
+    assert whole.token_logprobs[0] is None and len(whole.tokens) > 5
 
 
 def test_echo_with_logprobs_and_prompt_logprobs_score_the_prompt(client, offline):
@@ -972,7 +976,7 @@ def test_echo_with_logprobs_and_prompt_logprobs_score_the_prompt(client, offline
         extra_body={"prompt_logprobs": 0, "return_token_ids": True},
     )
     assert len(chat.model_extra["prompt_logprobs"]) == len(chat.model_extra["prompt_token_ids"])
-    with pytest.raises(openai.BadRequestError, match="prompt_logprobs comes with a whole answer"):
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs are not available when stream is true"):
         client.completions.create(model=BASE, prompt=prompt, stream=True, extra_body={"prompt_logprobs": 1})
     with pytest.raises(openai.BadRequestError, match=r"prompt_logprobs=21; it must lie in \[0, 20\]"):
         client.completions.create(model=BASE, prompt=prompt, extra_body={"prompt_logprobs": 21})
