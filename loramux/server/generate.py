@@ -44,15 +44,19 @@ Render = Callable[[int, RequestOutput], dict[str, Any] | None]
 Shape = Callable[[int, list[int], list[Any]], dict[str, Any]]  # (choice, token ids, logprobs) -> JSON
 
 
-def _whole_answer_for_prompt_logprobs(body: Body) -> None:
-    """vLLM's prompt_logprobs come with a whole answer; a stream that asks is a 400, as in vLLM
-    (echo with logprobs streams: the prompt's tokens ride on its echo chunk)."""
-    if body.stream and body.prompt_logprobs is not None:
+def _streamed_prompt_logprobs(body: Body, params: SamplingParams) -> SamplingParams:
+    """vLLM's prompt_logprobs come with a whole answer: with `stream`, above 0 is a 400 and 0 asks
+    for nothing, as in vLLM (echo with logprobs streams: the prompt's tokens ride on its echo
+    chunk)."""
+    if not body.stream or body.prompt_logprobs is None:
+        return params
+    if body.prompt_logprobs > 0:
         raise APIError(
             400,
             "prompt_logprobs are not available when stream is true; set stream to false",
             param="prompt_logprobs",
         )
+    return dataclasses.replace(params, prompt_logprobs=None)
 
 
 def _request_ids(kind: str, request: Request, body: Body) -> tuple[str, str]:
@@ -84,9 +88,9 @@ class Generate:
         body.model = body.model or self.cfg.served_model_name  # vLLM's default: the base model
         limit = 16 if body.max_tokens is None else body.max_tokens
         params = body.sampling_params(limit, body.logprobs, structured_params(body), self.defaults)
+        params = _streamed_prompt_logprobs(body, params)
         if body.echo and body.logprobs is not None and params.prompt_logprobs is None:
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)  # the echoed tokens' too
-        _whole_answer_for_prompt_logprobs(body)
         rid, engine_id = _request_ids("cmpl", request, body)
         prompts = body.prompts()
         if not body.add_special_tokens:  # the text as it is: no second BOS before a formatted prompt
@@ -106,7 +110,7 @@ class Generate:
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         k = _top_logprobs(body)
         params = body.sampling_params(limit or 1, k, structured_params(body), self.defaults)
-        _whole_answer_for_prompt_logprobs(body)
+        params = _streamed_prompt_logprobs(body, params)
         rid, engine_id = _request_ids("chatcmpl", request, body)
         streams = await self._start_all(engine_id, [prompt], params, body, fill=limit is None)
         if body.stream:
