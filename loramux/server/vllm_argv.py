@@ -5,8 +5,8 @@ What `vllm serve` accepts and plain argparse does not:
 - `--config FILE.yaml`: a mapping of flag names (without the dashes) to values. Its flags go
   before the command line's (after a positional model), so a flag given on both wins from the
   command line. `true` is the bare switch; `false` is `--no-NAME` where that exists, else left
-  out; a list is the flag's values; a mapping, or a list for a flag that takes one JSON value,
-  is that JSON.
+  out; a list is the flag's values (a repeatable flag, once per item); a mapping, or a list for a
+  flag that takes one JSON value, is that JSON.
 - flag names written with underscores (`--max_model_len 4096`, `--max_model_len=4096`);
 - `-O3` (also `-O 3`, `-O=3`): `--optimization-level 3`.
 """
@@ -102,6 +102,8 @@ def _flag_args(
         return []
     if isinstance(value, list) and action.nargs in ("+", "*"):
         return [flag, *(_text(v) for v in value)] if value else []
+    if isinstance(value, list) and isinstance(action, argparse._AppendAction):  # a repeatable flag
+        return [a for v in value for a in (flag, _text(v))]
     return [flag, _text(value)]
 
 

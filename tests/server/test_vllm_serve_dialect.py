@@ -280,16 +280,19 @@ def test_config_files_turn_into_flags_as_vllm_reads_them(tmp_path):
     cfg.write_text(
         "model: /m\nenable_prefix_caching: false\nenforce-eager: false\nlog-prompts: true\n"
         "lora-modules: [a=/x, {name: b, path: /y}]\nallowed-origins: ['*']\nmax-model-len: 2k\n"
+        "middleware: [m.A, m.b]\n"
     )
     argv = expand_serve_argv(["--port=9", "--config", str(cfg), "--max_model_len", "3K"], actions)
     assert argv == [
         "--model", "/m", "--no-enable-prefix-caching", "--log-prompts",
         "--lora-modules", "a=/x", '{"name": "b", "path": "/y"}', "--allowed-origins", '["*"]',
-        "--max-model-len", "2k", "--port=9", "--max-model-len", "3K",
+        "--max-model-len", "2k", "--middleware", "m.A", "--middleware", "m.b",
+        "--port=9", "--max-model-len", "3K",
     ]  # fmt: skip
     args = _parser().parse_args(argv)
     assert args.max_model_len == 3072 and args.lora_modules == [("a", "/x"), ("b", "/y")]
     assert args.allowed_origins == ["*"] and args.enable_prefix_caching is False and not args.enforce_eager
+    assert args.middleware == ["m.A", "m.b"]
     assert expand_serve_argv(["m", "--config=" + str(cfg)], actions)[:3] == ["m", "--model", "/m"]
     assert expand_serve_argv(["m", "-O", "2", "-O=1", "-O3"], actions) == [
         "m", "--optimization-level", "2", "--optimization-level", "1", "--optimization-level", "3",
