@@ -195,6 +195,9 @@ class ModelConfig:
     """vLLM's --generation-config: "auto" takes the default temperature, top_p, top_k and
     repetition_penalty of a request that sets none from the model's generation_config.json;
     "vllm" uses SamplingParams' own defaults."""
+    skip_tokenizer_init: bool = False
+    """vLLM's --skip-tokenizer-init: load no tokenizer; prompts are token ids and answers are read
+    as token ids (their text is empty)."""
     override_generation_config: tuple[tuple[str, float], ...] = ()
     """vLLM's --override-generation-config: default temperature, top_p, top_k or
     repetition_penalty set here (a mapping is taken too), over generation_config.json's with

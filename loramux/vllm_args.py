@@ -277,12 +277,6 @@ FLAGS = (
         False,
     ),
     VllmFlag(
-        "--skip-tokenizer-init",
-        "refuse",
-        "loramux loads the model directory's tokenizer; send token-id prompts to skip it per request",
-        False,
-    ),
-    VllmFlag(
         "--enable-tokenizer-info-endpoint",
         "refuse",
         "GET /tokenizer_info is not implemented; POST /tokenize and /detokenize are",

@@ -124,7 +124,8 @@ class LLMEngine:
             from loramux.executor.model_runner import ModelRunner
 
             executor = ModelRunner(config.model, config.cache, config.lora, config.scheduler.max_num_seqs)
-            tokenizer = tokenizer or load_tokenizer(config.model.model)
+            if tokenizer is None and not config.model.skip_tokenizer_init:
+                tokenizer = load_tokenizer(config.model.model)
         if config.model.chat_template is not None:
             if tokenizer is None:
                 raise ValueError("a chat template needs a tokenizer, and this engine has none")
@@ -435,6 +436,11 @@ class LLMEngine:
         if bad is not None:
             raise ValueError(f"the prompt holds token id {bad}; prompt token ids must lie in [0, {vocab})")
         params.check_vocab(vocab)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                "stop strings are matched in the text, and this engine has no tokenizer "
+                "(skip_tokenizer_init); send stop_token_ids instead"
+            )
         if fill_max_tokens:
             room = self.runtime.max_model_len - len(ids)
             if room < 1:

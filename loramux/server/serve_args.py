@@ -424,6 +424,12 @@ def _model_args(g: argparse._ArgumentGroup) -> None:
         "the model's generation_config.json values (vLLM's default); vllm: SamplingParams' defaults",
     )
     g.add_argument(
+        "--skip-tokenizer-init",
+        action="store_true",
+        help="load no tokenizer: prompts are token ids, answers are read as token_ids "
+        "(send return_token_ids); text prompts, chat and stop strings are refused",
+    )
+    g.add_argument(
         "--override-generation-config",
         type=json.loads,
         default=(),

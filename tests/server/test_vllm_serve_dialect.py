@@ -382,3 +382,30 @@ def test_a_request_without_a_model_is_the_base_models_as_in_vllm(server):
         server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     )
     assert chat.status_code == 200 and chat.json()["model"] == "base", chat.text
+
+
+def test_skip_tokenizer_init_serves_token_ids_and_refuses_what_needs_text(tiny_models, tmp_path):
+    """vLLM's --skip-tokenizer-init (token-in, token-out serving, as RL rollouts use it): no
+    tokenizer is loaded; a token-id prompt is answered in token_ids (text empty, logprobs with
+    vLLM's token_id:N placeholders); a text prompt, chat and stop strings are 400s naming why. It
+    was refused at start."""
+    args = [str(tiny_models["llama"].path), "--served-model-name", "base", "--skip-tokenizer-init"]
+    s = start_server([*args, "--num-pages", "64", "--page-size", "4", "--device", "cpu"], tmp_path / "log")
+    try:
+        body = {"model": "base", "prompt": [5, 9, 14], "max_tokens": 3, "ignore_eos": True}
+        r = httpx.post(
+            s.v1 + "/completions", json={**body, "return_token_ids": True, "logprobs": 1}, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["text"] == "" and len(choice["token_ids"]) == 3
+        assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in choice["token_ids"]]
+        for path, extra, why in [
+            ("/completions", {"prompt": "lora"}, "no tokenizer; send token ids"),
+            ("/completions", {"stop": ["x"]}, "send stop_token_ids instead"),
+            ("/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "chat is unavailable"),
+        ]:
+            bad = httpx.post(s.v1 + path, json={**body, **extra}, timeout=60)
+            assert bad.status_code == 400 and why in bad.json()["error"]["message"], bad.text
+    finally:
+        s.stop()
