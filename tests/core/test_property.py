@@ -53,6 +53,7 @@ def workloads(draw):
                 arrival=draw(st.integers(0, 25)),
                 eos=draw(st.booleans()),
                 salt=draw(st.sampled_from([None, None, "t1", "t2"])),  # vLLM's cache_salt
+                full=draw(st.integers(0, 5)) == 0,  # prompt logprobs: every prompt token computed
             )
         )
     page_size = draw(st.sampled_from([1, 2, 4]))
@@ -138,6 +139,7 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
                 ignore_eos=not spec["eos"],
                 eos_token_ids=frozenset({0}),
                 cache_salt=spec["salt"],
+                full_prefill=spec["full"],
             )
             try:
                 s.add_request(req)
@@ -182,6 +184,8 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
             assert req.output_token_ids == want[: req.num_output_tokens], req
             continue
         assert req.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+        if req.full_prefill:  # never served from cached pages (its own pages are cached for others)
+            assert req.num_cached_tokens == 0, req
         want = ex.reference_tokens(
             req.adapter_uid, req.prompt_token_ids, req.max_tokens, set() if req.ignore_eos else {0}
         )
