@@ -192,14 +192,14 @@ class ModelConfig:
     """A Jinja chat template (its text) used instead of the tokenizer's own (vLLM's
     --chat-template); None: the tokenizer's."""
     generation_config: str = "auto"
-    """vLLM's --generation-config: "auto" takes the default temperature, top_p, top_k and
+    """vLLM's --generation-config: "auto" takes the default temperature, top_p, top_k, min_p and
     repetition_penalty of a request that sets none from the model's generation_config.json;
     "vllm" uses SamplingParams' own defaults."""
     skip_tokenizer_init: bool = False
     """vLLM's --skip-tokenizer-init: load no tokenizer; prompts are token ids and answers are read
     as token ids (their text is empty)."""
     override_generation_config: tuple[tuple[str, float], ...] = ()
-    """vLLM's --override-generation-config: default temperature, top_p, top_k or
+    """vLLM's --override-generation-config: default temperature, top_p, top_k, min_p or
     repetition_penalty set here (a mapping is taken too), over generation_config.json's with
     "auto", alone with "vllm"."""
 
@@ -223,7 +223,7 @@ class ModelConfig:
 
 
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's other names for dtypes
-SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def _sampling_overrides(value: Any) -> tuple[tuple[str, float], ...]:

@@ -87,6 +87,9 @@ class SamplingParams:
     """0 means greedy (so does anything below 1e-5, where logits / temperature would overflow)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    min_p: float = 0.0
+    """Keep only tokens at least min_p times as likely as the most likely one (0: off); applied
+    after temperature, before top-k and top-p, as vLLM does."""
     top_k: int = 0
     """Keep the k most likely tokens; 0 or -1 keeps all."""
     seed: int | None = None
@@ -142,6 +145,8 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature}; it must lie in [0, 2]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}; it must lie in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p}; it must lie in [0, 1]")
         if self.top_k < -1:
             raise ValueError(f"top_k={self.top_k}; use -1 or 0 for all tokens, or k >= 1")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:

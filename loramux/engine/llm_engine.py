@@ -854,8 +854,6 @@ def _sampling_defaults(model: ModelConfig, raw: dict[str, Any]) -> tuple[tuple[s
             for k in SAMPLING_DEFAULT_FIELDS
             if isinstance(raw.get(k), int | float) and not isinstance(raw.get(k), bool)
         }
-        if raw.get("min_p"):
-            logger.warning("generation_config.json sets min_p=%s, which loramux does not apply", raw["min_p"])
     overrides = dict(model.override_generation_config)
     from_file = [f"{k}={v}" for k, v in found.items() if k not in overrides]
     if from_file:

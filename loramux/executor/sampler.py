@@ -7,7 +7,7 @@ else is in the batch. In order, as vLLM's sampler: logit_bias; repetition,
 frequency and presence penalties (batched over the rows that have them, from
 each request's token history, which the runner keeps); the min_tokens mask
 (eos and stop ids the control plane names until enough outputs exist, -inf in
-one indexed write); then temperature, top-k and top-p. Logprobs are those of
+one indexed write); then temperature, min-p, top-k and top-p. Logprobs are those of
 the model's raw distribution, as vLLM reports by default. Rows under a grammar
 (structured output) have their forbidden tokens at -inf before all of this
 (`apply_token_masks`, called by the runner), as vLLM applies its grammar bitmask
@@ -165,10 +165,17 @@ def apply_penalties(
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, as probabilities [N, V]."""
+    """Temperature, then min-p, then top-k, then top-p (vLLM's order), as probabilities [N, V]."""
     dev = logits.device
     temps = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
     logits = logits / temps.unsqueeze(1)
+    mins = [p.min_p for p in params]
+    if max(mins) > 0:  # only steps with a min_p row pay for it; rows at 0 keep every token
+        probs = logits.softmax(dim=-1)
+        floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(
+            mins, device=dev, dtype=logits.dtype
+        ).unsqueeze(1)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     vocab = logits.shape[1]
     ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     ps = [p.top_p for p in params]

@@ -47,7 +47,6 @@ class ErrorResponse(BaseModel):
 
 # Fields OpenAI or vLLM define that loramux does not implement: refused by name, never ignored.
 UNSUPPORTED_FIELDS = (
-    "min_p",
     "tools",  # chat only (declared there)
     "tool_choice",
     "suffix",
@@ -102,6 +101,7 @@ class _Sampling(_Request):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -139,7 +139,7 @@ class _Sampling(_Request):
         defaults: dict[str, float] | None = None,
     ) -> SamplingParams:
         """The body's sampling fields; `structured` is what server/structured.py made of its
-        structured-output fields; `defaults` fill temperature, top_p, top_k and
+        structured-output fields; `defaults` fill temperature, top_p, top_k, min_p and
         repetition_penalty where the body sets none (the model's generation_config.json)."""
         d = defaults or {}
         extra = self.model_extra or {}
@@ -181,6 +181,7 @@ class _Sampling(_Request):
                 temperature=d.get("temperature", 1.0) if self.temperature is None else self.temperature,
                 top_p=d.get("top_p", 1.0) if self.top_p is None else self.top_p,
                 top_k=int(d.get("top_k", 0)) if self.top_k is None else self.top_k,
+                min_p=d.get("min_p", 0.0) if self.min_p is None else self.min_p,
                 seed=self.seed,
                 min_tokens=self.min_tokens,
                 stop=tuple(stop),

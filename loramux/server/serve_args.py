@@ -420,7 +420,7 @@ def _model_args(g: argparse._ArgumentGroup) -> None:
         "--generation-config",
         default="auto",
         choices=["auto", "vllm"],
-        help="auto: a request that sets no temperature, top_p, top_k or repetition_penalty takes "
+        help="auto: a request that sets no temperature, top_p, top_k, min_p or repetition_penalty takes "
         "the model's generation_config.json values (vLLM's default); vllm: SamplingParams' defaults",
     )
     g.add_argument(
@@ -434,7 +434,7 @@ def _model_args(g: argparse._ArgumentGroup) -> None:
         type=json.loads,
         default=(),
         metavar="JSON",
-        help="default temperature, top_p, top_k or repetition_penalty, e.g. '{\"temperature\": 0.5}': "
+        help="default temperature, top_p, top_k, min_p or repetition_penalty, e.g. '{\"temperature\": 0.5}': "
         "over generation_config.json's with --generation-config auto, alone with vllm",
     )
     g.add_argument(

@@ -169,6 +169,38 @@ def test_generate_shows_a_progress_bar_on_batches(llm, capsys):
     assert "generating" in capsys.readouterr().err
 
 
+def test_min_p_keeps_only_tokens_near_the_most_likely_one(llm):
+    """vLLM's min_p, after temperature and before top-k/top-p: a sampled token is at least
+    min_p times as likely as the most likely one under the temperature-scaled distribution; rows
+    without min_p in the same batch keep every token (it was refused by name)."""
+    logits: dict[str, list[torch.Tensor]] = {}
+    llm.engine.executor.logits_hook = lambda rid, row: logits.setdefault(rid, []).append(row.clone())
+    try:
+        outs = gen(
+            llm,
+            [
+                SamplingParams(temperature=0.5, min_p=0.5, max_tokens=12, seed=s, ignore_eos=True)
+                for s in range(6)
+            ]
+            + [SamplingParams(temperature=0.5, max_tokens=12, seed=s, ignore_eos=True) for s in range(6)],
+            [PROMPT] * 12,
+        )
+    finally:
+        llm.engine.executor.logits_hook = None
+
+    def below(out) -> int:  # sampled tokens under 0.5 x the most likely one's probability
+        n = 0
+        for tok, row in zip(out.outputs[0].token_ids, logits[out.request_id], strict=True):
+            p = (row / 0.5).softmax(-1)
+            n += int(p[tok] < 0.5 * p.max())
+        return n
+
+    assert sum(below(o) for o in outs[:6]) == 0
+    assert sum(below(o) for o in outs[6:]) > 0  # without min_p such tokens do come up
+    with pytest.raises(ValueError, match=r"min_p=1\.5"):
+        SamplingParams(min_p=1.5)
+
+
 def test_bad_sampling_params_name_the_value():
     with pytest.raises(ValueError, match="temperature=3"):
         SamplingParams(temperature=3)

@@ -882,7 +882,11 @@ def test_penalties_logit_bias_and_refusals_through_the_openai_client(client, off
         client.completions.create(model=BASE, prompt=prompt, max_tokens=2, best_of=3)
     with pytest.raises(openai.BadRequestError, match="presence_penalty"):
         client.completions.create(model=BASE, prompt=prompt, max_tokens=2, presence_penalty=5)
-    for field, value in [("min_p", 0.1), ("suffix", "x")]:
+    with pytest.raises(openai.BadRequestError, match=r"min_p=1\.5; it must lie in \[0, 1\]"):
+        client.completions.create(model=BASE, prompt=prompt, max_tokens=2, extra_body={"min_p": 1.5})
+    kept = client.completions.create(model=BASE, prompt=prompt, max_tokens=2, extra_body={"min_p": 0.2})
+    assert kept.usage.completion_tokens >= 1  # vLLM's min_p is taken (it was refused by name)
+    for field, value in [("use_beam_search", True), ("suffix", "x")]:
         with pytest.raises(openai.BadRequestError, match=f"{field} is not supported"):  # named, never ignored
             client.chat.completions.create(
                 model=BASE,
@@ -979,8 +983,12 @@ def test_echo_with_logprobs_and_prompt_logprobs_score_the_prompt(client, offline
     with pytest.raises(openai.BadRequestError, match="prompt_logprobs are not available when stream is true"):
         client.completions.create(model=BASE, prompt=prompt, stream=True, extra_body={"prompt_logprobs": 1})
     zero = client.completions.create(  # 0 with stream asks for nothing, as vLLM takes it
-        model=BASE, prompt=prompt, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 0}
+        model=BASE,
+        prompt=prompt,
+        max_tokens=2,
+        stream=True,
+        extra_body={"prompt_logprobs": 0, "return_token_ids": True, "ignore_eos": True},
     )
-    assert sum(len(c.choices[0].text) for c in zero if c.choices) > 0
+    assert sum(len(c.choices[0].model_extra["token_ids"]) for c in zero if c.choices) == 2
     with pytest.raises(openai.BadRequestError, match=r"prompt_logprobs=21; it must lie in \[0, 20\]"):
         client.completions.create(model=BASE, prompt=prompt, extra_body={"prompt_logprobs": 21})

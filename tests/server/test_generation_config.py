@@ -35,7 +35,7 @@ def greedy_model(tiny_models, tmp_path_factory):
 def test_llm_takes_the_models_defaults_unless_told_vllm(greedy_model):
     auto = LLM(str(greedy_model), num_pages=64, page_size=4, device="cpu")
     d = auto.get_default_sampling_params()
-    assert (d.temperature, d.top_k, d.top_p, d.repetition_penalty) == (0.0, 3, 1.0, 1.0)
+    assert (d.temperature, d.top_k, d.top_p, d.repetition_penalty, d.min_p) == (0.0, 3, 1.0, 1.0, 0.05)
     plain = LLM(str(greedy_model), num_pages=64, page_size=4, device="cpu", generation_config="vllm")
     assert plain.get_default_sampling_params() == SamplingParams()
     greedy = auto.generate([PROMPT], SamplingParams(temperature=0), use_tqdm=False)[0].outputs[0]
@@ -82,5 +82,7 @@ def test_a_request_without_a_temperature_takes_the_models_and_its_own_wins(greed
     finally:
         server.stop()
     log = server.log_text()
-    assert "default sampling from the model's generation_config.json: temperature=0.0, top_k=3" in log
-    assert "min_p=0.05, which loramux does not apply" in log
+    assert (
+        "default sampling from the model's generation_config.json: temperature=0.0, top_k=3, min_p=0.05"
+        in log
+    )
