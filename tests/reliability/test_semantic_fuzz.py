@@ -128,6 +128,9 @@ FIELDS = {
     "top_p": _field(
         st.sampled_from([5e-324, 1e-9, 0.5, 1.0]), st.sampled_from([0.0, 1.0001, -0.1, math.nan])
     ),
+    "min_p": _field(
+        st.sampled_from([0.0, 5e-324, 0.05, 1.0]), st.sampled_from([-0.1, 1.0001, math.nan, math.inf])
+    ),
     "top_k": _field(
         st.sampled_from([-1, 0, 1, 5, VOCAB - 1, VOCAB, VOCAB + 1, 2**31, 2**63 - 1, 2**70]),
         st.sampled_from([-2, -(2**70)]),
