@@ -105,6 +105,8 @@ class SamplingParams:
     """Keep going past eos (benchmarks use it for fixed lengths)."""
     logprobs: int | None = None
     """Return the sampled token's logprob and this many top alternatives (0..20)."""
+    truncate_prompt_tokens: int | None = None
+    """Keep only the prompt's last k tokens (vLLM's left truncation); -1: the model's length limit."""
     prompt_logprobs: int | None = None
     """Return each prompt token's logprob (given the tokens before it) and this many top
     alternatives (0..20), as vLLM's: the request then computes its whole prompt (no prefix-cache
@@ -145,6 +147,9 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature}; it must lie in [0, 2]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}; it must lie in (0, 1]")
+        k = self.truncate_prompt_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or (k < 1 and k != -1)):
+            raise ValueError(f"truncate_prompt_tokens={k!r}; give k >= 1 (keep the last k tokens) or -1")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p={self.min_p}; it must lie in [0, 1]")
         if self.top_k < -1:

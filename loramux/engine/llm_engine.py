@@ -431,6 +431,11 @@ class LLMEngine:
                 f"request id {rid!r} is in use by an unfinished request; give each request its own id"
             )
         text, ids = self._tokenize(prompt)
+        if params.truncate_prompt_tokens is not None:  # vLLM's left truncation
+            k = params.truncate_prompt_tokens
+            keep = self.runtime.max_model_len if k == -1 else k
+            if len(ids) > keep:
+                text, ids = None, ids[-keep:]  # the text no longer matches: outputs decode the ids
         vocab = self.runtime.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:

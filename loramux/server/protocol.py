@@ -52,7 +52,6 @@ UNSUPPORTED_FIELDS = (
     "suffix",
     "use_beam_search",
     "length_penalty",
-    "truncate_prompt_tokens",
     "allowed_token_ids",
     "bad_words",
     "priority",  # vLLM's priority scheduling; 0 (the default) passes
@@ -102,6 +101,7 @@ class _Sampling(_Request):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: the limit)
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -191,6 +191,7 @@ class _Sampling(_Request):
                 skip_special_tokens=self.skip_special_tokens,
                 logprobs=logprobs,
                 prompt_logprobs=self.prompt_logprobs,
+                truncate_prompt_tokens=self.truncate_prompt_tokens,
                 n=self.n,
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,

@@ -201,6 +201,18 @@ def test_min_p_keeps_only_tokens_near_the_most_likely_one(llm):
         SamplingParams(min_p=1.5)
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_k(llm):
+    """vLLM's truncate_prompt_tokens (left truncation; it was refused by name): the request runs on
+    the prompt's last k tokens, as if it had been sent alone; a k past the prompt keeps it whole."""
+    cut = gen(llm, SamplingParams(temperature=0, max_tokens=4, truncate_prompt_tokens=3))[0]
+    alone = gen(llm, SamplingParams(temperature=0, max_tokens=4), [PROMPT[-3:]])[0]
+    assert cut.prompt_token_ids == PROMPT[-3:] and tokens([cut]) == tokens([alone])
+    whole = gen(llm, SamplingParams(temperature=0, max_tokens=4, truncate_prompt_tokens=50))[0]
+    assert whole.prompt_token_ids == PROMPT
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=0"):
+        SamplingParams(truncate_prompt_tokens=0)
+
+
 def test_bad_sampling_params_name_the_value():
     with pytest.raises(ValueError, match="temperature=3"):
         SamplingParams(temperature=3)

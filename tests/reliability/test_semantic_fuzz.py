@@ -147,6 +147,9 @@ FIELDS = {
     ),
     "cache_salt": _field(st.sampled_from([None, "t1", "x" * 4096]), st.sampled_from(["", 5, ["t"]])),
     "skip_special_tokens": _field(st.booleans(), None),
+    "truncate_prompt_tokens": _field(
+        st.sampled_from([None, 1, 5, -1]), st.sampled_from([0, -2, 2**70, True])
+    ),
     "prompt_logprobs": _field(st.sampled_from([None, 0, 1, 20]), st.sampled_from([-1, 21, 2**70, True, "1"])),
     "request_id": _field(st.sampled_from(["r", "x" * 1000, "same"]), st.sampled_from(["", 5, ["r"]])),
     "stop": _field(

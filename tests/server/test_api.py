@@ -886,6 +886,14 @@ def test_penalties_logit_bias_and_refusals_through_the_openai_client(client, off
         client.completions.create(model=BASE, prompt=prompt, max_tokens=2, extra_body={"min_p": 1.5})
     kept = client.completions.create(model=BASE, prompt=prompt, max_tokens=2, extra_body={"min_p": 0.2})
     assert kept.usage.completion_tokens >= 1  # vLLM's min_p is taken (it was refused by name)
+    cut = client.completions.create(
+        model=BASE, prompt=prompt, max_tokens=2, extra_body={"truncate_prompt_tokens": 2}
+    )
+    assert cut.usage.prompt_tokens == 2  # vLLM's left truncation (it was refused by name)
+    with pytest.raises(openai.BadRequestError, match="truncate_prompt_tokens=0"):
+        client.completions.create(
+            model=BASE, prompt=prompt, max_tokens=2, extra_body={"truncate_prompt_tokens": 0}
+        )
     for field, value in [("use_beam_search", True), ("suffix", "x")]:
         with pytest.raises(openai.BadRequestError, match=f"{field} is not supported"):  # named, never ignored
             client.chat.completions.create(
