@@ -375,8 +375,10 @@ class ModelRunner:
         found: dict[str, tuple[int, list[SampleLogprobs]]] = {}
         for i, s in enumerate(seqs):
             k = s.sampling.prompt_logprobs if isinstance(s.sampling, SamplingParams) else None
+            if k is None:  # nearly every sequence: nothing more to look at
+                continue
             n = min(len(s.token_ids), s.num_prompt - 1 - s.start_pos)  # rows whose next token is prompt
-            if k is None or n <= 0:
+            if n <= 0:
                 continue
             t0, lps = batch.first_rows[i], []
             for a in range(0, n, _PROMPT_ROWS):  # [rows, vocab] logits a slice at a time
