@@ -116,7 +116,7 @@ class Replica:
         from loramux.server.builder import build_server
 
         self.args = args
-        self.built = build_server(args, register_loras=False)
+        self.built = build_server(args, register_loras=False, keep_responses=False)
         self.engine = self.built.aengine.engine
         self.catalog = _catalog(args)
         self.id = serve.get_replica_context().replica_id.unique_id
@@ -417,6 +417,7 @@ _ONE_SERVER_ONLY = (
     "middleware",
     "enable_request_id_headers",
     "enable_server_load_tracking",
+    "max_stored_responses",  # each replica would keep its own: a later request may reach another
 )
 
 

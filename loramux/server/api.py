@@ -40,10 +40,15 @@ from loramux.server.protocol import (
     TokenizeRequest,
     UnloadLoRARequest,
 )
+from loramux.server.responses import Responses
 from loramux.server.server_config import ServerConfig
 
 logger = logging.getLogger("loramux.server")
-_GENERATION = ("/v1/completions", "/v1/chat/completions")  # what --enable-server-load-tracking counts
+_GENERATION = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/responses",
+)  # what --enable-server-load-tracking counts
 _STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"}}
 
 
@@ -85,6 +90,10 @@ def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> Fast
     v1.add_api_route("/models/{model_id:path}", api.model, methods=["GET"])
     v1.add_api_route("/completions", gen.completions, methods=["POST"], responses=_STREAMS)
     v1.add_api_route("/chat/completions", gen.chat, methods=["POST"], responses=_STREAMS)
+    responses = Responses(gen, cfg.max_stored_responses)
+    v1.add_api_route("/responses", responses.create, methods=["POST"], responses=_STREAMS)
+    v1.add_api_route("/responses/{response_id}", responses.retrieve, methods=["GET"])
+    v1.add_api_route("/responses/{response_id}", responses.delete, methods=["DELETE"])
     v1.add_api_route("/load_lora_adapter", api.load_lora, methods=["POST"])
     v1.add_api_route("/unload_lora_adapter", api.unload_lora, methods=["POST"])
     app.include_router(v1)

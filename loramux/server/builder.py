@@ -8,6 +8,7 @@ same and answers forwarded requests with it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +79,14 @@ def server_config(args: argparse.Namespace, name: str) -> ServerConfig:
         root_path=args.root_path,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
+        max_stored_responses=1000 if args.max_stored_responses is None else args.max_stored_responses,
     )
 
 
-def build_server(args: argparse.Namespace, register_loras: bool = True) -> Built:
+def build_server(args: argparse.Namespace, register_loras: bool = True, keep_responses: bool = True) -> Built:
     """The engine, its thread (started) and the app, from `serve`'s flags. One Ray replica builds
-    the same, with `register_loras=False`: its adapters load on demand."""
+    the same, with `register_loras=False` (its adapters load on demand) and `keep_responses=False`
+    (a later request may reach another replica, so no replica keeps Responses API answers)."""
     from loramux.engine.chat import check_template_kwargs
     from loramux.engine.llm_engine import LLMEngine
     from loramux.server.api import build_app
@@ -92,6 +95,8 @@ def build_server(args: argparse.Namespace, register_loras: bool = True) -> Built
 
     model, name, loras = base_model(args)
     cfg = server_config(args, name)  # before the engine: a bad flag fails at once
+    if not keep_responses:
+        cfg = dataclasses.replace(cfg, max_stored_responses=0)
     clash = [n for n, _ in loras if n in cfg.base_names]
     if clash:
         raise ValueError(f"--lora-modules {clash[0]}: that is the base model's name; rename the adapter")

@@ -105,27 +105,35 @@ class Generate:
         return await self._answer(request, rid, "text_completion", body, streams, self._completion_choice)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        body.model = body.model or self.cfg.served_model_name  # vLLM's default: the base model
-        prompt = self._render_chat(body)
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        k = _top_logprobs(body)
-        params = body.sampling_params(limit or 1, k, structured_params(body), self.defaults)
-        params = _streamed_prompt_logprobs(body, params)
-        rid, engine_id = _request_ids("chatcmpl", request, body)
-        streams = await self._start_all(engine_id, [prompt], params, body, fill=limit is None)
+        rid, prompt, streams = await self.start_chat(body, request)
         if body.stream:
             head = {"prompt_token_ids": prompt} if body.return_token_ids else {}  # as vLLM's first chunk
             chunk = _Chunks(rid, "chat.completion.chunk", body.model)
             roles = [_delta(i, {"role": "assistant", "content": ""}, None) for i in range(len(streams))]
             shape: Shape | None = None
             if body.logprobs:
-                shape = lambda i, ids, lps: self._chat_logprobs(ids, lps)  # noqa: E731
+                shape = lambda i, ids, lps: self.chat_logprobs(ids, lps)  # noqa: E731
             render = _chat_delta if not tool_mode(body) else _tool_delta(body)
             render = _with_tokens(render, shape, body.return_token_ids)
             return _sse(self._stream(chunk, body, streams, render, roles, head))
         return await self._answer(request, rid, "chat.completion", body, streams, self._chat_choice)
 
     # --- starting and ending requests ---
+    async def start_chat(
+        self, body: ChatCompletionRequest, request: Request, kind: str = "chatcmpl"
+    ) -> tuple[str, list[int], Streams]:
+        """(the answer's id, the rendered prompt, one stream per sample) of a chat request; the
+        Responses API (responses.py) starts its requests here too."""
+        body.model = body.model or self.cfg.served_model_name  # vLLM's default: the base model
+        prompt = self._render_chat(body)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        k = _top_logprobs(body)
+        params = body.sampling_params(limit or 1, k, structured_params(body), self.defaults)
+        params = _streamed_prompt_logprobs(body, params)
+        rid, engine_id = _request_ids(kind, request, body)
+        streams = await self._start_all(engine_id, [prompt], params, body, fill=limit is None)
+        return rid, prompt, streams
+
     async def _start_all(
         self,
         rid: str,
@@ -158,7 +166,7 @@ class Generate:
             raise err from e
         return streams
 
-    async def _final(self, streams: Streams, model: str) -> list[RequestOutput]:
+    async def final(self, streams: Streams, model: str) -> list[RequestOutput]:
         """Every stream's last output; closes (and so aborts) all of them if cancelled."""
 
         async def last(s: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -182,7 +190,7 @@ class Generate:
             raise_if_ended_badly(out, model)
         return outs
 
-    async def _unless_gone(self, request: Request, work: Awaitable[T], model: str, n: int) -> T:
+    async def unless_gone(self, request: Request, work: Awaitable[T], model: str, n: int) -> T:
         """Await `work`, but cancel it (aborting its requests) if the client disconnects."""
         task = asyncio.ensure_future(work)
 
@@ -212,9 +220,7 @@ class Generate:
     ) -> Response:
         """The whole answer as one JSON object, once every choice is done."""
         try:
-            outs = await self._unless_gone(
-                request, self._final(streams, body.model), body.model, len(streams)
-            )
+            outs = await self.unless_gone(request, self.final(streams, body.model), body.model, len(streams))
         except ClientGone:
             return Response(status_code=499)
         answer: dict[str, Any] = {
@@ -246,10 +252,10 @@ class Generate:
         finals: list[RequestOutput] = []
         made: Counter[int] = Counter()  # tokens per choice so far
         done: dict[int, RequestOutput] = {}  # finished choices, by index (they end in any order)
-        async with self._closing(streams, finals, body.model):
+        async with self.closing(streams, finals, body.model):
             for c in opening:
                 yield chunk([c], **(head or {}))
-            async for i, out in _merge(streams):
+            async for i, out in merge(streams):
                 raise_if_ended_badly(out, body.model)
                 made[i] += len(out.outputs[0].delta_token_ids)
                 c = render(i, out)
@@ -264,9 +270,7 @@ class Generate:
             yield chunk([], usage=_usage([done[i] for i in sorted(done)], body.n, self.details))
 
     @contextlib.asynccontextmanager
-    async def _closing(
-        self, streams: Streams, finals: list[RequestOutput], model: str
-    ) -> AsyncIterator[None]:
+    async def closing(self, streams: Streams, finals: list[RequestOutput], model: str) -> AsyncIterator[None]:
         """Close every stream when a streaming response ends, aborting the unfinished ones."""
         try:
             yield
@@ -408,14 +412,14 @@ class Generate:
         choice: dict[str, Any] = {
             "index": i,
             "message": message,
-            "logprobs": self._chat_logprobs(comp.token_ids, comp.logprobs) if body.logprobs else None,
+            "logprobs": self.chat_logprobs(comp.token_ids, comp.logprobs) if body.logprobs else None,
             "finish_reason": finish,
         }
         if body.return_token_ids:
             choice["token_ids"] = comp.token_ids
         return choice
 
-    def _chat_logprobs(self, ids: list[int], lps: list[Any] | None) -> dict[str, Any] | None:
+    def chat_logprobs(self, ids: list[int], lps: list[Any] | None) -> dict[str, Any] | None:
         if lps is None:
             return None
         tt = TokenText(self.engine.tokenizer)
@@ -552,7 +556,7 @@ class _Chunks:
         return _event(obj)
 
 
-async def _merge(streams: Streams) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge(streams: Streams) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several streams as they come, tagged with the stream's index."""
     if len(streams) == 1:
         async for out in streams[0]:

@@ -276,6 +276,7 @@ class ChatCompletionRequest(_Sampling, _ChatTemplateFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True  # false: tool_choice "required" makes exactly one call
 
 
 class TokenizeRequest(_ChatTemplateFields):

@@ -196,6 +196,14 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         help="streams end with a usage chunk even without stream_options.include_usage",
     )
     p.add_argument(
+        "--max-stored-responses",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the Responses API keeps the last N answers (default 1000; 0: none) for GET "
+        "/v1/responses/{id} and previous_response_id; each holds its conversation's text",
+    )
+    p.add_argument(
         "--max-log-len",
         type=int,
         default=None,

@@ -49,6 +49,9 @@ class ServerConfig:
     """A chat request with tool_choice "none" renders its prompt without its tools."""
     root_path: str = ""
     """The path prefix a reverse proxy serves the app under (requests may carry it or not)."""
+    max_stored_responses: int = 1000
+    """The Responses API keeps this many finished responses (the oldest go first) for GET
+    /v1/responses/{id} and previous_response_id; 0 keeps none."""
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """chat_template_kwargs every chat request starts from; its own override them."""
 
@@ -57,6 +60,8 @@ class ServerConfig:
             raise ValueError(
                 "--default-chat-template-kwargs takes a JSON object, e.g. '{\"enable_thinking\": false}'"
             )
+        if self.max_stored_responses < 0:
+            raise ValueError(f"--max-stored-responses {self.max_stored_responses}: give 0 or more")
         if self.max_log_len is not None and self.max_log_len < 0:
             raise ValueError(f"--max-log-len {self.max_log_len}: give 0 or more characters")
 

@@ -115,9 +115,11 @@ def tool_schema(body: Any) -> dict[str, Any] | None:
     if choice == "none":
         return None
     if choice == "required":
+        one = {} if getattr(body, "parallel_tool_calls", True) else {"maxItems": 1}
         return {
             "type": "array",
             "minItems": 1,
+            **one,
             "items": {
                 "anyOf": [
                     {

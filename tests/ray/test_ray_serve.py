@@ -193,6 +193,26 @@ def test_S6_1_two_replicas_answer_like_one_engine_and_route_to_the_adapters_hold
     assert r.status_code == 400 and "--lora-modules" in r.json()["error"]["message"]
 
 
+def test_S6_1_the_responses_api_reaches_the_adapter_and_no_replica_keeps_answers(cluster):
+    """/v1/responses goes through the router to the named adapter (answering as chat does). A
+    later request may reach the other replica, so no replica keeps responses: `store` comes back
+    false and previous_response_id is a 400 naming --replicas."""
+    url, _, _, _ = cluster
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    r = client.responses.create(model="upp2", input="good night", max_output_tokens=MAX_TOKENS, temperature=0)
+    chat = client.chat.completions.create(
+        model="upp2",
+        messages=[{"role": "user", "content": "good night"}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+    )
+    assert r.output_text == chat.choices[0].message.content == "GOOD NIGHT"
+    assert r.store is False
+    with pytest.raises(openai.BadRequestError, match="--replicas") as e:
+        client.responses.create(model="upp2", input="x", previous_response_id=r.id)
+    assert e.value.body["param"] == "previous_response_id"
+
+
 def _replica_actors() -> list[str]:
     return sorted(
         a["name"]

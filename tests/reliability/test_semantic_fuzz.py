@@ -260,8 +260,52 @@ CHAT_ONLY = {
         st.sampled_from(["auto", "sometimes", {"type": "function", "function": {"name": "g"}}]),
     ),
 }
+# The Responses API: the shared sampling fields (vLLM's extras ride along) but those it has no
+# place for (n, max_tokens, ...: refused by name, so never drawn as valid), and its own.
+RESPONSES = {
+    **{k: v for k, v in FIELDS.items() if k not in ("n", "max_tokens", "stream_options", "prompt_logprobs")},
+    "input": _field(
+        st.one_of(st.text(max_size=20), st.lists(message, min_size=1, max_size=3)),
+        st.sampled_from(
+            [
+                [],
+                5,
+                [{"type": "input_image"}],
+                [{"type": "function_call", "call_id": 5}],
+                [{"role": "user", "content": [{"type": "input_text"}]}],
+                [{"role": "tool", "content": "x"}],
+            ]
+        ),
+    ),
+    "instructions": _field(st.sampled_from([None, "be brief", "x" * 2000]), st.just(5)),
+    "max_output_tokens": FIELDS["max_tokens"],
+    "include": _field(
+        st.sampled_from([None, ["message.output_text.logprobs"]]), st.just(["file_search_call"])
+    ),
+    "top_logprobs": CHAT_ONLY["top_logprobs"],
+    "previous_response_id": _field(st.none(), st.sampled_from(["resp_nope", "", 5])),
+    "store": _field(st.booleans(), None),
+    "text": _field(
+        st.sampled_from(
+            [
+                None,
+                {"format": {"type": "json_object"}},
+                {"format": {"type": "json_schema", "name": "p", "schema": SCHEMA}},
+            ]
+        ),
+        st.sampled_from([{"format": {"type": "xml"}}, {"fmt": 1}, {"format": {"type": "json_schema"}}]),
+    ),
+    "tools": _field(
+        st.just([{"type": "function", "name": "f", "parameters": SCHEMA}]),
+        st.sampled_from([[{"type": "web_search"}], [{"type": "function"}], [{"name": "f", "parameters": 3}]]),
+    ),
+    "tool_choice": _field(
+        st.sampled_from(["required", "none", {"type": "function", "name": "f"}]),
+        st.sampled_from(["auto", "sometimes", {"type": "function", "name": "g"}]),
+    ),
+}
 MODELS = _field(st.sampled_from(["base", "a", "b"]), st.sampled_from(["nope", "", "../a", "a/b", "A", " a"]))
-REQUIRED = {"prompt", "messages"}
+REQUIRED = {"prompt", "messages", "input"}
 
 
 def _consistent(body: dict) -> dict:
@@ -269,7 +313,7 @@ def _consistent(body: dict) -> dict:
     (OpenAI and vLLM refuse stream_options without stream, and top_logprobs without logprobs)."""
     if not body.get("stream"):
         body.pop("stream_options", None)
-    if body.get("logprobs") is not True:
+    if body.get("logprobs") is not True and "message.output_text.logprobs" not in (body.get("include") or ()):
         body.pop("top_logprobs", None)
     if body.get("continue_final_message"):
         body["add_generation_prompt"] = False  # the two exclude each other
@@ -303,6 +347,7 @@ def _requests(hostile: bool) -> st.SearchStrategy[tuple[str, dict]]:
         _body("/v1/completions", {**FIELDS, **COMPLETION_ONLY}, hostile),
         _body("/v1/completions", {**FIELDS, **COMPLETION_ONLY}, hostile),
         _body("/v1/chat/completions", {**FIELDS, **CHAT_ONLY}, hostile),
+        _body("/v1/responses", RESPONSES, hostile),
         st.builds(lambda t: ("/detokenize", {"tokens": t}), st.lists(ids, max_size=8)),
         st.builds(lambda p: ("/tokenize", {"prompt": p}), st.text(max_size=30)),
         st.builds(
@@ -350,8 +395,8 @@ def _check(http: httpx.Client, server, path: str, body: dict, tally: _Tally) -> 
         tally.status[str(code)] += 1
         if "text/event-stream" in r.headers.get("content-type", ""):
             for line in raw.decode().splitlines():
-                if line.startswith("data: {") and '"error"' in line:
-                    err = json.loads(line[6:])["error"]
+                err = _stream_error(line)
+                if err is not None:
                     tally.status[f"stream error {err.get('code')}"] += 1
                     if err.get("code") not in DOCUMENTED_503:
                         tally.bad.append(f"stream {err}: {path} {content[:300]}")
@@ -359,6 +404,17 @@ def _check(http: httpx.Client, server, path: str, body: dict, tally: _Tally) -> 
         plain_request_completes(server)
     except (AssertionError, httpx.HTTPError) as e:
         tally.bad.append(f"server stopped serving after {path} {content[:300]}: {e}")
+
+
+def _stream_error(line: str) -> dict | None:
+    """The error a server-sent event carries: a chunk's `error`, or a Responses API
+    response.failed event's."""
+    if not line.startswith("data: {"):
+        return None
+    event = json.loads(line[6:])
+    if event.get("type") == "response.failed":
+        return event["response"]["error"]
+    return event.get("error") if "type" not in event else None
 
 
 def test_S6_1_semantic_fuzzing_never_stops_the_server_nor_hangs_it(server):

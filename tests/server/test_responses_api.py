@@ -1,0 +1,290 @@
+"""OpenAI's Responses API (/v1/responses) on a running `loramux serve`, through the official
+`openai` client: its typed stream helper checks the event order, and chat completions on the same
+server are the oracle (a response is the chat answer to the same messages).
+
+S6.1: the adapter a Responses request names is the one that answers, in one batch with others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import jsonschema
+import openai
+import pydantic
+import pytest
+
+from loramux import demo
+from tests.server.conftest import start_server
+
+MODELS = ("demo", *demo.ADAPTERS)
+CALL_ARGS = {"city": "paris", "days": 3}
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 10},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        },
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    },
+}
+# A template that writes every role, so instructions and history show in the prompt's length.
+ALL_ROLES = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = start_server([], tmp_path_factory.mktemp("responses") / "server.log", timeout=120)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat_text(client, model: str, messages: list[dict], **kw) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(model=model, messages=messages, temperature=0, **kw)
+
+
+def test_S6_1_each_adapter_answers_as_its_chat_in_one_batch_whole_and_streamed(server):
+    """Greedy responses for the base and every adapter, sent at once (one batch), equal the chat
+    answers to the same message; streamed, the client's helper accepts the event order and the
+    deltas add up to the same text."""
+    words = ["hello world", "quick brown fox", "lora adapter", "good dog"]
+
+    async def run():
+        c = openai.AsyncOpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+
+        async def streamed(model: str, text: str):
+            async with c.responses.stream(model=model, input=text, temperature=0) as s:
+                deltas = [e.delta async for e in s if e.type == "response.output_text.delta"]
+                return deltas, await s.get_final_response()
+
+        whole = [
+            c.responses.create(model=m, input=w, temperature=0) for m, w in zip(MODELS, words, strict=True)
+        ]
+        parts = [streamed(m, w) for m, w in zip(MODELS, words, strict=True)]
+        chats = [
+            c.chat.completions.create(model=m, messages=[{"role": "user", "content": w}], temperature=0)
+            for m, w in zip(MODELS, words, strict=True)
+        ]
+        return await asyncio.gather(asyncio.gather(*whole), asyncio.gather(*parts), asyncio.gather(*chats))
+
+    whole, parts, chats = asyncio.run(run())
+    for model, word, r, (deltas, final), chat in zip(MODELS, words, whole, parts, chats, strict=True):
+        expected = chat.choices[0].message.content
+        assert r.model == model and r.status == "completed" and r.output_text == expected
+        assert expected == demo.TASKS["echo" if model == "demo" else model](word)  # the adapter answered
+        assert r.usage.input_tokens == chat.usage.prompt_tokens
+        assert r.usage.output_tokens == chat.usage.completion_tokens
+        assert final.output_text == expected and "".join(deltas) == expected and len(deltas) > 1
+        assert final.id.startswith("resp_") and final.output[0].status == "completed"
+
+
+def test_previous_response_id_goes_on_from_the_stored_conversation(client):
+    """A second turn answers as chat does to [user, assistant, user]; GET returns the stored
+    response; DELETE forgets it, and then neither GET nor previous_response_id finds it."""
+    first = client.responses.create(model="upper", input="hello world", temperature=0)
+    second = client.responses.create(
+        model="reverse",
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "good dog"}]}],
+        previous_response_id=first.id,
+        temperature=0,
+    )
+    messages = [
+        {"role": "user", "content": "hello world"},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "good dog"},
+    ]
+    chat = _chat_text(client, "reverse", messages)
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage.input_tokens == chat.usage.prompt_tokens > first.usage.input_tokens
+    assert second.previous_response_id == first.id
+    assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError, match=first.id):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.BadRequestError, match="no stored response") as e:
+        client.responses.create(model="upper", input="x", previous_response_id=first.id)
+    assert e.value.body["param"] == "previous_response_id"
+    assert not client.responses.create(model="upper", input="x", store=False, max_output_tokens=2).store
+
+
+def test_text_format_json_schema_parses_into_the_clients_model(client):
+    """responses.parse with a pydantic model: text.format json_schema constrains the answer, whole
+    and streamed."""
+
+    class Person(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=12)
+        n: int = pydantic.Field(ge=0, le=999)
+
+    prompt = demo.say(json.dumps({"name": "ann", "n": 7}))
+    for model in ("demo", "upper"):
+        r = client.responses.parse(
+            model=model, input=prompt, text_format=Person, temperature=0.5, max_output_tokens=80
+        )
+        assert isinstance(r.output_parsed, Person), r.output_text
+        with client.responses.stream(
+            model=model, input=prompt, text_format=Person, temperature=0.5, max_output_tokens=80
+        ) as s:
+            assert isinstance(s.get_final_response().output_parsed, Person)
+    obj = client.responses.create(model="demo", input=prompt, text={"format": {"type": "json_object"}})
+    assert isinstance(json.loads(obj.output_text), dict)
+
+
+def test_function_tools_give_calls_and_take_their_outputs_back(client):
+    """tool_choice "required" with parallel_tool_calls false: exactly one call whose arguments
+    validate; a named function streamed; the calls and their outputs sent back as input items
+    answer as chat does to the same assistant tool_calls and tool messages."""
+    prompt = demo.say(json.dumps(CALL_ARGS))
+    one = client.responses.create(
+        model="demo",
+        input=prompt,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0.5,
+        max_output_tokens=150,
+    )
+    assert one.status == "completed" and [o.type for o in one.output] == ["function_call"]
+    jsonschema.validate(json.loads(one.output[0].arguments), WEATHER["parameters"])
+    named = {"type": "function", "name": "get_weather"}
+    with client.responses.stream(
+        model="upper",
+        input=prompt,
+        tools=[WEATHER],
+        tool_choice=named,
+        temperature=0.5,
+        max_output_tokens=150,
+    ) as s:
+        kinds = [e.type for e in s]
+        call = s.get_final_response().output[0]
+    assert "response.function_call_arguments.delta" in kinds and kinds[-1] == "response.completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    assert call.name == "get_weather" and call.status == "completed"
+    items = [
+        {"type": "message", "role": "user", "content": prompt},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+        {"role": "user", "content": "and tomorrow"},
+    ]
+    back = client.responses.create(model="novowels", input=items, temperature=0)
+    fn = {"name": call.name, "arguments": call.arguments}
+    messages = [
+        {"role": "user", "content": prompt},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": call.call_id, "type": "function", "function": fn}],
+        },
+        {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"},
+        {"role": "user", "content": "and tomorrow"},
+    ]
+    assert back.output_text == _chat_text(client, "novowels", messages).choices[0].message.content
+
+
+def test_logprobs_equal_chats_and_a_cut_answer_is_incomplete(server, client):
+    """include message.output_text.logprobs with top_logprobs gives chat's logprobs; an answer
+    cut by max_output_tokens is "incomplete" (max_output_tokens), and its stream ends with
+    response.incomplete."""
+    r = client.responses.create(
+        model="upper", input="hello", include=["message.output_text.logprobs"], top_logprobs=2, temperature=0
+    )
+    chat = _chat_text(client, "upper", [{"role": "user", "content": "hello"}], logprobs=True, top_logprobs=2)
+    got = [
+        (lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in r.output[0].content[0].logprobs
+    ]
+    want = [
+        (lp.token, lp.logprob, [t.token for t in lp.top_logprobs]) for lp in chat.choices[0].logprobs.content
+    ]
+    assert got == want and len(got) == chat.usage.completion_tokens
+    cut = client.responses.create(model="demo", input="hello world lora", max_output_tokens=2, temperature=0)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 2 and cut.output[0].status == "incomplete"
+    body = {"model": "demo", "input": "hello world lora", "max_output_tokens": 2, "stream": True}
+    with httpx.stream("POST", server.v1 + "/responses", json=body, timeout=60) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "response.incomplete" and events[-1]["response"]["status"] == "incomplete"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_adjacent_function_calls_are_one_assistant_turn():
+    """Parallel calls (adjacent function_call items) render as one assistant message with two
+    tool_calls, as chat sends them; a call after a tool's output starts a new turn."""
+    from loramux.server.responses_input import input_messages
+
+    def fc(i: int) -> dict:
+        return {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": "{}"}
+
+    out = {"type": "function_call_output", "call_id": "c1", "output": "ok"}
+    msgs = input_messages([{"role": "user", "content": "go"}, fc(1), fc(2), out, fc(3)])
+    assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"]
+    assert [c["id"] for c in msgs[1]["tool_calls"]] == ["c1", "c2"]
+    assert [c["id"] for c in msgs[3]["tool_calls"]] == ["c3"] and msgs[2]["tool_call_id"] == "c1"
+
+
+REFUSED = [  # (extra request fields, param, words the message has)
+    ({"tools": [{"type": "web_search"}]}, "tools", "function tools"),
+    ({"tools": [WEATHER]}, "tool_choice", '"auto"'),
+    ({"background": True}, "background", "stream"),
+    ({"reasoning": {"effort": "high"}}, "reasoning", "reasoning"),
+    ({"input": [{"type": "input_image", "image_url": "x"}]}, "input", "function_call_output"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input", "input_text"),
+    ({"extra_body": {"messages": []}}, "messages", "send input"),
+    ({"extra_body": {"max_tokens": 3}}, "max_tokens", "max_output_tokens"),
+    ({"include": ["file_search_call.results"]}, "include", "message.output_text.logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs", "include"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format", "schema"),
+    ({"extra_body": {"use_beam_search": True}}, "use_beam_search", "not supported"),
+    ({"extra_body": {"top_k": "5"}}, "top_k", "integer"),
+]
+
+
+@pytest.mark.parametrize("extra,param,words", REFUSED, ids=[r[1] + str(i) for i, r in enumerate(REFUSED)])
+def test_what_loramux_does_not_do_is_a_400_naming_it(client, extra, param, words):
+    kw = {"model": "demo", "input": "hello", "max_output_tokens": 4, **extra}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(**kw)
+    assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
+
+
+def test_instructions_go_first_and_are_not_carried_on_and_the_store_is_bounded(tmp_path):
+    """With a template that writes every role: instructions come first as a system message and do
+    not pass to the next turn (OpenAI's rule); --max-stored-responses 1 keeps only the newest."""
+    template = tmp_path / "t.jinja"
+    template.write_text(ALL_ROLES)
+    s = start_server(["--chat-template", str(template), "--max-stored-responses", "1"], tmp_path / "log")
+    try:
+        c = openai.OpenAI(base_url=s.v1, api_key="unused", max_retries=0, timeout=60)
+
+        def length(messages: list[dict]) -> int:
+            return len(
+                httpx.post(s.url + "/tokenize", json={"model": "demo", "messages": messages}).json()["tokens"]
+            )
+
+        system = {"role": "system", "content": "be brief"}
+        first = c.responses.create(model="upper", input="hi", instructions="be brief", max_output_tokens=3)
+        turn = [{"role": "user", "content": "hi"}]
+        assert first.usage.input_tokens == length([system, *turn]) > length(turn)
+        second = c.responses.create(
+            model="upper", input="yo", previous_response_id=first.id, max_output_tokens=3
+        )
+        turns = [
+            *turn,
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "yo"},
+        ]
+        assert second.usage.input_tokens == length(turns)
+        with pytest.raises(openai.NotFoundError, match="the last 1 responses"):
+            c.responses.retrieve(first.id)
+        assert c.responses.retrieve(second.id).id == second.id
+    finally:
+        s.stop()
