@@ -124,6 +124,11 @@ class SamplingParams:
     At least 1e-6: below that the division overflows float32."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits; a dict is accepted and stored as pairs."""
+    allowed_token_ids: tuple[int, ...] | None = None
+    """vLLM's: only these token ids may be sampled (the others' logits are -inf)."""
+    bad_words: tuple[str, ...] = ()
+    """vLLM's: words the output may not contain. Each is tokenized as it is and after a space;
+    a token is forbidden where it would complete one of those token sequences."""
     structured_outputs: StructuredOutputsParams | None = None
     """Constrain the output to a JSON schema, a regex, a choice or a grammar (vLLM's field)."""
     max_queue_time: float | None = None
@@ -138,6 +143,10 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        words = (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words)
+        object.__setattr__(self, "bad_words", words)
         self._validate()
 
     def _validate(self) -> None:
@@ -187,6 +196,10 @@ class SamplingParams:
                 raise ValueError(f"{name}={getattr(self, name)}; it must lie in [-2, 2]")
         if not 1e-6 <= self.repetition_penalty <= 2.0:  # logits are divided by it, in float32
             raise ValueError(f"repetition_penalty={self.repetition_penalty}; it must lie in [1e-6, 2]")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids is empty: nothing could be sampled; give at least one id")
+        if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise ValueError("bad_words must be non-empty strings")
         for t, b in self.logit_bias:
             if t < 0 or not -100.0 <= b <= 100.0:
                 raise ValueError(f"logit_bias maps token ids (>= 0) to biases in [-100, 100]; got {t}: {b}")
@@ -206,6 +219,7 @@ class SamplingParams:
         for field, ids in (
             ("logit_bias", [t for t, _ in self.logit_bias]),
             ("stop_token_ids", self.stop_token_ids),
+            ("allowed_token_ids", self.allowed_token_ids or ()),
         ):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:

@@ -73,6 +73,9 @@ class Request:
     # Compute every prompt token, never taking cached pages (the executor reports each prompt
     # token's logprob: vLLM's prompt_logprobs); its pages are still cached for others.
     full_prefill: bool = False
+    # vLLM's bad_words as token sequences: the last token of one is forbidden where the output
+    # ends with the ones before it (a one-token sequence always is).
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
     # Opaque to the control plane: the executor's sampling parameters.
     sampling: Any = None
 

@@ -569,6 +569,17 @@ class _StepBudget:
 _NO_IDS: frozenset[int] = frozenset()
 
 
+def banned_tokens(words: tuple[tuple[int, ...], ...], ids: list[int], num_prompt: int) -> frozenset[int]:
+    """The tokens that would complete one of `words` after the output so far (`ids` past
+    `num_prompt`), as vLLM's bad_words: a word's last token where the output ends with the rest."""
+    out = ids[num_prompt:]
+    return frozenset(
+        w[-1]
+        for w in words
+        if len(w) == 1 or (len(out) >= len(w) - 1 and out[len(out) - len(w) + 1 :] == list(w[:-1]))
+    )
+
+
 def _hand_off(req: Request, start: int, n: int, new: Callable = tuple.__new__) -> ScheduledSeq:
     """The one place a `ScheduledSeq` is made: `req`'s tokens [start, start + n) this step.
 
@@ -579,6 +590,9 @@ def _hand_off(req: Request, start: int, n: int, new: Callable = tuple.__new__) -
     ids = req.token_ids
     num_prompt = len(req.prompt_token_ids)
     min_tokens = req.min_tokens
+    suppress = req.stop_ids if min_tokens and len(ids) - num_prompt < min_tokens else _NO_IDS
+    if req.bad_words_ids and start + n == len(ids):
+        suppress = suppress | banned_tokens(req.bad_words_ids, ids, num_prompt)
     return new(
         ScheduledSeq,
         (
@@ -590,7 +604,7 @@ def _hand_off(req: Request, start: int, n: int, new: Callable = tuple.__new__) -
             req.lora_slot,
             start + n == len(ids),
             req.sampling,
-            req.stop_ids if min_tokens and len(ids) - num_prompt < min_tokens else _NO_IDS,
+            suppress,
             ids,
             num_prompt,
             req.lora_start,

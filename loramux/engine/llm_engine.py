@@ -401,6 +401,24 @@ class LLMEngine:
         return dataclasses.replace(out, token_masks=TokenMasks([st.req.request_id for st in rows], bitmask))
 
     # --- requests ---
+    def _bad_words_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """vLLM's bad_words as token sequences: each word as it is and after a space (a word
+        mid-text), both without special tokens."""
+        if not words:
+            return ()
+        if self.tokenizer is None:
+            raise ValueError(
+                "bad_words are matched as tokens of the text, and this engine has no tokenizer "
+                "(skip_tokenizer_init); use logit_bias with -100 for single tokens instead"
+            )
+        seqs: dict[tuple[int, ...], None] = {}
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    seqs[ids] = None
+        return tuple(seqs)
+
     def add_request(
         self,
         request_id: str | None,
@@ -441,6 +459,7 @@ class LLMEngine:
         if bad is not None:
             raise ValueError(f"the prompt holds token id {bad}; prompt token ids must lie in [0, {vocab})")
         params.check_vocab(vocab)
+        bad_words = self._bad_words_ids(params.bad_words)
         if params.stop and self.tokenizer is None:
             raise ValueError(
                 "stop strings are matched in the text, and this engine has no tokenizer "
@@ -471,6 +490,7 @@ class LLMEngine:
             lora_start=_activation(ids, self._invocations.get(lora_name or "", ())),
             cache_salt=cache_salt,
             full_prefill=params.prompt_logprobs is not None,
+            bad_words_ids=bad_words,
         )
         grammar = (
             None if params.structured_outputs is None else self.grammar_future(params.structured_outputs)

@@ -3,16 +3,20 @@
 Boundary: logits of the rows that sample (float32, [N, V]) and their
 `SamplingParams` in; one token per row (and logprobs when asked) out. A row
 with a seed draws from its own generator, so its tokens do not depend on what
-else is in the batch. In order, as vLLM's sampler: logit_bias; repetition,
-frequency and presence penalties (batched over the rows that have them, from
-each request's token history, which the runner keeps); the min_tokens mask
-(eos and stop ids the control plane names until enough outputs exist, -inf in
-one indexed write); then temperature, min-p, top-k and top-p. Logprobs are those of
-the model's raw distribution, as vLLM reports by default. Rows under a grammar
-(structured output) have their forbidden tokens at -inf before all of this
-(`apply_token_masks`, called by the runner), as vLLM applies its grammar bitmask
-to the logits before its sampler: their logprobs are those of the allowed tokens. When a
-grammar allows nothing but its end, min_tokens yields: the row keeps its end token.
+else is in the batch. In order, as vLLM's sampler: allowed_token_ids (-inf
+for the rest); logit_bias; repetition, frequency and presence penalties
+(batched over the rows that have them, from each request's token history,
+which the runner keeps); the masks the control plane names (min_tokens' eos
+and stop ids until enough outputs exist, and the tokens that would complete
+one of the request's bad_words: -inf in one indexed write); then temperature,
+min-p, top-k and top-p. Logprobs are those of the model's raw distribution, as
+vLLM reports by default. Rows under a grammar (structured output) have their
+forbidden tokens at -inf before all of this (`apply_token_masks`, called by
+the runner), as vLLM applies its grammar bitmask to the logits before its
+sampler: their logprobs are those of the allowed tokens. Where a grammar or
+allowed_token_ids leave nothing but what those masks forbid (a grammar that
+allows only its end before min_tokens, say), the masks yield: the row keeps
+what its own constraint allows.
 
 `sample_each` is the fallback when a batch fails: it samples the rows one at a
 time, so a fault that belongs to one request's parameters (a distribution its
@@ -39,6 +43,7 @@ def sample(
     """grammar_rows: rows under a grammar, whose min_tokens suppression yields to the grammar's end."""
     n = logits.shape[0]
     raw = logits
+    logits = apply_allowed_token_ids(logits, params)
     logits = apply_logit_bias(logits, params)
     if histories is not None and any(h is not None for h in histories):
         logits = apply_penalties(logits, params, histories)
@@ -47,11 +52,17 @@ def sample(
         cols = [t for ids in suppress for t in ids]
         logits = logits.clone() if logits is raw else logits
         dev = logits.device
-        held = sorted({i for i in rows if grammar_rows is not None and grammar_rows[i]})
+        held = sorted(  # rows whose own masks came first (a grammar, allowed_token_ids)
+            {
+                i
+                for i in rows
+                if (grammar_rows is not None and grammar_rows[i]) or params[i].allowed_token_ids is not None
+            }
+        )
         before = logits[held] if held else None
         logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
-        if before is not None:  # a grammar that allows only its end outranks min_tokens: a row
-            emptied = torch.isinf(logits[held]).all(dim=-1)  # left with no token gets them back
+        if before is not None:  # a grammar or allowed_token_ids outrank min_tokens and bad_words:
+            emptied = torch.isinf(logits[held]).all(dim=-1)  # a row left with no token gets them back
             if emptied.any():
                 logits[torch.tensor(held, device=dev)[emptied]] = before[emptied]
     tokens = torch.empty(n, dtype=torch.long, device=logits.device)
@@ -118,6 +129,25 @@ def apply_token_masks(logits: torch.Tensor, rows: list[int], bitmask: torch.Tens
     allowed = ((packed.unsqueeze(-1) >> bits) & 1).bool().reshape(len(rows), -1)[:, :vocab]
     idx = torch.tensor(rows, device=dev)
     return logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill(~allowed, float("-inf")))
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """-inf outside each row's allowed_token_ids, in one masked write over those rows (a new
+    tensor if any). Where a row's grammar (already applied) allows none of them, the grammar
+    wins: the row keeps its grammar's tokens, so the answer still parses."""
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    if not rows:
+        return logits
+    dev = logits.device
+    keep = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=dev)
+    r = torch.tensor([j for j, i in enumerate(rows) for _ in params[i].allowed_token_ids], device=dev)  # type: ignore[arg-type]
+    c = torch.tensor([t for i in rows for t in params[i].allowed_token_ids], device=dev)  # type: ignore[union-attr]
+    keep[r, c] = True
+    idx = torch.tensor(rows, device=dev)
+    own = logits.index_select(0, idx)
+    masked = own.masked_fill(~keep, float("-inf"))
+    emptied = torch.isinf(masked).all(dim=-1, keepdim=True)  # a grammar allows none of them: it wins
+    return logits.index_copy(0, idx, torch.where(emptied, own, masked))
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

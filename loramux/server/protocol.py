@@ -52,8 +52,6 @@ UNSUPPORTED_FIELDS = (
     "suffix",
     "use_beam_search",
     "length_penalty",
-    "allowed_token_ids",
-    "bad_words",
     "priority",  # vLLM's priority scheduling; 0 (the default) passes
     "return_tokens_as_token_ids",
     "logits_processors",
@@ -113,6 +111,8 @@ class _Sampling(_Request):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     best_of: int | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -201,6 +201,8 @@ class _Sampling(_Request):
                     else self.repetition_penalty
                 ),
                 logit_bias=bias,
+                allowed_token_ids=self.allowed_token_ids,
+                bad_words=tuple(self.bad_words or ()),
                 max_queue_time=self.max_queue_time,
                 structured_outputs=structured,
             )

@@ -396,6 +396,32 @@ def test_queue_bound_refuses_with_a_retry_hint():
         s.add_request(make_request(4))
 
 
+def test_bad_words_ban_the_token_that_would_complete_one_in_the_output():
+    """vLLM's bad_words: a one-token word is always banned; a longer one's last token only where
+    the output (never the prompt) ends with the rest. The ban rides on the step's suppress set,
+    which the fake executor, like the sampler, never samples from."""
+    from loramux.core.scheduler import banned_tokens
+
+    words = ((5,), (7, 8), (1, 2, 3))
+    prompt = [9, 7, 1, 2]  # ends with both prefixes: the prompt does not count
+    assert banned_tokens(words, prompt, 4) == {5}
+    assert banned_tokens(words, [*prompt, 7], 4) == {5, 8}
+    assert banned_tokens(words, [*prompt, 1, 2], 4) == {5, 3}
+    assert banned_tokens(words, [*prompt, 2], 4) == {5}  # 1, 2 straddles the prompt: not a match
+    s = make_scheduler()
+    ex = fake_for(s)
+    probe = make_request(4, max_tokens=6)
+    s.add_request(probe)
+    run(s, ex)
+    toks = probe.output_token_ids
+    pair = (toks[1], toks[2])
+    banned = make_request(4, max_tokens=6, bad_words_ids=(pair,))
+    s.add_request(banned)
+    run(s, ex)
+    out = banned.output_token_ids
+    assert out[:2] == toks[:2] and out[2] != toks[2]  # the pair's second token never follows its first
+
+
 def test_stop_tokens_eos_and_min_tokens():
     s = make_scheduler()
     ex = fake_for(s)

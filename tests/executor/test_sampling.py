@@ -368,3 +368,96 @@ def test_a_prompt_dicts_cache_salt_keeps_its_kv_to_its_salt_and_n_samples_share_
             if o.finished:
                 got[o.request_id] = o.num_cached_tokens
     assert got[ids[0]] == 0 and all(got[r] == 12 for r in ids[1:])
+
+
+def test_allowed_token_ids_and_bad_words_match_peft_with_hfs_processors(tiny_models):
+    """vLLM's allowed_token_ids and bad_words, per adapter in one mixed batch, against
+    transformers + PEFT greedy with transformers' own NoBadWordsLogitsProcessor (given the output
+    so far, as vLLM matches bad words in the output only) and the allowed ids as a mask. Each
+    bad word is two tokens of the row's free answer, so the ban has something to change."""
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor
+
+    from tests.hf_factory import PeftOracle
+
+    tm = tiny_models["llama"]
+    llm = LLM(str(tm.path), device="cpu", num_pages=128, page_size=4, max_loras=2)
+    tok = llm.get_tokenizer()
+    adapters = [None, "r8_all", "r1_qv"]
+    loras = [
+        None if a is None else LoRARequest(a, i + 1, str(tm.adapters[a])) for i, a in enumerate(adapters)
+    ]
+    prompts = [PROMPT, PROMPT[2:] + [40, 41], [300, 301, 302, 12, 13, 14]]
+    n = 10
+    free = tokens(
+        llm.generate(
+            prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), loras, use_tqdm=False
+        )
+    )
+
+    def two_token_word(ids: list[int]) -> str:
+        """Two tokens of an answer whose text encodes back to them (the random model writes junk)."""
+        for i in range(1, len(ids) - 1):
+            w = tok.decode(ids[i : i + 2])
+            if tok.encode(w.lstrip(), add_special_tokens=False) == ids[i : i + 2]:
+                return w
+        raise AssertionError(f"no two tokens of {ids} encode back from their text")
+
+    words = [two_token_word(f) for f in free]
+    allowed = [None, [10, 20, 30, 40, 300], [int(t) for t in free[2]] + [7]]
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, bad_words=[w], allowed_token_ids=a)
+        for w, a in zip(words, allowed, strict=True)
+    ]
+    got = tokens(llm.generate(prompts, params, loras, use_tqdm=False))
+
+    oracle = PeftOracle(tm)
+    for prompt, adapter, word, ids, row in zip(prompts, adapters, words, allowed, got, strict=True):
+        seqs = {tuple(tok.encode(v, add_special_tokens=False)) for v in (word.lstrip(), " " + word.lstrip())}
+        ban = NoBadWordsLogitsProcessor([list(s) for s in seqs], eos_token_id=None)
+        out: list[int] = []
+        with torch.no_grad():
+            for _ in range(n):
+                logits = oracle.model(
+                    input_ids=torch.tensor([prompt + out]), adapter_names=[adapter or "__base__"]
+                )
+                scores = ban(torch.tensor([out], dtype=torch.long), logits.logits[:, -1].float())
+                if ids is not None:
+                    keep = torch.zeros_like(scores, dtype=torch.bool)
+                    keep[0, ids] = True
+                    scores = scores.masked_fill(~keep, float("-inf"))
+                out.append(int(scores.argmax(-1)))
+        assert row == out, (adapter, word)
+    assert all(g != f for g, f in zip(got, free, strict=True))  # every row's constraint changed its answer
+    assert set(got[1]) <= set(allowed[1])
+
+
+def test_allowed_token_ids_outrank_min_tokens_and_bad_words_and_yield_to_a_grammar(llm):
+    """A request's constraints that leave no token: allowed_token_ids that hold only a stop id
+    before min_tokens, or only a banned word, keep what they allow (the other masks yield, as
+    min_tokens yields to a grammar's end); a grammar that allows none of them wins over them, so
+    the answer still parses. Without this, sampling an empty distribution failed the request."""
+    from loramux import StructuredOutputsParams
+
+    tok = llm.get_tokenizer()
+    free = tokens(gen(llm, SamplingParams(temperature=0, max_tokens=3)))[0]
+    stop = free[0]
+    held = gen(
+        llm,
+        SamplingParams(
+            temperature=0, max_tokens=4, min_tokens=2, stop_token_ids=[stop], allowed_token_ids=[stop]
+        ),
+    )
+    # the stop id is sampled (nothing else may be), and it stops once min_tokens are out
+    assert held[0].outputs[0].token_ids == [stop, stop] and held[0].outputs[0].finish_reason == "stop"
+    word = tok.decode([stop]).strip()
+    only = tok.encode(word, add_special_tokens=False)[0]
+    sp = SamplingParams(temperature=1.0, max_tokens=3, seed=1, bad_words=[word], allowed_token_ids=[only])
+    assert tokens(gen(llm, sp))[0] == [only] * 3
+    choice = StructuredOutputsParams(choice=("lora", "cache"))
+    stranger = next(t for t in range(5, 500) if tok.decode([t]).strip().isdigit())
+    for temperature in (0.0, 1.0):
+        sp = SamplingParams(
+            temperature=temperature, max_tokens=12, structured_outputs=choice, allowed_token_ids=[stranger]
+        )
+        out = gen(llm, sp)[0].outputs[0]
+        assert out.text in ("lora", "cache") and out.finish_reason == "stop", out

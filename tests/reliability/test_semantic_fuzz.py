@@ -174,6 +174,14 @@ FIELDS = {
             max_size=4,
         ),
     ),
+    "allowed_token_ids": _field(
+        st.one_of(st.none(), st.lists(good_id, min_size=1, max_size=4)),
+        st.one_of(st.just([]), st.lists(any_id, min_size=1, max_size=3)),
+    ),
+    "bad_words": _field(
+        st.lists(st.sampled_from(["a", "the", " lora", "x" * 300, "é", "\u2603 z"]), max_size=3),
+        st.sampled_from([[""], [" "], [5], "word"]),
+    ),
     "ignore_eos": _field(st.booleans(), None),
     "min_tokens": _field(st.sampled_from([0, 1, 3]), st.sampled_from([-1, MAX_LEN + 1, 2**70])),
     "max_queue_time": _field(

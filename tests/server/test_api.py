@@ -904,6 +904,56 @@ def test_penalties_logit_bias_and_refusals_through_the_openai_client(client, off
             )
 
 
+def test_allowed_token_ids_and_bad_words_through_the_openai_client(client, offline, adapter_dirs):
+    """vLLM's allowed_token_ids and bad_words (they were refused by name) reach the sampler for
+    completions and chat, with an adapter, and answer as the offline engine does; an id outside
+    the vocabulary, an empty list and an empty word are 400s naming the field."""
+    prompt = words(43)
+    lora = LoRARequest("r8_all", 1, str(adapter_dirs[0] / "r8_all"))
+
+    def offline_answer(**kw):
+        sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, **kw)
+        return offline.llm.generate([prompt], sp, lora_request=lora, use_tqdm=False)[0].outputs[0]
+
+    def answer(**extra):
+        body = {"ignore_eos": True, "return_token_ids": True, **extra}
+        out = client.completions.create(
+            model="r8_all", prompt=prompt, max_tokens=8, temperature=0, extra_body=body
+        )
+        return out.choices[0]
+
+    allowed = [11, 77, 300]
+    ids = answer(allowed_token_ids=allowed).model_extra["token_ids"]
+    assert set(ids) <= set(allowed) and ids == offline_answer(allowed_token_ids=allowed).token_ids
+    tok = offline.llm.get_tokenizer()
+
+    def one_token_word(ids: list[int]) -> tuple[str, int]:
+        """A word of the answer that is one token as bad_words encodes it (bare, or after a space)."""
+        for t in ids[1:]:
+            w = tok.decode([t]).strip()
+            if w and t in (tok.encode(v, add_special_tokens=False)[0] for v in (w, " " + w)):
+                return w, t
+        raise AssertionError(f"no one-token word in {ids}")
+
+    free = answer().model_extra["token_ids"]
+    bad, t = one_token_word(free)
+    banned = answer(bad_words=[bad]).model_extra["token_ids"]
+    assert t in free and t not in banned and banned == offline_answer(bad_words=[bad]).token_ids
+    chat_kw = dict(model=BASE, messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0)
+    body = {"ignore_eos": True, "return_token_ids": True}
+    free_chat = client.chat.completions.create(**chat_kw, extra_body=body).choices[0].model_extra["token_ids"]
+    word, t = one_token_word(free_chat)
+    chat = client.chat.completions.create(**chat_kw, extra_body={**body, "bad_words": [word]})
+    assert t in free_chat and t not in chat.choices[0].model_extra["token_ids"]
+    for extra, match in [
+        ({"allowed_token_ids": [5, 10**6]}, "allowed_token_ids names token id 1000000"),
+        ({"allowed_token_ids": []}, "allowed_token_ids is empty"),
+        ({"bad_words": [" "]}, "bad_words must be non-empty"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.completions.create(model=BASE, prompt=prompt, max_tokens=2, extra_body=extra)
+
+
 def test_n_samples_per_prompt_in_completions_and_chat(client):
     """Issue 16, point 2: n > 1 gives n choices (prompt-major indices), seeded samples differ and
     repeat, and the prompt counts once in usage; chat streams every choice under its index."""
