@@ -260,6 +260,25 @@ FLAGS = (
         'loramux has no tool-call parsers; send tool_choice "required" or name a function',
     ),
     VllmFlag(
+        "--tool-server",
+        "refuse",
+        "loramux runs no built-in tools (web search, a Python sandbox) for the Responses API; "
+        "send function tools and run them in the client",
+    ),
+    VllmFlag(
+        "--scheduler-cls",
+        "refuse",
+        "loramux's scheduler is built in; pick the waiting order with --policy "
+        "(fcfs, affinity, completion, fair, slo)",
+    ),
+    VllmFlag(
+        "--enable-return-routed-experts",
+        "refuse",
+        "loramux serves dense models (Llama, Mistral, Qwen2): there is no MoE router to report",
+        False,
+    ),
+    VllmFlag("--pt-load-strategy", "ignore", "loramux reads safetensors only (.pt and .bin are refused)"),
+    VllmFlag(
         "--reasoning-parser-plugin",
         "refuse",
         "loramux does not split reasoning from content; the answer's text holds both",

@@ -30,6 +30,7 @@ from loramux.engine.chat import render_chat
 from loramux.server.async_engine import AsyncEngine
 from loramux.server.errors import DECLARED, BodyLimit, install_error_handlers
 from loramux.server.generate import Generate
+from loramux.server.invocations import Invocations
 from loramux.server.metrics import Metrics
 from loramux.server.middleware import LoadTracker, RequestIdHeaders, ServerLoad, add_user_middleware
 from loramux.server.paths import allowed_path
@@ -48,6 +49,7 @@ _GENERATION = (
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/responses",
+    "/invocations",
 )  # what --enable-server-load-tracking counts
 _STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"}}
 
@@ -98,6 +100,13 @@ def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> Fast
     v1.add_api_route("/unload_lora_adapter", api.unload_lora, methods=["POST"])
     app.include_router(v1)
     keyed = [Depends(api.check_key)]
+    app.add_api_route(
+        "/invocations",
+        Invocations(gen, responses).answer,
+        methods=["POST"],
+        dependencies=keyed,
+        responses=_STREAMS,
+    )
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"], dependencies=keyed)
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"], dependencies=keyed)
     app.add_api_route("/version", api.version, methods=["GET"])

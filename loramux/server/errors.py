@@ -9,11 +9,12 @@ are refused before they are read (`BodyLimit`). No route lives here.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramux.core.adapters import AdapterNotFoundError
@@ -23,6 +24,7 @@ from loramux.engine.outputs import RequestOutput
 from loramux.server.protocol import APIError, ErrorResponse
 
 logger = logging.getLogger("loramux.server")
+B = TypeVar("B", bound=BaseModel)
 
 # Declared in the OpenAPI document: every error comes in OpenAI's shape.
 DECLARED: dict[int | str, dict[str, Any]] = {
@@ -80,6 +82,15 @@ def raise_if_ended_badly(out: RequestOutput, model: str) -> None:
             param="max_queue_time",
             headers={"Retry-After": "1"},
         )
+
+
+def validated(cls: type[B], data: Any) -> B:
+    """`data` as the request body `cls`; invalid, the 400 FastAPI's own validation gives (for
+    bodies a route reads itself: /invocations, the Responses API's chat request)."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -18,13 +18,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import pydantic
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loramux.engine.llm_engine import EngineDeadError
 from loramux.engine.outputs import RequestOutput
-from loramux.server.errors import raise_if_ended_badly, to_api_error
+from loramux.server.errors import raise_if_ended_badly, to_api_error, validated
 from loramux.server.generate import ClientGone, Generate, Streams, merge, tool_mode
 from loramux.server.protocol import APIError, ChatCompletionRequest
 from loramux.server.responses_input import ResponsesRequest, chat_body, input_messages
@@ -89,12 +88,7 @@ class Responses:
                 raise APIError(
                     400, e.message, code="previous_response_not_found", param="previous_response_id"
                 ) from None
-        try:
-            chat = ChatCompletionRequest.model_validate(chat_body(body, history))
-        except pydantic.ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise APIError(400, f"{where}: {err['msg']}", param=str(err["loc"][0])) from None
+        chat = validated(ChatCompletionRequest, chat_body(body, history))
         _, _, streams = await self.gen.start_chat(chat, request, kind="resp")
         answer = _Answer(self, body, chat, history + input_messages(body.input))
         if body.stream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import shutil
 import time
@@ -634,6 +635,37 @@ def test_version_ping_docs_and_one_model_card(server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("nope")
     assert e.value.body["code"] == "model_not_found"
+
+
+def test_invocations_answers_each_api_by_the_bodys_shape(server, client, offline):
+    """SageMaker's POST /invocations (vLLM's too): a completions, chat or Responses body answers
+    as its own route does, streamed too; a body of none or two shapes is a 400 naming them."""
+    url = server.url + "/invocations"
+    prompt = words(61)
+    want = offline(prompt, "r8_all", 6)
+    body = {"model": "r8_all", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    got = httpx.post(url, json={**body, "return_token_ids": True}, timeout=60).json()
+    assert got["object"] == "text_completion" and got["choices"][0]["token_ids"] == want
+    msgs = [{"role": "user", "content": prompt}]
+    kw = dict(model="r8_all", max_tokens=6, temperature=0)
+    chat = client.chat.completions.create(messages=msgs, **kw).choices[0].message.content
+    got = httpx.post(url, json={"messages": msgs, **kw}, timeout=60).json()
+    assert got["object"] == "chat.completion" and got["choices"][0]["message"]["content"] == chat
+    resp = httpx.post(
+        url, json={"input": prompt, "model": "r8_all", "max_output_tokens": 6, "temperature": 0}
+    ).json()
+    assert resp["object"] == "response" and resp["output"][0]["content"][0]["text"] == chat
+    with httpx.stream("POST", url, json={"messages": msgs, "stream": True, **kw}, timeout=60) as r:
+        chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(json.loads(c[6:])["choices"][0]["delta"].get("content") or "" for c in chunks) == chat
+    for bad, words_ in [
+        ({"model": "r8_all"}, "this one has 0"),
+        ({"prompt": "x", "messages": msgs}, "has 2"),
+    ]:
+        r = httpx.post(url, json=bad, timeout=60)
+        assert r.status_code == 400 and words_ in r.json()["error"]["message"] and "messages (chat)" in r.text
+    r = httpx.post(url, json={"prompt": "x", "max_tokens": "5"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
 def test_tokenize_and_detokenize_in_vllms_shapes(server, offline):

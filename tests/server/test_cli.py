@@ -89,6 +89,7 @@ def _serve(*flags: str) -> subprocess.CompletedProcess:
         (["--disable-sliding-window"], "lower --max-model-len to the window instead"),
         (["--kv-transfer-config", "{}"], "KV transfer between engines"),
         (["--preemption-mode", "swap"], "recomputed"),
+        (["--tool-server", "demo"], "send function tools"),
     ],
 )
 def test_vllm_flags_that_would_change_results_are_refused_naming_the_alternative(flags, fix):

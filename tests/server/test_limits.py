@@ -47,6 +47,10 @@ def test_api_key_is_required_on_every_v1_route(server):
         ("POST", "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}]}),
         ("POST", "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/tmp"}),
         ("POST", "/v1/unload_lora_adapter", {"lora_name": "r1"}),
+        ("POST", "/v1/responses", {"model": "base", "input": "hi"}),
+        ("GET", "/v1/responses/resp_x", None),
+        ("DELETE", "/v1/responses/resp_x", None),
+        ("POST", "/invocations", {"model": "base", "prompt": "hi"}),  # vLLM leaves it open; not here
     ]
     for method, path, body in routes:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
