@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-POLICY_NAMES = ("fcfs", "affinity", "completion", "fair", "slo")
+POLICY_NAMES = ("fcfs", "affinity", "completion", "fair", "slo", "priority")
 
 
 def _positive(owner: str, name: str, value: int | float | None, fix: str = "") -> None:
@@ -28,7 +28,7 @@ class SchedulerConfig:
     max_prefill_tokens: int | None = None
     """Most prefill tokens in one step; None means max_num_batched_tokens."""
     policy: str = "fcfs"
-    """Waiting-queue policy: fcfs, affinity, completion, fair or slo (S2.5)."""
+    """Waiting-queue policy: fcfs, affinity, completion, fair, slo or priority (S2.5)."""
     starvation_timeout_s: float = 5.0
     """A request that waited this long is served before younger work (S2.4)."""
     ttft_slo_s: float = 6.0

@@ -85,9 +85,9 @@ FLAGS = (
     ),
     VllmFlag(
         "--scheduling-policy",
-        "refuse",
-        "loramux orders requests by --policy (fcfs, affinity, fair, slo); it has no priorities",
-        accepted=("fcfs",),
+        "map",
+        "fcfs or priority (requests' priority field, smaller first)",
+        target="policy",
     ),
     VllmFlag(
         "--response-role",

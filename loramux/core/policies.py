@@ -40,6 +40,9 @@ Policies (select by name):
   tenant with the least service (input + 2 x output tokens) goes first; a
   tenant that becomes backlogged is lifted to the least counter among the
   backlogged; the least-served tenant that needs a slot reserves one at once.
+- "priority": vLLM's priority scheduling: each request's `priority` (smaller
+  first), then arrival; groups per (priority, adapter); preemption takes the
+  largest priority first, then the most recently admitted.
 - "slo": TTFT deadlines with slack. A request that can still make the TTFT
   target goes first, earliest deadline first, a shorter one (prompt +
   max_tokens) counted as due sooner; one that cannot waits behind them, but
@@ -223,6 +226,9 @@ class Policy:
     name = ""
     by_age = True  # priority is the head's arrival, so the first group not yet due ends the search
     KV_WATERMARK = 0.0  # of the KV pages, left free by admissions while requests run (None in config)
+    # The order running requests are scheduled in each step (decodes, then prefills; None: as
+    # admitted). Preemption takes from those not yet scheduled, so the last go first.
+    running_order: Callable[[Request], Any] | None = None
 
     def __init__(self, starvation_timeout_s: float) -> None:
         self.starvation_timeout_s = starvation_timeout_s
@@ -268,6 +274,11 @@ class Policy:
 
     def on_admitted(self, req: Request) -> None:
         """A request left the queue for the running batch."""
+
+    def preempt_rank(self, req: Request, admitted: int) -> tuple[int, ...]:
+        """Running requests are preempted largest rank first; `admitted` is the request's place
+        in admission order, so by default the most recently admitted goes first."""
+        return (admitted,)
 
     def on_output_tokens(self, reqs: list[Request]) -> None:
         """Each of `reqs` produced one token this step."""
@@ -571,8 +582,28 @@ class SloPolicy(Policy):
         super().schedule(admit, view, now)
 
 
+class PriorityPolicy(Policy):
+    """vLLM's priority scheduling: the smallest `priority` first, arrival order within one; under
+    KV pressure the largest priority is preempted first. Groups are (priority, adapter), so work of
+    one priority for a resident adapter still goes ahead only of work the cap holds back, and a
+    blocked group still reserves a slot once its head has waited the starvation timeout."""
+
+    name = "priority"
+    by_age = False  # groups are in priority order: a later group may have waited longer
+    running_order = attrgetter("priority")  # stable: admission order within one priority
+
+    def group_key(self, req: Request) -> Hashable:
+        return (req.priority, req.adapter_uid)
+
+    def priority(self, key: Hashable, head: Request) -> Priority:
+        return (head.priority, head.arrival_seq)
+
+    def preempt_rank(self, req: Request, admitted: int) -> tuple[int, ...]:
+        return (req.priority, admitted)
+
+
 POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (FCFSPolicy, AffinityPolicy, CompletionPolicy, FairPolicy, SloPolicy)
+    p.name: p for p in (FCFSPolicy, AffinityPolicy, CompletionPolicy, FairPolicy, SloPolicy, PriorityPolicy)
 }
 
 

@@ -76,6 +76,8 @@ class Request:
     # vLLM's bad_words as token sequences: the last token of one is forbidden where the output
     # ends with the ones before it (a one-token sequence always is).
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    # vLLM's priority: under the `priority` policy, smaller goes first (and is preempted last).
+    priority: int = 0
     # Opaque to the control plane: the executor's sampling parameters.
     sampling: Any = None
 

@@ -302,6 +302,10 @@ class Scheduler:
         prefills: list[Request] = []
         for r in running:
             (order if len(r.token_ids) - r.num_computed_tokens == 1 else prefills).append(r)
+        first = self.policy.running_order
+        if first is not None:  # priority: the best go first, so the worst are left to preempt
+            order.sort(key=first)
+            prefills.sort(key=first)
         order += prefills
         kv, preempted = self.kv, []
         ps = kv.page_size
@@ -340,10 +344,12 @@ class Scheduler:
         return preempted
 
     def _preempt_for(self, req: Request, need: int, unscheduled: list[Request], out: list[Request]) -> None:
-        """Preempt the most recently admitted of `unscheduled` until `need` pages can be had."""
+        """Preempt the most recently admitted of `unscheduled` (the policy may rank them otherwise:
+        priority's largest priority first) until `need` pages can be had."""
         RUNNING = RequestStatus.RUNNING
         rank = {id(r): i for i, r in enumerate(self.running)}  # admission order
-        pending = sorted((r for r in unscheduled if r.status is RUNNING), key=lambda r: rank[id(r)])
+        order = self.policy.preempt_rank
+        pending = sorted((r for r in unscheduled if r.status is RUNNING), key=lambda r: order(r, rank[id(r)]))
         while not self.kv.can_allocate(need):
             victim = pending.pop()
             out.append(victim)

@@ -59,24 +59,35 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or a dict, as vLLM's: {"prompt": ...} or
-        {"prompt_token_ids": [...]}, with an optional "cache_salt")."""
+        {"prompt_token_ids": [...]}, with an optional "cache_salt"). `priority`, one per prompt,
+        needs the `priority` policy (vLLM's priority scheduling: smaller goes first)."""
         plist, salts = _as_prompt_list(prompts)
         n = len(plist)
         params = _broadcast(
             sampling_params or self.get_default_sampling_params(), n, "sampling_params", SamplingParams
         )
         loras = _broadcast(lora_request, n, "lora_request", LoRARequest)
+        priorities = [0] * n if priority is None else list(priority)
+        if len(priorities) != n:
+            raise ValueError(f"priority has {len(priorities)} values for {n} prompts; give one per prompt")
         for lora in {lr for lr in loras if lr is not None}:
             self.engine.ensure_lora(lora)
         for spec in {p.structured_outputs for p in params if p.structured_outputs is not None}:
             self.engine.grammar_future(spec).result()  # a grammar that cannot compile: ValueError now
-        groups = []
-        for prompt, p, lora, salt in zip(plist, params, loras, salts, strict=True):
-            self._counter += 1
-            name = lora.lora_name if lora else None
-            groups.append(self.engine.add_request_n(f"llm-{self._counter}", prompt, p, name, cache_salt=salt))
+        groups: list[list[str]] = []
+        try:
+            for prompt, p, lora, salt, prio in zip(plist, params, loras, salts, priorities, strict=True):
+                self._counter += 1
+                name = lora.lora_name if lora else None
+                rid = f"llm-{self._counter}"
+                groups.append(self.engine.add_request_n(rid, prompt, p, name, cache_salt=salt, priority=prio))
+        except Exception:  # one prompt refused: none of this call's requests may stay queued
+            for rid in (r for ids in groups for r in ids):
+                self.engine.abort_request(rid)
+            raise
         done: dict[str, RequestOutput] = {}
         owner = {rid: i for i, ids in enumerate(groups) for rid in ids}
         left = [len(ids) for ids in groups]

@@ -431,6 +431,7 @@ class LLMEngine:
         after: str | None = None,
         group: _Group | None = None,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue a prompt (text or token ids); raises ValueError for bad input, at once.
 
@@ -438,7 +439,8 @@ class LLMEngine:
         (the chat API's default when the client sets no limit). With `after`, the request waits
         until that one has produced its first token, so the prompt's KV is in the prefix cache
         and this request reuses it (the n samples of one prompt, which share one `group`). With
-        `cache_salt`, its KV is cached and found only among requests with the same salt.
+        `cache_salt`, its KV is cached and found only among requests with the same salt. A
+        `priority` other than 0 needs the `priority` policy (smaller goes first), as in vLLM.
         """
         self._check_alive()
         if params.n != 1:
@@ -460,6 +462,12 @@ class LLMEngine:
             raise ValueError(f"the prompt holds token id {bad}; prompt token ids must lie in [0, {vocab})")
         params.check_vocab(vocab)
         bad_words = self._bad_words_ids(params.bad_words)
+        if priority and self.scheduler.policy.name != "priority":
+            raise ValueError(
+                f"priority={priority} needs priority scheduling, and this engine orders requests by "
+                f"{self.scheduler.policy.name!r}; start it with --policy priority (vLLM's "
+                "--scheduling-policy priority), or leave priority out"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError(
                 "stop strings are matched in the text, and this engine has no tokenizer "
@@ -491,6 +499,7 @@ class LLMEngine:
             cache_salt=cache_salt,
             full_prefill=params.prompt_logprobs is not None,
             bad_words_ids=bad_words,
+            priority=priority,
         )
         grammar = (
             None if params.structured_outputs is None else self.grammar_future(params.structured_outputs)
@@ -531,6 +540,7 @@ class LLMEngine:
         tenant: str = "",
         fill_max_tokens: bool = False,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> list[str]:
         """`params.n` samples of one prompt as requests `<id>-0` ... (just `<id>` when n is 1).
         The first runs at once; the others are queued once its first token exists, so they find
@@ -553,6 +563,7 @@ class LLMEngine:
                     tenant,
                     fill_max_tokens,
                     cache_salt=cache_salt,
+                    priority=priority,
                 )
             ]
         group = _Group(params.n, None if fill_max_tokens else params.max_tokens)
@@ -561,7 +572,17 @@ class LLMEngine:
                 p = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
                 after = ids[0] if i else None
                 self.add_request(
-                    rid, prompt, p, lora_name, None, tenant, fill_max_tokens, after, group, cache_salt
+                    rid,
+                    prompt,
+                    p,
+                    lora_name,
+                    None,
+                    tenant,
+                    fill_max_tokens,
+                    after,
+                    group,
+                    cache_salt,
+                    priority,
                 )
                 self._followers.setdefault(ids[0], [])
         except Exception:

@@ -153,6 +153,7 @@ class AsyncEngine:
         tenant: str = "",
         fill_max_tokens: bool = False,
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> list[RequestStream]:
         """Queue `params.n` samples of one prompt (LLMEngine.add_request_n); bad input raises here
         (ValueError, AdapterNotFoundError, QueueFullError, EngineDeadError).
@@ -182,6 +183,7 @@ class AsyncEngine:
                 tenant,
                 fill_max_tokens,
                 cache_salt,
+                priority,
             )
         except BaseException:
             for rid in ids:

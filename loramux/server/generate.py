@@ -156,7 +156,7 @@ class Generate:
                 else:
                     logger.debug("request %s-%d model=%s", rid, i, model)
                 streams += await self.aengine.add_request_n(
-                    f"{rid}-{i}", prompt, params, lora, body.user or "", fill, body.cache_salt
+                    f"{rid}-{i}", prompt, params, lora, body.user or "", fill, body.cache_salt, body.priority
                 )
         except Exception as e:
             for s in streams:

@@ -52,7 +52,6 @@ UNSUPPORTED_FIELDS = (
     "suffix",
     "use_beam_search",
     "length_penalty",
-    "priority",  # vLLM's priority scheduling; 0 (the default) passes
     "return_tokens_as_token_ids",
     "logits_processors",
     "prompt_embeds",
@@ -119,6 +118,7 @@ class _Sampling(_Request):
     min_tokens: int = 0
     user: str | None = None
     return_token_ids: bool = False
+    priority: int = 0  # vLLM's: with the priority policy, smaller goes first
     cache_salt: str | None = None  # vLLM's: cached KV is shared only among requests with this salt
     max_queue_time: float | None = None  # loramux: seconds it may wait to start; then 503 queue_timeout
     # structured output, any one form (server/structured.py)

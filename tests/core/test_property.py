@@ -54,6 +54,7 @@ def workloads(draw):
                 eos=draw(st.booleans()),
                 salt=draw(st.sampled_from([None, None, "t1", "t2"])),  # vLLM's cache_salt
                 full=draw(st.integers(0, 5)) == 0,  # prompt logprobs: every prompt token computed
+                priority=draw(st.sampled_from([0, 0, -1, 2])),  # vLLM's (ordering under `priority`)
             )
         )
     page_size = draw(st.sampled_from([1, 2, 4]))
@@ -140,6 +141,7 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
                 eos_token_ids=frozenset({0}),
                 cache_salt=spec["salt"],
                 full_prefill=spec["full"],
+                priority=spec["priority"],
             )
             try:
                 s.add_request(req)
@@ -173,8 +175,11 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
     assert not pending and not s.has_unfinished(), "requests left unfinished"
 
     total_work = 0
+    everything = sum(r.max_total_tokens for r in added)
     for req in sorted(added, key=lambda r: r.arrival_seq):
         total_work += req.max_total_tokens
+        if w["policy"] == "priority":  # later arrivals of a better priority go first (as in vLLM)
+            total_work = everything
         if req.request_id in aborted:
             assert req.status is RequestStatus.FINISHED_ABORTED
             continue
@@ -190,7 +195,8 @@ def test_S2_S4_S5_random_workloads_keep_every_invariant(w):
             req.adapter_uid, req.prompt_token_ids, req.max_tokens, set() if req.ignore_eos else {0}
         )
         assert req.output_token_ids == want, req
-        # Bound: the cap can add at most the timeout plus the work queued up to this request.
+        # Bound: the cap can add at most the timeout plus the work queued up to this request (under
+        # `priority`, all the work: every request arrives within the first steps here).
         assert req.finished_time - req.arrival_time <= TIMEOUT + 4 * total_work + 10, req
 
     s.kv.cache.evict(s.kv.pool.num_pages)

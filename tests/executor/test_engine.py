@@ -85,3 +85,27 @@ def test_abort_frees_pages_and_drops_the_request():
     assert not engine.has_unfinished_requests()
     pool, cache = engine.scheduler.kv.pool, engine.scheduler.kv.cache
     assert pool.num_free + cache.num_evictable == 16
+
+
+def test_S2_5_priority_reaches_the_scheduler_from_the_engine_and_llm_and_only_under_its_policy(tiny_models):
+    """vLLM's priority scheduling: under `policy="priority"` (serve's --scheduling-policy
+    priority) the engine starts the smallest priority first, `LLM.generate(priority=...)` takes
+    one per prompt; under fcfs a priority is refused naming the policy, and a refused prompt
+    leaves none of its call's requests queued (the next call used to fail on them)."""
+    path = str(tiny_models["llama"].path)
+    llm = LLM(path, device="cpu", num_pages=64, page_size=4, policy="priority", max_num_seqs=1)
+    engine = llm.engine
+    sp = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0)
+    for rid, prio in [("low", 5), ("mid", 0), ("high", -1)]:
+        engine.add_request(rid, [5, 6, 7], sp, priority=prio)
+    started: list[str] = []
+    while engine.has_unfinished_requests():
+        started += [o.request_id for o in engine.step() if o.request_id not in started]
+    assert started == ["high", "mid", "low"]
+    outs = llm.generate([[5, 6, 7], [8, 9]], sp, use_tqdm=False, priority=[3, -3])
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2, 2]
+    fcfs = LLM(path, device="cpu", num_pages=64, page_size=4)
+    with pytest.raises(ValueError, match=r"needs priority scheduling.*--policy priority"):
+        fcfs.generate([[5, 6], [7, 8]], sp, use_tqdm=False, priority=[0, 1])
+    assert not fcfs.engine.has_unfinished_requests()  # the first prompt's request went too
+    assert len(fcfs.generate([[5, 6]], sp, use_tqdm=False)[0].outputs[0].token_ids) == 2

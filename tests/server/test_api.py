@@ -227,7 +227,7 @@ def error_of(exc: openai.APIStatusError) -> dict:
         (dict(n=200), "n=200"),
         (dict(extra_body={"top_p": 0}), "top_p=0"),
         (dict(stream_options={"include_usage": True}), "stream_options applies to streamed answers only"),
-        (dict(extra_body={"priority": 3}), "priority is not supported by loramux"),
+        (dict(extra_body={"priority": 3}), "priority=3 needs priority scheduling"),
     ],
 )
 def test_bad_parameters_answer_400_in_openai_shape(client, kwargs, match):

@@ -45,6 +45,7 @@ exclude-tools-when-tool-choice-none: true
 chat-template: "{TEMPLATE}"
 root-path: /api
 enable-prefix-caching: false
+scheduling-policy: priority
 port: 1
 """
 MIDDLEWARE = """
@@ -103,6 +104,11 @@ def test_the_config_file_and_the_command_line_both_count_and_the_command_line_wi
     limits = server.metrics()
     assert limits['loramux_config{name="max_num_seqs"}'] == 4  # --max_num_seqs=4
     assert limits['loramux_config{name="prefix_caching"}'] == 0  # the config's false
+    assert "--scheduling-policy priority: vLLM's flag for policy" in log, log
+    urgent = post(
+        server, "/v1/completions", {"model": "base", "prompt": "lora", "max_tokens": 2, "priority": -5}
+    )
+    assert urgent.status_code == 200, urgent.text  # vLLM's priority field, taken under its policy
 
 
 def test_every_served_model_name_answers_and_counts_as_the_base(server):
