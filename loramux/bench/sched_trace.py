@@ -54,6 +54,7 @@ class TraceSetup:
     seed: int = 0
     step_s: float = 0.05
     check_every: int = 0  # check_integrity() every this many steps, and at the end (0: never)
+    high_share: float = 0.0  # this share of the requests (own draw: the trace is unchanged) at priority -1
 
     @property
     def label(self) -> str:
@@ -76,6 +77,10 @@ class TraceResult:
     reservations: int = 0
     preemptions: int = 0
     not_work_conserving: int = 0  # steps that left seats, tokens and pages free while admissible work waited
+    # with high_share, per class: (share started by the end, median wait to the first step of those
+    # started, in steps)
+    high_started: tuple[float, float] = (0.0, 0.0)
+    low_started: tuple[float, float] = (0.0, 0.0)
 
 
 def make_trace(n_requests: int, n_adapters: int, power: float, seed: int) -> list[tuple[int, list[int], int]]:
@@ -127,8 +132,16 @@ def run_trace(setup: TraceSetup) -> TraceResult:
     lora = setup.max_loras is not None
     reqs: dict[str, Request] = {}
     trace = make_trace(setup.n_requests, setup.n_adapters, setup.power, setup.seed)
+    high = np.random.default_rng(setup.seed + 1).random(len(trace)) < setup.high_share
     for i, (k, prompt, max_tokens) in enumerate(trace):
-        req = Request(f"r{i}", prompt, max_tokens, lora_name=f"a{k}" if lora else None, ignore_eos=True)
+        req = Request(
+            f"r{i}",
+            prompt,
+            max_tokens,
+            lora_name=f"a{k}" if lora else None,
+            ignore_eos=True,
+            priority=-1 if high[i] else 0,
+        )
         reqs[req.request_id] = req
         s.add_request(req)
     res = TraceResult(setup)
@@ -175,6 +188,9 @@ def run_trace(setup: TraceSetup) -> TraceResult:
         r.first_scheduled_time - r.arrival_time for r in reqs.values() if r.first_scheduled_time is not None
     ]
     res.longest_wait_steps = round(max(waits, default=0.0) / setup.step_s)
+    if setup.high_share:
+        res.high_started = _started([r for r in reqs.values() if r.priority < 0], setup.step_s)
+        res.low_started = _started([r for r in reqs.values() if r.priority >= 0], setup.step_s)
     res.oldest_waiting_steps = round(
         max((clock.t - r.arrival_time for r in s.policy if r.first_scheduled_time is None), default=0.0)
         / setup.step_s
@@ -184,6 +200,14 @@ def run_trace(setup: TraceSetup) -> TraceResult:
     res.reservations = getattr(s.counters, "num_reservations", 0)
     res.preemptions = s.counters.num_preemptions
     return res
+
+
+def _started(reqs: list[Request], step_s: float) -> tuple[float, float]:
+    """(share of `reqs` scheduled at least once, their median wait to that in steps)."""
+    waits = [
+        (r.first_scheduled_time - r.arrival_time) / step_s for r in reqs if r.first_scheduled_time is not None
+    ]
+    return (len(waits) / len(reqs), statistics.median(waits)) if waits else (0.0, 0.0)
 
 
 def _track_fair_stall(s: Scheduler, stall: dict[str, int], served: set[str], res: TraceResult) -> None:

@@ -105,3 +105,16 @@ def test_without_priorities_it_decides_as_fcfs_on_issue_10s_trace():
         prio = run_trace(TraceSetup(32, 1000, power, "priority", n_requests=1024, steps=200, warmup_steps=28))
         assert prio.tokens_per_step == fcfs.tokens_per_step
         assert (prio.longest_wait_steps, prio.out_of_order) == (fcfs.longest_wait_steps, fcfs.out_of_order)
+
+
+def test_S2_5_under_overload_the_better_class_starts_first_and_fcfs_does_not_tell_them_apart():
+    """Issue 10's trace (every request queued before step 1) with a tenth of it at priority -1,
+    32 adapters under a cap of 32: under `priority` every one of them starts within the first
+    steps, while fcfs starts the two classes alike."""
+    kw = dict(n_requests=512, warmup_steps=20, steps=80, high_share=0.1)
+    prio = run_trace(TraceSetup(32, 32, 1.0, "priority", **kw))
+    fcfs = run_trace(TraceSetup(32, 32, 1.0, "fcfs", **kw))
+    assert prio.high_started[0] == 1.0 and prio.high_started[1] <= 3
+    assert prio.low_started[0] < 1.0  # the overload: not every request could start
+    assert abs(fcfs.high_started[0] - fcfs.low_started[0]) < 0.15
+    assert prio.tokens_per_step >= 0.95 * fcfs.tokens_per_step

@@ -182,6 +182,7 @@ FIELDS = {
         st.lists(st.sampled_from(["a", "the", " lora", "x" * 300, "é", "\u2603 z"]), max_size=3),
         st.sampled_from([[""], [" "], [5], "word"]),
     ),
+    "priority": _field(st.just(0), st.sampled_from([1, -1, 2**70, "1", 1.5, None])),  # fcfs server: 0 only
     "ignore_eos": _field(st.booleans(), None),
     "min_tokens": _field(st.sampled_from([0, 1, 3]), st.sampled_from([-1, MAX_LEN + 1, 2**70])),
     "max_queue_time": _field(

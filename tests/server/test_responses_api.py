@@ -18,22 +18,11 @@ import pytest
 
 from loramux import demo
 from tests.server.conftest import start_server
+from tests.server.test_structured import WEATHER as CHAT_WEATHER
 
 MODELS = ("demo", *demo.ADAPTERS)
 CALL_ARGS = {"city": "paris", "days": 3}
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "parameters": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 10},
-            "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        },
-        "required": ["city", "days"],
-        "additionalProperties": False,
-    },
-}
+WEATHER = {"type": "function", **CHAT_WEATHER["function"]}  # the Responses API's flat shape
 # A template that writes every role, so instructions and history show in the prompt's length.
 ALL_ROLES = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
