@@ -117,6 +117,9 @@ class _Answer:
         self.api, self.body, self.chat, self.conversation = api, body, chat, conversation
         self.model = chat.model or ""
         self.message_id = f"msg_{uuid.uuid4().hex}"
+        # A named function's call is known from the start: streamed, its arguments come as made.
+        self.named = tool_mode(chat) and isinstance(chat.tool_choice, dict)
+        self.call_ids = (f"fc_{uuid.uuid4().hex}", f"call_{uuid.uuid4().hex}")
         defaults = api.gen.defaults
         self.response: dict[str, Any] = {
             "id": f"resp_{uuid.uuid4().hex}",
@@ -178,7 +181,7 @@ class _Answer:
         calls = tool_calls(self.chat, comp.text) if tool_mode(self.chat) else None
         status = "incomplete" if comp.finish_reason == "length" else "completed"
         if calls is not None:
-            return [
+            items = [
                 {
                     "type": "function_call",
                     "id": f"fc_{uuid.uuid4().hex}",
@@ -189,6 +192,9 @@ class _Answer:
                 }
                 for c in calls
             ]
+            if self.named:  # the ids its streamed events already carried
+                items[0]["id"], items[0]["call_id"] = self.call_ids
+            return items
         part = {"type": "output_text", "text": comp.text, "annotations": [], "logprobs": self._logprobs(out)}
         return [
             {
@@ -209,8 +215,9 @@ class _Answer:
 
     # --- streamed ---
     async def events(self, streams: Streams) -> AsyncIterator[str]:
-        """The response as the Responses API's server-sent events. Text streams as it comes; tool
-        calls come whole once the answer is done (they are parsed from all of it)."""
+        """The response as the Responses API's server-sent events. Text, and a named function's
+        arguments, stream as they come; tool_choice "required"'s calls come whole once the answer
+        is done (they are parsed from all of it)."""
         seq = itertools.count()
 
         def event(kind: str, **fields: Any) -> str:
@@ -225,6 +232,12 @@ class _Answer:
             item = {**self._message([]), "status": "in_progress"}
             yield event("response.output_item.added", output_index=0, item=item)
             yield event("response.content_part.added", **where, part=_text_part(""))
+        call = {"item_id": self.call_ids[0], "output_index": 0}
+        if self.named:
+            name = self.chat.tool_choice["function"]["name"]  # type: ignore[index]
+            item = {"type": "function_call", "id": self.call_ids[0], "call_id": self.call_ids[1]}
+            item.update(name=name, arguments="", status="in_progress")
+            yield event("response.output_item.added", output_index=0, item=item)
         finals: list[RequestOutput] = []
         seen = sent = 0  # tokens come in, tokens gone out in deltas (half a character waits)
         try:
@@ -239,6 +252,8 @@ class _Answer:
                         yield event(
                             "response.output_text.delta", **where, delta=comp.delta_text, logprobs=lps
                         )
+                    elif self.named and comp.delta_text:
+                        yield event("response.function_call_arguments.delta", **call, delta=comp.delta_text)
                     if out.finished:
                         finals.append(out)
                         self.api.gen.metrics.finished(self.model, out)
@@ -257,6 +272,10 @@ class _Answer:
             part = items[0]["content"][0]
             yield event("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
             yield event("response.content_part.done", **where, part=part)
+            yield event("response.output_item.done", output_index=0, item=items[0])
+        elif self.named and items[0]["type"] == "function_call":
+            done = {"name": items[0]["name"], "arguments": items[0]["arguments"]}
+            yield event("response.function_call_arguments.done", **call, **done)
             yield event("response.output_item.done", output_index=0, item=items[0])
         else:
             for i, item in enumerate(items):

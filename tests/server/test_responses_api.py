@@ -131,8 +131,9 @@ def test_text_format_json_schema_parses_into_the_clients_model(client):
 
 def test_function_tools_give_calls_and_take_their_outputs_back(client):
     """tool_choice "required" with parallel_tool_calls false: exactly one call whose arguments
-    validate; a named function streamed; the calls and their outputs sent back as input items
-    answer as chat does to the same assistant tool_calls and tool messages."""
+    validate; a named function streamed (its arguments as they come); the calls and their
+    outputs sent back as input items answer as chat does to the same assistant tool_calls and
+    tool messages."""
     prompt = demo.say(json.dumps(CALL_ARGS))
     one = client.responses.create(
         model="demo",
@@ -156,7 +157,9 @@ def test_function_tools_give_calls_and_take_their_outputs_back(client):
     ) as s:
         kinds = [e.type for e in s]
         call = s.get_final_response().output[0]
-    assert "response.function_call_arguments.delta" in kinds and kinds[-1] == "response.completed"
+    # the named function's arguments stream as they are made (the client's helper checks the ids)
+    assert kinds[2] == "response.output_item.added" and kinds[-1] == "response.completed"
+    assert kinds.count("response.function_call_arguments.delta") > 3
     jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
     assert call.name == "get_weather" and call.status == "completed"
     items = [
