@@ -16,9 +16,9 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loramux.engine.llm_engine import EngineDeadError
@@ -26,7 +26,7 @@ from loramux.engine.outputs import RequestOutput
 from loramux.server.errors import raise_if_ended_badly, to_api_error, validated
 from loramux.server.generate import ClientGone, Generate, Streams, merge, tool_mode
 from loramux.server.protocol import APIError, ChatCompletionRequest
-from loramux.server.responses_input import ResponsesRequest, chat_body, input_messages
+from loramux.server.responses_input import ResponsesRequest, chat_body, input_items, input_messages
 from loramux.server.structured import tool_calls
 
 
@@ -34,6 +34,7 @@ from loramux.server.structured import tool_calls
 class _Stored:
     response: dict[str, Any]
     conversation: list[dict[str, Any]]  # chat messages up to and with this answer (no instructions)
+    inputs: list[dict[str, Any]]  # this request's input items, as GET .../input_items lists them
 
 
 class ResponseStore:
@@ -102,6 +103,35 @@ class Responses:
 
     async def retrieve(self, response_id: str) -> dict[str, Any]:
         return self.store.get(response_id).response
+
+    async def input_items(
+        self,
+        response_id: str,
+        limit: int = Query(20, ge=1, le=100),
+        order: Literal["asc", "desc"] = "desc",
+        after: str | None = None,
+        before: str | None = None,
+    ) -> dict[str, Any]:
+        """The response's input items, OpenAI's list page: newest first unless order is asc;
+        `after` / `before` name an item of the list (a cursor)."""
+        items = list(self.store.get(response_id).inputs)
+        if order == "desc":
+            items.reverse()
+        ids = [it["id"] for it in items]
+        for cursor, name in ((after, "after"), (before, "before")):
+            if cursor is not None and cursor not in ids:
+                raise APIError(400, f"{name}={cursor!r} is not an input item of {response_id!r}", param=name)
+        start = ids.index(after) + 1 if after is not None else 0
+        end = ids.index(before) if before is not None else len(ids)
+        items = items[start:end]
+        page = items[:limit]
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
 
     async def delete(self, response_id: str) -> dict[str, Any]:
         self.store.delete(response_id)
@@ -173,7 +203,8 @@ class _Answer:
             },
         }
         if response["store"]:
-            self.api.store.put(response["id"], _Stored(response, self.conversation + _as_messages(items)))
+            conversation = self.conversation + _as_messages(items)
+            self.api.store.put(response["id"], _Stored(response, conversation, input_items(self.body.input)))
         return response
 
     def _items(self, out: RequestOutput) -> list[dict[str, Any]]:

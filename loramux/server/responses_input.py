@@ -9,6 +9,7 @@ nothing is dropped without a word.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Literal
 
 from pydantic import ConfigDict
@@ -165,6 +166,24 @@ def chat_body(body: ResponsesRequest, history: list[dict[str, Any]]) -> dict[str
             400, "tool_choice needs tools; send tools or leave tool_choice out", param="tool_choice"
         )
     return chat
+
+
+def input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The input as OpenAI lists it back (GET /v1/responses/{id}/input_items): items with ids,
+    a string as one user message, text content as input_text parts (assistant: output_text)."""
+    items: list[dict[str, Any]] = []
+    for item in [{"role": "user", "content": given}] if isinstance(given, str) else given:
+        kind = item.get("type", "message")
+        if kind == "message":
+            text = _text(item.get("content"), "input")
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            out = {"type": "message", "role": item.get("role"), "content": [{"type": part, "text": text}]}
+            out.update(id=item.get("id") or f"msg_{uuid.uuid4().hex}", status="completed")
+        else:
+            prefix = "fc" if kind == "function_call" else "fco"
+            out = {**item, "id": item.get("id") or f"{prefix}_{uuid.uuid4().hex}", "status": "completed"}
+        items.append(out)
+    return items
 
 
 def input_messages(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

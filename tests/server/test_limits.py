@@ -49,6 +49,7 @@ def test_api_key_is_required_on_every_v1_route(server):
         ("POST", "/v1/unload_lora_adapter", {"lora_name": "r1"}),
         ("POST", "/v1/responses", {"model": "base", "input": "hi"}),
         ("GET", "/v1/responses/resp_x", None),
+        ("GET", "/v1/responses/resp_x/input_items", None),
         ("DELETE", "/v1/responses/resp_x", None),
         ("POST", "/invocations", {"model": "base", "prompt": "hi"}),  # vLLM leaves it open; not here
     ]

@@ -80,7 +80,8 @@ def test_S6_1_each_adapter_answers_as_its_chat_in_one_batch_whole_and_streamed(s
 
 def test_previous_response_id_goes_on_from_the_stored_conversation(client):
     """A second turn answers as chat does to [user, assistant, user]; GET returns the stored
-    response; DELETE forgets it, and then neither GET nor previous_response_id finds it."""
+    response and lists its input items (pages, newest first by default, as OpenAI's); DELETE
+    forgets it, and then neither GET nor previous_response_id finds it."""
     first = client.responses.create(model="upper", input="hello world", temperature=0)
     second = client.responses.create(
         model="reverse",
@@ -98,6 +99,16 @@ def test_previous_response_id_goes_on_from_the_stored_conversation(client):
     assert second.usage.input_tokens == chat.usage.prompt_tokens > first.usage.input_tokens
     assert second.previous_response_id == first.id
     assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    listed = client.responses.input_items.list(second.id, order="asc")  # this turn's input only
+    assert [(i.type, i.role, i.content[0].text) for i in listed.data] == [("message", "user", "good dog")]
+    items = [{"role": "user", "content": w} for w in ("a", "b", "c")]
+    third = client.responses.create(model="upper", input=items, max_output_tokens=2)
+    newest = client.responses.input_items.list(third.id, limit=2)  # newest first, by default
+    assert [i.content[0].text for i in newest.data] == ["c", "b"] and newest.has_more
+    rest = client.responses.input_items.list(third.id, after=newest.last_id)
+    assert [i.content[0].text for i in rest.data] == ["a"] and not rest.has_more
+    with pytest.raises(openai.BadRequestError, match="after='nope' is not an input item"):
+        client.responses.input_items.list(third.id, after="nope")
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError, match=first.id):
         client.responses.retrieve(first.id)
