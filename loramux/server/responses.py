@@ -1,4 +1,4 @@
-"""OpenAI's Responses API: POST /v1/responses, GET and DELETE /v1/responses/{id}.
+"""OpenAI's Responses API: POST /v1/responses; GET and DELETE /v1/responses/{id}, and its input_items.
 
 Boundary: a `ResponsesRequest` in (responses_input.py makes it a chat request, which `Generate`
 starts on the engine); a Response object out, whole or as the API's typed server-sent events
