@@ -79,7 +79,11 @@ def server_config(args: argparse.Namespace, name: str) -> ServerConfig:
         root_path=args.root_path,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
-        max_stored_responses=1000 if args.max_stored_responses is None else args.max_stored_responses,
+        max_stored_responses=(
+            ServerConfig.max_stored_responses
+            if args.max_stored_responses is None
+            else args.max_stored_responses
+        ),
     )
 
 

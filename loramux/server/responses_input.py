@@ -67,7 +67,6 @@ class ResponsesRequest(_Request):
 
     def check(self) -> None:
         """APIError 400 naming each field loramux does not carry out."""
-        refuse = _refuser()
         if self.background:
             refuse(
                 "background",
@@ -123,11 +122,8 @@ class ResponsesRequest(_Request):
         return dict((self.text or {}).get("format") or {"type": "text"})
 
 
-def _refuser() -> Any:
-    def refuse(param: str, message: str) -> None:
-        raise APIError(400, message, param=param)
-
-    return refuse
+def refuse(param: str, message: str) -> None:
+    raise APIError(400, message, param=param)
 
 
 def chat_body(body: ResponsesRequest, history: list[dict[str, Any]]) -> dict[str, Any]:

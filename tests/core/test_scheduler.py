@@ -396,6 +396,16 @@ def test_queue_bound_refuses_with_a_retry_hint():
         s.add_request(make_request(4))
 
 
+def _probe():
+    """(scheduler, fake executor, the tokens a plain 4-token prompt gets with max_tokens 6)."""
+    s = make_scheduler()
+    ex = fake_for(s)
+    probe = make_request(4, max_tokens=6)
+    s.add_request(probe)
+    run(s, ex)
+    return s, ex, probe.output_token_ids
+
+
 def test_bad_words_ban_the_token_that_would_complete_one_in_the_output():
     """vLLM's bad_words: a one-token word is always banned; a longer one's last token only where
     the output (never the prompt) ends with the rest. The ban rides on the step's suppress set,
@@ -408,12 +418,7 @@ def test_bad_words_ban_the_token_that_would_complete_one_in_the_output():
     assert banned_tokens(words, [*prompt, 7], 4) == {5, 8}
     assert banned_tokens(words, [*prompt, 1, 2], 4) == {5, 3}
     assert banned_tokens(words, [*prompt, 2], 4) == {5}  # 1, 2 straddles the prompt: not a match
-    s = make_scheduler()
-    ex = fake_for(s)
-    probe = make_request(4, max_tokens=6)
-    s.add_request(probe)
-    run(s, ex)
-    toks = probe.output_token_ids
+    s, ex, toks = _probe()
     pair = (toks[1], toks[2])
     banned = make_request(4, max_tokens=6, bad_words_ids=(pair,))
     s.add_request(banned)
@@ -423,12 +428,7 @@ def test_bad_words_ban_the_token_that_would_complete_one_in_the_output():
 
 
 def test_stop_tokens_eos_and_min_tokens():
-    s = make_scheduler()
-    ex = fake_for(s)
-    probe = make_request(4, max_tokens=6)
-    s.add_request(probe)
-    run(s, ex)
-    toks = probe.output_token_ids
+    s, ex, toks = _probe()
     stop = make_request(4, max_tokens=6, stop_token_ids=frozenset({toks[2]}))
     eos = make_request(4, max_tokens=6, eos_token_ids=frozenset({toks[1]}), ignore_eos=False)
     late = make_request(4, max_tokens=6, eos_token_ids=frozenset({toks[1]}), ignore_eos=False, min_tokens=4)
