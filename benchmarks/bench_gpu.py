@@ -4,7 +4,8 @@ written on the device from a config).
 
 Not a test. Sections, each timed against a shared budget (a section that would not fit is recorded
 as skipped, and an error in one is recorded and the next runs):
-1. tests: the `gpu` tests, the kernel tests and the Triton-path engine tests, compiled on CUDA;
+1. tests: the `gpu` tests, the kernel tests and the Triton-path engine tests, compiled on CUDA (in
+   the dry run: one kernel test file, since the suite runs them all);
 2. kernels: Triton paged attention and multi-LoRA against the torch path at Llama-3-8B shapes
    (error, and time of each);
 3. decode: tokens/s on Llama-3-8B shapes in bf16 (32 layers, hidden 4096, GQA 32/8, vocab 128256)
@@ -15,7 +16,7 @@ as skipped, and an error in one is recorded and the next runs):
    fewer new tokens (its decode rate is what is compared);
 5. graphs: CUDA graphs on against off (`enforce_eager`) at batch 1 (base) and 16 (16 distinct
    adapters), decode tokens/s, interleaved rounds (in the dry run: emulated graphs on the Triton
-   path in the interpreter, so the same code runs);
+   path in the interpreter, so the same code runs, one round);
 6. online: S-LoRA-style load on 1B shapes, 1000 rank-16 adapters (q, v), Zipf 1, `--duration` s
    at three rates: throughput, TTFT p50/p99.
 
@@ -162,7 +163,8 @@ def adapters_for(model: Path, root: Path, n: int, rank: int, targets: tuple[str,
 
 
 def section_tests(a: argparse.Namespace) -> dict[str, Any]:
-    tests = ["tests/kernels"] if a.dry_run else [
+    # The dry run checks that this section runs; the suite runs every kernel test anyway.
+    tests = ["tests/kernels/test_lora_kernels.py"] if a.dry_run else [
         "tests/kernels", "tests/executor/test_gpu.py", "tests/executor/test_triton_path.py",
     ]  # fmt: skip
     t0 = time.perf_counter()
@@ -402,7 +404,7 @@ def section_graphs(a: argparse.Namespace, model: Path, adapters: list[Path]) -> 
         ]
         n_ad = 0 if b == 1 else min(b, len(adapters))
         loras = [f"a{i % n_ad}" if n_ad else None for i in range(b)]
-        for _ in range(2):  # eager, graphs, eager, graphs
+        for _ in range(1 if a.dry_run else 2):  # eager, graphs, eager, graphs
             for on in (False, True):
                 if a.budget.left() < 30:
                     break

@@ -136,15 +136,15 @@ def test_readme_states_the_demo_limits():
 
 @pytest.mark.timeout(3600)
 def test_build_command_produces_a_demo_that_serves(tmp_path):
-    """`python -m loramux.demo build` runs end to end and its output serves. CI trains 2 % of the
+    """`python -m loramux.demo build` runs end to end and its output serves. CI trains 0.2 % of the
     steps (the files load and answer); LORAMUX_DEMO_BUILD=1 trains the full recipe and holds it to
     the shipped demo's scores."""
     full = os.environ.get("LORAMUX_DEMO_BUILD") == "1"
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "loramux.demo", "build", "--out", str(out)]
-    subprocess.run([*cmd, *([] if full else ["--steps-scale", "0.02", "--no-score"])], check=True)
+    subprocess.run([*cmd, *([] if full else ["--steps-scale", "0.002", "--no-score"])], check=True)
     info = json.loads((out / "training.json").read_text())
-    assert info["steps"]["echo"] == (demo.BASE_STEPS if full else round(0.02 * demo.BASE_STEPS))
+    assert info["steps"]["echo"] == (demo.BASE_STEPS if full else round(0.002 * demo.BASE_STEPS))
     for name in demo.ADAPTERS:
         cfg = json.loads((out / "adapters" / name / "adapter_config.json").read_text())
         assert cfg["base_model_name_or_path"] is None  # no build machine's path in shipped files
