@@ -16,13 +16,14 @@ from loramux import __version__
 from loramux.server.builder import build_server
 from loramux.server.serve_args import add_serve_args
 from loramux.server.vllm_argv import expand_serve_argv
-from loramux.server.vllm_flags import apply_vllm_args
+from loramux.server.vllm_flags import apply_vllm_args, apply_vllm_resolver_env
 
 logger = logging.getLogger("loramux")
 
 
 def serve(args: argparse.Namespace) -> None:
     apply_vllm_args(args)  # vLLM's flags: mapped, ignored with a log line, or refused naming the fix
+    apply_vllm_resolver_env(args)  # vLLM's filesystem LoRA resolver: one more --allowed-lora-dirs
     if args.replicas is not None:
         from loramux.ray import run_cluster
 

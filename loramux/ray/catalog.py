@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramux.server.paths import allowed_path
+from loramux.server.paths import find_adapter
 from loramux.server.protocol import APIError
 
 
@@ -46,10 +46,9 @@ class Catalog:
         """The adapter folder of `name`; APIError 404 (unknown) or 403 (outside the folders)."""
         if name in self.modules:
             return self.modules[name]
-        plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
-        for d in self.allowed:
-            if plain and (d / name / "adapter_config.json").is_file():
-                return str(allowed_path(str(d / name), list(self.allowed)))
+        found = find_adapter(name, list(self.allowed))
+        if found is not None:
+            return str(found)
         raise APIError(
             404,
             f"the model {name!r} does not exist: it is neither the base model ({self.base!r}), nor named "

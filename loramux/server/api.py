@@ -33,7 +33,7 @@ from loramux.server.generate import Generate
 from loramux.server.invocations import Invocations
 from loramux.server.metrics import Metrics
 from loramux.server.middleware import LoadTracker, RequestIdHeaders, ServerLoad, add_user_middleware
-from loramux.server.paths import allowed_path
+from loramux.server.paths import allowed_path, find_adapter
 from loramux.server.protocol import (
     APIError,
     DetokenizeRequest,
@@ -41,6 +41,7 @@ from loramux.server.protocol import (
     TokenizeRequest,
     UnloadLoRARequest,
 )
+from loramux.server.resolver import AdapterResolver
 from loramux.server.responses import Responses
 from loramux.server.server_config import ServerConfig
 
@@ -139,6 +140,7 @@ class _API:
         self.metrics = metrics
         self.created = int(time.time())
         self.allowed = [Path(d).resolve() for d in cfg.allowed_lora_dirs]
+        self.resolver = AdapterResolver(aengine, cfg)
 
     async def check_key(self, request: Request) -> None:
         check_api_key(self.cfg.api_keys, request)
@@ -211,6 +213,7 @@ class _API:
             model is not None
             and model not in self.cfg.base_names
             and not await self.aengine.call(self.engine.has_lora, model)
+            and find_adapter(model, self.resolver.allowed) is None  # served once asked for
         ):
             raise APIError(404, f"the model {model!r} does not exist", code="model_not_found", param="model")
         tok = self.engine.tokenizer

@@ -89,7 +89,8 @@ def server_config(args: argparse.Namespace, name: str) -> ServerConfig:
 
 def build_server(args: argparse.Namespace, register_loras: bool = True, keep_responses: bool = True) -> Built:
     """The engine, its thread (started) and the app, from `serve`'s flags. One Ray replica builds
-    the same, with `register_loras=False` (its adapters load on demand) and `keep_responses=False`
+    the same, with `register_loras=False` (Ray Serve loads its adapters on demand, so it finds
+    none by name itself) and `keep_responses=False`
     (a later request may reach another replica, so no replica keeps Responses API answers)."""
     from loramux.engine.chat import check_template_kwargs
     from loramux.engine.llm_engine import LLMEngine
@@ -101,6 +102,8 @@ def build_server(args: argparse.Namespace, register_loras: bool = True, keep_res
     cfg = server_config(args, name)  # before the engine: a bad flag fails at once
     if not keep_responses:
         cfg = dataclasses.replace(cfg, max_stored_responses=0)
+    if not register_loras:  # Ray Serve's multiplexing registers and unregisters the adapters
+        cfg = dataclasses.replace(cfg, resolve_adapters=False)
     clash = [n for n, _ in loras if n in cfg.base_names]
     if clash:
         raise ValueError(f"--lora-modules {clash[0]}: that is the base model's name; rename the adapter")

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from loramux.core.adapters import AdapterNotFoundError
 from loramux.engine.chat import render_chat
 from loramux.engine.llm_engine import EngineDeadError
 from loramux.engine.outputs import RequestOutput
@@ -31,6 +32,7 @@ from loramux.server.async_engine import AsyncEngine
 from loramux.server.errors import raise_if_ended_badly, to_api_error
 from loramux.server.metrics import Metrics
 from loramux.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from loramux.server.resolver import AdapterResolver
 from loramux.server.server_config import ServerConfig
 from loramux.server.structured import call, structured_params, tool_calls
 from loramux.server.token_text import TokenText
@@ -79,6 +81,7 @@ class ClientGone(Exception):
 class Generate:
     def __init__(self, aengine: AsyncEngine, metrics: Metrics, cfg: ServerConfig) -> None:
         self.aengine, self.engine, self.metrics, self.cfg = aengine, aengine.engine, metrics, cfg
+        self.resolver = AdapterResolver(aengine, cfg)
         self.base_names = frozenset(cfg.base_names)
         self.details = cfg.prompt_tokens_details
         self.defaults = dict(self.engine.runtime.sampling_defaults)  # the model's generation_config
@@ -155,9 +158,22 @@ class Generate:
                     logger.info("request %s-%d model=%s prompt=%r", rid, i, model, shown)
                 else:
                     logger.debug("request %s-%d model=%s", rid, i, model)
-                streams += await self.aengine.add_request_n(
-                    f"{rid}-{i}", prompt, params, lora, body.user or "", fill, body.cache_salt, body.priority
+                args = (
+                    f"{rid}-{i}",
+                    prompt,
+                    params,
+                    lora,
+                    body.user or "",
+                    fill,
+                    body.cache_salt,
+                    body.priority,
                 )
+                try:
+                    streams += await self.aengine.add_request_n(*args)
+                except AdapterNotFoundError:
+                    if lora is None or not await self.resolver.load(lora):
+                        raise
+                    streams += await self.aengine.add_request_n(*args)  # found by name: loaded now
         except Exception as e:
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]

@@ -149,7 +149,9 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="DIR",
-        help="folders runtime adapter loads may come from; none: runtime loading is off",
+        help="folders runtime adapter loads may come from; a request naming an adapter that is not "
+        "loaded is served from the folder of that name in one of them (loaded on first use); none: "
+        "runtime loading is off",
     )
     p.add_argument("--log-prompts", action="store_true", help="write prompt text to the log (off by default)")
     p.add_argument(

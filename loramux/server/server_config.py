@@ -21,6 +21,10 @@ class ServerConfig:
     one of them."""
     allowed_lora_dirs: tuple[str, ...] = ()
     """Runtime adapter loads must resolve inside one of these; none: runtime loading is off."""
+    resolve_adapters: bool = True
+    """A request naming an adapter nobody loaded is served from the folder of that name in
+    allowed_lora_dirs, loaded on first use (vLLM's filesystem LoRA resolver). Off on a Ray
+    replica, whose adapters Ray Serve's multiplexing loads and unloads."""
     log_prompts: bool = False
     """Write prompt text to the log (off: only ids and lengths)."""
     max_request_bytes: int = 8 << 20

@@ -1,13 +1,17 @@
-"""vLLM's `vllm serve` flags that loramux has no flag of its own for, so a vLLM command line starts.
+"""vLLM's `vllm serve` flags that loramux has no flag of its own for, so a vLLM command line starts;
+and the environment that sets up vLLM's filesystem LoRA resolver.
 
-Boundary: argparse in (the flags of loramux/vllm_args.py's table are added to `serve`'s
-parser), log lines and an updated namespace out; the table says what each flag does.
+Boundary: argparse (and the environment) in (the flags of loramux/vllm_args.py's table are added
+to `serve`'s parser), log lines and an updated namespace out; the table says what each flag does.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
 
 from loramux.vllm_args import FLAGS
 
@@ -48,3 +52,30 @@ def apply_vllm_args(args: argparse.Namespace) -> None:
             )
         else:
             raise ValueError(f"{shown} is not supported: {f.why}")
+
+
+def apply_vllm_resolver_env(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> None:
+    """vLLM's filesystem LoRA resolver, set up as vLLM sets it up: VLLM_LORA_RESOLVER_CACHE_DIR,
+    with VLLM_ALLOW_RUNTIME_LORA_UPDATING true and lora_filesystem_resolver among VLLM_PLUGINS
+    (or VLLM_PLUGINS unset: vLLM loads every plugin then). loramux's own form of it is an
+    --allowed-lora-dirs folder, so the cache folder joins those; ValueError if it is no folder."""
+    folder = env.get("VLLM_LORA_RESOLVER_CACHE_DIR")
+    plugins = env.get("VLLM_PLUGINS")
+    runtime = env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in ("1", "true")
+    if not folder or not runtime:
+        return
+    if plugins is not None and "lora_filesystem_resolver" not in [p.strip() for p in plugins.split(",")]:
+        return
+    if not Path(folder).is_dir():
+        raise ValueError(
+            f"VLLM_LORA_RESOLVER_CACHE_DIR={folder!r} is not a directory; point it at the folder "
+            "that holds one adapter folder per name"
+        )
+    if folder not in args.allowed_lora_dirs:
+        args.allowed_lora_dirs = [*args.allowed_lora_dirs, folder]
+    logger.info(
+        "VLLM_LORA_RESOLVER_CACHE_DIR=%s: a request naming an adapter that is not loaded is served "
+        "from the folder of that name there (as --allowed-lora-dirs %s)",
+        folder,
+        folder,
+    )
