@@ -313,7 +313,11 @@ RESPONSES = {
         st.sampled_from(["auto", "sometimes", {"type": "function", "name": "g"}]),
     ),
 }
-MODELS = _field(st.sampled_from(["base", "a", "b"]), st.sampled_from(["nope", "", "../a", "a/b", "A", " a"]))
+MODELS = _field(
+    st.sampled_from(["base", "a", "b"]),
+    # and names of the allowed folder's: an adapter loaded on first use, a symlink out of it
+    st.sampled_from(["nope", "", "../a", "a/b", "A", " a", "r1_qv", "escape", "x" * 300]),
+)
 REQUIRED = {"prompt", "messages", "input"}
 
 
