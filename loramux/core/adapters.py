@@ -122,7 +122,44 @@ class AdapterManager:
 
     # --- registry ---
     def register(
-        self, name: str, version: str, rank: int, nbytes: int, path: str | None = None, pinned: bool = False
+        self,
+        name: str,
+        version: str,
+        rank: int,
+        nbytes: int,
+        path: str | None = None,
+        pinned: bool = False,
+        replace: bool = False,
+    ) -> AdapterInfo:
+        """A new load of `name`. With `replace`, a load already under that name is unregistered
+        once the new one passes every check (its requests finish on it, S6.3); if a check fails,
+        it stays as it was."""
+        old = self._by_name.get(name)
+        if old is not None and not replace:
+            raise ValueError(
+                f"adapter {name!r} is already loaded; unload it first, or load it in place "
+                f"(load_inplace: true) to replace it"
+            )
+        if old is None:
+            return self._register(name, version, rank, nbytes, path, pinned)
+        old.unloading = True  # for the checks: its pin and bytes go with the replacement
+        try:
+            info = self._register(name, version, rank, nbytes, path, pinned, old)
+        finally:
+            old.unloading = False
+        self.unregister(name)  # the old load: its requests finish on its weights
+        self._by_name[name] = info
+        return info
+
+    def _register(
+        self,
+        name: str,
+        version: str,
+        rank: int,
+        nbytes: int,
+        path: str | None,
+        pinned: bool,
+        replaced: AdapterInfo | None = None,
     ) -> AdapterInfo:
         if not name:
             raise ValueError("an adapter needs a non-empty name")
@@ -134,8 +171,6 @@ class AdapterManager:
                 f"adapter name {name!r} is not allowed ({', '.join(bad) or 'leading dot or space'}): "
                 f"names are model ids, not paths; use letters, digits, '-', '_', '.' and ':'"
             )
-        if name in self._by_name:
-            raise ValueError(f"adapter {name!r} is already loaded; unload it first to replace it")
         if not 1 <= rank <= self.max_lora_rank:
             raise ValueError(
                 f"adapter {name!r} has rank {rank}, above max_lora_rank={self.max_lora_rank}; "
@@ -146,16 +181,19 @@ class AdapterManager:
                 f"adapter {name!r} needs {nbytes} bytes, more than the device budget "
                 f"max_lora_bytes={self.max_device_bytes}"
             )
-        if pinned and self.num_pinned >= self.max_loras - 1 and self.max_loras > 1:
+        freed = replaced is not None and replaced.pinned and replaced.num_requests == 0  # released at once
+        pins = self.num_pinned - int(freed)
+        if pinned and pins >= self.max_loras - 1 and self.max_loras > 1:
             raise ValueError(
-                f"cannot pin {name!r}: {self.num_pinned} of {self.max_loras} slots are pinned "
+                f"cannot pin {name!r}: {pins} of {self.max_loras} slots are pinned "
                 f"and one must stay free for other adapters; raise max_loras"
             )
         if pinned and self.max_loras == 1:
             raise ValueError(f"cannot pin {name!r} with max_loras=1: no slot would be left for others")
         self._check_fits_beside_pins(name, nbytes, pinned)
         info = AdapterInfo(name, next(self._uids), version, rank, nbytes, path, pinned)
-        self._by_name[name] = info
+        if replaced is None:
+            self._by_name[name] = info
         self._by_uid[info.uid] = info
         return info
 
@@ -192,6 +230,10 @@ class AdapterManager:
         if info.num_requests == 0:
             self._release(info)
         return info
+
+    def lookup(self, name: str) -> AdapterInfo | None:
+        """The load now under `name`, if any."""
+        return self._by_name.get(name)
 
     def get(self, name: str) -> AdapterInfo:
         info = self._by_name.get(name)

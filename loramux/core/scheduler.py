@@ -100,9 +100,21 @@ class Scheduler:
 
     # --- adapters ---
     def register_adapter(
-        self, name: str, version: str, rank: int, nbytes: int, path: str | None = None, pinned: bool = False
+        self,
+        name: str,
+        version: str,
+        rank: int,
+        nbytes: int,
+        path: str | None = None,
+        pinned: bool = False,
+        replace: bool = False,
     ) -> AdapterInfo:
-        info = self.adapters.register(name, version, rank, nbytes, path, pinned)
+        """A new load of `name`; with `replace`, in place of the one now under that name (whose
+        requests finish on it, whose idle KV pages go now: the new load never reads them)."""
+        old = self.adapters.lookup(name) if replace else None
+        info = self.adapters.register(name, version, rank, nbytes, path, pinned, replace)
+        if old is not None:
+            self.kv.close_namespace(old.uid)
         self.kv.open_namespace(info.uid, info.identity)
         return info
 

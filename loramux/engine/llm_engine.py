@@ -223,11 +223,18 @@ class LLMEngine:
         return self.dead
 
     # --- adapters ---
-    def add_lora(self, name: str, path: str, pinned: bool = False) -> AdapterInfo:
-        """Check the adapter against the model and register it; raises ValueError with the reason."""
+    def add_lora(self, name: str, path: str, pinned: bool = False, replace: bool = False) -> AdapterInfo:
+        """Check the adapter against the model and register it; raises ValueError with the reason.
+        With `replace` (vLLM's load_inplace), a load already under `name` gives way to this one at
+        once: requests the scheduler holds finish on the old weights, later ones (and samples of
+        an n>1 request still waiting for the first one's prompt, and requests whose grammar is
+        still compiling) get the new, and neither reads the other's KV. A load that fails a check
+        leaves the old one serving."""
         self._check_alive()
         spec = self.executor.inspect_adapter(name, path)
-        info = self.scheduler.register_adapter(name, spec.version, spec.rank, spec.nbytes, path, pinned)
+        info = self.scheduler.register_adapter(
+            name, spec.version, spec.rank, spec.nbytes, path, pinned, replace
+        )
         self.executor.register_adapter(info.uid, spec)
         if self.step_log is not None:
             self.step_log.adapter(info.uid, spec.rank, spec.nbytes)

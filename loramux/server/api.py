@@ -173,17 +173,18 @@ class _API:
                 param="lora_name",
             )
         path = allowed_path(body.lora_path, self.allowed)
+        name, inplace = body.lora_name, body.load_inplace
         try:
-            info = await self.aengine.call(self.engine.add_lora, body.lora_name, str(path), body.pinned)
+            info = await self.aengine.call(self.engine.add_lora, name, str(path), body.pinned, inplace)
         except ValueError as e:
-            raise APIError(400, f"cannot load adapter {body.lora_name!r}: {e}", param="lora_path") from e
-        logger.info("loaded adapter %s (rank %d) from %s", info.name, info.rank, path)
+            raise APIError(400, f"cannot load adapter {name!r}: {e}", param="lora_path") from e
+        logger.info("loaded adapter %s (rank %d) from %s%s", name, info.rank, path, " in place" * inplace)
         return {
             "object": "lora_adapter",
             "id": info.name,
             "rank": info.rank,
             "version": info.version,
-            "message": f"adapter {info.name!r} loaded",
+            "message": f"adapter {info.name!r} loaded{' in place' * inplace}",
         }
 
     async def unload_lora(self, body: UnloadLoRARequest) -> dict[str, Any]:

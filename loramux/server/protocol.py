@@ -300,6 +300,8 @@ class LoadLoRARequest(_Request):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
     pinned: bool = False
+    load_inplace: bool = False
+    """vLLM's: replace the adapter loaded under lora_name (new weights, no gap in serving)."""
 
 
 class UnloadLoRARequest(_Request):

@@ -65,6 +65,55 @@ def test_S2_5_adapters_in_use_are_never_evicted():
     m.check_integrity()
 
 
+def test_S6_3_a_load_in_place_replaces_the_name_at_once_and_the_old_load_serves_its_requests():
+    """vLLM's load_inplace: the name moves to the new load at once; the old one keeps its slot and
+    weights for the request it has and goes with that request."""
+    m = mgr()
+    a = m.register("a", "v1", 8, 100)
+    m.add_request(a)
+    m.acquire(a)
+    m.start_running(a)
+    m.take_plan()
+    new = m.register("a", "v2", 4, 50, replace=True)
+    assert m.get("a") is new and new.uid != a.uid and new.version == "v2"
+    assert a.unloading and a.slot is not None and not new.unloading
+    m.add_request(new)  # a later request gets the new load
+    m.stop_running(a)
+    m.finish_request(a)
+    assert m.take_plan().release == [a.uid] and a.slot is None
+    assert m.references() == {"a": 1}  # only the new load's request is left
+    m.finish_request(new)
+    m.check_integrity()
+
+
+def test_a_load_in_place_that_fails_a_check_leaves_the_old_load_serving():
+    m = mgr(max_lora_rank=16, max_device_bytes=1000)
+    a = m.register("a", "v1", 8, 100)
+    for rank, nbytes, match in [(32, 100, "--max-lora-rank 32"), (8, 5000, "more than the device budget")]:
+        with pytest.raises(ValueError, match=match):
+            m.register("a", "v2", rank, nbytes, replace=True)
+        assert m.get("a") is a and not a.unloading
+    with pytest.raises(ValueError, match=r"already loaded.*load_inplace"):
+        m.register("a", "v2", 8, 100)  # without replace: refused, naming the fix
+    assert m.register("b", "v", 8, 100, replace=True).name == "b"  # nothing to replace: a plain load
+    m.check_integrity()
+
+
+def test_a_pinned_adapter_is_replaced_by_a_pinned_load_at_the_pin_and_byte_limits_when_it_is_idle():
+    """The old pin's slot and bytes count for the new load only while a request still holds them."""
+    m = mgr(max_loras=2, max_device_bytes=450)  # one pin at most: one slot stays free for the others
+    p = m.register("p", "v1", 8, 200, pinned=True)
+    m.register("other", "v", 8, 200)
+    m.add_request(p)
+    with pytest.raises(ValueError, match="one must stay free"):  # the old pin stays for its request
+        m.register("p", "v2", 8, 200, pinned=True, replace=True)
+    assert m.get("p") is p and not p.unloading
+    m.finish_request(p)
+    new = m.register("p", "v2", 8, 200, pinned=True, replace=True)  # 200 + 200 + 200 bytes would not fit
+    assert m.get("p") is new and m.num_pinned == 1
+    m.check_integrity()
+
+
 def test_S2_5_pinned_adapters_stay_resident():
     m = mgr(max_loras=2)
     p = m.register("p", "v", 8, 100, pinned=True)

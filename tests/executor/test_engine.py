@@ -109,3 +109,37 @@ def test_S2_5_priority_reaches_the_scheduler_from_the_engine_and_llm_and_only_un
         fcfs.generate([[5, 6], [7, 8]], sp, use_tqdm=False, priority=[0, 1])
     assert not fcfs.engine.has_unfinished_requests()  # the first prompt's request went too
     assert len(fcfs.generate([[5, 6]], sp, use_tqdm=False)[0].outputs[0].token_ids) == 2
+
+
+def test_S6_3_a_load_in_place_serves_running_requests_on_the_old_weights_and_later_ones_on_the_new(
+    tiny_models, oracles
+):
+    """vLLM's load_inplace (`add_lora(..., replace=True)`): a request already decoding finishes on
+    the weights it started with, one added after gets the new ones (and none of the old KV, though
+    its prompt is the same), each equal to transformers+PEFT; a load in place that fails leaves the
+    new weights serving."""
+    tm = tiny_models["llama"]
+    engine = LLM(str(tm.path), device="cpu", num_pages=64, page_size=4, max_loras=2).engine
+    engine.add_lora("live", str(tm.adapters["r1_qv"]))
+    prompt, n = [5, 9, 13, 17, 21, 25, 29, 33], 8
+    sp = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0)
+    final: dict[str, list[int]] = {}
+
+    def run(steps: int | None = None) -> None:
+        while engine.has_unfinished_requests() and (steps is None or (steps := steps - 1) >= 0):
+            final.update({o.request_id: list(o.outputs[0].token_ids) for o in engine.step() if o.finished})
+
+    engine.add_request("old", prompt, sp, lora_name="live")
+    run(steps=3)  # the prompt and two tokens: "old" runs on r1_qv's weights
+    assert not final and engine.has_unfinished_requests()
+    engine.add_lora("live", str(tm.adapters["r8_all"]), replace=True)
+    engine.add_request("new", prompt, sp, lora_name="live")
+    run()
+    expected, _ = oracles("llama").greedy([prompt, prompt], ["r1_qv", "r8_all"], n)
+    assert [final["old"], final["new"]] == expected and expected[0] != expected[1]
+    assert engine.scheduler.adapters.references() == {"live": 0}  # the old load is gone
+    with pytest.raises(ValueError, match="is not a directory"):
+        engine.add_lora("live", str(tm.path / "nowhere"), replace=True)
+    engine.add_request("after", prompt, sp, lora_name="live")
+    run()
+    assert final["after"] == expected[1]

@@ -306,6 +306,29 @@ def test_S6_3_runtime_load_unload_and_reload_with_different_weights(server, clie
     httpx.post(server.v1 + "/unload_lora_adapter", json={"lora_name": "swap"})
 
 
+def test_S6_3_load_inplace_replaces_an_adapters_weights_without_a_gap(server, client, offline, adapter_dirs):
+    """vLLM's `load_inplace` (what RL trainers send after each update): the name answers with the
+    new weights at once; without it a loaded name is a 400 naming it; a failed one changes nothing."""
+    allowed, _ = adapter_dirs
+    prompt = words(11, 9)
+
+    def load(path: str, **extra: object) -> httpx.Response:
+        body = {"lora_name": "live", "lora_path": str(allowed / path), **extra}
+        return httpx.post(server.v1 + "/load_lora_adapter", json=body, timeout=30)
+
+    assert load("rs4_attn", load_inplace=True).status_code == 200  # nothing to replace: a plain load
+    assert completion_tokens(client, "live", prompt) == offline(prompt, "rs4_attn")
+    r = load("r64_mlp")
+    assert r.status_code == 400 and "load_inplace" in r.json()["error"]["message"], r.text
+    r = load("r64_mlp", load_inplace=True)
+    assert r.status_code == 200 and r.json()["message"] == "adapter 'live' loaded in place", r.text
+    assert completion_tokens(client, "live", prompt) == offline(prompt, "r64_mlp")
+    r = load("missing", load_inplace=True)
+    assert r.status_code == 400 and "is not a directory" in r.json()["error"]["message"], r.text
+    assert completion_tokens(client, "live", prompt) == offline(prompt, "r64_mlp")
+    assert httpx.post(server.v1 + "/unload_lora_adapter", json={"lora_name": "live"}).status_code == 200
+
+
 def test_S5_2_cache_salt_shares_cached_prompts_only_within_one_salt(server, client, offline):
     """vLLM's `cache_salt`: a tenant's requests find each other's cached prompt pages, another
     salt (or none) finds none of them, even on the same adapter; answers do not change."""
