@@ -17,6 +17,9 @@ class LoRARequest:
     """A positive id, as vLLM takes it; loramux keys adapters by name and keeps it for reference."""
     lora_path: str
     """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    load_inplace: bool = False
+    """vLLM's: (re)load the adapter from lora_path even if one is loaded under lora_name, in its
+    place (a trainer's new weights each step); requests already queued finish on the old ones."""
 
     def __post_init__(self) -> None:
         if not self.lora_name:

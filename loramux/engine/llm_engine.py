@@ -268,14 +268,17 @@ class LLMEngine:
         return self.executor.pending_reads(self._read_ahead)
 
     def ensure_lora(self, lora: LoRARequest) -> None:
-        """Register `lora` on first use; refuse a second, different adapter under the same name."""
+        """Register `lora` on first use, or again in place with `load_inplace`; refuse a second,
+        different adapter under the same name otherwise."""
         known = self._adapter_paths.get(lora.lora_name)
         if known is None or lora.lora_name not in self.scheduler.adapters:
             self.add_lora(lora.lora_name, lora.lora_path)
+        elif lora.load_inplace:
+            self.add_lora(lora.lora_name, lora.lora_path, replace=True)
         elif Path(known).resolve() != Path(lora.lora_path).resolve():
             raise ValueError(
                 f"adapter {lora.lora_name!r} is loaded from {known!r}, not {lora.lora_path!r}; "
-                f"unload it first or use another name"
+                f"unload it first, use another name, or load it in place (load_inplace=True)"
             )
 
     def remove_lora(self, name: str) -> AdapterInfo:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from loramux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
@@ -143,3 +145,31 @@ def test_S6_3_a_load_in_place_serves_running_requests_on_the_old_weights_and_lat
     engine.add_request("after", prompt, sp, lora_name="live")
     run()
     assert final["after"] == expected[1]
+
+
+def test_S6_3_llm_load_inplace_picks_up_a_trainers_new_weights_at_the_same_path(
+    tiny_models, oracles, tmp_path
+):
+    """vLLM's `LoRARequest(..., load_inplace=True)`, as RL trainers use it: the adapter folder is
+    written again after each update and the next `generate` call serves the new weights; without
+    the flag a loaded name keeps its weights, and another path under it is refused naming the flag."""
+    tm = tiny_models["llama"]
+    llm = LLM(str(tm.path), device="cpu", num_pages=64, page_size=4)
+    folder = tmp_path / "actor"
+    shutil.copytree(tm.adapters["r1_qv"], folder)
+    prompt, n = [7, 11, 13, 17, 19, 23], 6
+    sp = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0)
+    expected, _ = oracles("llama").greedy([prompt, prompt], ["r1_qv", "r8_all"], n)
+    assert expected[0] != expected[1]
+
+    def answer(**kw: object) -> list[int]:
+        out = llm.generate([prompt], sp, LoRARequest("actor", 1, str(folder), **kw), use_tqdm=False)
+        return list(out[0].outputs[0].token_ids)
+
+    assert answer() == expected[0]
+    shutil.rmtree(folder)
+    shutil.copytree(tm.adapters["r8_all"], folder)  # the trainer's next weights, same folder
+    assert answer() == expected[0]  # not asked to reload: the loaded weights serve
+    assert answer(load_inplace=True) == expected[1]
+    with pytest.raises(ValueError, match="load_inplace=True"):
+        llm.generate([prompt], sp, LoRARequest("actor", 1, str(tm.adapters["r1_qv"])), use_tqdm=False)
