@@ -98,6 +98,7 @@ def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> Fast
     v1.add_api_route("/responses/{response_id}", responses.retrieve, methods=["GET"])
     v1.add_api_route("/responses/{response_id}", responses.delete, methods=["DELETE"])
     v1.add_api_route("/responses/{response_id}/input_items", responses.input_items, methods=["GET"])
+    v1.add_api_route("/responses/{response_id}/cancel", responses.cancel, methods=["POST"])
     v1.add_api_route("/load_lora_adapter", api.load_lora, methods=["POST"])
     v1.add_api_route("/unload_lora_adapter", api.unload_lora, methods=["POST"])
     app.include_router(v1)

@@ -1,14 +1,19 @@
-"""OpenAI's Responses API: POST /v1/responses; GET and DELETE /v1/responses/{id}, and its input_items.
+"""OpenAI's Responses API: POST /v1/responses; GET and DELETE /v1/responses/{id}, its input_items,
+and POST /v1/responses/{id}/cancel.
 
 Boundary: a `ResponsesRequest` in (responses_input.py makes it a chat request, which `Generate`
 starts on the engine); a Response object out, whole or as the API's typed server-sent events
 (response.created ... response.completed). Answers are kept, the last `max_stored_responses`
 of them, so a later request can go on from one with `previous_response_id` (its conversation:
-history, input and output) and a client can fetch or delete it.
+history, input and output) and a client can fetch or delete it. A background response
+(`background: true`) is answered at once as "queued" and made by a task of its own; the store
+holds it as it goes (queued, in_progress, then completed, incomplete, failed or cancelled).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -35,6 +40,11 @@ class _Stored:
     response: dict[str, Any]
     conversation: list[dict[str, Any]]  # chat messages up to and with this answer (no instructions)
     inputs: list[dict[str, Any]]  # this request's input items, as GET .../input_items lists them
+    task: asyncio.Task[None] | None = None  # a background response's, until it ends
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
 
 
 class ResponseStore:
@@ -73,25 +83,42 @@ class ResponseStore:
         self.get(rid)
         del self._items[rid]
 
+    def peek(self, rid: str) -> _Stored | None:
+        """The stored response, if kept, without counting as a use."""
+        return self._items.get(rid)
+
 
 class Responses:
     def __init__(self, gen: Generate, store_size: int) -> None:
         self.gen = gen
         self.store = ResponseStore(store_size)
+        self.tasks: set[asyncio.Task[None]] = set()  # background responses being made
 
     # --- the routes ---
     async def create(self, body: ResponsesRequest, request: Request) -> Response:
         history: list[dict[str, Any]] = []
         if body.previous_response_id is not None:
             try:
-                history = self.store.get(body.previous_response_id).conversation
+                previous = self.store.get(body.previous_response_id)
             except APIError as e:
                 raise APIError(
                     400, e.message, code="previous_response_not_found", param="previous_response_id"
                 ) from None
+            if previous.running:
+                raise APIError(
+                    400,
+                    f"response {body.previous_response_id!r} is still {previous.response['status']}; "
+                    "go on from it once GET /v1/responses/{id} says it is completed",
+                    param="previous_response_id",
+                )
+            history = previous.conversation
+        if body.background:
+            self._check_background(body)
         chat = validated(ChatCompletionRequest, chat_body(body, history))
         _, _, streams = await self.gen.start_chat(chat, request, kind="resp")
         answer = _Answer(self, body, chat, history + input_messages(body.input))
+        if body.background:
+            return JSONResponse(answer.start_background(streams))
         if body.stream:
             return StreamingResponse(answer.events(streams), media_type="text/event-stream")
         model = chat.model or ""
@@ -134,8 +161,58 @@ class Responses:
         }
 
     async def delete(self, response_id: str) -> dict[str, Any]:
+        """Forget a response; a background one still being made is cancelled first."""
+        await self._stop(self.store.get(response_id))
         self.store.delete(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
+
+    async def cancel(self, response_id: str) -> dict[str, Any]:
+        """Cancel a background response still being made (its request is aborted and its KV pages
+        freed); one that has ended is answered as it is, as OpenAI does."""
+        stored = self.store.get(response_id)
+        if not stored.response["background"]:
+            raise APIError(
+                400,
+                f"response {response_id!r} was not made in the background; only background "
+                "responses can be cancelled (a client that closes its connection aborts its request)",
+                param="response_id",
+            )
+        if not await self._stop(stored):
+            return self.store.get(response_id).response
+        cancelled = {**stored.response, "status": "cancelled"}
+        self.store.put(response_id, _Stored(cancelled, [], stored.inputs))
+        return cancelled
+
+    # --- background ---
+    def _check_background(self, body: ResponsesRequest) -> None:
+        if body.stream:
+            raise APIError(
+                400,
+                "a background response is polled, not streamed: leave stream out and GET "
+                "/v1/responses/{id} until it ends, or stream without background",
+                param="stream",
+            )
+        if not body.store or self.store.size <= 0:
+            why = (
+                "send store: true"
+                if self.store.size > 0
+                else "this server keeps no responses (--max-stored-responses 0, or --replicas, "
+                "whose engines do not share them); stream the answer instead"
+            )
+            raise APIError(
+                400, f"a background response must be stored to be fetched: {why}", param="background"
+            )
+
+    @staticmethod
+    async def _stop(stored: _Stored) -> bool:
+        """Cancel a background response's task if it still runs; True if it did."""
+        if not stored.running:
+            return False
+        assert stored.task is not None
+        stored.task.cancel()  # not done (checked above, with no await since): it ends cancelled
+        with contextlib.suppress(asyncio.CancelledError):
+            await stored.task
+        return True
 
 
 class _Answer:
@@ -182,6 +259,44 @@ class _Answer:
             "usage": None,
             "user": body.user,
         }
+
+    # --- in the background ---
+    def start_background(self, streams: Streams) -> dict[str, Any]:
+        """Store the response as queued and make it in a task of its own; returns it as queued."""
+        self.response["background"] = True
+        queued = {**self.response, "status": "queued"}
+        inputs = input_items(self.body.input)
+        task = asyncio.create_task(self._make(streams, inputs))
+        self.api.tasks.add(task)  # held until done, even if the store lets the response go
+        task.add_done_callback(self.api.tasks.discard)
+        self.api.store.put(queued["id"], _Stored(queued, [], inputs, task))
+        return queued
+
+    async def _make(self, streams: Streams, inputs: list[dict[str, Any]]) -> None:
+        """Wait for the answer and store it finished, or failed (with the error an answer in the
+        foreground would have given); cancelled, the stream is closed (the request aborted)."""
+        rid, store = self.response["id"], self.api.store
+
+        async def marking(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+            first = True
+            async for out in stream:
+                if first and (kept := store.peek(rid)) is not None:
+                    store.put(rid, _Stored({**kept.response, "status": "in_progress"}, [], inputs, kept.task))
+                first = False
+                yield out
+
+        marked = [marking(s) for s in streams]
+        try:
+            outs = await self.api.gen.final(marked, self.model)
+            self.finish(outs[0])
+        except Exception as e:
+            err = to_api_error(e, self.model) if isinstance(e, (APIError, EngineDeadError)) else None
+            message = err.message if err is not None else f"the response failed: {e}"
+            error = {"code": (err.code if err is not None else None) or "server_error", "message": message}
+            store.put(rid, _Stored({**self.response, "status": "failed", "error": error}, [], inputs))
+        finally:
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]
 
     # --- whole ---
     def finish(self, out: RequestOutput) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Boundary: JSON shapes only. `ResponsesRequest` validates OpenAI's body; `chat_body` turns it
 (instructions, input items, function tools, the text format, sampling fields and vLLM's extras)
 into the body of a `ChatCompletionRequest`, which the chat route then runs. What loramux does not
-do is refused by name with what to send instead (built-in tools, background mode, images, ...);
+do is refused by name with what to send instead (built-in tools, reasoning options, images, ...);
 nothing is dropped without a word.
 """
 
@@ -67,12 +67,6 @@ class ResponsesRequest(_Request):
 
     def check(self) -> None:
         """APIError 400 naming each field loramux does not carry out."""
-        if self.background:
-            refuse(
-                "background",
-                "background responses are not supported; leave background out and "
-                "stream the answer (stream: true) instead",
-            )
         if self.reasoning and any(v is not None for v in self.reasoning.values()):
             refuse(
                 "reasoning",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import jsonschema
@@ -18,6 +19,7 @@ import pytest
 
 from loramux import demo
 from tests.server.conftest import start_server
+from tests.server.test_api import wait_for
 from tests.server.test_structured import WEATHER as CHAT_WEATHER
 
 MODELS = ("demo", *demo.ADAPTERS)
@@ -237,7 +239,8 @@ def test_adjacent_function_calls_are_one_assistant_turn():
 REFUSED = [  # (extra request fields, param, words the message has)
     ({"tools": [{"type": "web_search"}]}, "tools", "function tools"),
     ({"tools": [WEATHER]}, "tool_choice", '"auto"'),
-    ({"background": True}, "background", "stream"),
+    ({"background": True, "stream": True}, "stream", "polled"),
+    ({"background": True, "store": False}, "background", "store: true"),
     ({"reasoning": {"effort": "high"}}, "reasoning", "reasoning"),
     ({"input": [{"type": "input_image", "image_url": "x"}]}, "input", "function_call_output"),
     ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input", "input_text"),
@@ -257,6 +260,55 @@ def test_what_loramux_does_not_do_is_a_400_naming_it(client, extra, param, words
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(**kw)
     assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
+
+
+def _polled(client, rid: str, seconds: float = 60.0):
+    deadline = time.monotonic() + seconds
+    while (r := client.responses.retrieve(rid)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, f"{rid} still {r.status} after {seconds} s"
+        time.sleep(0.05)
+    return r
+
+
+def test_background_responses_are_polled_to_the_chat_answer_and_cancel_aborts_the_request(server, client):
+    """`background: true`: answered at once as queued, made by the server, fetched with GET until it
+    ends, equal to the chat answer. Cancelled while it is made, its request is aborted at once (its
+    KV pages freed, no token more); a response still being made cannot be gone on from, and
+    deleting one cancels it."""
+    chat = _chat_text(client, "upper", [{"role": "user", "content": "good dog"}])
+    r = client.responses.create(model="upper", input="good dog", temperature=0, background=True)
+    assert r.status == "queued" and r.background and r.output == []
+    done = _polled(client, r.id)
+    assert (
+        done.status == "completed" and done.background and done.output_text == chat.choices[0].message.content
+    )
+    assert client.responses.input_items.list(r.id).data[0].content[0].text == "good dog"
+    assert client.responses.cancel(r.id).status == "completed"  # ended: answered as it is
+    with pytest.raises(openai.BadRequestError, match="not made in the background"):
+        client.responses.cancel(client.responses.create(model="demo", input="hi", max_output_tokens=2).id)
+
+    m0 = server.metrics()
+    long = {
+        "model": "demo",
+        "input": "go",
+        "max_output_tokens": 200,
+        "extra_body": {"ignore_eos": True},
+    }
+    running = client.responses.create(background=True, **long)
+    with pytest.raises(openai.BadRequestError, match="still"):
+        client.responses.create(model="demo", input="next", previous_response_id=running.id)
+    cancelled = client.responses.cancel(running.id)
+    assert cancelled.status == "cancelled" and client.responses.retrieve(running.id).status == "cancelled"
+    gone = client.responses.create(background=True, **long)
+    client.responses.delete(gone.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(gone.id)
+    assert wait_for(lambda: server.metrics()["loramux_kv_pages_in_use"] == 0)
+    m = server.metrics()
+    aborts = 'loramux_engine_requests_finished_total{reason="abort"}'
+    lengths = 'loramux_engine_requests_finished_total{reason="length"}'
+    assert m[aborts] == m0.get(aborts, 0) + 2 and m.get(lengths, 0) == m0.get(lengths, 0)
+    assert client.responses.retrieve(running.id).status == "cancelled"  # and it stays so
 
 
 def test_instructions_go_first_and_are_not_carried_on_and_the_store_is_bounded(tmp_path):
