@@ -294,6 +294,7 @@ RESPONSES = {
     "top_logprobs": CHAT_ONLY["top_logprobs"],
     "previous_response_id": _field(st.none(), st.sampled_from(["resp_nope", "", 5])),
     "store": _field(st.booleans(), None),
+    "background": _field(st.booleans(), st.just("yes")),
     "text": _field(
         st.sampled_from(
             [
