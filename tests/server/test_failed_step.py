@@ -11,6 +11,7 @@ changed (read_adapter re-checks the digest that names the adapter's KV namespace
 from __future__ import annotations
 
 import shutil
+import time
 
 import httpx
 import openai
@@ -111,6 +112,17 @@ def test_server_answers_503_and_fails_health_after_a_failed_step(tiny_models, tm
         ok = client.completions.create(model="base", prompt=PROMPT, max_tokens=3, temperature=0)
         assert ok.choices[0].finish_reason == "length"
         (path / "adapter_model.safetensors").unlink()  # gone before its first read
+        # A background response is the request that meets it: it ends failed, with the error a
+        # request in the foreground gets.
+        queued = client.responses.create(model="x", input="hi", max_output_tokens=3, background=True)
+        assert queued.status == "queued"
+        for _ in range(600):  # at most 30 s
+            failed = client.responses.retrieve(queued.id)
+            if failed.status not in ("queued", "in_progress"):
+                break
+            time.sleep(0.05)
+        assert failed.status == "failed" and failed.error.code == "engine_dead", failed
+        assert "can no longer be read" in failed.error.message
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(model="x", prompt=PROMPT, max_tokens=3, temperature=0)
         assert e.value.status_code == 503 and "restart the server" in str(e.value)
