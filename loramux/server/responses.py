@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -33,6 +34,8 @@ from loramux.server.generate import ClientGone, Generate, Streams, merge, tool_m
 from loramux.server.protocol import APIError, ChatCompletionRequest
 from loramux.server.responses_input import ResponsesRequest, chat_body, input_items, input_messages
 from loramux.server.structured import tool_calls
+
+logger = logging.getLogger("loramux.server")
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,8 @@ class _Answer:
             self.finish(outs[0])
         except Exception as e:
             err = to_api_error(e, self.model) if isinstance(e, (APIError, EngineDeadError)) else None
+            if err is None:  # not an answer's error: a fault of ours, logged with its stack
+                logger.exception("background response %s failed", rid)
             message = err.message if err is not None else f"the response failed: {e}"
             error = {"code": (err.code if err is not None else None) or "server_error", "message": message}
             store.put(rid, _Stored({**self.response, "status": "failed", "error": error}, [], inputs))
