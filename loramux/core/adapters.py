@@ -141,7 +141,9 @@ class AdapterManager:
                 f"(load_inplace: true) to replace it"
             )
         if old is None:
-            return self._register(name, version, rank, nbytes, path, pinned)
+            info = self._register(name, version, rank, nbytes, path, pinned)
+            self._by_name[name] = info
+            return info
         old.unloading = True  # for the checks: its pin and bytes go with the replacement
         try:
             info = self._register(name, version, rank, nbytes, path, pinned, old)
@@ -192,9 +194,7 @@ class AdapterManager:
             raise ValueError(f"cannot pin {name!r} with max_loras=1: no slot would be left for others")
         self._check_fits_beside_pins(name, nbytes, pinned)
         info = AdapterInfo(name, next(self._uids), version, rank, nbytes, path, pinned)
-        if replaced is None:
-            self._by_name[name] = info
-        self._by_uid[info.uid] = info
+        self._by_uid[info.uid] = info  # the caller puts it under its name
         return info
 
     def _check_fits_beside_pins(self, name: str, nbytes: int, pinned: bool) -> None:

@@ -33,7 +33,7 @@ from loramux.server.generate import Generate
 from loramux.server.invocations import Invocations
 from loramux.server.metrics import Metrics
 from loramux.server.middleware import LoadTracker, RequestIdHeaders, ServerLoad, add_user_middleware
-from loramux.server.paths import allowed_path, find_adapter
+from loramux.server.paths import allowed_path
 from loramux.server.protocol import (
     APIError,
     DetokenizeRequest,
@@ -86,8 +86,9 @@ def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> Fast
         app.add_api_route("/load", server_load, methods=["GET"])
     if cfg.request_id_headers:
         app.add_middleware(RequestIdHeaders)  # outermost: every answer, refusals included
-    api = _API(aengine, cfg, metrics)
-    gen = Generate(aengine, metrics, cfg)
+    resolver = AdapterResolver(aengine, cfg)
+    api = _API(aengine, cfg, metrics, resolver)
+    gen = Generate(aengine, metrics, cfg, resolver)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(api.check_key)])
     v1.add_api_route("/models", api.models, methods=["GET"])
     v1.add_api_route("/models/{model_id:path}", api.model, methods=["GET"])
@@ -134,14 +135,16 @@ def check_api_key(keys: tuple[str, ...], request: Request) -> None:
 
 
 class _API:
-    def __init__(self, aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics, resolver: AdapterResolver
+    ) -> None:
         self.aengine = aengine
         self.engine = aengine.engine
         self.cfg = cfg
         self.metrics = metrics
         self.created = int(time.time())
         self.allowed = [Path(d).resolve() for d in cfg.allowed_lora_dirs]
-        self.resolver = AdapterResolver(aengine, cfg)
+        self.resolver = resolver
 
     async def check_key(self, request: Request) -> None:
         check_api_key(self.cfg.api_keys, request)
@@ -215,7 +218,7 @@ class _API:
             model is not None
             and model not in self.cfg.base_names
             and not await self.aengine.call(self.engine.has_lora, model)
-            and find_adapter(model, self.resolver.allowed) is None  # served once asked for
+            and self.resolver.find(model) is None  # served once asked for
         ):
             raise APIError(404, f"the model {model!r} does not exist", code="model_not_found", param="model")
         tok = self.engine.tokenizer

@@ -79,9 +79,11 @@ class ClientGone(Exception):
 
 
 class Generate:
-    def __init__(self, aengine: AsyncEngine, metrics: Metrics, cfg: ServerConfig) -> None:
+    def __init__(
+        self, aengine: AsyncEngine, metrics: Metrics, cfg: ServerConfig, resolver: AdapterResolver
+    ) -> None:
         self.aengine, self.engine, self.metrics, self.cfg = aengine, aengine.engine, metrics, cfg
-        self.resolver = AdapterResolver(aengine, cfg)
+        self.resolver = resolver
         self.base_names = frozenset(cfg.base_names)
         self.details = cfg.prompt_tokens_details
         self.defaults = dict(self.engine.runtime.sampling_defaults)  # the model's generation_config

@@ -25,11 +25,16 @@ class AdapterResolver:
         self.aengine = aengine
         self.allowed = [Path(d).resolve() for d in cfg.allowed_lora_dirs] if cfg.resolve_adapters else []
 
+    def find(self, name: str) -> Path | None:
+        """The allowed folder that serves `name` once it is asked for, if any (APIError 403 if it
+        resolves outside the allowed folders)."""
+        return find_adapter(name, self.allowed)
+
     async def load(self, name: str) -> bool:
         """Register `name` from its allowed folder; False if no allowed folder has it (the caller's
         404 stands). APIError 400 if the folder holds no adapter this engine can serve, 403 if it
         resolves outside the allowed folders."""
-        path = find_adapter(name, self.allowed)
+        path = self.find(name)
         if path is None:
             return False
         engine = self.aengine.engine
