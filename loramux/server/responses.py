@@ -7,7 +7,9 @@ starts on the engine); a Response object out, whole or as the API's typed server
 of them, so a later request can go on from one with `previous_response_id` (its conversation:
 history, input and output) and a client can fetch or delete it. A background response
 (`background: true`) is answered at once as "queued" and made by a task of its own; the store
-holds it as it goes (queued, in_progress, then completed, incomplete, failed or cancelled).
+holds it as it goes (queued, in_progress, then completed, incomplete, failed or cancelled), and
+its events, which a client streams with the request (`stream: true`) or later (`GET
+/v1/responses/{id}?stream=true&starting_after=N`), from the start or from where it left off.
 """
 
 from __future__ import annotations
@@ -38,12 +40,48 @@ from loramux.server.structured import tool_calls
 logger = logging.getLogger("loramux.server")
 
 
+class _EventLog:
+    """A background response's server-sent events, in order (event k has sequence number k), for
+    any number of readers, each from where it starts; ended once the response is."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.ended = False
+        self._grown = asyncio.Event()
+
+    def add(self, data: dict[str, Any]) -> None:
+        assert data["sequence_number"] == len(self.events) and not self.ended
+        self.events.append(_sse(data))
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._grown.set()
+        self._grown = asyncio.Event()
+
+    async def follow(self, after: int) -> AsyncIterator[str]:
+        """The events after sequence number `after` (-1: all), then each as it comes, until the end."""
+        i = after + 1
+        while True:
+            grown = self._grown
+            while i < len(self.events):
+                yield self.events[i]
+                i += 1
+            if self.ended:
+                return
+            await grown.wait()
+
+
 @dataclass(frozen=True)
 class _Stored:
     response: dict[str, Any]
     conversation: list[dict[str, Any]]  # chat messages up to and with this answer (no instructions)
     inputs: list[dict[str, Any]]  # this request's input items, as GET .../input_items lists them
     task: asyncio.Task[None] | None = None  # a background response's, until it ends
+    log: _EventLog | None = None  # a background response's events
 
     @property
     def running(self) -> bool:
@@ -121,7 +159,10 @@ class Responses:
         _, _, streams = await self.gen.start_chat(chat, request, kind="resp")
         answer = _Answer(self, body, chat, history + input_messages(body.input))
         if body.background:
-            return JSONResponse(answer.start_background(streams))
+            queued, log = answer.start_background(streams)
+            if body.stream:  # the client reads the log: leaving stops its reading, not the answer
+                return StreamingResponse(log.follow(-1), media_type="text/event-stream")
+            return JSONResponse(queued)
         if body.stream:
             return StreamingResponse(answer.events(streams), media_type="text/event-stream")
         model = chat.model or ""
@@ -131,8 +172,27 @@ class Responses:
             return Response(status_code=499)
         return JSONResponse(answer.finish(outs[0]))
 
-    async def retrieve(self, response_id: str) -> dict[str, Any]:
-        return self.store.get(response_id).response
+    async def retrieve(
+        self,
+        response_id: str,
+        stream: bool = False,
+        starting_after: int | None = Query(None, ge=0),
+    ) -> Any:
+        """The response; with `stream`, a background response's events after `starting_after` (all
+        without it), then each as it is made, until it ends."""
+        stored = self.store.get(response_id)
+        if not stream:
+            return stored.response
+        if stored.log is None:
+            raise APIError(
+                400,
+                f"response {response_id!r} was not made in the background, so it has no events to "
+                "stream again; GET it without stream (it is whole), or create responses with "
+                "background: true to stream them later",
+                param="stream",
+            )
+        after = -1 if starting_after is None else starting_after
+        return StreamingResponse(stored.log.follow(after), media_type="text/event-stream")
 
     async def input_items(
         self,
@@ -180,21 +240,16 @@ class Responses:
                 "responses can be cancelled (a client that closes its connection aborts its request)",
                 param="response_id",
             )
-        if not await self._stop(stored):
-            return self.store.get(response_id).response
-        cancelled = {**stored.response, "status": "cancelled"}
-        self.store.put(response_id, _Stored(cancelled, [], stored.inputs))
+        stopped = await self._stop(stored)
+        now = self.store.get(response_id)
+        if not stopped or now.response["status"] not in ("queued", "in_progress"):  # it had ended
+            return now.response
+        cancelled = {**now.response, "status": "cancelled"}
+        self.store.put(response_id, _Stored(cancelled, [], now.inputs, log=now.log))
         return cancelled
 
     # --- background ---
     def _check_background(self, body: ResponsesRequest) -> None:
-        if body.stream:
-            raise APIError(
-                400,
-                "a background response is polled, not streamed: leave stream out and GET "
-                "/v1/responses/{id} until it ends, or stream without background",
-                param="stream",
-            )
         if not body.store or self.store.size <= 0:
             why = (
                 "send store: true"
@@ -230,6 +285,7 @@ class _Answer:
         # A named function's call is known from the start: streamed, its arguments come as made.
         self.named = tool_mode(chat) and isinstance(chat.tool_choice, dict)
         self.call_ids = (f"fc_{uuid.uuid4().hex}", f"call_{uuid.uuid4().hex}")
+        self.log: _EventLog | None = None  # a background response's events
         defaults = api.gen.defaults
         self.response: dict[str, Any] = {
             "id": f"resp_{uuid.uuid4().hex}",
@@ -264,42 +320,45 @@ class _Answer:
         }
 
     # --- in the background ---
-    def start_background(self, streams: Streams) -> dict[str, Any]:
-        """Store the response as queued and make it in a task of its own; returns it as queued."""
+    def start_background(self, streams: Streams) -> tuple[dict[str, Any], _EventLog]:
+        """Store the response as queued and make it in a task of its own; returns it as queued,
+        and the log its events go to."""
         self.response["background"] = True
         queued = {**self.response, "status": "queued"}
         inputs = input_items(self.body.input)
+        self.log = _EventLog()
         task = asyncio.create_task(self._make(streams, inputs))
         self.api.tasks.add(task)  # held until done, even if the store lets the response go
         task.add_done_callback(self.api.tasks.discard)
-        self.api.store.put(queued["id"], _Stored(queued, [], inputs, task))
-        return queued
+        self.api.store.put(queued["id"], _Stored(queued, [], inputs, task, self.log))
+        return queued, self.log
 
     async def _make(self, streams: Streams, inputs: list[dict[str, Any]]) -> None:
-        """Wait for the answer and store it finished, or failed (with the error an answer in the
-        foreground would have given); cancelled, the stream is closed (the request aborted)."""
-        rid, store = self.response["id"], self.api.store
-
-        async def marking(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-            first = True
-            async for out in stream:
-                if first and (kept := store.peek(rid)) is not None:
-                    store.put(rid, _Stored({**kept.response, "status": "in_progress"}, [], inputs, kept.task))
-                first = False
-                yield out
-
-        marked = [marking(s) for s in streams]
+        """Make the response's events into its log, and store it as it goes: in_progress at its
+        first token, then finished (finish() stores it), or failed (with the error an answer in
+        the foreground would have given). Cancelled, the stream is closed (the request aborted)
+        and the log ends with an error event saying so."""
+        rid, store, log = self.response["id"], self.api.store, self.log
         try:
-            outs = await self.api.gen.final(marked, self.model)
-            self.finish(outs[0])
-        except Exception as e:
-            err = to_api_error(e, self.model) if isinstance(e, (APIError, EngineDeadError)) else None
-            if err is None:  # not an answer's error: a fault of ours, logged with its stack
-                logger.exception("background response %s failed", rid)
-            message = err.message if err is not None else f"the response failed: {e}"
-            error = {"code": (err.code if err is not None else None) or "server_error", "message": message}
-            store.put(rid, _Stored({**self.response, "status": "failed", "error": error}, [], inputs))
+            async for data in self._events(streams, background=True):
+                log.add(data)
+                kind = data["type"]
+                if kind == "response.in_progress" and (kept := store.peek(rid)) is not None:
+                    store.put(rid, _Stored(data["response"], [], inputs, kept.task, log))
+                elif kind == "response.failed":
+                    store.put(rid, _Stored(data["response"], [], inputs, log=log))
+        except asyncio.CancelledError:
+            message = f"response {rid!r} was cancelled (POST /v1/responses/{{id}}/cancel or DELETE)"
+            log.add(_error_event(len(log.events), "response_cancelled", message))
+            raise
+        except Exception as e:  # not an answer's error (those end as response.failed): a fault of ours
+            logger.exception("background response %s failed", rid)
+            error = {"code": "server_error", "message": f"the response failed: {e}"}
+            failed = {**self.response, "status": "failed", "error": error}
+            store.put(rid, _Stored(failed, [], inputs, log=log))
+            log.add({"type": "response.failed", "sequence_number": len(log.events), "response": failed})
         finally:
+            log.end()
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]
 
@@ -324,7 +383,8 @@ class _Answer:
         }
         if response["store"]:
             conversation = self.conversation + _as_messages(items)
-            self.api.store.put(response["id"], _Stored(response, conversation, input_items(self.body.input)))
+            stored = _Stored(response, conversation, input_items(self.body.input), log=self.log)
+            self.api.store.put(response["id"], stored)
         return response
 
     def _items(self, out: RequestOutput) -> list[dict[str, Any]]:
@@ -366,35 +426,56 @@ class _Answer:
 
     # --- streamed ---
     async def events(self, streams: Streams) -> AsyncIterator[str]:
-        """The response as the Responses API's server-sent events. Text, and a named function's
-        arguments, stream as they come; tool_choice "required"'s calls come whole once the answer
-        is done (they are parsed from all of it)."""
+        """The response as the Responses API's server-sent events."""
+        async for data in self._events(streams):
+            yield _sse(data)
+
+    async def _events(self, streams: Streams, background: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """The response's events. Text, and a named function's arguments, stream as they come;
+        tool_choice "required"'s calls come whole once the answer is done (they are parsed from all
+        of it). In the background, the response is created queued and is in progress from its
+        first token."""
         seq = itertools.count()
 
-        def event(kind: str, **fields: Any) -> str:
-            data = {"type": kind, "sequence_number": next(seq), **fields}
-            return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+        def event(kind: str, **fields: Any) -> dict[str, Any]:
+            return {"type": kind, "sequence_number": next(seq), **fields}
 
-        yield event("response.created", response=self.response)
-        yield event("response.in_progress", response=self.response)
         streaming_text = not tool_mode(self.chat)
         where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
-        if streaming_text:
-            item = {**self._message([]), "status": "in_progress"}
-            yield event("response.output_item.added", output_index=0, item=item)
-            yield event("response.content_part.added", **where, part=_text_part(""))
         call = {"item_id": self.call_ids[0], "output_index": 0}
-        if self.named:
-            name = self.chat.tool_choice["function"]["name"]  # type: ignore[index]
-            item = {"type": "function_call", "id": self.call_ids[0], "call_id": self.call_ids[1]}
-            item.update(name=name, arguments="", status="in_progress")
-            yield event("response.output_item.added", output_index=0, item=item)
+
+        def opening() -> list[dict[str, Any]]:
+            opened = [event("response.in_progress", response=self.response)]
+            if streaming_text:
+                item = {**self._message([]), "status": "in_progress"}
+                opened.append(event("response.output_item.added", output_index=0, item=item))
+                opened.append(event("response.content_part.added", **where, part=_text_part("")))
+            if self.named:
+                name = self.chat.tool_choice["function"]["name"]  # type: ignore[index]
+                item = {"type": "function_call", "id": self.call_ids[0], "call_id": self.call_ids[1]}
+                item.update(name=name, arguments="", status="in_progress")
+                opened.append(event("response.output_item.added", output_index=0, item=item))
+            return opened
+
+        if background:
+            queued = {**self.response, "status": "queued"}
+            yield event("response.created", response=queued)
+            yield event("response.queued", response=queued)
+        else:
+            yield event("response.created", response=self.response)
+            for e in opening():
+                yield e
+        opened = not background
         finals: list[RequestOutput] = []
         seen = sent = 0  # tokens come in, tokens gone out in deltas (half a character waits)
         try:
             async with self.api.gen.closing(streams, finals, self.model):
                 async for _, out in merge(streams):
                     raise_if_ended_badly(out, self.model)
+                    if not opened:
+                        opened = True
+                        for e in opening():
+                            yield e
                     comp = out.outputs[0]
                     seen += len(comp.delta_token_ids)
                     if streaming_text and comp.delta_text:
@@ -445,6 +526,15 @@ class _Answer:
             "status": "completed",
             "content": content,
         }
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
+
+
+def _error_event(seq: int, code: str, message: str) -> dict[str, Any]:
+    """OpenAI's stream `error` event: why a stream ends without its response's last event."""
+    return {"type": "error", "sequence_number": seq, "code": code, "message": message, "param": None}
 
 
 def _text_part(text: str) -> dict[str, Any]:

@@ -239,7 +239,6 @@ def test_adjacent_function_calls_are_one_assistant_turn():
 REFUSED = [  # (extra request fields, param, words the message has)
     ({"tools": [{"type": "web_search"}]}, "tools", "function tools"),
     ({"tools": [WEATHER]}, "tool_choice", '"auto"'),
-    ({"background": True, "stream": True}, "stream", "polled"),
     ({"background": True, "store": False}, "background", "store: true"),
     ({"reasoning": {"effort": "high"}}, "reasoning", "reasoning"),
     ({"input": [{"type": "input_image", "image_url": "x"}]}, "input", "function_call_output"),
@@ -309,6 +308,87 @@ def test_background_responses_are_polled_to_the_chat_answer_and_cancel_aborts_th
     lengths = 'loramux_engine_requests_finished_total{reason="length"}'
     assert m[aborts] == m0.get(aborts, 0) + 2 and m.get(lengths, 0) == m0.get(lengths, 0)
     assert client.responses.retrieve(running.id).status == "cancelled"  # and it stays so
+
+
+def _raw_events(client, rid: str, **kw) -> list[dict]:
+    with client.responses.retrieve(rid, stream=True, **kw) as events:
+        return [e.to_dict() for e in events]
+
+
+def test_background_responses_stream_with_the_request_and_again_from_any_event(server, client):
+    """`background` with `stream`: the request streams the events as a foreground stream would,
+    created queued; `GET /v1/responses/{id}?stream=true&starting_after=N` streams them again from
+    event N+1, the same events, live while the response is made. Leaving the stream does not stop
+    the response (it runs to its length, no abort); a cancel ends the readers' streams with an
+    error event naming it."""
+    chat = _chat_text(client, "upper", [{"role": "user", "content": "good dog"}])
+    with client.responses.create(
+        model="upper", input="good dog", temperature=0, background=True, stream=True
+    ) as events:
+        first = [e.to_dict() for e in events]
+    final = client.responses.retrieve(first[0]["response"]["id"])
+    assert final.status == "completed" and final.background
+    assert final.output_text == chat.choices[0].message.content
+    kinds = [e["type"] for e in first]
+    assert kinds[:3] == ["response.created", "response.queued", "response.in_progress"], kinds
+    assert kinds[-1] == "response.completed" and "response.output_text.delta" in kinds
+    assert first[0]["response"]["status"] == "queued" and first[2]["response"]["status"] == "in_progress"
+    assert [e["sequence_number"] for e in first] == list(range(len(first)))
+    assert _raw_events(client, final.id) == first  # again, whole
+    assert _raw_events(client, final.id, starting_after=4) == first[5:]  # from event 5
+    with client.responses.stream(response_id=final.id, starting_after=6) as again:  # the helper's resume
+        assert again.get_final_response().output_text == final.output_text
+    with client.responses.stream(model="upper", input="good dog", temperature=0, background=True) as s:
+        assert s.get_final_response().output_text == final.output_text  # the helper takes the order
+
+    m0 = server.metrics()
+    long = {"model": "demo", "input": "go", "max_output_tokens": 200, "extra_body": {"ignore_eos": True}}
+    with client.responses.create(background=True, stream=True, **long) as events:
+        read = []
+        for e in events:  # the client leaves after the first token
+            read.append(e.to_dict())
+            if e.type == "response.output_text.delta":
+                break
+    rest = _raw_events(client, read[0]["response"]["id"], starting_after=read[-1]["sequence_number"])
+    assert rest[-1]["type"] == "response.incomplete", rest[-1]  # all 200 tokens: nobody aborted it
+    text = "".join(e["delta"] for e in read + rest if e["type"] == "response.output_text.delta")
+    assert text == rest[-1]["response"]["output"][0]["content"][0]["text"]
+    assert rest[-1]["response"]["usage"]["output_tokens"] == 200
+    aborts = 'loramux_engine_requests_finished_total{reason="abort"}'
+    assert server.metrics().get(aborts, 0) == m0.get(aborts, 0)
+
+    async def follow_then_cancel() -> list[dict]:
+        c = openai.AsyncOpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+        r = await c.responses.create(background=True, **long)
+        seen: list[dict] = []
+
+        async def follow() -> None:
+            async with await c.responses.retrieve(r.id, stream=True) as events:
+                async for e in events:
+                    seen.append(e.to_dict())
+
+        reader = asyncio.create_task(follow())
+        for _ in range(600):  # at most 30 s to the first token
+            if any(e["type"] == "response.output_text.delta" for e in seen):
+                break
+            await asyncio.sleep(0.05)
+        assert (await c.responses.cancel(r.id)).status == "cancelled"
+        await asyncio.wait_for(reader, 30)  # the cancel ended the reader's stream
+        return seen
+
+    seen = asyncio.run(follow_then_cancel())
+    assert seen[-1]["type"] == "error" and seen[-1]["code"] == "response_cancelled", seen[-1]
+    assert "response.incomplete" not in [e["type"] for e in seen]
+    assert wait_for(lambda: server.metrics()["loramux_kv_pages_in_use"] == 0)
+    assert server.metrics()[aborts] == m0.get(aborts, 0) + 1
+
+    foreground = client.responses.create(model="demo", input="hi", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        _raw_events(client, foreground.id)
+    assert e.value.body["param"] == "stream" and "not made in the background" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        _raw_events(client, final.id, starting_after=-2)
+    assert "starting_after" in str(e.value.body)
 
 
 def test_instructions_go_first_and_are_not_carried_on_and_the_store_is_bounded(tmp_path):
