@@ -336,18 +336,6 @@ FLAGS = (
     ),
     VllmFlag("--speculative-config", "refuse", "speculative decoding is not implemented; leave it out"),
     VllmFlag(
-        "--enable-auto-tool-choice",
-        "refuse",
-        'loramux has no parser that finds tool calls in free text; send tool_choice "required" or '
-        "name a function, and the answer is constrained to the tools' schemas",
-        False,
-    ),
-    VllmFlag(
-        "--tool-call-parser",
-        "refuse",
-        'loramux has no tool-call parsers; send tool_choice "required" or name a function',
-    ),
-    VllmFlag(
         "--reasoning-parser",
         "refuse",
         "loramux does not split reasoning from content; the answer's text holds both",

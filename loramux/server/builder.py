@@ -16,6 +16,7 @@ from typing import Any
 
 from loramux.server.serve_args import engine_config
 from loramux.server.server_config import ServerConfig
+from loramux.server.tool_parsers import PARSERS
 
 logger = logging.getLogger("loramux")
 
@@ -78,6 +79,7 @@ def server_config(args: argparse.Namespace, name: str) -> ServerConfig:
         middleware=tuple(args.middleware),
         root_path=args.root_path,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+        auto_tool_parser=auto_tool_parser(args),
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
         max_stored_responses=(
             ServerConfig.max_stored_responses
@@ -85,6 +87,16 @@ def server_config(args: argparse.Namespace, name: str) -> ServerConfig:
             else args.max_stored_responses
         ),
     )
+
+
+def auto_tool_parser(args: argparse.Namespace) -> str | None:
+    """The parser of tool_choice "auto" answers, as vLLM's two flags set it: both, or neither."""
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError(
+            "--enable-auto-tool-choice needs --tool-call-parser to find the calls in an answer: "
+            f"one of {sorted(PARSERS)} (hermes for Qwen and Hermes models, llama3_json for Llama 3)"
+        )
+    return args.tool_call_parser if args.enable_auto_tool_choice else None
 
 
 def build_server(args: argparse.Namespace, register_loras: bool = True, keep_responses: bool = True) -> Built:

@@ -34,8 +34,9 @@ from loramux.server.metrics import Metrics
 from loramux.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from loramux.server.resolver import AdapterResolver
 from loramux.server.server_config import ServerConfig
-from loramux.server.structured import call, structured_params, tool_calls
+from loramux.server.structured import structured_params, tool_calls
 from loramux.server.token_text import TokenText
+from loramux.server.tool_parsers import PARSERS, Parsed, call, parse
 
 logger = logging.getLogger("loramux.server")
 T = TypeVar("T")
@@ -118,7 +119,9 @@ class Generate:
             shape: Shape | None = None
             if body.logprobs:
                 shape = lambda i, ids, lps: self.chat_logprobs(ids, lps)  # noqa: E731
+            parser = self.auto_parser(body)
             render = _chat_delta if not tool_mode(body) else _tool_delta(body)
+            render = _auto_tool_delta(parser) if parser is not None else render
             render = _with_tokens(render, shape, body.return_token_ids)
             return _sse(self._stream(chunk, body, streams, render, roles, head))
         return await self._answer(request, rid, "chat.completion", body, streams, self._chat_choice)
@@ -133,7 +136,8 @@ class Generate:
         prompt = self._render_chat(body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         k = _top_logprobs(body)
-        params = body.sampling_params(limit or 1, k, structured_params(body), self.defaults)
+        auto = self.cfg.auto_tool_parser is not None
+        params = body.sampling_params(limit or 1, k, structured_params(body, auto), self.defaults)
         params = _streamed_prompt_logprobs(body, params)
         rid, engine_id = _request_ids(kind, request, body)
         streams = await self._start_all(engine_id, [prompt], params, body, fill=limit is None)
@@ -427,6 +431,9 @@ class Generate:
         if calls is not None:
             message = {"role": "assistant", "content": None, "tool_calls": calls}
             finish = "tool_calls" if body.tool_choice == "required" and finish == "stop" else finish
+        if (parser := self.auto_parser(body)) is not None and (found := parse(parser, comp.text)).calls:
+            message = {"role": "assistant", "content": found.content or None, "tool_calls": found.calls}
+            finish = "tool_calls" if finish == "stop" else finish
         choice: dict[str, Any] = {
             "index": i,
             "message": message,
@@ -436,6 +443,13 @@ class Generate:
         if body.return_token_ids:
             choice["token_ids"] = comp.token_ids
         return choice
+
+    def auto_parser(self, body: ChatCompletionRequest) -> str | None:
+        """The parser that finds this answer's tool calls: tools with tool_choice "auto" (or none
+        given) on a server started with one; None: the answer is text, or constrained calls."""
+        if not body.tools or body.tool_choice not in (None, "auto"):
+            return None
+        return self.cfg.auto_tool_parser
 
     def chat_logprobs(self, ids: list[int], lps: list[Any] | None) -> dict[str, Any] | None:
         if lps is None:
@@ -494,6 +508,33 @@ def _tool_delta(body: ChatCompletionRequest) -> Render:
             return _delta(i, {"content": texts[i]}, comp.finish_reason)
         finish = "tool_calls" if comp.finish_reason == "stop" else comp.finish_reason
         return _delta(i, {"tool_calls": [{**c, "index": k} for k, c in enumerate(calls)]}, finish)
+
+    return render
+
+
+def _auto_tool_delta(parser: str) -> Render:
+    """Streamed answers to tool_choice "auto": the text as content, held back while it may be the
+    start of a call; each call whole (name and arguments) once its text is complete."""
+    streams: dict[int, Any] = {}
+    sent: dict[int, int] = {}  # calls sent per choice: the next call's index
+
+    def render(i: int, out: RequestOutput) -> dict[str, Any] | None:
+        comp = out.outputs[0]
+        stream = streams.setdefault(i, PARSERS[parser]())
+        step = stream.feed(comp.delta_text)
+        if out.finished:
+            last = stream.finish()
+            step = Parsed(step.content + last.content, step.calls + last.calls)
+        delta: dict[str, Any] = {"content": step.content} if step.content else {}
+        if step.calls:
+            k = sent.get(i, 0)
+            delta["tool_calls"] = [{**c, "index": k + j} for j, c in enumerate(step.calls)]
+            sent[i] = k + len(step.calls)
+        if not delta and not out.finished:
+            return None  # held back: maybe a call
+        finish = comp.finish_reason
+        finish = "tool_calls" if finish == "stop" and stream.called else finish
+        return _delta(i, delta, finish)
 
     return render
 

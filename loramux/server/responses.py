@@ -36,6 +36,7 @@ from loramux.server.generate import ClientGone, Generate, Streams, merge, tool_m
 from loramux.server.protocol import APIError, ChatCompletionRequest
 from loramux.server.responses_input import ResponsesRequest, chat_body, input_items, input_messages
 from loramux.server.structured import tool_calls
+from loramux.server.tool_parsers import parse
 
 logger = logging.getLogger("loramux.server")
 
@@ -284,6 +285,7 @@ class _Answer:
         self.message_id = f"msg_{uuid.uuid4().hex}"
         # A named function's call is known from the start: streamed, its arguments come as made.
         self.named = tool_mode(chat) and isinstance(chat.tool_choice, dict)
+        self.parser = api.gen.auto_parser(chat)  # tool_choice "auto": calls are found in the text
         self.call_ids = (f"fc_{uuid.uuid4().hex}", f"call_{uuid.uuid4().hex}")
         self.log: _EventLog | None = None  # a background response's events
         defaults = api.gen.defaults
@@ -391,31 +393,27 @@ class _Answer:
         comp = out.outputs[0]
         calls = tool_calls(self.chat, comp.text) if tool_mode(self.chat) else None
         status = "incomplete" if comp.finish_reason == "length" else "completed"
+        if self.parser is not None and (found := parse(self.parser, comp.text)).calls:
+            said = [self._message([_text_part(found.content)])] if found.content.strip() else []
+            return said + [self._call_item(c, status) for c in found.calls]
         if calls is not None:
-            items = [
-                {
-                    "type": "function_call",
-                    "id": f"fc_{uuid.uuid4().hex}",
-                    "call_id": c["id"],
-                    "name": c["function"]["name"],
-                    "arguments": c["function"]["arguments"],
-                    "status": status,
-                }
-                for c in calls
-            ]
+            items = [self._call_item(c, status) for c in calls]
             if self.named:  # the ids its streamed events already carried
                 items[0]["id"], items[0]["call_id"] = self.call_ids
             return items
-        part = {"type": "output_text", "text": comp.text, "annotations": [], "logprobs": self._logprobs(out)}
-        return [
-            {
-                "type": "message",
-                "id": self.message_id,
-                "role": "assistant",
-                "status": status,
-                "content": [part],
-            }
-        ]
+        part = {**_text_part(comp.text), "logprobs": self._logprobs(out)}
+        return [{**self._message([part]), "status": status}]
+
+    @staticmethod
+    def _call_item(c: dict[str, Any], status: str) -> dict[str, Any]:
+        return {
+            "type": "function_call",
+            "id": f"fc_{uuid.uuid4().hex}",
+            "call_id": c["id"],
+            "name": c["function"]["name"],
+            "arguments": c["function"]["arguments"],
+            "status": status,
+        }
 
     def _logprobs(self, out: RequestOutput, a: int = 0, b: int | None = None) -> list[dict[str, Any]]:
         comp = out.outputs[0]
@@ -440,7 +438,7 @@ class _Answer:
         def event(kind: str, **fields: Any) -> dict[str, Any]:
             return {"type": kind, "sequence_number": next(seq), **fields}
 
-        streaming_text = not tool_mode(self.chat)
+        streaming_text = not tool_mode(self.chat) and self.parser is None  # else whole, at the end
         where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
         call = {"item_id": self.call_ids[0], "output_index": 0}
 

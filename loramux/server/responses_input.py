@@ -300,14 +300,13 @@ def _chat_tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
 
 
 def _chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any]:
-    if choice in ("none", "required"):
-        return choice  # type: ignore[return-value]
+    if choice is None or choice in ("none", "required", "auto"):
+        return choice or "auto"  # "auto" needs the server's tool-call parser (checked with the chat)
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise APIError(
         400,
-        f'tool_choice {choice!r} with tools: "auto" (the default) needs a parser that finds tool calls '
-        'in free text, which loramux does not have; send tool_choice "required" (a call to one of the '
-        'tools), {"type": "function", "name": ...} (that function), or "none"',
+        f'tool_choice {choice!r}: send "auto", "required" (a call to one of the tools), "none", or '
+        '{"type": "function", "name": ...} (that function)',
         param="tool_choice",
     )

@@ -20,6 +20,7 @@ from loramux.config import (
     LoRAConfig,
     SchedulerConfig,
 )
+from loramux.server.tool_parsers import PARSERS
 from loramux.server.vllm_flags import add_vllm_args
 
 
@@ -231,6 +232,19 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         "--exclude-tools-when-tool-choice-none",
         action="store_true",
         help='a chat request with tool_choice "none" renders its prompt without its tools',
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='answer chat requests with tools and tool_choice "auto" (the default with tools) in free '
+        "text and find the tool calls in it with --tool-call-parser",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=sorted(PARSERS),
+        default=None,
+        help="the format the model writes tool calls in: hermes (<tool_call>{...}</tool_call>: Qwen, "
+        'Hermes) or llama3_json ({"name": ..., "parameters": ...}: Llama 3.1-3.3)',
     )
     p.add_argument(
         "--root-path",

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from loramux.server.tool_parsers import PARSERS
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -51,6 +53,10 @@ class ServerConfig:
     """Import paths of extra ASGI middleware: classes, or functions of (request, call_next)."""
     exclude_tools_when_tool_choice_none: bool = False
     """A chat request with tool_choice "none" renders its prompt without its tools."""
+    auto_tool_parser: str | None = None
+    """Chat requests with tools and tool_choice "auto" are answered in free text, and this
+    parser (tool_parsers.py) finds the tool calls in it (vLLM's --enable-auto-tool-choice
+    --tool-call-parser); None: such requests are refused with the alternatives."""
     root_path: str = ""
     """The path prefix a reverse proxy serves the app under (requests may carry it or not)."""
     max_stored_responses: int = 1000
@@ -66,6 +72,10 @@ class ServerConfig:
             )
         if self.max_stored_responses < 0:
             raise ValueError(f"--max-stored-responses {self.max_stored_responses}: give 0 or more")
+        if self.auto_tool_parser is not None and self.auto_tool_parser not in PARSERS:
+            raise ValueError(
+                f"--tool-call-parser {self.auto_tool_parser}: loramux has the parsers {sorted(PARSERS)}"
+            )
         if self.max_log_len is not None and self.max_log_len < 0:
             raise ValueError(f"--max-log-len {self.max_log_len}: give 0 or more characters")
 

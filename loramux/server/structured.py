@@ -5,18 +5,19 @@ The forms, any one per request: OpenAI's `response_format` (`json_object`, `json
 vLLM's `structured_outputs` (`json`, `regex`, `choice`, `grammar`, `json_object`,
 `disable_any_whitespace`) and its older `guided_json` / `guided_regex` / `guided_choice` /
 `guided_grammar`; for chat, `tool_choice` "required" or a named function, which constrain the
-output to the tools' argument schemas as vLLM does. `tools` with "auto" needs a parser that
-finds tool calls in free text; loramux has none, so that is refused with the alternatives.
+output to the tools' argument schemas as vLLM does. `tools` with "auto" is free text whose calls
+a parser finds (tool_parsers.py), when the server was started with one; else it is refused with
+the alternatives.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from loramux.sampling_params import StructuredOutputsParams
 from loramux.server.protocol import APIError
+from loramux.server.tool_parsers import call
 
 GUIDED = {
     "guided_json": "json",
@@ -27,8 +28,9 @@ GUIDED = {
 SO_KEYS = ("json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace")
 
 
-def structured_params(body: Any) -> StructuredOutputsParams | None:
-    """The one constraint a request body asks for (None: free text); APIError 400 otherwise."""
+def structured_params(body: Any, auto_tools: bool = False) -> StructuredOutputsParams | None:
+    """The one constraint a request body asks for (None: free text); APIError 400 otherwise.
+    `auto_tools`: tool_choice "auto" is answered in free text (a parser finds the calls)."""
     forms: list[tuple[str, dict[str, Any]]] = []
     rf = body.response_format
     if rf is not None:
@@ -66,7 +68,7 @@ def structured_params(body: Any) -> StructuredOutputsParams | None:
         value = getattr(body, field)
         if value is not None:
             forms.append((field, {key: value}))
-    forms += [("tool_choice", {"json": s}) for s in [tool_schema(body)] if s is not None]
+    forms += [("tool_choice", {"json": s}) for s in [tool_schema(body, auto_tools)] if s is not None]
     if not forms:
         return None
     if len(forms) > 1:
@@ -91,8 +93,9 @@ def structured_params(body: Any) -> StructuredOutputsParams | None:
         raise APIError(400, f"{field}: {e}", param=field) from e
 
 
-def tool_schema(body: Any) -> dict[str, Any] | None:
-    """The JSON schema that `tools` with `tool_choice` put on a chat answer (None: no tools)."""
+def tool_schema(body: Any, auto_tools: bool = False) -> dict[str, Any] | None:
+    """The JSON schema that `tools` with `tool_choice` put on a chat answer (None: none, as for
+    no tools, "none", and "auto" when `auto_tools`)."""
     if "tools" not in type(body).model_fields:
         return None  # completions: tools are refused by name with the other unsupported fields
     tools, choice = body.tools, body.tool_choice
@@ -104,12 +107,15 @@ def tool_schema(body: Any) -> dict[str, Any] | None:
         return None
     funcs = _functions(tools)
     if choice is None or choice == "auto":
+        if auto_tools:
+            return None
         raise APIError(
             400,
-            'tool_choice "auto" needs a parser that finds tool calls in free text, which loramux does '
-            'not have; use tool_choice "required" (a call to one of the tools) or name a function '
-            '({"type": "function", "function": {"name": ...}}), whose arguments are then constrained '
-            "to its schema",
+            'tool_choice "auto" (the default with tools) needs a parser that finds tool calls in free '
+            "text: start the server with --enable-auto-tool-choice --tool-call-parser NAME (hermes, "
+            'llama3_json); or use tool_choice "required" (a call to one of the tools) or name a '
+            'function ({"type": "function", "function": {"name": ...}}), whose arguments are then '
+            "constrained to its schema",
             param="tool_choice",
         )
     if choice == "none":
@@ -171,11 +177,3 @@ def tool_calls(body: Any, text: str) -> list[dict[str, Any]] | None:
             return None
         return [call(c["name"], json.dumps(c["parameters"])) for c in calls]
     return [call(choice["function"]["name"], text)]
-
-
-def call(name: str, arguments: str) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
-        "type": "function",
-        "function": {"name": name, "arguments": arguments},
-    }

@@ -8,10 +8,10 @@ stop_token_ids, /detokenize tokens) drawn around the vocabulary's edges (-1, 0, 
 temperatures around their ranges (1e-300, NaN, infinity), adapter names that exist, do not, or look
 like paths; across completions, chat, /tokenize and /detokenize, combined with n, streaming,
 echo, logprobs, stop strings and penalties, and structured output (every form, uncompilable and
-unenforced schemas, bad regexes and grammars, tools and tool_choice; issue 28). Each example's
-answer must be a 2xx, a 4xx in OpenAI's error shape, or a documented 503 (server_busy,
-queue_timeout); never engine_dead, never another 5xx, never a hang. After every example the
-server must still answer a plain request.
+unenforced schemas, bad regexes and grammars, tools and tool_choice, "auto" parsed by the hermes
+tool-call parser; issue 28). Each example's answer must be a 2xx, a 4xx in OpenAI's error shape,
+or a documented 503 (server_busy, queue_timeout); never engine_dead, never another 5xx, never a
+hang. After every example the server must still answer a plain request.
 
 CI runs LORAMUX_SEMFUZZ_EXAMPLES (default 120, derandomized). The long mode:
 
@@ -55,7 +55,11 @@ pytestmark = pytest.mark.timeout(max(600, EXAMPLES * 3))
 @pytest.fixture(scope="module")
 def server(tiny_models, folders, tmp_path_factory):
     s = serve_tiny(
-        tiny_models, folders, tmp_path_factory.mktemp("semfuzz") / "server.log", *FUZZ_SERVER_FLAGS
+        tiny_models,
+        folders,
+        tmp_path_factory.mktemp("semfuzz") / "server.log",
+        *FUZZ_SERVER_FLAGS,
+        *("--enable-auto-tool-choice", "--tool-call-parser", "hermes"),  # tool_choice "auto" is valid
     )
     yield s
     s.stop()
@@ -265,8 +269,8 @@ CHAT_ONLY = {
         ),
     ),
     "tool_choice": _field(
-        st.sampled_from(["required", "none", {"type": "function", "function": {"name": "f"}}]),
-        st.sampled_from(["auto", "sometimes", {"type": "function", "function": {"name": "g"}}]),
+        st.sampled_from(["required", "none", "auto", {"type": "function", "function": {"name": "f"}}]),
+        st.sampled_from(["sometimes", {"type": "function", "function": {"name": "g"}}]),
     ),
 }
 # The Responses API: the shared sampling fields (vLLM's extras ride along) but those it has no
@@ -310,8 +314,8 @@ RESPONSES = {
         st.sampled_from([[{"type": "web_search"}], [{"type": "function"}], [{"name": "f", "parameters": 3}]]),
     ),
     "tool_choice": _field(
-        st.sampled_from(["required", "none", {"type": "function", "name": "f"}]),
-        st.sampled_from(["auto", "sometimes", {"type": "function", "name": "g"}]),
+        st.sampled_from(["required", "none", "auto", {"type": "function", "name": "f"}]),
+        st.sampled_from(["sometimes", {"type": "function", "name": "g"}]),
     ),
 }
 MODELS = _field(

@@ -78,8 +78,6 @@ def _serve(*flags: str) -> subprocess.CompletedProcess:
         (["--quantization", "awq"], "serve a bf16/fp16/fp32 checkpoint"),
         (["--kv-cache-dtype", "fp8"], "set --dtype"),
         (["--guided-decoding-backend", "outlines"], "xgrammar"),
-        (["--enable-auto-tool-choice"], 'send tool_choice "required" or name a function'),
-        (["--tool-call-parser", "hermes"], "loramux has no tool-call parsers"),
         (["--reasoning-parser", "deepseek_r1"], "does not split reasoning from content"),
         (["--task", "embed"], "text generation only"),
         (["--return-tokens-as-token-ids"], "send return_token_ids for the ids"),
@@ -97,6 +95,15 @@ def test_vllm_flags_that_would_change_results_are_refused_naming_the_alternative
     assert r.returncode == 2 and f"{' '.join(flags)} is not supported" in r.stderr and fix in r.stderr, (
         r.stderr
     )
+
+
+def test_auto_tool_choice_needs_a_parser_and_the_parser_must_be_one_loramux_has():
+    """vLLM's pair of flags: --enable-auto-tool-choice alone stops the start naming
+    --tool-call-parser and the parsers; an unknown parser is argparse's error naming them."""
+    r = _serve("--enable-auto-tool-choice")
+    assert r.returncode == 2 and "needs --tool-call-parser" in r.stderr and "hermes" in r.stderr, r.stderr
+    r = _serve("--enable-auto-tool-choice", "--tool-call-parser", "mistral")
+    assert r.returncode == 2 and "invalid choice: 'mistral'" in r.stderr and "llama3_json" in r.stderr
 
 
 @pytest.mark.parametrize(

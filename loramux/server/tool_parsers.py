@@ -1,0 +1,182 @@
+"""Tool calls found in free text: vLLM's `--enable-auto-tool-choice --tool-call-parser NAME`, for
+chat requests with tools and tool_choice "auto" (the default when tools are sent).
+
+Boundary: model text in (whole, or as deltas), OpenAI tool calls and the text that is not a call
+out; no request, no engine. A parser reads the format a model family was trained to write:
+- "hermes" (Qwen2.5, Qwen3, Hermes 2 Pro and 3): `<tool_call>{"name": ..., "arguments": {...}}
+  </tool_call>`, any number of them, text around them being content;
+- "llama3_json" (Llama 3.1, 3.2, 3.3): the answer is one or more `{"name": ..., "parameters":
+  {...}}` objects, separated by ";", optionally after `<|python_tag|>`; anything else is content.
+A call that does not parse (cut by max_tokens, not JSON, no name) is left as content, as vLLM
+does: the client sees what the model wrote. The whole-text answer is the streamed one put
+together (both run the same `ToolCallStream`), so a client never sees the two disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def call(name: str, arguments: str) -> dict[str, Any]:
+    """One OpenAI tool call."""
+    return {
+        "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _as_call(obj: Any, args_keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """A call from one JSON value (None: not a call: no name, or arguments that are no object)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = next((obj[k] for k in args_keys if k in obj), {})
+    if not isinstance(args, dict):
+        return None
+    return call(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+@dataclass
+class Parsed:
+    """One answer (or one delta of it): its content (text outside calls) and its calls."""
+
+    content: str = ""
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ToolCallStream:
+    """Feed an answer's text in any pieces, then finish: each step gives the content that can be
+    sent now and the calls completed so far. Text that may be the start of a call is held back
+    until it is known."""
+
+    def __init__(self) -> None:
+        self.held = ""  # text not yet given out
+        self.called = False  # a call was given out (the answer's finish reason is tool_calls)
+
+    def feed(self, text: str) -> Parsed:
+        self.held += text
+        return self._step(final=False)
+
+    def finish(self) -> Parsed:
+        return self._step(final=True)
+
+    def _step(self, final: bool) -> Parsed:
+        raise NotImplementedError
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that begins `marker` (0: none)."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class HermesStream(ToolCallStream):
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_call = False
+
+    def _step(self, final: bool) -> Parsed:
+        out = Parsed()
+        while True:
+            if not self.in_call:
+                at = self.held.find(self.OPEN)
+                if at < 0:
+                    keep = 0 if final else _partial_suffix(self.held, self.OPEN)
+                    text, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+                    out.content += self._content(text, final)
+                    return out
+                out.content += self._content(self.held[:at], True)
+                self.held, self.in_call = self.held[at:], True
+            end = self.held.find(self.CLOSE)
+            if end < 0 and not final:
+                return out
+            body = self.held[len(self.OPEN) : end if end >= 0 else len(self.held)]
+            whole = self.held[: end + len(self.CLOSE)] if end >= 0 else self.held
+            found = _as_call(_loads(body.strip()), ("arguments", "parameters"))
+            if found is not None:
+                out.calls.append(found)
+                self.called = True
+            else:
+                out.content += whole  # not a call: the text as the model wrote it
+            self.held, self.in_call = self.held[len(whole) :], False
+            if not self.held and final:
+                return out
+
+    def _content(self, text: str, settled: bool) -> str:
+        """Content outside calls; after a call, blank text is dropped (it only separates calls),
+        and held while it may be followed by more calls."""
+        if not self.called:
+            return text
+        if not text.strip():
+            if not settled:
+                self.held = text + self.held
+            return ""
+        return text
+
+
+class Llama3JsonStream(ToolCallStream):
+    TAG = "<|python_tag|>"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode: str | None = None  # "calls" (JSON, held to the end) or "text", once known
+
+    def _step(self, final: bool) -> Parsed:
+        if self.mode is None:
+            start = self.held.lstrip()
+            if not final and (not start or self.TAG.startswith(start)):
+                return Parsed()  # blank so far, or maybe the tag: not known yet
+            self.mode = "calls" if start.startswith(("{", self.TAG)) else "text"
+        if self.mode == "text":
+            text, self.held = self.held, ""
+            return Parsed(content=text)
+        if not final:
+            return Parsed()
+        calls = self._calls(self.held.strip().removeprefix(self.TAG).strip())
+        text, self.held = self.held, ""
+        if calls is None:
+            return Parsed(content=text)
+        self.called = bool(calls)
+        return Parsed(calls=calls)
+
+    @staticmethod
+    def _calls(text: str) -> list[dict[str, Any]] | None:
+        """The calls of `{...}; {...}`, or None if any part is not one."""
+        decoder, calls, i = json.JSONDecoder(), [], 0
+        while i < len(text):
+            try:
+                obj, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError:
+                return None
+            found = _as_call(obj, ("parameters", "arguments"))
+            if found is None:
+                return None
+            calls.append(found)
+            i = end
+            while i < len(text) and text[i] in " \t\r\n;":
+                i += 1
+        return calls or None
+
+
+PARSERS: dict[str, type[ToolCallStream]] = {"hermes": HermesStream, "llama3_json": Llama3JsonStream}
+
+
+def parse(parser: str, text: str) -> Parsed:
+    """A whole answer's content and calls: what its stream gives, put together."""
+    stream = PARSERS[parser]()
+    first, last = stream.feed(text), stream.finish()
+    return Parsed(first.content + last.content, first.calls + last.calls)

@@ -1,0 +1,118 @@
+"""The tool-call parsers of tool_choice "auto" (vLLM's --tool-call-parser hermes / llama3_json), on
+text alone: what each finds in the formats Qwen, Hermes and Llama 3 write, what it leaves as
+content, and that a streamed answer, cut into any pieces, gives the same content and calls as the
+whole answer, with no part of a call ever sent as content.
+
+S6.1 (the answer a request gets is the model's, whole and streamed alike).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loramux.server.tool_parsers import PARSERS, Parsed, parse
+
+
+def _calls(p: Parsed) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in p.calls]
+
+
+HERMES = [  # (answer, content, calls)
+    (
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "paris", "days": 3}}\n'
+        "</tool_call>",
+        "Let me look.\n",
+        [("get_weather", {"city": "paris", "days": 3})],
+    ),
+    (  # two calls, blank text between and after them dropped
+        '<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", "arguments": '
+        '{"x": [1, 2]}}</tool_call>\n',
+        "",
+        [("a", {}), ("b", {"x": [1, 2]})],
+    ),
+    ("no calls here, just <b>text</b> and a < sign", "no calls here, just <b>text</b> and a < sign", []),
+    (  # cut by max_tokens inside the call: what the model wrote, as content
+        'ok <tool_call>{"name": "a", "arguments": {"x": 1',
+        'ok <tool_call>{"name": "a", "arguments": {"x": 1',
+        [],
+    ),
+    (  # not JSON, and JSON without a name: content; the good call still counts
+        '<tool_call>not json</tool_call><tool_call>{"arguments": {}}</tool_call><tool_call>{"name": "c", '
+        '"parameters": {"k": "v"}}</tool_call>',
+        '<tool_call>not json</tool_call><tool_call>{"arguments": {}}</tool_call>',
+        [("c", {"k": "v"})],
+    ),
+    (  # an unclosed last call that is whole JSON (the model stopped at EOS): a call
+        'x <tool_call>{"name": "d", "arguments": {"q": "é"}}',
+        "x ",
+        [("d", {"q": "é"})],
+    ),
+    ('<tool_call>{"name": "e", "arguments": {}}</tool_call> and then words', " and then words", [("e", {})]),
+]
+
+LLAMA3 = [
+    ('{"name": "get_weather", "parameters": {"city": "paris"}}', "", [("get_weather", {"city": "paris"})]),
+    (
+        '<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "arguments": {"n": 2}}',
+        "",
+        [("a", {}), ("b", {"n": 2})],
+    ),
+    ("  The weather is fine.", "  The weather is fine.", []),
+    ('{"city": "paris"}', '{"city": "paris"}', []),  # JSON, but no call: the text
+    ('{"name": "a", "parameters": {}} trailing words', '{"name": "a", "parameters": {}} trailing words', []),
+    ('{"name": "a", "parameters": {"x": 1', '{"name": "a", "parameters": {"x": 1', []),  # cut
+]
+
+
+@pytest.mark.parametrize(
+    "parser,answer,content,calls", [("hermes", *c) for c in HERMES] + [("llama3_json", *c) for c in LLAMA3]
+)
+def test_each_parser_finds_the_calls_and_leaves_the_rest_as_content(parser, answer, content, calls):
+    found = parse(parser, answer)
+    assert found.content == content and _calls(found) == calls
+    ids = [c["id"] for c in found.calls]
+    assert len(set(ids)) == len(ids) and all(i.startswith("chatcmpl-tool-") for i in ids)
+
+
+def _streamed(parser: str, pieces: list[str]) -> tuple[list[str], Parsed]:
+    stream = PARSERS[parser]()
+    contents, calls = [], []
+    for step in [*(stream.feed(p) for p in pieces), stream.finish()]:
+        contents.append(step.content)
+        calls += step.calls
+    return contents, Parsed("".join(contents), calls)
+
+
+def _cuts(text: str) -> st.SearchStrategy[list[str]]:
+    return st.lists(st.integers(0, len(text)), max_size=12).map(
+        lambda at: [text[a:b] for a, b in zip([0, *sorted(at)], [*sorted(at), len(text)], strict=True)]
+    )
+
+
+ANSWERS = [("hermes", a) for a, _, _ in HERMES] + [("llama3_json", a) for a, _, _ in LLAMA3]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), which=st.integers(0, len(ANSWERS) - 1))
+def test_streamed_in_any_pieces_equals_whole_and_never_sends_part_of_a_call_as_content(data, which):
+    parser, answer = ANSWERS[which]
+    pieces = data.draw(_cuts(answer))
+    contents, total = _streamed(parser, pieces)
+    whole = parse(parser, answer)
+    # The pieces of content sent add up to the whole answer's content, so no text of a call that
+    # parsed was ever sent as content, early or late.
+    assert "".join(contents) == whole.content and _calls(total) == _calls(whole)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(st.characters(blacklist_characters="<{"), max_size=60),
+    parser=st.sampled_from(sorted(PARSERS)),
+)
+def test_text_with_no_call_in_it_passes_through_unchanged(text, parser):
+    found = parse(parser, text)
+    assert found.content == text and found.calls == []
