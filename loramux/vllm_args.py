@@ -336,11 +336,6 @@ FLAGS = (
     ),
     VllmFlag("--speculative-config", "refuse", "speculative decoding is not implemented; leave it out"),
     VllmFlag(
-        "--reasoning-parser",
-        "refuse",
-        "loramux does not split reasoning from content; the answer's text holds both",
-    ),
-    VllmFlag(
         "--guided-decoding-backend",
         "refuse",
         "loramux compiles grammars with xgrammar",

@@ -80,6 +80,7 @@ def server_config(args: argparse.Namespace, name: str) -> ServerConfig:
         root_path=args.root_path,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
         auto_tool_parser=auto_tool_parser(args),
+        reasoning_parser=args.reasoning_parser,
         default_chat_template_kwargs=args.default_chat_template_kwargs or {},
         max_stored_responses=(
             ServerConfig.max_stored_responses

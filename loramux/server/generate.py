@@ -32,11 +32,12 @@ from loramux.server.async_engine import AsyncEngine
 from loramux.server.errors import raise_if_ended_badly, to_api_error
 from loramux.server.metrics import Metrics
 from loramux.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from loramux.server.reasoning_parsers import ReasoningStream, Split, reasoning_stream, split
 from loramux.server.resolver import AdapterResolver
 from loramux.server.server_config import ServerConfig
 from loramux.server.structured import structured_params, tool_calls
 from loramux.server.token_text import TokenText
-from loramux.server.tool_parsers import PARSERS, Parsed, call, parse
+from loramux.server.tool_parsers import PARSERS, Parsed, ToolCallStream, call, parse
 
 logger = logging.getLogger("loramux.server")
 T = TypeVar("T")
@@ -119,9 +120,10 @@ class Generate:
             shape: Shape | None = None
             if body.logprobs:
                 shape = lambda i, ids, lps: self.chat_logprobs(ids, lps)  # noqa: E731
-            parser = self.auto_parser(body)
+            parser, thinking = self.auto_parser(body), self.reasoning_parser(body)
             render = _chat_delta if not tool_mode(body) else _tool_delta(body)
             render = _auto_tool_delta(parser) if parser is not None else render
+            render = _with_reasoning(render, thinking) if thinking is not None else render
             render = _with_tokens(render, shape, body.return_token_ids)
             return _sse(self._stream(chunk, body, streams, render, roles, head))
         return await self._answer(request, rid, "chat.completion", body, streams, self._chat_choice)
@@ -425,15 +427,21 @@ class Generate:
 
     def _chat_choice(self, i: int, out: RequestOutput, body: ChatCompletionRequest) -> dict[str, Any]:
         comp = out.outputs[0]
-        message: dict[str, Any] = {"role": "assistant", "content": comp.text}
+        text, thought = comp.text, None
+        if (thinking := self.reasoning_parser(body)) is not None:
+            parts = split(thinking, comp.text)
+            text, thought = parts.content, parts.reasoning or None
+        message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = comp.finish_reason
         calls = tool_calls(body, comp.text) if tool_mode(body) else None
         if calls is not None:
             message = {"role": "assistant", "content": None, "tool_calls": calls}
             finish = "tool_calls" if body.tool_choice == "required" and finish == "stop" else finish
-        if (parser := self.auto_parser(body)) is not None and (found := parse(parser, comp.text)).calls:
+        if (parser := self.auto_parser(body)) is not None and (found := parse(parser, text)).calls:
             message = {"role": "assistant", "content": found.content or None, "tool_calls": found.calls}
             finish = "tool_calls" if finish == "stop" else finish
+        if thinking is not None:  # vLLM's field, and its older name that many clients read
+            message.update(content=message["content"] or None, reasoning=thought, reasoning_content=thought)
         choice: dict[str, Any] = {
             "index": i,
             "message": message,
@@ -450,6 +458,16 @@ class Generate:
         if not body.tools or body.tool_choice not in (None, "auto"):
             return None
         return self.cfg.auto_tool_parser
+
+    def reasoning_parser(self, body: ChatCompletionRequest) -> str | None:
+        """The parser that splits this answer's reasoning from its content; None for an answer the
+        request constrains (structured output, tool_choice "required" or named): the constraint
+        holds from its first token, so it has no reasoning (vLLM starts the grammar after it)."""
+        if self.cfg.reasoning_parser is None or tool_mode(body):
+            return None
+        if structured_params(body, self.cfg.auto_tool_parser is not None) is not None:
+            return None
+        return self.cfg.reasoning_parser
 
     def chat_logprobs(self, ids: list[int], lps: list[Any] | None) -> dict[str, Any] | None:
         if lps is None:
@@ -515,7 +533,7 @@ def _tool_delta(body: ChatCompletionRequest) -> Render:
 def _auto_tool_delta(parser: str) -> Render:
     """Streamed answers to tool_choice "auto": the text as content, held back while it may be the
     start of a call; each call whole (name and arguments) once its text is complete."""
-    streams: dict[int, Any] = {}
+    streams: dict[int, ToolCallStream] = {}
     sent: dict[int, int] = {}  # calls sent per choice: the next call's index
 
     def render(i: int, out: RequestOutput) -> dict[str, Any] | None:
@@ -537,6 +555,34 @@ def _auto_tool_delta(parser: str) -> Render:
         return _delta(i, delta, finish)
 
     return render
+
+
+def _with_reasoning(render: Render, parser: str) -> Render:
+    """`render` given each chunk's content only, its reasoning sent beside it as `reasoning` (and
+    `reasoning_content`, the older name): the answer's reasoning streams as it is made, and what
+    follows `</think>` goes on to `render` (text, or the auto tool-call parser)."""
+    streams: dict[int, ReasoningStream] = {}
+
+    def wrapped(i: int, out: RequestOutput) -> dict[str, Any] | None:
+        comp = out.outputs[0]
+        stream = streams.setdefault(i, reasoning_stream(parser))
+        part = stream.feed(comp.delta_text)
+        if out.finished:
+            last = stream.finish()
+            part = Split(part.reasoning + last.reasoning, part.content + last.content)
+        content_only = dataclasses.replace(comp, delta_text=part.content)
+        choice = render(i, dataclasses.replace(out, outputs=[content_only]))
+        if not part.reasoning:
+            return choice
+        choice = choice or _delta(i, {}, None)
+        choice["delta"] = {
+            "reasoning": part.reasoning,
+            "reasoning_content": part.reasoning,
+            **choice["delta"],
+        }
+        return choice
+
+    return wrapped
 
 
 def _top_logprobs(body: ChatCompletionRequest) -> int | None:

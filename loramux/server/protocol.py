@@ -246,14 +246,20 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's answer: the call it answers
+    reasoning: str | None = None  # an assistant's earlier reasoning (vLLM's --reasoning-parser)
+    reasoning_content: str | None = None  # the same, under its older name
 
     def for_template(self) -> dict[str, Any]:
         """The message as the chat template reads it: its text, and the fields set among name,
-        tool_calls and tool_call_id (vLLM passes them on the same way)."""
+        tool_calls and tool_call_id (vLLM passes them on the same way); reasoning as
+        `reasoning_content`, the name Qwen3's and DeepSeek's templates read."""
         out: dict[str, Any] = {"role": self.role, "content": self.text()}
         for key in ("name", "tool_calls", "tool_call_id"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        reasoning = self.reasoning if self.reasoning is not None else self.reasoning_content
+        if reasoning is not None:
+            out["reasoning_content"] = reasoning
         return out
 
     def text(self) -> str:

@@ -34,6 +34,7 @@ from loramux.engine.outputs import RequestOutput
 from loramux.server.errors import raise_if_ended_badly, to_api_error, validated
 from loramux.server.generate import ClientGone, Generate, Streams, merge, tool_mode
 from loramux.server.protocol import APIError, ChatCompletionRequest
+from loramux.server.reasoning_parsers import split
 from loramux.server.responses_input import ResponsesRequest, chat_body, input_items, input_messages
 from loramux.server.structured import tool_calls
 from loramux.server.tool_parsers import parse
@@ -286,6 +287,7 @@ class _Answer:
         # A named function's call is known from the start: streamed, its arguments come as made.
         self.named = tool_mode(chat) and isinstance(chat.tool_choice, dict)
         self.parser = api.gen.auto_parser(chat)  # tool_choice "auto": calls are found in the text
+        self.thinking = api.gen.reasoning_parser(chat)  # --reasoning-parser: reasoning is split off
         self.call_ids = (f"fc_{uuid.uuid4().hex}", f"call_{uuid.uuid4().hex}")
         self.log: _EventLog | None = None  # a background response's events
         defaults = api.gen.defaults
@@ -390,19 +392,28 @@ class _Answer:
         return response
 
     def _items(self, out: RequestOutput) -> list[dict[str, Any]]:
+        """The answer's output items: its reasoning (with a reasoning parser), then its calls (the
+        text outside them a message before them), or its message."""
         comp = out.outputs[0]
-        calls = tool_calls(self.chat, comp.text) if tool_mode(self.chat) else None
         status = "incomplete" if comp.finish_reason == "length" else "completed"
-        if self.parser is not None and (found := parse(self.parser, comp.text)).calls:
+        text, head = comp.text, []
+        if self.thinking is not None:
+            parts = split(self.thinking, comp.text)
+            text = parts.content
+            if parts.reasoning:
+                head.append(_reasoning_item(parts.reasoning, status))
+        if self.parser is not None and (found := parse(self.parser, text)).calls:
             said = [self._message([_text_part(found.content)])] if found.content.strip() else []
-            return said + [self._call_item(c, status) for c in found.calls]
+            return head + said + [self._call_item(c, status) for c in found.calls]
+        calls = tool_calls(self.chat, comp.text) if tool_mode(self.chat) else None
         if calls is not None:
             items = [self._call_item(c, status) for c in calls]
             if self.named:  # the ids its streamed events already carried
                 items[0]["id"], items[0]["call_id"] = self.call_ids
             return items
-        part = {**_text_part(comp.text), "logprobs": self._logprobs(out)}
-        return [{**self._message([part]), "status": status}]
+        logprobs = self._logprobs(out) if self.thinking is None else []  # the reasoning's are not the text's
+        part = {**_text_part(text), "logprobs": logprobs}
+        return head + [{**self._message([part]), "status": status}]
 
     @staticmethod
     def _call_item(c: dict[str, Any], status: str) -> dict[str, Any]:
@@ -438,7 +449,8 @@ class _Answer:
         def event(kind: str, **fields: Any) -> dict[str, Any]:
             return {"type": kind, "sequence_number": next(seq), **fields}
 
-        streaming_text = not tool_mode(self.chat) and self.parser is None  # else whole, at the end
+        # Text streams as it comes; calls found in it, and reasoning split from it, come whole at the end.
+        streaming_text = not tool_mode(self.chat) and self.parser is None and self.thinking is None
         where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
         call = {"item_id": self.call_ids[0], "output_index": 0}
 
@@ -539,9 +551,32 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
+def _reasoning_item(text: str, status: str) -> dict[str, Any]:
+    return {
+        "type": "reasoning",
+        "id": f"rs_{uuid.uuid4().hex}",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+        "encrypted_content": None,
+        "status": status,
+    }
+
+
 def _whole_item(i: int, item: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """The events of an output item that is done before its first event: added, its content at
     once, done."""
+    if item["type"] == "reasoning":
+        text = item["content"][0]["text"]
+        where = {"item_id": item["id"], "output_index": i, "content_index": 0}
+        return [
+            (
+                "response.output_item.added",
+                {"output_index": i, "item": {**item, "status": "in_progress", "content": []}},
+            ),
+            ("response.reasoning_text.delta", {**where, "delta": text}),
+            ("response.reasoning_text.done", {**where, "text": text}),
+            ("response.output_item.done", {"output_index": i, "item": item}),
+        ]
     if item["type"] == "function_call":
         where = {"item_id": item["id"], "output_index": i}
         return [
@@ -572,7 +607,9 @@ def _whole_item(i: int, item: dict[str, Any]) -> list[tuple[str, dict[str, Any]]
 
 
 def _as_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Output items as the chat messages a later turn renders."""
+    """Output items as the chat messages a later turn renders (reasoning is not carried on, as
+    the templates of thinking models drop it from earlier turns)."""
+    items = [it for it in items if it["type"] != "reasoning"]
     calls = [
         {
             "id": it["call_id"],

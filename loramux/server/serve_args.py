@@ -20,6 +20,7 @@ from loramux.config import (
     LoRAConfig,
     SchedulerConfig,
 )
+from loramux.server.reasoning_parsers import PARSERS as REASONING_PARSERS
 from loramux.server.tool_parsers import PARSERS
 from loramux.server.vllm_flags import add_vllm_args
 
@@ -245,6 +246,14 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the format the model writes tool calls in: hermes (<tool_call>{...}</tool_call>: Qwen, "
         'Hermes) or llama3_json ({"name": ..., "parameters": ...}: Llama 3.1-3.3)',
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_PARSERS),
+        default=None,
+        help="split chat answers into reasoning (<think> ... </think>) and content: deepseek_r1 "
+        "(reasoning until </think>: DeepSeek-R1, QwQ, Qwen3 2507 thinking) or qwen3 (reasoning "
+        "only after a leading <think>: Qwen3, which may think or not)",
     )
     p.add_argument(
         "--root-path",

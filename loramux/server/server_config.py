@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from loramux.server.reasoning_parsers import PARSERS as REASONING_PARSERS
 from loramux.server.tool_parsers import PARSERS
 
 
@@ -57,6 +58,9 @@ class ServerConfig:
     """Chat requests with tools and tool_choice "auto" are answered in free text, and this
     parser (tool_parsers.py) finds the tool calls in it (vLLM's --enable-auto-tool-choice
     --tool-call-parser); None: such requests are refused with the alternatives."""
+    reasoning_parser: str | None = None
+    """Chat answers are split into reasoning (`<think> ... </think>`) and content by this parser
+    (reasoning_parsers.py; vLLM's --reasoning-parser); None: the answer's text is the content."""
     root_path: str = ""
     """The path prefix a reverse proxy serves the app under (requests may carry it or not)."""
     max_stored_responses: int = 1000
@@ -75,6 +79,11 @@ class ServerConfig:
         if self.auto_tool_parser is not None and self.auto_tool_parser not in PARSERS:
             raise ValueError(
                 f"--tool-call-parser {self.auto_tool_parser}: loramux has the parsers {sorted(PARSERS)}"
+            )
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"--reasoning-parser {self.reasoning_parser}: loramux has the parsers "
+                f"{sorted(REASONING_PARSERS)}"
             )
         if self.max_log_len is not None and self.max_log_len < 0:
             raise ValueError(f"--max-log-len {self.max_log_len}: give 0 or more characters")

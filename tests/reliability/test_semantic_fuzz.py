@@ -9,9 +9,10 @@ temperatures around their ranges (1e-300, NaN, infinity), adapter names that exi
 like paths; across completions, chat, /tokenize and /detokenize, combined with n, streaming,
 echo, logprobs, stop strings and penalties, and structured output (every form, uncompilable and
 unenforced schemas, bad regexes and grammars, tools and tool_choice, "auto" parsed by the hermes
-tool-call parser; issue 28). Each example's answer must be a 2xx, a 4xx in OpenAI's error shape,
-or a documented 503 (server_busy, queue_timeout); never engine_dead, never another 5xx, never a
-hang. After every example the server must still answer a plain request.
+tool-call parser, answers split by the deepseek_r1 reasoning parser; issue 28). Each example's
+answer must be a 2xx, a 4xx in OpenAI's error shape, or a documented 503 (server_busy,
+queue_timeout); never engine_dead, never another 5xx, never a hang. After every example the
+server must still answer a plain request.
 
 CI runs LORAMUX_SEMFUZZ_EXAMPLES (default 120, derandomized). The long mode:
 
@@ -60,6 +61,7 @@ def server(tiny_models, folders, tmp_path_factory):
         tmp_path_factory.mktemp("semfuzz") / "server.log",
         *FUZZ_SERVER_FLAGS,
         *("--enable-auto-tool-choice", "--tool-call-parser", "hermes"),  # tool_choice "auto" is valid
+        *("--reasoning-parser", "deepseek_r1"),  # chat answers are split (all reasoning, here)
     )
     yield s
     s.stop()

@@ -78,7 +78,6 @@ def _serve(*flags: str) -> subprocess.CompletedProcess:
         (["--quantization", "awq"], "serve a bf16/fp16/fp32 checkpoint"),
         (["--kv-cache-dtype", "fp8"], "set --dtype"),
         (["--guided-decoding-backend", "outlines"], "xgrammar"),
-        (["--reasoning-parser", "deepseek_r1"], "does not split reasoning from content"),
         (["--task", "embed"], "text generation only"),
         (["--return-tokens-as-token-ids"], "send return_token_ids for the ids"),
         (["--enable-sleep-mode"], "sleep mode"),

@@ -1,0 +1,82 @@
+"""Reasoning split from the answer: vLLM's `--reasoning-parser NAME`, for models that think in
+`<think> ... </think>` before they answer (DeepSeek-R1 and its distills, Qwen3, QwQ).
+
+Boundary: model text in (whole, or as deltas), (reasoning, content) out; no request, no engine.
+- "deepseek_r1": everything before `</think>` is reasoning (the chat template may have written
+  `<think>` into the prompt, so the answer need not open with it);
+- "qwen3": an answer that opens with `<think>` reasons until `</think>`; one that does not is all
+  content (Qwen3 with `enable_thinking: false`, whose template writes an empty think block into
+  the prompt). Qwen3's 2507 thinking models, whose template opens the block, want deepseek_r1.
+An answer cut before `</think>` is all reasoning. A leading `<think>` is dropped. Each answer is
+known to be reasoning or content from its first characters, so both stream as they come; only
+text that may be the start of `<think>` or `</think>` waits for the next piece. The whole answer
+is its stream put together (both run `ReasoningStream`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OPEN, CLOSE = "<think>", "</think>"
+
+
+@dataclass
+class Split:
+    reasoning: str = ""
+    content: str = ""
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that begins `marker` (0: none)."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ReasoningStream:
+    def __init__(self, opens_with_think: bool) -> None:
+        self.opens_with_think = opens_with_think  # reasoning only after a leading <think>
+        self.held = ""
+        self.thinking: bool | None = None  # None: not known yet (blank, or maybe <think>)
+
+    def feed(self, text: str) -> Split:
+        self.held += text
+        return self._step(final=False)
+
+    def finish(self) -> Split:
+        return self._step(final=True)
+
+    def _step(self, final: bool) -> Split:
+        if self.thinking is None:
+            start = self.held.lstrip()
+            if not final and OPEN.startswith(start):
+                return Split()  # blank so far, or maybe <think>
+            opened = start.startswith(OPEN)
+            self.held = start[len(OPEN) :] if opened else self.held
+            self.thinking = opened or not self.opens_with_think
+        if not self.thinking:
+            text, self.held = self.held, ""
+            return Split(content=text)
+        at = self.held.find(CLOSE)
+        if at >= 0:
+            reasoning, rest = self.held[:at], self.held[at + len(CLOSE) :]
+            self.held, self.thinking = "", False
+            return Split(reasoning=reasoning, content=rest)
+        keep = 0 if final else _partial_suffix(self.held, CLOSE)
+        text, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return Split(reasoning=text)
+
+
+PARSERS = {"deepseek_r1": False, "qwen3": True}  # name -> reasoning only after a leading <think>
+
+
+def reasoning_stream(parser: str) -> ReasoningStream:
+    return ReasoningStream(opens_with_think=PARSERS[parser])
+
+
+def split(parser: str, text: str) -> Split:
+    """A whole answer's reasoning and content: what its stream gives, put together."""
+    stream = reasoning_stream(parser)
+    first, last = stream.feed(text), stream.finish()
+    return Split(first.reasoning + last.reasoning, first.content + last.content)
