@@ -123,7 +123,8 @@ class Generate:
             parser, thinking = self.auto_parser(body), self.reasoning_parser(body)
             render = _chat_delta if not tool_mode(body) else _tool_delta(body)
             render = _auto_tool_delta(parser) if parser is not None else render
-            render = _with_reasoning(render, thinking) if thinking is not None else render
+            if thinking is not None:
+                render = _with_reasoning(render, thinking, body.include_reasoning)
             render = _with_tokens(render, shape, body.return_token_ids)
             return _sse(self._stream(chunk, body, streams, render, roles, head))
         return await self._answer(request, rid, "chat.completion", body, streams, self._chat_choice)
@@ -430,7 +431,7 @@ class Generate:
         text, thought = comp.text, None
         if (thinking := self.reasoning_parser(body)) is not None:
             parts = split(thinking, comp.text)
-            text, thought = parts.content, parts.reasoning or None
+            text, thought = parts.content, (parts.reasoning or None) if body.include_reasoning else None
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = comp.finish_reason
         calls = tool_calls(body, comp.text) if tool_mode(body) else None
@@ -557,10 +558,11 @@ def _auto_tool_delta(parser: str) -> Render:
     return render
 
 
-def _with_reasoning(render: Render, parser: str) -> Render:
+def _with_reasoning(render: Render, parser: str, include: bool = True) -> Render:
     """`render` given each chunk's content only, its reasoning sent beside it as `reasoning` (and
-    `reasoning_content`, the older name): the answer's reasoning streams as it is made, and what
-    follows `</think>` goes on to `render` (text, or the auto tool-call parser)."""
+    `reasoning_content`, the older name; not at all unless `include`): the answer's reasoning
+    streams as it is made, and what follows `</think>` goes on to `render` (text, or the auto
+    tool-call parser)."""
     streams: dict[int, ReasoningStream] = {}
 
     def wrapped(i: int, out: RequestOutput) -> dict[str, Any] | None:
@@ -572,7 +574,7 @@ def _with_reasoning(render: Render, parser: str) -> Render:
             part = Split(part.reasoning + last.reasoning, part.content + last.content)
         content_only = dataclasses.replace(comp, delta_text=part.content)
         choice = render(i, dataclasses.replace(out, outputs=[content_only]))
-        if not part.reasoning:
+        if not part.reasoning or not include:
             return choice
         choice = choice or _delta(i, {}, None)
         choice["delta"] = {

@@ -285,6 +285,7 @@ class ChatCompletionRequest(_Sampling, _ChatTemplateFields):
     top_logprobs: int | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True  # false: tool_choice "required" makes exactly one call
+    include_reasoning: bool = True  # false: with --reasoning-parser, the reasoning is left out
 
 
 class TokenizeRequest(_ChatTemplateFields):

@@ -73,8 +73,8 @@ def test_S6_1_deepseek_r1_gives_the_answer_as_reasoning_whole_and_streamed(serve
 
 def test_constrained_answers_are_left_whole_and_the_responses_api_gives_a_reasoning_item(server):
     """An answer the request constrains (here a regular expression) is content, not reasoning;
-    the Responses API's answer is a reasoning item (whole and streamed), and the next turn goes on
-    from it."""
+    `include_reasoning: false` leaves the reasoning out, whole and streamed; the Responses API's
+    answer is a reasoning item (whole and streamed), and the next turn goes on from it."""
     client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
     msgs = [{"role": "user", "content": demo.say("good dog")}]
     form = {"structured_outputs": {"regex": "[a-z]{2,6}"}}
@@ -84,6 +84,18 @@ def test_constrained_answers_are_left_whole_and_the_responses_api_gives_a_reason
 
     chat = client.chat.completions.create(model="upper", messages=msgs, temperature=0, max_tokens=30)
     thought = chat.choices[0].message.model_dump()["reasoning"]
+    for stream in (False, True):  # vLLM's include_reasoning: false leaves it out
+        left_out = client.chat.completions.create(
+            model="upper",
+            messages=msgs,
+            temperature=0,
+            max_tokens=30,
+            stream=stream,
+            extra_body={"include_reasoning": False},
+        )
+        chunks = list(left_out) if stream else [left_out]
+        said = [c.choices[0].delta if stream else c.choices[0].message for c in chunks]
+        assert thought and not any(m.model_dump().get("reasoning") for m in said)
     kw = {"model": "upper", "input": demo.say("good dog"), "temperature": 0, "max_output_tokens": 30}
     whole = client.responses.create(**kw)
     with client.responses.stream(**kw) as s:
