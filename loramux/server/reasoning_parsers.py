@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loramux.server.text_stream import PieceStream
+
 OPEN, CLOSE = "<think>", "</think>"
 
 
@@ -26,26 +28,11 @@ class Split:
     content: str = ""
 
 
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that begins `marker` (0: none)."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
-
-
-class ReasoningStream:
+class ReasoningStream(PieceStream[Split]):
     def __init__(self, opens_with_think: bool) -> None:
+        super().__init__()
         self.opens_with_think = opens_with_think  # reasoning only after a leading <think>
-        self.held = ""
         self.thinking: bool | None = None  # None: not known yet (blank, or maybe <think>)
-
-    def feed(self, text: str) -> Split:
-        self.held += text
-        return self._step(final=False)
-
-    def finish(self) -> Split:
-        return self._step(final=True)
 
     def _step(self, final: bool) -> Split:
         if self.thinking is None:
@@ -63,9 +50,7 @@ class ReasoningStream:
             reasoning, rest = self.held[:at], self.held[at + len(CLOSE) :]
             self.held, self.thinking = "", False
             return Split(reasoning=reasoning, content=rest)
-        keep = 0 if final else _partial_suffix(self.held, CLOSE)
-        text, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
-        return Split(reasoning=text)
+        return Split(reasoning=self.take(final, CLOSE))
 
 
 PARSERS = {"deepseek_r1": False, "qwen3": True}  # name -> reasoning only after a leading <think>

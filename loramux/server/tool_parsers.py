@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from loramux.server.text_stream import PieceStream
+
 
 def call(name: str, arguments: str) -> dict[str, Any]:
     """One OpenAI tool call."""
@@ -54,32 +56,13 @@ class Parsed:
     calls: list[dict[str, Any]] = field(default_factory=list)
 
 
-class ToolCallStream:
-    """Feed an answer's text in any pieces, then finish: each step gives the content that can be
-    sent now and the calls completed so far. Text that may be the start of a call is held back
-    until it is known."""
+class ToolCallStream(PieceStream[Parsed]):
+    """Each step gives the content that can be sent now and the calls completed so far. Text
+    that may be the start of a call is held back until it is known."""
 
     def __init__(self) -> None:
-        self.held = ""  # text not yet given out
+        super().__init__()
         self.called = False  # a call was given out (the answer's finish reason is tool_calls)
-
-    def feed(self, text: str) -> Parsed:
-        self.held += text
-        return self._step(final=False)
-
-    def finish(self) -> Parsed:
-        return self._step(final=True)
-
-    def _step(self, final: bool) -> Parsed:
-        raise NotImplementedError
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that begins `marker` (0: none)."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class HermesStream(ToolCallStream):
@@ -95,9 +78,7 @@ class HermesStream(ToolCallStream):
             if not self.in_call:
                 at = self.held.find(self.OPEN)
                 if at < 0:
-                    keep = 0 if final else _partial_suffix(self.held, self.OPEN)
-                    text, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
-                    out.content += self._content(text, final)
+                    out.content += self._content(self.take(final, self.OPEN), final)
                     return out
                 out.content += self._content(self.held[:at], True)
                 self.held, self.in_call = self.held[at:], True
