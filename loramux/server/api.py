@@ -31,6 +31,7 @@ from loramux.server.async_engine import AsyncEngine
 from loramux.server.errors import DECLARED, BodyLimit, install_error_handlers
 from loramux.server.generate import Generate
 from loramux.server.invocations import Invocations
+from loramux.server.messages import Messages
 from loramux.server.metrics import Metrics
 from loramux.server.middleware import LoadTracker, RequestIdHeaders, ServerLoad, add_user_middleware
 from loramux.server.paths import allowed_path
@@ -50,6 +51,7 @@ _GENERATION = (
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/responses",
+    "/v1/messages",
     "/invocations",
 )  # what --enable-server-load-tracking counts
 _STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"}}
@@ -100,6 +102,9 @@ def build_app(aengine: AsyncEngine, cfg: ServerConfig, metrics: Metrics) -> Fast
     v1.add_api_route("/responses/{response_id}", responses.delete, methods=["DELETE"])
     v1.add_api_route("/responses/{response_id}/input_items", responses.input_items, methods=["GET"])
     v1.add_api_route("/responses/{response_id}/cancel", responses.cancel, methods=["POST"])
+    messages = Messages(gen)
+    v1.add_api_route("/messages", messages.create, methods=["POST"], responses=_STREAMS)
+    v1.add_api_route("/messages/count_tokens", messages.count_tokens, methods=["POST"])
     v1.add_api_route("/load_lora_adapter", api.load_lora, methods=["POST"])
     v1.add_api_route("/unload_lora_adapter", api.unload_lora, methods=["POST"])
     app.include_router(v1)
@@ -128,9 +133,15 @@ def check_api_key(keys: tuple[str, ...], request: Request) -> None:
     if not keys:
         return
     sent = request.headers.get("authorization", "").encode()
-    if not any(hmac.compare_digest(sent, f"Bearer {k}".encode()) for k in keys):
+    anthropic = request.headers.get("x-api-key", "").encode()  # the header Anthropic's clients send
+    if not any(
+        hmac.compare_digest(sent, f"Bearer {k}".encode()) or hmac.compare_digest(anthropic, k.encode())
+        for k in keys
+    ):
         raise APIError(
-            401, "missing or wrong API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            401,
+            "missing or wrong API key; send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+            code="invalid_api_key",
         )
 
 

@@ -94,33 +94,39 @@ def validated(cls: type[B], data: Any) -> B:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    def render(e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    def render(e: APIError, request: Request) -> JSONResponse:
+        body = e.body()
+        if "/v1/messages" in request.url.path:  # Anthropic's Messages API: its clients read its shape
+            from loramux.server.messages import anthropic_type
+
+            body = {"type": "error", "error": {"type": anthropic_type(e.status), "message": e.message}}
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
-    async def _api(_: Request, e: APIError) -> JSONResponse:
-        return render(e)
+    async def _api(request: Request, e: APIError) -> JSONResponse:
+        return render(e, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errs = e.errors()
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
-            return render(APIError(400, f"the request body is not valid JSON: {first.get('msg')}"))
+            return render(APIError(400, f"the request body is not valid JSON: {first.get('msg')}"), request)
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return render(APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None))
+        message = f"{where or 'body'}: {first.get('msg', 'invalid')}"
+        return render(APIError(400, message, param=where or None), request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         detail = str(e.detail)
         if e.status_code == 400 and "parsing the body" in detail:  # FastAPI could not decode it
             detail = "the request body is not valid JSON in UTF-8; send a UTF-8 encoded JSON object"
-        return render(APIError(e.status_code, detail, code=None))
+        return render(APIError(e.status_code, detail, code=None), request)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return render(APIError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+        return render(APIError(500, f"internal error: {type(e).__name__}", type_="server_error"), request)
 
 
 class BodyLimit:

@@ -136,7 +136,7 @@ class Generate:
         """(the answer's id, the rendered prompt, one stream per sample) of a chat request; the
         Responses API (responses.py) starts its requests here too."""
         body.model = body.model or self.cfg.served_model_name  # vLLM's default: the base model
-        prompt = self._render_chat(body)
+        prompt = self.chat_prompt(body)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         k = _top_logprobs(body)
         auto = self.cfg.auto_tool_parser is not None
@@ -413,7 +413,8 @@ class Generate:
         return shape
 
     # --- chat ---
-    def _render_chat(self, body: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        """The prompt's token ids: the messages as the chat template renders them."""
         tok = self.engine.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer, so chat is unavailable; use /v1/completions")
