@@ -9,8 +9,9 @@ temperatures around their ranges (1e-300, NaN, infinity), adapter names that exi
 like paths; across completions, chat, /tokenize and /detokenize, combined with n, streaming,
 echo, logprobs, stop strings and penalties, and structured output (every form, uncompilable and
 unenforced schemas, bad regexes and grammars, tools and tool_choice, "auto" parsed by the hermes
-tool-call parser, answers split by the deepseek_r1 reasoning parser; issue 28). Each example's
-answer must be a 2xx, a 4xx in OpenAI's error shape, or a documented 503 (server_busy,
+tool-call parser, answers split by the deepseek_r1 reasoning parser; issue 28), and Anthropic's
+Messages API (its blocks, tools and tool_choice). Each example's answer must be a 2xx, a 4xx in
+OpenAI's error shape (Anthropic's on /v1/messages), or a documented 503 (server_busy,
 queue_timeout); never engine_dead, never another 5xx, never a hang. After every example the
 server must still answer a plain request.
 
@@ -48,7 +49,9 @@ REPORT = os.environ.get("LORAMUX_SEMFUZZ_REPORT")
 VOCAB = 512  # the tiny Llama's (tests/hf_factory.py)
 MAX_LEN = FUZZ_MAX_MODEL_LEN
 ANSWER_S = 60  # an answer slower than this is a hang
-DOCUMENTED_503 = {"server_busy", "queue_timeout"}
+# Anthropic's shape names no code: its 503 is an overloaded_error (a dead engine would still fail
+# the plain request each example is followed by).
+DOCUMENTED_503 = {"server_busy", "queue_timeout", "overloaded_error"}
 
 pytestmark = pytest.mark.timeout(max(600, EXAMPLES * 3))
 
@@ -320,6 +323,57 @@ RESPONSES = {
         st.sampled_from(["sometimes", {"type": "function", "name": "g"}]),
     ),
 }
+# Anthropic's Messages API: vLLM's sampling extras ride along (its own max_tokens is required).
+_block = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}),
+    st.fixed_dictionaries(
+        {"type": st.just("tool_result"), "tool_use_id": st.just("t1"), "content": st.text(max_size=8)}
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("tool_use"), "id": st.just("t1"), "name": st.just("f"), "input": st.just({"x": 1})}
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("thinking"), "thinking": st.text(max_size=8), "signature": st.just("")}
+    ),
+)
+anthropic_message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "assistant"]),
+        "content": st.one_of(st.text(max_size=20), st.lists(_block, max_size=3)),
+    }
+)
+MESSAGES = {
+    **{k: v for k, v in FIELDS.items() if k not in ("n", "max_tokens", "stream_options", "prompt_logprobs")},
+    "messages": _field(
+        st.lists(anthropic_message, min_size=1, max_size=3),
+        st.sampled_from(
+            [
+                [],
+                5,
+                [{"role": "system", "content": "x"}],
+                [{"role": "user", "content": [{"type": "image", "source": {}}]}],
+                [{"role": "user", "content": [{"type": "tool_result"}]}],
+                [{"role": "assistant", "content": [{"type": "tool_use", "input": 3}]}],
+            ]
+        ),
+    ),
+    "max_tokens": FIELDS["max_tokens"],
+    "system": _field(
+        st.sampled_from([None, "be brief", [{"type": "text", "text": "x"}]]), st.sampled_from([5, [{}]])
+    ),
+    "stop_sequences": _field(st.sampled_from([None, [], ["e"]]), st.just("e")),
+    "tools": _field(
+        st.just([{"name": "f", "input_schema": SCHEMA}]),
+        st.sampled_from([[{"type": "web_search_20250305", "name": "w"}], [{"name": 3}], "f"]),
+    ),
+    "tool_choice": _field(
+        st.sampled_from([{"type": "any"}, {"type": "none"}, {"type": "auto"}, {"type": "tool", "name": "f"}]),
+        st.sampled_from([{"type": "tool"}, {"type": "sometimes"}, "auto"]),
+    ),
+    "thinking": _field(
+        st.sampled_from([None, {"type": "disabled"}]), st.just({"type": "enabled", "budget_tokens": 9})
+    ),
+}
 MODELS = _field(
     st.sampled_from(["base", "a", "b"]),
     # and names of the allowed folder's: an adapter loaded on first use, a symlink out of it
@@ -340,11 +394,14 @@ def _consistent(body: dict) -> dict:
     return body
 
 
-def _body(path: str, fields: dict, hostile: bool) -> st.SearchStrategy[tuple[str, dict]]:
+def _body(
+    path: str, fields: dict, hostile: bool, needed: frozenset[str] = frozenset()
+) -> st.SearchStrategy[tuple[str, dict]]:
     """Every field at its valid edges; `hostile`: then one or two fields pushed past them, so the
-    value reaches whatever checks (or fails to check) it, not a refusal of another field."""
-    required = {k: v[0] for k, v in fields.items() if k in REQUIRED}
-    optional = {k: v[0] for k, v in fields.items() if k not in REQUIRED}
+    value reaches whatever checks (or fails to check) it, not a refusal of another field. The
+    fields in REQUIRED and `needed` are always there in a valid body."""
+    required = {k: v[0] for k, v in fields.items() if k in REQUIRED | needed}
+    optional = {k: v[0] for k, v in fields.items() if k not in REQUIRED | needed}
     valid = st.builds(
         lambda m, body: _consistent({"model": m, **body}),
         MODELS[0],
@@ -368,6 +425,7 @@ def _requests(hostile: bool) -> st.SearchStrategy[tuple[str, dict]]:
         _body("/v1/completions", {**FIELDS, **COMPLETION_ONLY}, hostile),
         _body("/v1/chat/completions", {**FIELDS, **CHAT_ONLY}, hostile),
         _body("/v1/responses", RESPONSES, hostile),
+        _body("/v1/messages", MESSAGES, hostile, frozenset({"max_tokens"})),
         st.builds(lambda t: ("/detokenize", {"tokens": t}), st.lists(ids, max_size=8)),
         st.builds(lambda p: ("/tokenize", {"prompt": p}), st.text(max_size=30)),
         st.builds(
@@ -408,6 +466,8 @@ def _check(http: httpx.Client, server, path: str, body: dict, tally: _Tally) -> 
     if code >= 400:
         err = json.loads(raw)["error"]
         assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str), raw
+        if path == "/v1/messages":  # Anthropic's shape: its error type stands for the code
+            err = {**err, "code": err["type"]}
         tally.status[f"{code} {err.get('code') or ''}".strip()] += 1
         if code >= 500 and not (code == 503 and err.get("code") in DOCUMENTED_503):
             tally.bad.append(f"{code} {err}: {path} {content[:300]}")
@@ -427,13 +487,15 @@ def _check(http: httpx.Client, server, path: str, body: dict, tally: _Tally) -> 
 
 
 def _stream_error(line: str) -> dict | None:
-    """The error a server-sent event carries: a chunk's `error`, or a Responses API
-    response.failed event's."""
+    """The error a server-sent event carries: a chunk's `error`, a Responses API
+    response.failed event's, or an Anthropic `error` event's (its type as the code)."""
     if not line.startswith("data: {"):
         return None
     event = json.loads(line[6:])
     if event.get("type") == "response.failed":
         return event["response"]["error"]
+    if event.get("type") == "error" and isinstance(event.get("error"), dict):
+        return {**event["error"], "code": event["error"].get("type")}
     return event.get("error") if "type" not in event else None
 
 
