@@ -196,12 +196,14 @@ def chat_body(body: MessagesRequest) -> dict[str, Any]:
         )
     if body.max_tokens < 1:
         _refuse("max_tokens", f"max_tokens={body.max_tokens}; send 1 or more")
+    extra = body.model_extra or {}
+    for name in ("n", "best_of", "logprobs", "top_logprobs", "prompt_logprobs"):
+        if extra.get(name) not in (None, False, 1, 0):
+            _refuse(name, f"{name} has no place in a Message (one answer, no logprobs); leave it out")
     messages = chat_messages(body)
     prefill = messages[-1]["role"] == "assistant"  # the answer continues the last assistant turn
     choice, parallel = _tool_choice(body.tool_choice)
-    chat: dict[str, Any] = {
-        k: v for k, v in (body.model_extra or {}).items() if k not in ("container", "mcp_servers")
-    }
+    chat: dict[str, Any] = {k: v for k, v in extra.items() if k not in ("container", "mcp_servers")}
     chat.update(
         model=body.model,
         messages=messages,

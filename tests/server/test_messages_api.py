@@ -195,6 +195,8 @@ def test_refusals_have_anthropics_error_shape(client, server):
             max_tokens=3,
             tools=[{"type": "web_search_20250305", "name": "web_search"}],
         )
+    with pytest.raises(anthropic.BadRequestError, match="no place in a Message"):
+        client.messages.create(model="demo", messages=hi, max_tokens=3, extra_body={"n": 2})
     r = httpx.post(
         server.url + "/v1/messages", json={"model": "demo", "messages": hi}, headers={"x-api-key": KEY}
     )
