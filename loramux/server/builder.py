@@ -95,7 +95,8 @@ def auto_tool_parser(args: argparse.Namespace) -> str | None:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError(
             "--enable-auto-tool-choice needs --tool-call-parser to find the calls in an answer: "
-            f"one of {sorted(PARSERS)} (hermes for Qwen and Hermes models, llama3_json for Llama 3)"
+            f"one of {sorted(PARSERS)} (hermes for Qwen and Hermes, llama3_json for Llama 3.1, "
+            "pythonic for Llama 3.2 and 4)"
         )
     return args.tool_call_parser if args.enable_auto_tool_choice else None
 

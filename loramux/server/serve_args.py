@@ -245,7 +245,8 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         choices=sorted(PARSERS),
         default=None,
         help="the format the model writes tool calls in: hermes (<tool_call>{...}</tool_call>: Qwen, "
-        'Hermes) or llama3_json ({"name": ..., "parameters": ...}: Llama 3.1-3.3)',
+        'Hermes), llama3_json ({"name": ..., "parameters": ...}: Llama 3.1-3.3) or pythonic '
+        "([f(a=1)]: Llama 3.2, Llama 4)",
     )
     p.add_argument(
         "--reasoning-parser",

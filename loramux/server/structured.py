@@ -113,7 +113,7 @@ def tool_schema(body: Any, auto_tools: bool = False) -> dict[str, Any] | None:
             400,
             'tool_choice "auto" (the default with tools) needs a parser that finds tool calls in free '
             "text: start the server with --enable-auto-tool-choice --tool-call-parser NAME (hermes, "
-            'llama3_json); or use tool_choice "required" (a call to one of the tools) or name a '
+            'llama3_json, pythonic); or use tool_choice "required" (a call to one of the tools) or name a '
             'function ({"type": "function", "function": {"name": ...}}), whose arguments are then '
             "constrained to its schema",
             param="tool_choice",

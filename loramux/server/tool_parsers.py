@@ -6,7 +6,9 @@ out; no request, no engine. A parser reads the format a model family was trained
 - "hermes" (Qwen2.5, Qwen3, Hermes 2 Pro and 3): `<tool_call>{"name": ..., "arguments": {...}}
   </tool_call>`, any number of them, text around them being content;
 - "llama3_json" (Llama 3.1, 3.2, 3.3): the answer is one or more `{"name": ..., "parameters":
-  {...}}` objects, separated by ";", optionally after `<|python_tag|>`; anything else is content.
+  {...}}` objects, separated by ";", optionally after `<|python_tag|>`; anything else is content;
+- "pythonic" (Llama 3.2, Llama 4): the answer is a Python list of calls, `[f(a=1, b="x")]`, whose
+  keyword arguments are literals (read with `ast`, never run); anything else is content.
 A call that does not parse (cut by max_tokens, not JSON, no name) is left as content, as vLLM
 does: the client sees what the model wrote. The whole-text answer is the streamed one put
 together (both run the same `ToolCallStream`), so a client never sees the two disagree.
@@ -14,6 +16,7 @@ together (both run the same `ToolCallStream`), so a client never sees the two di
 
 from __future__ import annotations
 
+import ast
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -109,30 +112,43 @@ class HermesStream(ToolCallStream):
         return text
 
 
-class Llama3JsonStream(ToolCallStream):
-    TAG = "<|python_tag|>"
+class WholeAnswerStream(ToolCallStream):
+    """Formats where the answer is either calls and nothing else, or text: which is known from
+    its first characters (`OPENINGS`); calls are held to the end and parsed whole."""
+
+    OPENINGS: tuple[str, ...] = ()
+    TAG = ""  # a marker that may come first (dropped)
 
     def __init__(self) -> None:
         super().__init__()
-        self.mode: str | None = None  # "calls" (JSON, held to the end) or "text", once known
+        self.mode: str | None = None  # "calls" or "text", once known
 
     def _step(self, final: bool) -> Parsed:
         if self.mode is None:
             start = self.held.lstrip()
-            if not final and (not start or self.TAG.startswith(start)):
+            if not final and (not start or (self.TAG and self.TAG.startswith(start))):
                 return Parsed()  # blank so far, or maybe the tag: not known yet
-            self.mode = "calls" if start.startswith(("{", self.TAG)) else "text"
+            openings = self.OPENINGS + ((self.TAG,) if self.TAG else ())
+            self.mode = "calls" if start.startswith(openings) else "text"
         if self.mode == "text":
             text, self.held = self.held, ""
             return Parsed(content=text)
         if not final:
             return Parsed()
-        calls = self._calls(self.held.strip().removeprefix(self.TAG).strip())
+        calls = self._calls(self.held.strip().removeprefix(self.TAG).strip())  # "" removes nothing
         text, self.held = self.held, ""
         if calls is None:
             return Parsed(content=text)
-        self.called = bool(calls)
+        self.called = True
         return Parsed(calls=calls)
+
+    @staticmethod
+    def _calls(text: str) -> list[dict[str, Any]] | None:
+        raise NotImplementedError
+
+
+class Llama3JsonStream(WholeAnswerStream):
+    OPENINGS, TAG = ("{",), "<|python_tag|>"
 
     @staticmethod
     def _calls(text: str) -> list[dict[str, Any]] | None:
@@ -153,7 +169,36 @@ class Llama3JsonStream(ToolCallStream):
         return calls or None
 
 
-PARSERS: dict[str, type[ToolCallStream]] = {"hermes": HermesStream, "llama3_json": Llama3JsonStream}
+class PythonicStream(WholeAnswerStream):
+    """Llama 3.2's and Llama 4's form: `[get_weather(city="paris", days=3), ...]`, a Python list
+    of calls with literal keyword arguments (read with `ast`, never run)."""
+
+    OPENINGS = ("[",)
+
+    @staticmethod
+    def _calls(text: str) -> list[dict[str, Any]] | None:
+        try:
+            tree = ast.parse(text, mode="eval")
+            if not isinstance(tree.body, ast.List):
+                return None
+            calls = []
+            for node in tree.body.elts:
+                if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+                    return None
+                if any(kw.arg is None for kw in node.keywords):  # **kwargs
+                    return None
+                args = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+                calls.append(call(node.func.id, json.dumps(args, ensure_ascii=False)))
+        except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+            return None  # not Python, not literals, or nested past the parser
+        return calls or None
+
+
+PARSERS: dict[str, type[ToolCallStream]] = {
+    "hermes": HermesStream,
+    "llama3_json": Llama3JsonStream,
+    "pythonic": PythonicStream,
+}
 
 
 def parse(parser: str, text: str) -> Parsed:

@@ -31,6 +31,7 @@ WEATHER_CALL = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "[a-
 TIME_CALL = r'<tool_call>\{"name": "get_time", "arguments": \{"zone": "(utc|cet)"\}\}</tool_call>'
 HERMES_FORM = rf"[a-z]{{1,5}} ({WEATHER_CALL}|{TIME_CALL})( {TIME_CALL})?"
 LLAMA_FORM = r'\{"name": "get_weather", "parameters": \{"city": "[a-z]{1,6}"\}\}'
+PYTHONIC_FORM = r'\[get_(weather|time)\(city="[a-z]{1,6}"\)\]'
 TOOLS = [WEATHER, CLOCK]
 
 
@@ -149,30 +150,37 @@ def test_an_answer_without_calls_is_content_and_the_responses_api_gives_function
         assert calls == expected and all(item.call_id.startswith("chatcmpl-tool-") for item in r.output[1:])
 
 
-def test_llama3_json_parser_and_the_flags_refusals(tmp_path):
-    """--tool-call-parser llama3_json finds a Llama 3 call (the whole answer is its JSON); without
-    --enable-auto-tool-choice, tool_choice "auto" is a 400 naming the flags."""
-    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+def _llama3_by_hand(raw: str) -> list[tuple[str, dict]]:
+    call = json.loads(raw)
+    return [(call["name"], call["parameters"])]
+
+
+def _pythonic_by_hand(raw: str) -> list[tuple[str, dict]]:
+    name, city = re.fullmatch(r'\[(\w+)\(city="([a-z]+)"\)\]', raw).groups()  # type: ignore[union-attr]
+    return [(name, {"city": city})]
+
+
+@pytest.mark.parametrize(
+    "parser,form,by_hand",
+    [("llama3_json", LLAMA_FORM, _llama3_by_hand), ("pythonic", PYTHONIC_FORM, _pythonic_by_hand)],
+)
+def test_whole_answer_formats_llama3_json_and_pythonic(tmp_path, parser, form, by_hand):
+    """--tool-call-parser llama3_json finds a Llama 3 call (the whole answer is its JSON) and
+    pythonic a Llama 3.2 / 4 call (a Python list of calls), whole and streamed."""
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", parser]
     s = start_server(flags, tmp_path / "server.log", timeout=120)
     try:
         c = openai.OpenAI(base_url=s.v1, api_key="unused", max_retries=0, timeout=120)
         msgs = [{"role": "user", "content": demo.say("weather in paris")}]
-        form = {"structured_outputs": {"regex": LLAMA_FORM}}
-        ask = {"model": "demo", "messages": msgs, "tools": TOOLS, "temperature": 0, "extra_body": form}
+        extra = {"structured_outputs": {"regex": form}}
+        ask = {"model": "demo", "messages": msgs, "tools": TOOLS, "temperature": 0, "extra_body": extra}
         raw = c.chat.completions.create(tool_choice="none", **ask).choices[0].message.content
         got = c.chat.completions.create(tool_choice="auto", **ask).choices[0]
-        call = json.loads(raw)
         assert got.finish_reason == "tool_calls" and got.message.content is None
-        assert _calls(got.message.tool_calls) == [(call["name"], call["parameters"])]
+        assert _calls(got.message.tool_calls) == by_hand(raw)
+        chunks = list(c.chat.completions.create(tool_choice="auto", stream=True, **ask))
+        streamed = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+        assert _calls(streamed) == by_hand(raw) and chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert not "".join(ch.choices[0].delta.content or "" for ch in chunks)
     finally:
         s.stop()
-    plain = start_server([], tmp_path / "plain.log", timeout=120)
-    try:
-        c = openai.OpenAI(base_url=plain.v1, api_key="unused", max_retries=0, timeout=60)
-        with pytest.raises(openai.BadRequestError) as e:
-            c.chat.completions.create(model="demo", messages=msgs, tools=TOOLS, max_tokens=3)
-        assert (
-            e.value.body["param"] == "tool_choice" and "--enable-auto-tool-choice" in e.value.body["message"]
-        )
-    finally:
-        plain.stop()

@@ -297,6 +297,7 @@ def test_tools_with_auto_are_refused_naming_the_alternatives(client):
     for choice in (None, "auto"):
         body = asyncio.run(run(choice))
         assert body["param"] == "tool_choice" and "required" in body["message"], body
+        assert "--enable-auto-tool-choice --tool-call-parser" in body["message"], body  # the flags
     body = asyncio.run(run({"type": "function", "function": {"name": "nope"}}))
     assert "get_weather" in body["message"], body
 

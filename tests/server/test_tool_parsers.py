@@ -1,7 +1,8 @@
-"""The tool-call parsers of tool_choice "auto" (vLLM's --tool-call-parser hermes / llama3_json), on
-text alone: what each finds in the formats Qwen, Hermes and Llama 3 write, what it leaves as
-content, and that a streamed answer, cut into any pieces, gives the same content and calls as the
-whole answer, with no part of a call ever sent as content.
+"""The tool-call parsers of tool_choice "auto" (vLLM's --tool-call-parser hermes, llama3_json,
+pythonic), on text alone: what each finds in the formats Qwen, Hermes, Llama 3 and Llama 3.2 / 4
+write, what it leaves as content (a pythonic answer is read, never run), and that a streamed
+answer, cut into any pieces, gives the same content and calls as the whole answer, with no part
+of a call ever sent as content.
 
 S6.1 (the answer a request gets is the model's, whole and streamed alike).
 """
@@ -68,8 +69,28 @@ LLAMA3 = [
 ]
 
 
+PYTHONIC = [
+    (
+        '[get_weather(city="paris", days=3), get_time(zone="utc")]',
+        "",
+        [("get_weather", {"city": "paris", "days": 3}), ("get_time", {"zone": "utc"})],
+    ),
+    ('[f(a=[1, {"b": None}], c=True)]', "", [("f", {"a": [1, {"b": None}], "c": True})]),
+    ("The weather is fine.", "The weather is fine.", []),
+    ("[f(1)]", "[f(1)]", []),  # a positional argument: no name to give it
+    ('[os.system("rm")]', '[os.system("rm")]', []),  # not a plain name: text (and never run)
+    ("[f(a=g())]", "[f(a=g())]", []),  # not a literal
+    ("[1, 2]", "[1, 2]", []),
+    ("[" * 3000, "[" * 3000, []),  # nested past the parser: text, no error
+    ('[f(a="x"', '[f(a="x"', []),  # cut
+]
+
+
 @pytest.mark.parametrize(
-    "parser,answer,content,calls", [("hermes", *c) for c in HERMES] + [("llama3_json", *c) for c in LLAMA3]
+    "parser,answer,content,calls",
+    [("hermes", *c) for c in HERMES]
+    + [("llama3_json", *c) for c in LLAMA3]
+    + [("pythonic", *c) for c in PYTHONIC],
 )
 def test_each_parser_finds_the_calls_and_leaves_the_rest_as_content(parser, answer, content, calls):
     found = parse(parser, answer)
@@ -93,7 +114,11 @@ def _cuts(text: str) -> st.SearchStrategy[list[str]]:
     )
 
 
-ANSWERS = [("hermes", a) for a, _, _ in HERMES] + [("llama3_json", a) for a, _, _ in LLAMA3]
+ANSWERS = (
+    [("hermes", a) for a, _, _ in HERMES]
+    + [("llama3_json", a) for a, _, _ in LLAMA3]
+    + [("pythonic", a) for a, _, _ in PYTHONIC]
+)
 
 
 @settings(max_examples=300, deadline=None)
