@@ -6,7 +6,8 @@ Boundary: a `MessagesRequest` in, made a chat request (`chat_body`) that `Genera
 engine; a Message out, whole or as Anthropic's server-sent events (message_start,
 content_block_start / _delta / _stop, message_delta, message_stop). Tools map to chat's: `auto`
 is tool_choice "auto" (the server's --tool-call-parser finds the calls), `any` is "required" and
-`tool` a named function (both constrained to the schemas), `none` is "none". A reasoning parser's
+`tool` a named function (both constrained to the schemas), `none` is "none". `thinking` turns the
+template's `enable_thinking` on or off (its budget is not enforced), and a reasoning parser's
 reasoning comes back as a `thinking` block. Errors have Anthropic's shape (errors.py).
 """
 
@@ -188,12 +189,9 @@ def _tool_choice(choice: dict[str, Any] | None) -> tuple[Any, bool]:
 
 def chat_body(body: MessagesRequest) -> dict[str, Any]:
     """The chat completions body `body` amounts to."""
-    if body.thinking and body.thinking.get("type") not in (None, "disabled"):
-        _refuse(
-            "thinking",
-            "thinking budgets are not supported: a thinking model thinks as its template lets it (send "
-            "chat_template_kwargs), and the server's --reasoning-parser returns it as thinking blocks",
-        )
+    thinking = (body.thinking or {}).get("type")
+    if thinking not in (None, "enabled", "adaptive", "disabled"):
+        _refuse("thinking", f"thinking type {thinking!r}: send 'enabled', 'adaptive' or 'disabled'")
     if body.max_tokens < 1:
         _refuse("max_tokens", f"max_tokens={body.max_tokens}; send 1 or more")
     extra = body.model_extra or {}
@@ -204,6 +202,9 @@ def chat_body(body: MessagesRequest) -> dict[str, Any]:
     prefill = messages[-1]["role"] == "assistant"  # the answer continues the last assistant turn
     choice, parallel = _tool_choice(body.tool_choice)
     chat: dict[str, Any] = {k: v for k, v in extra.items() if k not in ("container", "mcp_servers")}
+    if thinking is not None:  # the switch Qwen3's template reads; its budget is not enforced
+        kwargs = chat.get("chat_template_kwargs") or {}
+        chat["chat_template_kwargs"] = {"enable_thinking": thinking != "disabled", **kwargs}
     chat.update(
         model=body.model,
         messages=messages,

@@ -92,10 +92,12 @@ def test_S6_1_each_adapter_answers_as_its_chat_in_one_batch_whole_and_streamed(s
 def test_system_turns_prefill_stop_sequences_and_count_tokens_are_chats(tmp_path):
     """With a template that writes every role: `system` is the system message; an answer
     continues a last assistant turn (prefill), as chat's continue_final_message does; a stop
-    sequence ends it with stop_reason stop_sequence; count_tokens is the rendered prompt's
-    length (/tokenize)."""
-    template = tmp_path / "t.jinja"
-    template.write_text(ALL_ROLES)
+    sequence ends it with stop_reason stop_sequence; `thinking` switches the template's
+    enable_thinking; count_tokens is the rendered prompt's length (/tokenize)."""
+    template = tmp_path / "t.jinja"  # every role, and <think> where thinking is switched on
+    template.write_text(
+        ALL_ROLES + "{% if enable_thinking is defined and enable_thinking %}<think>{% endif %}"
+    )
     server = start_server(["--chat-template", str(template)], tmp_path / "server.log")
     try:
         client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
@@ -128,6 +130,14 @@ def test_system_turns_prefill_stop_sequences_and_count_tokens_are_chats(tmp_path
         cut = client.messages.create(**ask, stop_sequences=[whole[3:5]])
         assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == whole[3:5]
         assert cut.content[0].text == whole[:3]
+
+        # `thinking` switches the template's enable_thinking (Qwen3's), here 7 tokens of "<think>"
+        ask = {"model": "upper", "messages": turns[:1], "max_tokens": 2, "extra_body": GREEDY}
+        off = client.messages.create(**ask, thinking={"type": "disabled"}).usage.input_tokens
+        on = client.messages.create(
+            **ask, thinking={"type": "enabled", "budget_tokens": 1024}
+        ).usage.input_tokens
+        assert on == off + len("<think>")
 
         counted = client.messages.count_tokens(model="upper", system="be brief", messages=turns)
         tokens = httpx.post(server.url + "/tokenize", json={"model": "upper", "messages": as_chat})
@@ -184,9 +194,9 @@ def test_refusals_have_anthropics_error_shape(client, server):
     with pytest.raises(anthropic.NotFoundError) as e:
         client.messages.create(model="nope", messages=hi, max_tokens=3)
     assert e.value.body["error"]["type"] == "not_found_error"
-    with pytest.raises(anthropic.BadRequestError, match="thinking"):
+    with pytest.raises(anthropic.BadRequestError, match="thinking type"):
         client.messages.create(
-            model="demo", messages=hi, max_tokens=3, thinking={"type": "enabled", "budget_tokens": 1024}
+            model="demo", messages=hi, max_tokens=3, extra_body={"thinking": {"type": "deep"}}
         )
     with pytest.raises(anthropic.BadRequestError, match="server tools"):
         client.messages.create(
