@@ -93,12 +93,26 @@ def validated(cls: type[B], data: Any) -> B:
         raise RequestValidationError(e.errors()) from None
 
 
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_type(status: int) -> str:
+    """The error type Anthropic's Messages API gives an HTTP status."""
+    return ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     def render(e: APIError, request: Request) -> JSONResponse:
         body = e.body()
         if "/v1/messages" in request.url.path:  # Anthropic's Messages API: its clients read its shape
-            from loramux.server.messages import anthropic_type
-
             body = {"type": "error", "error": {"type": anthropic_type(e.status), "message": e.message}}
         return JSONResponse(body, status_code=e.status, headers=e.headers)
 

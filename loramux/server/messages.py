@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field
 
 from loramux.engine.llm_engine import EngineDeadError
 from loramux.engine.outputs import RequestOutput
-from loramux.server.errors import raise_if_ended_badly, to_api_error, validated
+from loramux.server.errors import anthropic_type, raise_if_ended_badly, to_api_error, validated
 from loramux.server.generate import ClientGone, Generate, Streams, merge, tool_mode
 from loramux.server.protocol import APIError, ChatCompletionRequest, _Request
 from loramux.server.reasoning_parsers import reasoning_stream, split
@@ -444,18 +444,3 @@ def _tool_use(call: dict[str, Any]) -> dict[str, Any]:
 
 def _sse(kind: str, **fields: Any) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n"
-
-
-ANTHROPIC_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-}
-
-
-def anthropic_type(status: int) -> str:
-    return ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
