@@ -85,3 +85,15 @@ def adapter_dirs(tiny_models, tmp_path_factory):
         shutil.copytree(path, allowed / name)
     shutil.copytree(tiny_models["llama"].adapters["r1_qv"], outside / "r1_qv")
     return allowed, outside
+
+
+@pytest.fixture(scope="session")
+def parsers_server(tmp_path_factory):
+    """The demo served with the hermes tool-call parser and the deepseek_r1 reasoning parser, one
+    server for the tests of both (test_auto_tools, test_reasoning) and of the Messages API's
+    blocks. The parsers leave constrained answers whole, so a regular expression still decides
+    what the model writes."""
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "deepseek_r1"]
+    s = start_server(flags, tmp_path_factory.mktemp("parsers") / "server.log", timeout=120)
+    yield s
+    s.stop()

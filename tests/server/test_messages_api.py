@@ -222,34 +222,30 @@ def test_refusals_have_anthropics_error_shape(client, server):
     assert ok.usage.output_tokens >= 1
 
 
-def test_auto_tools_and_thinking_come_back_as_blocks(tmp_path):
+def test_auto_tools_and_thinking_come_back_as_blocks(parsers_server):
     """With --enable-auto-tool-choice --tool-call-parser hermes and --reasoning-parser deepseek_r1:
     tool_choice auto gives the calls the model wrote as tool_use blocks after its text, and a free
     answer (no </think>: all reasoning to deepseek_r1) is a thinking block; whole and streamed."""
-    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "deepseek_r1"]
-    s = start_server(flags, tmp_path / "server.log", timeout=120)
-    try:
-        c = anthropic.Anthropic(base_url=s.url, api_key="unused", max_retries=0, timeout=120)
-        args = r'\{"city": "[a-z]{1,6}", "days": [1-7]\}'
-        call = rf'<tool_call>\{{"name": "get_weather", "arguments": {args}\}}</tool_call>'
-        msgs = [{"role": "user", "content": demo.say("weather in paris")}]
-        kw = {"model": "demo", "messages": msgs, "max_tokens": 120, "tools": TOOLS}
-        form = {"structured_outputs": {"regex": "[a-z]{1,5} " + call}, **GREEDY}
-        whole = c.messages.create(**kw, tool_choice={"type": "auto"}, extra_body=form)
-        with c.messages.stream(**kw, extra_body=form) as st:  # auto: the default with tools
-            streamed = st.get_final_message()
-        for m in (whole, streamed):
-            assert [b.type for b in m.content] == ["text", "tool_use"] and m.stop_reason == "tool_use", m
-            assert m.content[1].name == "get_weather" and set(m.content[1].input) == {"city", "days"}
-            assert m.content[0].text.endswith(" ")
-        assert whole.content[1].input == streamed.content[1].input
+    s = parsers_server
+    c = anthropic.Anthropic(base_url=s.url, api_key="unused", max_retries=0, timeout=120)
+    args = r'\{"city": "[a-z]{1,6}", "days": [1-7]\}'
+    call = rf'<tool_call>\{{"name": "get_weather", "arguments": {args}\}}</tool_call>'
+    msgs = [{"role": "user", "content": demo.say("weather in paris")}]
+    kw = {"model": "demo", "messages": msgs, "max_tokens": 120, "tools": TOOLS}
+    form = {"structured_outputs": {"regex": "[a-z]{1,5} " + call}, **GREEDY}
+    whole = c.messages.create(**kw, tool_choice={"type": "auto"}, extra_body=form)
+    with c.messages.stream(**kw, extra_body=form) as st:  # auto: the default with tools
+        streamed = st.get_final_message()
+    for m in (whole, streamed):
+        assert [b.type for b in m.content] == ["text", "tool_use"] and m.stop_reason == "tool_use", m
+        assert m.content[1].name == "get_weather" and set(m.content[1].input) == {"city", "days"}
+        assert m.content[0].text.endswith(" ")
+    assert whole.content[1].input == streamed.content[1].input
 
-        plain = {"model": "upper", "messages": msgs, "max_tokens": 20, "extra_body": GREEDY}
-        thought = c.messages.create(**plain)
-        with c.messages.stream(**plain) as st:
-            again = st.get_final_message()
-        for m in (thought, again):
-            assert [b.type for b in m.content] == ["thinking"] and m.content[0].thinking
-        assert again.content[0].thinking == thought.content[0].thinking
-    finally:
-        s.stop()
+    plain = {"model": "upper", "messages": msgs, "max_tokens": 20, "extra_body": GREEDY}
+    thought = c.messages.create(**plain)
+    with c.messages.stream(**plain) as st:
+        again = st.get_final_message()
+    for m in (thought, again):
+        assert [b.type for b in m.content] == ["thinking"] and m.content[0].thinking
+    assert again.content[0].thinking == thought.content[0].thinking

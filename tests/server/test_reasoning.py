@@ -27,10 +27,8 @@ MODELS = ("demo", "upper", "reverse")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = start_server(["--reasoning-parser", "deepseek_r1"], tmp_path_factory.mktemp("r1") / "s.log")
-    yield s
-    s.stop()
+def server(parsers_server):
+    return parsers_server  # deepseek_r1 (and hermes, which these requests without tools never use)
 
 
 def _text(server, choice) -> str:
