@@ -24,6 +24,7 @@ from typing import Any
 
 from loramux.engine.outputs import CompletionOutput, RequestOutput
 from loramux.server.generate import _auto_tool_delta, _chat_delta, _with_reasoning
+from loramux.server.tool_parsers import ToolParser
 
 Render = Callable[[int, RequestOutput], Any]
 
@@ -58,8 +59,8 @@ def per_chunk_us(make: Callable[[], Render], outs: list[RequestOutput]) -> float
 
 WAYS: dict[str, Callable[[], Render]] = {
     "plain text": lambda: _chat_delta,
-    "tool parser (hermes)": lambda: _auto_tool_delta("hermes"),
-    "reasoning + tool parser": lambda: _with_reasoning(_auto_tool_delta("hermes"), "deepseek_r1"),
+    "tool parser (hermes)": lambda: _auto_tool_delta(ToolParser("hermes")),
+    "reasoning + tool parser": lambda: _with_reasoning(_auto_tool_delta(ToolParser("hermes")), "deepseek_r1"),
 }
 
 

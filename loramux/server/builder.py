@@ -96,7 +96,7 @@ def auto_tool_parser(args: argparse.Namespace) -> str | None:
         raise ValueError(
             "--enable-auto-tool-choice needs --tool-call-parser to find the calls in an answer: "
             f"one of {sorted(PARSERS)} (hermes for Qwen and Hermes, llama3_json for Llama 3.1, "
-            "pythonic for Llama 3.2 and 4)"
+            "pythonic for Llama 3.2 and 4, qwen3_coder for Qwen3-Coder)"
         )
     return args.tool_call_parser if args.enable_auto_tool_choice else None
 

@@ -35,9 +35,9 @@ from loramux.server.protocol import APIError, ChatCompletionRequest, CompletionR
 from loramux.server.reasoning_parsers import ReasoningStream, Split, reasoning_stream, split
 from loramux.server.resolver import AdapterResolver
 from loramux.server.server_config import ServerConfig
-from loramux.server.structured import structured_params, tool_calls
+from loramux.server.structured import function_schemas, structured_params, tool_calls
 from loramux.server.token_text import TokenText
-from loramux.server.tool_parsers import PARSERS, Parsed, ToolCallStream, call, parse
+from loramux.server.tool_parsers import Parsed, ToolCallStream, ToolParser, call
 
 logger = logging.getLogger("loramux.server")
 T = TypeVar("T")
@@ -439,7 +439,7 @@ class Generate:
         if calls is not None:
             message = {"role": "assistant", "content": None, "tool_calls": calls}
             finish = "tool_calls" if body.tool_choice == "required" and finish == "stop" else finish
-        if (parser := self.auto_parser(body)) is not None and (found := parse(parser, text)).calls:
+        if (parser := self.auto_parser(body)) is not None and (found := parser.parse(text)).calls:
             message = {"role": "assistant", "content": found.content or None, "tool_calls": found.calls}
             finish = "tool_calls" if finish == "stop" else finish
         if thinking is not None:  # vLLM's field, and its older name that many clients read
@@ -454,12 +454,12 @@ class Generate:
             choice["token_ids"] = comp.token_ids
         return choice
 
-    def auto_parser(self, body: ChatCompletionRequest) -> str | None:
+    def auto_parser(self, body: ChatCompletionRequest) -> ToolParser | None:
         """The parser that finds this answer's tool calls: tools with tool_choice "auto" (or none
         given) on a server started with one; None: the answer is text, or constrained calls."""
-        if not body.tools or body.tool_choice not in (None, "auto"):
+        if not body.tools or body.tool_choice not in (None, "auto") or self.cfg.auto_tool_parser is None:
             return None
-        return self.cfg.auto_tool_parser
+        return ToolParser(self.cfg.auto_tool_parser, function_schemas(body.tools))
 
     def reasoning_parser(self, body: ChatCompletionRequest) -> str | None:
         """The parser that splits this answer's reasoning from its content; None for an answer the
@@ -532,7 +532,7 @@ def _tool_delta(body: ChatCompletionRequest) -> Render:
     return render
 
 
-def _auto_tool_delta(parser: str) -> Render:
+def _auto_tool_delta(parser: ToolParser) -> Render:
     """Streamed answers to tool_choice "auto": the text as content, held back while it may be the
     start of a call; each call whole (name and arguments) once its text is complete."""
     streams: dict[int, ToolCallStream] = {}
@@ -540,7 +540,7 @@ def _auto_tool_delta(parser: str) -> Render:
 
     def render(i: int, out: RequestOutput) -> dict[str, Any] | None:
         comp = out.outputs[0]
-        stream = streams.setdefault(i, PARSERS[parser]())
+        stream = streams.setdefault(i, parser.stream())
         step = stream.feed(comp.delta_text)
         if out.finished:
             last = stream.finish()

@@ -35,7 +35,7 @@ from loramux.server.messages_input import (
 from loramux.server.protocol import APIError, ChatCompletionRequest
 from loramux.server.reasoning_parsers import reasoning_stream, split
 from loramux.server.structured import tool_calls
-from loramux.server.tool_parsers import PARSERS, parse
+from loramux.server.tool_parsers import ToolParser
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "abort": "end_turn"}
 
@@ -111,7 +111,7 @@ class _Answer:
             if parts.reasoning:
                 out.append({"type": "thinking", "thinking": parts.reasoning, "signature": ""})
         calls = tool_calls(self.chat, text) if tool_mode(self.chat) else None
-        if self.parser is not None and (found := parse(self.parser, text)).calls:
+        if self.parser is not None and (found := self.parser.parse(text)).calls:
             text, calls = found.content, found.calls
         if text or (calls is None and not out):
             out.append({"type": "text", "text": text})
@@ -174,9 +174,9 @@ class _Answer:
 class _Pieces:
     """A streamed answer's deltas split as they come: (reasoning, text, tool calls) of each."""
 
-    def __init__(self, thinking: str | None, parser: str | None) -> None:
+    def __init__(self, thinking: str | None, parser: ToolParser | None) -> None:
         self.thinking = reasoning_stream(thinking) if thinking is not None else None
-        self.tools = PARSERS[parser]() if parser is not None else None
+        self.tools = parser.stream() if parser is not None else None
 
     def step(self, delta: str, final: bool) -> tuple[str, str, list[dict[str, Any]]]:
         reasoning, text, calls = "", delta, []

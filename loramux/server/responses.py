@@ -37,7 +37,6 @@ from loramux.server.protocol import APIError, ChatCompletionRequest
 from loramux.server.reasoning_parsers import split
 from loramux.server.responses_input import ResponsesRequest, chat_body, input_items, input_messages
 from loramux.server.structured import tool_calls
-from loramux.server.tool_parsers import parse
 
 logger = logging.getLogger("loramux.server")
 
@@ -402,7 +401,7 @@ class _Answer:
             text = parts.content
             if parts.reasoning:
                 head.append(_reasoning_item(parts.reasoning, status))
-        if self.parser is not None and (found := parse(self.parser, text)).calls:
+        if self.parser is not None and (found := self.parser.parse(text)).calls:
             said = [self._message([_text_part(found.content)])] if found.content.strip() else []
             return head + said + [self._call_item(c, status) for c in found.calls]
         calls = tool_calls(self.chat, comp.text) if tool_mode(self.chat) else None

@@ -245,8 +245,9 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         choices=sorted(PARSERS),
         default=None,
         help="the format the model writes tool calls in: hermes (<tool_call>{...}</tool_call>: Qwen, "
-        'Hermes), llama3_json ({"name": ..., "parameters": ...}: Llama 3.1-3.3) or pythonic '
-        "([f(a=1)]: Llama 3.2, Llama 4)",
+        'Hermes), llama3_json ({"name": ..., "parameters": ...}: Llama 3.1-3.3), pythonic '
+        "([f(a=1)]: Llama 3.2, Llama 4) or qwen3_coder (<function=f><parameter=a>1</parameter>...: "
+        "Qwen3-Coder)",
     )
     p.add_argument(
         "--reasoning-parser",

@@ -105,7 +105,7 @@ def tool_schema(body: Any, auto_tools: bool = False) -> dict[str, Any] | None:
                 400, "tool_choice needs tools; send tools or leave tool_choice out", param="tool_choice"
             )
         return None
-    funcs = _functions(tools)
+    funcs = function_schemas(tools)
     if choice is None or choice == "auto":
         if auto_tools:
             return None
@@ -113,9 +113,9 @@ def tool_schema(body: Any, auto_tools: bool = False) -> dict[str, Any] | None:
             400,
             'tool_choice "auto" (the default with tools) needs a parser that finds tool calls in free '
             "text: start the server with --enable-auto-tool-choice --tool-call-parser NAME (hermes, "
-            'llama3_json, pythonic); or use tool_choice "required" (a call to one of the tools) or name a '
-            'function ({"type": "function", "function": {"name": ...}}), whose arguments are then '
-            "constrained to its schema",
+            'llama3_json, pythonic, qwen3_coder); or use tool_choice "required" (a call to one of the '
+            'tools) or name a function ({"type": "function", "function": {"name": ...}}), whose '
+            "arguments are then constrained to its schema",
             param="tool_choice",
         )
     if choice == "none":
@@ -148,7 +148,7 @@ def tool_schema(body: Any, auto_tools: bool = False) -> dict[str, Any] | None:
     return funcs[name]
 
 
-def _functions(tools: list[Any]) -> dict[str, dict[str, Any]]:
+def function_schemas(tools: list[Any]) -> dict[str, dict[str, Any]]:
     """{name: argument schema} of OpenAI's tools list."""
     out: dict[str, dict[str, Any]] = {}
     for t in tools:

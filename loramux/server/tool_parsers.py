@@ -8,7 +8,9 @@ out; no request, no engine. A parser reads the format a model family was trained
 - "llama3_json" (Llama 3.1, 3.2, 3.3): the answer is one or more `{"name": ..., "parameters":
   {...}}` objects, separated by ";", optionally after `<|python_tag|>`; anything else is content;
 - "pythonic" (Llama 3.2, Llama 4): the answer is a Python list of calls, `[f(a=1, b="x")]`, whose
-  keyword arguments are literals (read with `ast`, never run); anything else is content.
+  keyword arguments are literals (read with `ast`, never run); anything else is content;
+- "qwen3_coder" (Qwen3-Coder): Hermes' tags around `<function=NAME><parameter=KEY>value
+  </parameter></function>`, values typed by the function's schema.
 A call that does not parse (cut by max_tokens, not JSON, no name) is left as content, as vLLM
 does: the client sees what the model wrote. The whole-text answer is the streamed one put
 together (both run the same `ToolCallStream`), so a client never sees the two disagree.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,16 +66,17 @@ class ToolCallStream(PieceStream[Parsed]):
     """Each step gives the content that can be sent now and the calls completed so far. Text
     that may be the start of a call is held back until it is known."""
 
-    def __init__(self) -> None:
+    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__()
+        self.schemas = schemas or {}  # the request's functions: {name: argument schema}
         self.called = False  # a call was given out (the answer's finish reason is tool_calls)
 
 
 class HermesStream(ToolCallStream):
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(schemas)
         self.in_call = False
 
     def _step(self, final: bool) -> Parsed:
@@ -90,7 +94,7 @@ class HermesStream(ToolCallStream):
                 return out
             body = self.held[len(self.OPEN) : end if end >= 0 else len(self.held)]
             whole = self.held[: end + len(self.CLOSE)] if end >= 0 else self.held
-            found = _as_call(_loads(body.strip()), ("arguments", "parameters"))
+            found = self._call(body)
             if found is not None:
                 out.calls.append(found)
                 self.called = True
@@ -99,6 +103,10 @@ class HermesStream(ToolCallStream):
             self.held, self.in_call = self.held[len(whole) :], False
             if not self.held and final:
                 return out
+
+    def _call(self, body: str) -> dict[str, Any] | None:
+        """The call between the tags (None: not one)."""
+        return _as_call(_loads(body.strip()), ("arguments", "parameters"))
 
     def _content(self, text: str, settled: bool) -> str:
         """Content outside calls; after a call, blank text is dropped (it only separates calls),
@@ -112,6 +120,41 @@ class HermesStream(ToolCallStream):
         return text
 
 
+class Qwen3CoderStream(HermesStream):
+    """Qwen3-Coder's form: `<tool_call><function=NAME><parameter=KEY>value</parameter>...
+    </function></tool_call>`. A value is typed by the function's schema where it names a type
+    (a "string" stays as written, even `3`), else read as JSON where it is JSON."""
+
+    FUNCTION = re.compile(r"\s*<function=([^>\s]+)>(.*)</function>\s*", re.DOTALL)
+    PARAMETER = re.compile(r"\s*<parameter=([^>]+)>(.*?)</parameter>\s*", re.DOTALL)
+
+    def _call(self, body: str) -> dict[str, Any] | None:
+        m = self.FUNCTION.fullmatch(body)
+        if m is None:
+            return None
+        name, inner = m.groups()
+        props = (self.schemas.get(name) or {}).get("properties") or {}
+        args: dict[str, Any] = {}
+        at = 0
+        for p in self.PARAMETER.finditer(inner):
+            if p.start() != at:  # text between parameters: not this form
+                return None
+            key, raw = p.group(1).strip(), p.group(2).removeprefix("\n").removesuffix("\n")
+            args[key] = _typed(raw, (props.get(key) or {}).get("type"))
+            at = p.end()
+        if inner[at:].strip():
+            return None
+        return call(name, json.dumps(args, ensure_ascii=False))
+
+
+def _typed(raw: str, kind: Any) -> Any:
+    """A Qwen3-Coder parameter's value: as written for a string, else JSON where it reads as JSON."""
+    if kind == "string":
+        return raw
+    value = _loads(raw)
+    return raw if value is None and raw.strip() != "null" else value
+
+
 class WholeAnswerStream(ToolCallStream):
     """Formats where the answer is either calls and nothing else, or text: which is known from
     its first characters (`OPENINGS`); calls are held to the end and parsed whole."""
@@ -119,8 +162,8 @@ class WholeAnswerStream(ToolCallStream):
     OPENINGS: tuple[str, ...] = ()
     TAG = ""  # a marker that may come first (dropped)
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(schemas)
         self.mode: str | None = None  # "calls" or "text", once known
 
     def _step(self, final: bool) -> Parsed:
@@ -198,11 +241,26 @@ PARSERS: dict[str, type[ToolCallStream]] = {
     "hermes": HermesStream,
     "llama3_json": Llama3JsonStream,
     "pythonic": PythonicStream,
+    "qwen3_coder": Qwen3CoderStream,
 }
 
 
-def parse(parser: str, text: str) -> Parsed:
-    """A whole answer's content and calls: what its stream gives, put together."""
-    stream = PARSERS[parser]()
-    first, last = stream.feed(text), stream.finish()
-    return Parsed(first.content + last.content, first.calls + last.calls)
+@dataclass(frozen=True)
+class ToolParser:
+    """A request's parser: the server's format, and the request's functions (their schemas)."""
+
+    name: str
+    schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def stream(self) -> ToolCallStream:
+        return PARSERS[self.name](self.schemas)
+
+    def parse(self, text: str) -> Parsed:
+        """A whole answer's content and calls: what its stream gives, put together."""
+        stream = self.stream()
+        first, last = stream.feed(text), stream.finish()
+        return Parsed(first.content + last.content, first.calls + last.calls)
+
+
+def parse(parser: str, text: str, schemas: dict[str, dict[str, Any]] | None = None) -> Parsed:
+    return ToolParser(parser, schemas or {}).parse(text)

@@ -32,6 +32,10 @@ TIME_CALL = r'<tool_call>\{"name": "get_time", "arguments": \{"zone": "(utc|cet)
 HERMES_FORM = rf"[a-z]{{1,5}} ({WEATHER_CALL}|{TIME_CALL})( {TIME_CALL})?"
 LLAMA_FORM = r'\{"name": "get_weather", "parameters": \{"city": "[a-z]{1,6}"\}\}'
 PYTHONIC_FORM = r'\[get_(weather|time)\(city="[a-z]{1,6}"\)\]'
+QWEN3_CODER_FORM = (
+    r"<tool_call><function=get_weather><parameter=city>[a-z]{1,6}</parameter>"
+    r"<parameter=days>[1-7]</parameter></function></tool_call>"
+)
 TOOLS = [WEATHER, CLOCK]
 
 
@@ -157,13 +161,23 @@ def _pythonic_by_hand(raw: str) -> list[tuple[str, dict]]:
     return [(name, {"city": city})]
 
 
+def _qwen3_coder_by_hand(raw: str) -> list[tuple[str, dict]]:
+    city, days = re.findall(r"<parameter=\w+>(\w+)</parameter>", raw)
+    return [("get_weather", {"city": city, "days": int(days)})]  # days: an integer in its schema
+
+
 @pytest.mark.parametrize(
     "parser,form,by_hand",
-    [("llama3_json", LLAMA_FORM, _llama3_by_hand), ("pythonic", PYTHONIC_FORM, _pythonic_by_hand)],
+    [
+        ("llama3_json", LLAMA_FORM, _llama3_by_hand),
+        ("pythonic", PYTHONIC_FORM, _pythonic_by_hand),
+        ("qwen3_coder", QWEN3_CODER_FORM, _qwen3_coder_by_hand),
+    ],
 )
-def test_whole_answer_formats_llama3_json_and_pythonic(tmp_path, parser, form, by_hand):
-    """--tool-call-parser llama3_json finds a Llama 3 call (the whole answer is its JSON) and
-    pythonic a Llama 3.2 / 4 call (a Python list of calls), whole and streamed."""
+def test_the_other_formats_llama3_json_pythonic_and_qwen3_coder(tmp_path, parser, form, by_hand):
+    """--tool-call-parser llama3_json finds a Llama 3 call (the whole answer is its JSON),
+    pythonic a Llama 3.2 / 4 call (a Python list of calls), and qwen3_coder a Qwen3-Coder call
+    (its values typed by the tool's schema), whole and streamed."""
     flags = ["--enable-auto-tool-choice", "--tool-call-parser", parser]
     s = start_server(flags, tmp_path / "server.log", timeout=120)
     try:

@@ -18,6 +18,7 @@ from loramux.engine.outputs import CompletionOutput, RequestOutput
 from loramux.server.generate import _auto_tool_delta, _chat_delta, _with_reasoning
 from loramux.server.protocol import ChatMessage
 from loramux.server.reasoning_parsers import PARSERS, Split, reasoning_stream, split
+from loramux.server.tool_parsers import ToolParser
 
 CASES = [  # (parser, answer, reasoning, content)
     ("deepseek_r1", "<think>\nhm, rain</think>\n\nTake a coat.", "\nhm, rain", "\n\nTake a coat."),
@@ -83,7 +84,7 @@ def _outputs(pieces: list[str]) -> list[RequestOutput]:
 @settings(max_examples=200, deadline=None)
 @given(pieces=_cuts(ANSWER).filter(lambda p: len(p) > 0))
 def test_a_streamed_answer_that_reasons_then_calls_a_tool_adds_up_to_the_whole(pieces):
-    render = _with_reasoning(_auto_tool_delta("hermes"), "deepseek_r1")
+    render = _with_reasoning(_auto_tool_delta(ToolParser("hermes")), "deepseek_r1")
     chunks = [c for c in (render(0, out) for out in _outputs(pieces)) if c is not None]
     deltas = [c["delta"] for c in chunks]
     assert "".join(d.get("reasoning", "") for d in deltas) == "weather, so call the tool"

@@ -1,8 +1,8 @@
 """The tool-call parsers of tool_choice "auto" (vLLM's --tool-call-parser hermes, llama3_json,
-pythonic), on text alone: what each finds in the formats Qwen, Hermes, Llama 3 and Llama 3.2 / 4
-write, what it leaves as content (a pythonic answer is read, never run), and that a streamed
-answer, cut into any pieces, gives the same content and calls as the whole answer, with no part
-of a call ever sent as content.
+pythonic, qwen3_coder), on text alone: what each finds in the formats Qwen, Hermes, Llama 3,
+Llama 3.2 / 4 and Qwen3-Coder write, what it leaves as content (a pythonic answer is read, never
+run), and that a streamed answer, cut into any pieces, gives the same content and calls as the
+whole answer, with no part of a call ever sent as content.
 
 S6.1 (the answer a request gets is the model's, whole and streamed alike).
 """
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramux.server.tool_parsers import PARSERS, Parsed, parse
+from loramux.server.tool_parsers import PARSERS, Parsed, ToolParser, parse
 
 
 def _calls(p: Parsed) -> list[tuple[str, dict]]:
@@ -86,6 +86,52 @@ PYTHONIC = [
 ]
 
 
+QWEN3_CODER = [
+    (
+        "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nparis\n</parameter>\n"
+        "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>",
+        "Checking.\n",
+        [("get_weather", {"city": "paris", "days": 3})],
+    ),
+    (  # typed by the schema: a string stays as written, even when it reads as a number
+        "<tool_call><function=get_weather><parameter=city>1984</parameter></function></tool_call>",
+        "",
+        [("get_weather", {"city": "1984"})],
+    ),
+    (  # no schema for this function: JSON where it reads as JSON
+        "<tool_call><function=f><parameter=a>[1, 2]</parameter><parameter=b>hi there</parameter>"
+        "</function></tool_call>",
+        "",
+        [("f", {"a": [1, 2], "b": "hi there"})],
+    ),
+    (  # text between parameters, or no function: not this form, the text as written
+        "<tool_call><function=f>x<parameter=a>1</parameter></function></tool_call>",
+        "<tool_call><function=f>x<parameter=a>1</parameter></function></tool_call>",
+        [],
+    ),
+    (
+        "<tool_call><parameter=a>1</parameter></tool_call>",
+        "<tool_call><parameter=a>1</parameter></tool_call>",
+        [],
+    ),
+]
+SCHEMAS = {
+    "get_weather": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}
+}
+
+
+@pytest.mark.parametrize("answer,content,calls", QWEN3_CODER)
+def test_qwen3_coder_types_values_by_the_functions_schema(answer, content, calls):
+    found = parse("qwen3_coder", answer, SCHEMAS)
+    assert found.content == content and _calls(found) == calls
+    stream = ToolParser("qwen3_coder", SCHEMAS).stream()
+    steps = [stream.feed(ch) for ch in answer] + [stream.finish()]
+    assert "".join(x.content for x in steps) == content
+    assert [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for x in steps for c in x.calls
+    ] == calls
+
+
 @pytest.mark.parametrize(
     "parser,answer,content,calls",
     [("hermes", *c) for c in HERMES]
@@ -115,7 +161,8 @@ def _cuts(text: str) -> st.SearchStrategy[list[str]]:
 
 
 ANSWERS = (
-    [("hermes", a) for a, _, _ in HERMES]
+    [("qwen3_coder", a) for a, _, _ in QWEN3_CODER]
+    + [("hermes", a) for a, _, _ in HERMES]
     + [("llama3_json", a) for a, _, _ in LLAMA3]
     + [("pythonic", a) for a, _, _ in PYTHONIC]
 )
