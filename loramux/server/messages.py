@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loramux.engine.llm_engine import EngineDeadError
 from loramux.engine.outputs import RequestOutput
+from loramux.server.answer_parts import AnswerParts
 from loramux.server.errors import anthropic_type, raise_if_ended_badly, to_api_error, validated
 from loramux.server.generate import ClientGone, Generate, Streams, merge, tool_mode
 from loramux.server.messages_input import (
@@ -33,9 +34,8 @@ from loramux.server.messages_input import (
     chat_tools,
 )
 from loramux.server.protocol import APIError, ChatCompletionRequest
-from loramux.server.reasoning_parsers import reasoning_stream, split
+from loramux.server.reasoning_parsers import split
 from loramux.server.structured import tool_calls
-from loramux.server.tool_parsers import ToolParser
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "abort": "end_turn"}
 
@@ -132,7 +132,7 @@ class _Answer:
         call may begin); each tool call is one tool_use block, its input in one delta, once its
         text is complete (a constrained call: when the answer is done)."""
         yield _sse("message_start", message=self._message([], None, 0))
-        blocks, pieces = _Blocks(), _Pieces(self.thinking, self.parser)
+        blocks, pieces = _Blocks(), AnswerParts(self.thinking, self.parser)
         constrained, whole, called = tool_mode(self.chat), "", False
         finals: list[RequestOutput] = []
         try:
@@ -169,24 +169,6 @@ class _Answer:
         usage = {"output_tokens": len(out.outputs[0].token_ids)}
         yield _sse("message_delta", delta={"stop_reason": stop, "stop_sequence": sequence}, usage=usage)
         yield _sse("message_stop")
-
-
-class _Pieces:
-    """A streamed answer's deltas split as they come: (reasoning, text, tool calls) of each."""
-
-    def __init__(self, thinking: str | None, parser: ToolParser | None) -> None:
-        self.thinking = reasoning_stream(thinking) if thinking is not None else None
-        self.tools = parser.stream() if parser is not None else None
-
-    def step(self, delta: str, final: bool) -> tuple[str, str, list[dict[str, Any]]]:
-        reasoning, text, calls = "", delta, []
-        if self.thinking is not None:
-            parts = [self.thinking.feed(text), *([self.thinking.finish()] if final else [])]
-            reasoning, text = "".join(p.reasoning for p in parts), "".join(p.content for p in parts)
-        if self.tools is not None:
-            steps = [self.tools.feed(text), *([self.tools.finish()] if final else [])]
-            text, calls = "".join(s.content for s in steps), [c for s in steps for c in s.calls]
-        return reasoning, text, calls
 
 
 class _Blocks:

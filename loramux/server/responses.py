@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loramux.engine.llm_engine import EngineDeadError
 from loramux.engine.outputs import RequestOutput
+from loramux.server.answer_parts import AnswerParts
 from loramux.server.errors import raise_if_ended_badly, to_api_error, validated
 from loramux.server.generate import ClientGone, Generate, Streams, merge, tool_mode
 from loramux.server.protocol import APIError, ChatCompletionRequest
@@ -366,10 +367,11 @@ class _Answer:
                 await s.aclose()  # type: ignore[attr-defined]
 
     # --- whole ---
-    def finish(self, out: RequestOutput) -> dict[str, Any]:
-        """The finished response (stored when asked): its output items, status and usage."""
+    def finish(self, out: RequestOutput, items: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The finished response (stored when asked): its output items (`items`: as they were
+        streamed), status and usage."""
         comp = out.outputs[0]
-        items = self._items(out)
+        items = self._items(out) if items is None else items
         cut = comp.finish_reason == "length"
         response = {
             **self.response,
@@ -448,8 +450,11 @@ class _Answer:
         def event(kind: str, **fields: Any) -> dict[str, Any]:
             return {"type": kind, "sequence_number": next(seq), **fields}
 
-        # Text streams as it comes; calls found in it, and reasoning split from it, come whole at the end.
-        streaming_text = not tool_mode(self.chat) and self.parser is None and self.thinking is None
+        # Plain text streams as it comes; with a parser, each part as an item of its own (_ItemStream).
+        parsed = not tool_mode(self.chat) and (self.parser is not None or self.thinking is not None)
+        streaming_text = not tool_mode(self.chat) and not parsed
+        parts = AnswerParts(self.thinking, self.parser) if parsed else None
+        made = _ItemStream(self.message_id)
         where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
         call = {"item_id": self.call_ids[0], "output_index": 0}
 
@@ -487,7 +492,12 @@ class _Answer:
                             yield e
                     comp = out.outputs[0]
                     seen += len(comp.delta_token_ids)
-                    if streaming_text and comp.delta_text:
+                    if parts is not None:
+                        reasoning, text, calls = parts.step(comp.delta_text, out.finished)
+                        found = [self._call_item(c, "completed") for c in calls]
+                        for kind, fields in made.grow(reasoning, text, found):
+                            yield event(kind, **fields)
+                    elif streaming_text and comp.delta_text:
                         lps = self._logprobs(out, sent, seen)
                         sent = seen
                         yield event(
@@ -507,9 +517,17 @@ class _Answer:
             }
             yield event("response.failed", response=failed)
             return
-        response = self.finish(finals[0])
+        if parts is not None:
+            cut = finals[0].outputs[0].finish_reason == "length"
+            for kind, fields in made.end("incomplete" if cut else "completed"):
+                yield event(kind, **fields)
+            response = self.finish(finals[0], made.items)
+        else:
+            response = self.finish(finals[0])
         items = response["output"]
-        if streaming_text:
+        if parts is not None:
+            pass  # its items' events went out as they were made
+        elif streaming_text:
             part = items[0]["content"][0]
             yield event("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
             yield event("response.content_part.done", **where, part=part)
@@ -550,6 +568,98 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
+Events = list[tuple[str, dict[str, Any]]]  # (kind, fields) of server-sent events, unnumbered
+
+
+class _ItemStream:
+    """A parsed answer's output items as its parts come: reasoning and text each grow an item of
+    their own by deltas (a new kind closes the open one); calls come as whole items. Text that is
+    blank so far waits: it becomes a message only if more text follows, or if the answer has no
+    other message or call (as `_Answer._items` makes the whole answer's)."""
+
+    def __init__(self, message_id: str) -> None:
+        self.message_id = message_id
+        self.items: list[dict[str, Any]] = []  # the items done, in order
+        self.open: dict[str, Any] | None = None  # the reasoning or message item being written
+        self.text = ""  # the open item's text so far
+        self.blank = ""  # blank text held back
+
+    def grow(self, reasoning: str, text: str, calls: list[dict[str, Any]]) -> Events:
+        events = self._add("reasoning", reasoning) if reasoning else []
+        if text and (self._is_open("message") or (self.blank + text).strip()):
+            events += self._add("message", self.blank + text)
+            self.blank = ""
+        elif text:
+            self.blank += text
+        for item in calls:
+            events += self._close("completed")
+            self.blank = ""
+            events += _whole_item(len(self.items), item)
+            self.items.append(item)
+        return events
+
+    def end(self, status: str) -> Events:
+        """Close the open item with the answer's status; an answer with no message and no call
+        gets its (blank, or empty) text as one."""
+        said = any(it["type"] in ("message", "function_call") for it in self.items)
+        if not said and not self._is_open("message"):
+            return self._add("message", self.blank, force=True) + self._close(status)
+        return self._close(status)
+
+    def _is_open(self, kind: str) -> bool:
+        return self.open is not None and self.open["type"] == kind
+
+    def _where(self) -> dict[str, Any]:
+        assert self.open is not None
+        return {"item_id": self.open["id"], "output_index": len(self.items), "content_index": 0}
+
+    def _add(self, kind: str, text: str, force: bool = False) -> Events:
+        events: Events = []
+        if not self._is_open(kind):
+            events += self._close("completed")
+            if kind == "reasoning":
+                self.open = {**_reasoning_item("", "in_progress"), "content": []}
+            else:
+                again = any(it["type"] == "message" for it in self.items)  # text after calls: a new id
+                mid = f"msg_{uuid.uuid4().hex}" if again else self.message_id
+                self.open = {"type": "message", "id": mid, "role": "assistant", "content": []}
+                self.open["status"] = "in_progress"
+            self.text = ""
+            events.append(
+                ("response.output_item.added", {"output_index": len(self.items), "item": self.open})
+            )
+            if kind == "message":
+                events.append(("response.content_part.added", {**self._where(), "part": _text_part("")}))
+        if text or force:
+            self.text += text
+            if kind == "reasoning":
+                events.append(("response.reasoning_text.delta", {**self._where(), "delta": text}))
+            elif text:
+                events.append(
+                    ("response.output_text.delta", {**self._where(), "delta": text, "logprobs": []})
+                )
+        return events
+
+    def _close(self, status: str) -> Events:
+        if self.open is None:
+            return []
+        where, item = self._where(), self.open
+        if item["type"] == "reasoning":
+            done = {**item, "content": [{"type": "reasoning_text", "text": self.text}], "status": status}
+            events = [("response.reasoning_text.done", {**where, "text": self.text})]
+        else:
+            part = _text_part(self.text)
+            done = {**item, "content": [part], "status": status}
+            events = [
+                ("response.output_text.done", {**where, "text": self.text, "logprobs": []}),
+                ("response.content_part.done", {**where, "part": part}),
+            ]
+        events.append(("response.output_item.done", {"output_index": len(self.items), "item": done}))
+        self.items.append(done)
+        self.open = None
+        return events
+
+
 def _reasoning_item(text: str, status: str) -> dict[str, Any]:
     return {
         "type": "reasoning",
@@ -561,7 +671,7 @@ def _reasoning_item(text: str, status: str) -> dict[str, Any]:
     }
 
 
-def _whole_item(i: int, item: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _whole_item(i: int, item: dict[str, Any]) -> Events:
     """The events of an output item that is done before its first event: added, its content at
     once, done."""
     if item["type"] == "reasoning":

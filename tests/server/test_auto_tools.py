@@ -141,7 +141,10 @@ def test_an_answer_without_calls_is_content_and_the_responses_api_gives_function
     said, expected = _by_hand(text)
     whole = client.responses.create(**kw, extra_body=form)
     with client.responses.stream(**kw, extra_body=form) as s:
+        kinds = [e.type for e in s]
         streamed = s.get_final_response()
+    assert kinds.count("response.output_text.delta") > 1  # the text streams as it is made
+    assert kinds.index("response.output_text.done") < kinds.index("response.function_call_arguments.done")
     for r in (whole, streamed):
         assert r.status == "completed"
         kinds = [item.type for item in r.output]
