@@ -111,6 +111,8 @@ class _Answer:
             if parts.reasoning:
                 out.append({"type": "thinking", "thinking": parts.reasoning, "signature": ""})
         calls = tool_calls(self.chat, text) if tool_mode(self.chat) else None
+        if calls is not None:
+            text = ""  # a constrained answer is its calls' JSON: the calls say it all
         if self.parser is not None and (found := self.parser.parse(text)).calls:
             text, calls = found.content, found.calls
         if text or (calls is None and not out):

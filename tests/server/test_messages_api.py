@@ -165,6 +165,7 @@ def test_forced_tool_use_validates_and_a_tool_result_turn_goes_on(client, stream
             m = client.messages.create(**kw)
         uses = [b for b in m.content if b.type == "tool_use"]
         assert m.stop_reason == "tool_use" and uses and all(b.id.startswith("toolu_") for b in uses), m
+        assert [b.type for b in m.content] == ["tool_use"] * len(uses), m  # no text: the calls are it
         schemas = {t["name"]: t["input_schema"] for t in TOOLS}
         for b in uses:
             jsonschema.validate(b.input, schemas[b.name])
