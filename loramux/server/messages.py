@@ -228,7 +228,7 @@ def _tool_use(call: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI tool call as Anthropic's tool_use block (its arguments parsed: input is an object)."""
     try:
         arguments = json.loads(call["function"]["arguments"])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         arguments = {}
     return {
         "type": "tool_use",

@@ -173,7 +173,7 @@ def tool_calls(body: Any, text: str) -> list[dict[str, Any]] | None:
     if choice == "required":
         try:
             calls = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # not whole, or nested past the decoder
             return None
         return [call(c["name"], json.dumps(c["parameters"])) for c in calls]
     return [call(choice["function"]["name"], text)]

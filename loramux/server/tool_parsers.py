@@ -38,9 +38,10 @@ def call(name: str, arguments: str) -> dict[str, Any]:
 
 
 def _loads(text: str) -> Any:
+    """JSON text's value; None if it is not JSON, or nested deeper than the decoder goes."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
 
 
@@ -200,7 +201,7 @@ class Llama3JsonStream(WholeAnswerStream):
         while i < len(text):
             try:
                 obj, end = decoder.raw_decode(text, i)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 return None
             found = _as_call(obj, ("parameters", "arguments"))
             if found is None:

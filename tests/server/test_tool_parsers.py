@@ -47,6 +47,11 @@ HERMES = [  # (answer, content, calls)
         '<tool_call>not json</tool_call><tool_call>{"arguments": {}}</tool_call>',
         [("c", {"k": "v"})],
     ),
+    (
+        "<tool_call>" + "[" * 100000 + "</tool_call>",
+        "<tool_call>" + "[" * 100000 + "</tool_call>",
+        [],
+    ),  # too deep
     (  # an unclosed last call that is whole JSON (the model stopped at EOS): a call
         'x <tool_call>{"name": "d", "arguments": {"q": "é"}}',
         "x ",
@@ -66,6 +71,7 @@ LLAMA3 = [
     ('{"city": "paris"}', '{"city": "paris"}', []),  # JSON, but no call: the text
     ('{"name": "a", "parameters": {}} trailing words', '{"name": "a", "parameters": {}} trailing words', []),
     ('{"name": "a", "parameters": {"x": 1', '{"name": "a", "parameters": {"x": 1', []),  # cut
+    ('{"name": "a", "parameters": ' + "[" * 100000, '{"name": "a", "parameters": ' + "[" * 100000, []),
 ]
 
 
@@ -113,6 +119,11 @@ QWEN3_CODER = [
         "<tool_call><parameter=a>1</parameter></tool_call>",
         "<tool_call><parameter=a>1</parameter></tool_call>",
         [],
+    ),
+    (  # a value nested deeper than JSON decodes: kept as written
+        "<tool_call><function=f><parameter=a>" + "[" * 100000 + "</parameter></function></tool_call>",
+        "",
+        [("f", {"a": "[" * 100000})],
     ),
 ]
 SCHEMAS = {
