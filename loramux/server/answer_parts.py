@@ -24,9 +24,9 @@ class AnswerParts:
     def step(self, delta: str, final: bool) -> tuple[str, str, list[dict[str, Any]]]:
         reasoning, text, calls = "", delta, []
         if self.thinking is not None:
-            parts = [self.thinking.feed(text), *([self.thinking.finish()] if final else [])]
-            reasoning, text = "".join(p.reasoning for p in parts), "".join(p.content for p in parts)
+            split = self.thinking.step(text, final)
+            reasoning, text = split.reasoning, split.content
         if self.tools is not None:
-            steps = [self.tools.feed(text), *([self.tools.finish()] if final else [])]
-            text, calls = "".join(s.content for s in steps), [c for s in steps for c in s.calls]
+            parsed = self.tools.step(text, final)
+            text, calls = parsed.content, parsed.calls
         return reasoning, text, calls

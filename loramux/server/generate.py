@@ -32,12 +32,12 @@ from loramux.server.async_engine import AsyncEngine
 from loramux.server.errors import raise_if_ended_badly, to_api_error
 from loramux.server.metrics import Metrics
 from loramux.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from loramux.server.reasoning_parsers import ReasoningStream, Split, reasoning_stream, split
+from loramux.server.reasoning_parsers import ReasoningStream, reasoning_stream, split
 from loramux.server.resolver import AdapterResolver
 from loramux.server.server_config import ServerConfig
 from loramux.server.structured import function_schemas, structured_params, tool_calls
 from loramux.server.token_text import TokenText
-from loramux.server.tool_parsers import Parsed, ToolCallStream, ToolParser, call
+from loramux.server.tool_parsers import ToolCallStream, ToolParser, call
 
 logger = logging.getLogger("loramux.server")
 T = TypeVar("T")
@@ -541,10 +541,7 @@ def _auto_tool_delta(parser: ToolParser) -> Render:
     def render(i: int, out: RequestOutput) -> dict[str, Any] | None:
         comp = out.outputs[0]
         stream = streams.setdefault(i, parser.stream())
-        step = stream.feed(comp.delta_text)
-        if out.finished:
-            last = stream.finish()
-            step = Parsed(step.content + last.content, step.calls + last.calls)
+        step = stream.step(comp.delta_text, out.finished)
         delta: dict[str, Any] = {"content": step.content} if step.content else {}
         if step.calls:
             k = sent.get(i, 0)
@@ -569,10 +566,7 @@ def _with_reasoning(render: Render, parser: str, include: bool = True) -> Render
     def wrapped(i: int, out: RequestOutput) -> dict[str, Any] | None:
         comp = out.outputs[0]
         stream = streams.setdefault(i, reasoning_stream(parser))
-        part = stream.feed(comp.delta_text)
-        if out.finished:
-            last = stream.finish()
-            part = Split(part.reasoning + last.reasoning, part.content + last.content)
+        part = stream.step(comp.delta_text, out.finished)
         content_only = dataclasses.replace(comp, delta_text=part.content)
         choice = render(i, dataclasses.replace(out, outputs=[content_only]))
         if not part.reasoning or not include:

@@ -58,14 +58,8 @@ class Messages:
 
     async def count_tokens(self, body: CountTokensRequest) -> dict[str, int]:
         """The prompt's length in tokens, as the chat template renders it."""
-        chat = validated(
-            ChatCompletionRequest,
-            {
-                "model": body.model,
-                "messages": chat_messages(body),
-                **({"tools": chat_tools(body.tools)} if body.tools else {}),
-            },
-        )
+        fields = {"model": body.model, "messages": chat_messages(body), "tools": chat_tools(body.tools)}
+        chat = validated(ChatCompletionRequest, fields)
         return {"input_tokens": len(self.gen.chat_prompt(chat))}
 
 

@@ -27,6 +27,9 @@ class Split:
     reasoning: str = ""
     content: str = ""
 
+    def __add__(self, later: Split) -> Split:
+        return Split(self.reasoning + later.reasoning, self.content + later.content)
+
 
 class ReasoningStream(PieceStream[Split]):
     def __init__(self, opens_with_think: bool) -> None:
@@ -62,6 +65,4 @@ def reasoning_stream(parser: str) -> ReasoningStream:
 
 def split(parser: str, text: str) -> Split:
     """A whole answer's reasoning and content: what its stream gives, put together."""
-    stream = reasoning_stream(parser)
-    first, last = stream.feed(text), stream.finish()
-    return Split(first.reasoning + last.reasoning, first.content + last.content)
+    return reasoning_stream(parser).step(text, final=True)

@@ -524,10 +524,8 @@ class _Answer:
             response = self.finish(finals[0], made.items)
         else:
             response = self.finish(finals[0])
-        items = response["output"]
-        if parts is not None:
-            pass  # its items' events went out as they were made
-        elif streaming_text:
+        items = [] if parts is not None else response["output"]  # parsed: its items went out as made
+        if streaming_text:
             part = items[0]["content"][0]
             yield event("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
             yield event("response.content_part.done", **where, part=part)

@@ -25,6 +25,11 @@ class PieceStream(Generic[Step]):
     def finish(self) -> Step:
         return self._step(final=True)
 
+    def step(self, text: str, final: bool) -> Step:
+        """What `text` gives out, and with `final` what finishing does too, as one step."""
+        out = self.feed(text)
+        return out + self.finish() if final else out  # type: ignore[operator]
+
     def _step(self, final: bool) -> Step:
         raise NotImplementedError
 

@@ -62,6 +62,9 @@ class Parsed:
     content: str = ""
     calls: list[dict[str, Any]] = field(default_factory=list)
 
+    def __add__(self, later: Parsed) -> Parsed:
+        return Parsed(self.content + later.content, self.calls + later.calls)
+
 
 class ToolCallStream(PieceStream[Parsed]):
     """Each step gives the content that can be sent now and the calls completed so far. Text
@@ -258,9 +261,7 @@ class ToolParser:
 
     def parse(self, text: str) -> Parsed:
         """A whole answer's content and calls: what its stream gives, put together."""
-        stream = self.stream()
-        first, last = stream.feed(text), stream.finish()
-        return Parsed(first.content + last.content, first.calls + last.calls)
+        return self.stream().step(text, final=True)
 
 
 def parse(parser: str, text: str, schemas: dict[str, dict[str, Any]] | None = None) -> Parsed:
